@@ -1,0 +1,1 @@
+"""postmesh: a self-hostable email sending platform."""

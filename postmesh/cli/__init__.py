@@ -1,0 +1,1 @@
+"""The postmesh command line."""

@@ -1,0 +1,92 @@
+"""The Python SDK: one Client with a stub per service, authenticated with an API key.
+
+from postmesh.client import Client
+client = Client()                     # POSTMESH_ENDPOINT, POSTMESH_API_KEY
+client.identity.GetCallerIdentity(identity_pb2.GetCallerIdentityRequest())
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from postmesh.feedback.v1 import feedback_pb2_grpc
+from postmesh.identity.v1 import identity_pb2_grpc
+from postmesh.quota.v1 import quota_pb2_grpc
+from postmesh.sender.v1 import sender_pb2_grpc
+
+DEFAULT_ENDPOINT = "localhost:50051"
+
+
+class _ApiKeyInterceptor(grpc.UnaryUnaryClientInterceptor):
+    def __init__(self, api_key: str) -> None:
+        self._api_key = api_key
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
+        metadata = list(client_call_details.metadata or [])
+        metadata.append(("authorization", f"Bearer {self._api_key}"))
+        details = client_call_details._replace(metadata=metadata)
+        return continuation(details, request)
+
+
+@dataclass(frozen=True)
+class ErrorDetails:
+    """What a postmesh error says: the status, the SES-like reason and its metadata."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str
+    metadata: dict[str, str]
+    retry_after_seconds: float | None
+
+
+def error_details(error: grpc.RpcError) -> ErrorDetails:
+    reason, metadata, retry = "", {}, None
+    status = rpc_status.from_call(error)
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, metadata = info.reason, dict(info.metadata)
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry_info = error_details_pb2.RetryInfo()
+                detail.Unpack(retry_info)
+                retry = retry_info.retry_delay.ToMilliseconds() / 1000
+    return ErrorDetails(error.code(), error.details() or "", reason, metadata, retry)
+
+
+class Client:
+    def __init__(self, endpoint: str | None = None, api_key: str | None = None) -> None:
+        self.endpoint = endpoint or os.environ.get("POSTMESH_ENDPOINT") or DEFAULT_ENDPOINT
+        self.api_key = api_key if api_key is not None else os.environ.get("POSTMESH_API_KEY", "")
+        raw = grpc.insecure_channel(self.endpoint)
+        self._raw_channel = raw
+        self.channel = grpc.intercept_channel(raw, _ApiKeyInterceptor(self.api_key)) if self.api_key else raw
+        self.identity = identity_pb2_grpc.IdentityServiceStub(self.channel)
+        self.quota = quota_pb2_grpc.QuotaServiceStub(self.channel)
+        self.sender = sender_pb2_grpc.SenderServiceStub(self.channel)
+        self.feedback = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(raw)
+
+    def health_status(self, service: str = "", timeout: float = 5.0) -> str:
+        reply = self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    def close(self) -> None:
+        self._raw_channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

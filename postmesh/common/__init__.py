@@ -1,0 +1,1 @@
+"""Cross-cutting code shared by every postmesh service."""

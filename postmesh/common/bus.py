@@ -1,0 +1,74 @@
+"""The NATS JetStream connection: connect with backoff, declare streams idempotently, publish events."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import uuid
+from collections.abc import Iterable
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.errors import BadRequestError
+
+from postmesh.common.streams import ALL_STREAMS, StreamSpec, event_subject
+from postmesh.events.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+
+async def connect_nats(url: str, *, max_delay: float, name: str = "postmesh") -> NATS:
+    """Connects, retrying with exponential backoff until the server answers."""
+    delay = 0.2
+    while True:
+        try:
+            return await nats.connect(
+                url,
+                name=name,
+                connect_timeout=2,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+            )
+        except Exception as exc:  # nats-py raises several unrelated types for "not reachable"
+            log.warning(
+                "NATS not reachable, retrying", extra={"url": url, "error": repr(exc), "retry_in": delay}
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)
+
+
+async def ensure_streams(
+    js: JetStreamContext, specs: Iterable[StreamSpec] = ALL_STREAMS, *, replicas: int = 1
+) -> None:
+    """Creates each stream, or updates it to the declared configuration; safe to run on every start."""
+    for spec in specs:
+        config = spec.config(replicas)
+        try:
+            await js.add_stream(config)
+        except BadRequestError as exc:
+            # 10058: a stream of that name exists with another configuration: bring it up to date.
+            if exc.err_code != 10058:
+                raise
+            await js.update_stream(config)
+
+
+def new_event(account_id: str, *, time: dt.datetime | None = None, **payload: object) -> events_pb2.Event:
+    """An Event with a fresh id and timestamp; pass exactly one payload (email=..., account_changed=...)."""
+    event = events_pb2.Event(event_id=uuid.uuid4().hex, account_id=account_id, **payload)  # type: ignore[arg-type]
+    event.time.FromDatetime(time or dt.datetime.now(dt.UTC))
+    return event
+
+
+class EventPublisher:
+    """Publishes protobuf events on JetStream, de-duplicated by event id."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+
+    async def publish(self, event: events_pb2.Event) -> None:
+        await self._js.publish(
+            event_subject(event), event.SerializeToString(), headers={"Nats-Msg-Id": event.event_id}
+        )

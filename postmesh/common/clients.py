@@ -1,0 +1,93 @@
+"""gRPC clients one service uses to call another, carrying the service credential.
+
+Even when all four services share a process, they call each other through these clients, so the
+all-in-one shape and the one-Deployment-per-service shape behave alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc import aio
+
+from postmesh.common.auth import ACCOUNT_HEADER
+from postmesh.feedback.v1 import feedback_pb2_grpc
+from postmesh.identity.v1 import identity_pb2_grpc
+from postmesh.quota.v1 import quota_pb2_grpc
+from postmesh.sender.v1 import sender_pb2_grpc
+
+if TYPE_CHECKING:  # the async stub types exist only in the generated .pyi stubs
+    from postmesh.feedback.v1.feedback_pb2_grpc import FeedbackServiceAsyncStub
+    from postmesh.identity.v1.identity_pb2_grpc import IdentityServiceAsyncStub
+    from postmesh.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
+    from postmesh.sender.v1.sender_pb2_grpc import SenderServiceAsyncStub
+
+
+class _CredentialInterceptor(aio.UnaryUnaryClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        metadata = list(client_call_details.metadata or [])
+        if not any(key == "authorization" for key, _ in metadata):
+            metadata.append(("authorization", f"Bearer {self._token}"))
+        details = aio.ClientCallDetails(
+            client_call_details.method,
+            client_call_details.timeout,
+            aio.Metadata(*metadata),
+            client_call_details.credentials,
+            client_call_details.wait_for_ready,
+        )
+        return await continuation(details, request)
+
+
+def for_account(account_id: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata that makes a service-credential call act for one account."""
+    return ((ACCOUNT_HEADER, account_id),)
+
+
+class MeshClients:
+    """Lazily opened channels to the other services (or this process's own port)."""
+
+    def __init__(self, endpoints: dict[str, str], service_key: str) -> None:
+        self._endpoints = endpoints
+        self._service_key = service_key
+        self._channels: dict[str, aio.Channel] = {}
+
+    def channel(self, service: str) -> aio.Channel:
+        if service not in self._channels:
+            self._channels[service] = aio.insecure_channel(
+                self._endpoints[service],
+                interceptors=[_CredentialInterceptor(self._service_key)],
+                options=[("grpc.enable_retries", 1), ("grpc.keepalive_time_ms", 30_000)],
+            )
+        return self._channels[service]
+
+    @property
+    def identity(self) -> IdentityServiceAsyncStub:
+        return identity_pb2_grpc.IdentityServiceStub(self.channel("identity"))
+
+    @property
+    def quota(self) -> QuotaServiceAsyncStub:
+        return quota_pb2_grpc.QuotaServiceStub(self.channel("quota"))
+
+    @property
+    def sender(self) -> SenderServiceAsyncStub:
+        return sender_pb2_grpc.SenderServiceStub(self.channel("sender"))
+
+    @property
+    def feedback(self) -> FeedbackServiceAsyncStub:
+        return feedback_pb2_grpc.FeedbackServiceStub(self.channel("feedback"))
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+def status_code_of(exc: BaseException) -> grpc.StatusCode | None:
+    return exc.code() if isinstance(exc, aio.AioRpcError) else None

@@ -1,0 +1,89 @@
+"""Every JetStream stream and event subject postmesh uses, named in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+from postmesh.events.v1 import events_pb2
+
+DAY = 24 * 3600
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: list[str]
+    retention: RetentionPolicy = RetentionPolicy.LIMITS
+    max_age_seconds: float = 14 * DAY
+    duplicate_window_seconds: float = 120.0
+    description: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def config(self, replicas: int) -> StreamConfig:
+        return StreamConfig(
+            name=self.name,
+            description=self.description,
+            subjects=list(self.subjects),
+            retention=self.retention,
+            storage=StorageType.FILE,
+            max_age=self.max_age_seconds,
+            duplicate_window=self.duplicate_window_seconds,
+            discard=DiscardPolicy.OLD,
+            num_replicas=replicas,
+        )
+
+
+EVENTS_SUBJECT_PREFIX = "postmesh.events"
+OUTBOUND_SUBJECT_PREFIX = "postmesh.outbound"
+
+# Events every service may publish and read: email events, identity and account changes.
+EVENTS = StreamSpec(
+    name="POSTMESH_EVENTS",
+    subjects=[f"{EVENTS_SUBJECT_PREFIX}.>"],
+    description="postmesh events (protobuf postmesh.events.v1.Event)",
+)
+
+# Messages accepted by the sender and waiting for a delivery worker: each is taken by one worker.
+OUTBOUND = StreamSpec(
+    name="POSTMESH_OUTBOUND",
+    subjects=[f"{OUTBOUND_SUBJECT_PREFIX}.>"],
+    retention=RetentionPolicy.WORK_QUEUE,
+    max_age_seconds=7 * DAY,
+    description="accepted messages waiting for delivery (work queue)",
+)
+
+ALL_STREAMS = (EVENTS, OUTBOUND)
+
+_EMAIL_EVENT_SUFFIX = {
+    events_pb2.EMAIL_EVENT_TYPE_SEND: "send",
+    events_pb2.EMAIL_EVENT_TYPE_REJECT: "reject",
+    events_pb2.EMAIL_EVENT_TYPE_BOUNCE: "bounce",
+    events_pb2.EMAIL_EVENT_TYPE_COMPLAINT: "complaint",
+    events_pb2.EMAIL_EVENT_TYPE_DELIVERY: "delivery",
+    events_pb2.EMAIL_EVENT_TYPE_DELIVERY_DELAY: "delivery_delay",
+    events_pb2.EMAIL_EVENT_TYPE_RENDERING_FAILURE: "rendering_failure",
+    events_pb2.EMAIL_EVENT_TYPE_OPEN: "open",
+    events_pb2.EMAIL_EVENT_TYPE_CLICK: "click",
+    events_pb2.EMAIL_EVENT_TYPE_SUBSCRIPTION: "subscription",
+}
+
+EMAIL_EVENTS_SUBJECT = f"{EVENTS_SUBJECT_PREFIX}.email.>"
+IDENTITY_CHANGED_SUBJECT = f"{EVENTS_SUBJECT_PREFIX}.identity.changed"
+ACCOUNT_CHANGED_SUBJECT = f"{EVENTS_SUBJECT_PREFIX}.account.changed"
+API_KEY_REVOKED_SUBJECT = f"{EVENTS_SUBJECT_PREFIX}.apikey.revoked"
+
+
+def event_subject(event: events_pb2.Event) -> str:
+    """The subject an event is published on: postmesh.events.email.bounce, ...identity.changed, ..."""
+    kind = event.WhichOneof("payload")
+    if kind == "email":
+        return f"{EVENTS_SUBJECT_PREFIX}.email.{_EMAIL_EVENT_SUFFIX[event.email.event_type]}"
+    if kind == "identity_changed":
+        return IDENTITY_CHANGED_SUBJECT
+    if kind == "account_changed":
+        return ACCOUNT_CHANGED_SUBJECT
+    if kind == "api_key_revoked":
+        return API_KEY_REVOKED_SUBJECT
+    raise ValueError(f"event has no payload: {event!r}")

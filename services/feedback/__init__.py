@@ -1,0 +1,1 @@
+"""postmesh feedback service."""

@@ -1,0 +1,1 @@
+"""postmesh identity service."""

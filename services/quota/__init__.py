@@ -1,0 +1,1 @@
+"""postmesh quota service."""

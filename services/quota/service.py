@@ -1,0 +1,32 @@
+"""The quota service as the server bootstrap sees it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from grpc import aio
+
+import services.quota.settings  # noqa: F401 - registers the service's settings
+from postmesh.common.service import Service
+from postmesh.quota.v1 import quota_pb2, quota_pb2_grpc
+from services.quota.accounts import QuotaAccounts
+from services.quota.models import Base
+from services.quota.servicer import QuotaServicer
+
+
+class QuotaService(Service):
+    name = "quota"
+    full_name = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
+    metadata = Base.metadata
+    migrations_dir = Path(__file__).parent / "migrations"
+
+    def register(self, server: aio.Server) -> None:
+        self.servicer = QuotaServicer()
+        quota_pb2_grpc.add_QuotaServiceServicer_to_server(self.servicer, server)
+
+    async def on_ready(self) -> None:
+        runtime = self.runtime
+        self.servicer.accounts = QuotaAccounts(runtime.sessions, runtime.clock, runtime.settings)
+
+
+SERVICE = QuotaService

@@ -1,0 +1,28 @@
+"""Tables owned by the sender service."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from postmesh.common.db import UTCDateTime, service_metadata
+
+
+class Base(DeclarativeBase):
+    metadata = service_metadata()
+
+
+class EmailTemplate(Base):
+    __tablename__ = "email_templates"
+    __table_args__ = (UniqueConstraint("account_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(String(32), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(Text, default="")
+    text: Mapped[str] = mapped_column(Text, default="")
+    html: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
