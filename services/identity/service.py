@@ -21,6 +21,9 @@ class IdentityService(Service):
         "CreateAccount": Access.ADMIN,
         "ListAccounts": Access.ADMIN,
         "AuthenticateApiKey": Access.INTERNAL,
+        "AuthorizeSender": Access.INTERNAL,
+        "CheckVerifiedRecipients": Access.INTERNAL,
+        "GetSigningConfig": Access.INTERNAL,
     }
     metadata = Base.metadata
     migrations_dir = Path(__file__).parent / "migrations"

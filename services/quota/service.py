@@ -7,6 +7,7 @@ from pathlib import Path
 from grpc import aio
 
 import services.quota.settings  # noqa: F401 - registers the service's settings
+from postmesh.common.auth import Access
 from postmesh.common.service import Service
 from postmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 from services.quota.accounts import QuotaAccounts
@@ -17,6 +18,7 @@ from services.quota.servicer import QuotaServicer
 class QuotaService(Service):
     name = "quota"
     full_name = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
+    access = {"ReserveSendQuota": Access.INTERNAL, "ReleaseSendQuota": Access.INTERNAL}
     metadata = Base.metadata
     migrations_dir = Path(__file__).parent / "migrations"
 
