@@ -1,0 +1,61 @@
+"""Putting accepted messages on the outbound work queue, and reading their bodies back.
+
+Both the sender (SendEmail) and identity (verification mail) queue through here, so every message
+takes the same path: DKIM signing, retries, bounce and delivery events.
+"""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.api import ObjectStoreConfig, StorageType
+from nats.js.errors import BucketNotFoundError
+from nats.js.object_store import ObjectStore
+
+from postmesh.common.streams import DAY, MESSAGE_STORE_BUCKET, outbound_subject
+from postmesh.sender.v1 import queue_pb2
+
+# A NATS message is at most 1 MiB by default; larger bodies go to the object store.
+INLINE_MIME_LIMIT = 512 * 1024
+
+
+async def message_store(js: JetStreamContext) -> ObjectStore:
+    try:
+        return await js.object_store(MESSAGE_STORE_BUCKET)
+    except BucketNotFoundError:
+        return await js.create_object_store(
+            MESSAGE_STORE_BUCKET,
+            config=ObjectStoreConfig(
+                description="bodies of queued messages too large to inline",
+                storage=StorageType.FILE,
+                ttl=8 * DAY,
+            ),
+        )
+
+
+async def enqueue(js: JetStreamContext, message: queue_pb2.QueuedMessage) -> None:
+    """Durably queues `message` (returns once JetStream has stored it). De-duplicated by message id."""
+    if len(message.mime) > INLINE_MIME_LIMIT:
+        store = await message_store(js)
+        await store.put(message.message_id, bytes(message.mime))
+        message.mime_object = message.message_id
+        message.mime = b""
+    await js.publish(
+        outbound_subject(message.account_id),
+        message.SerializeToString(),
+        headers={"Nats-Msg-Id": f"{message.message_id}:{message.attempt}"},
+    )
+
+
+async def load_mime(js: JetStreamContext, message: queue_pb2.QueuedMessage) -> bytes:
+    if not message.mime_object:
+        return bytes(message.mime)
+    store = await message_store(js)
+    result = await store.get(message.mime_object)
+    return bytes(result.data or b"")
+
+
+async def forget_mime(js: JetStreamContext, message: queue_pb2.QueuedMessage) -> None:
+    """Drops a stored body once the message is finished with (delivered, bounced or expired)."""
+    if message.mime_object:
+        store = await message_store(js)
+        await store.delete(message.mime_object)
