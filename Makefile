@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto')
 GEN_STAMP := postmesh/.generated
 
-.PHONY: all install gen run test lint bench clean helm-lint
+.PHONY: all install gen run test lint bench clean docs
 
 all: gen
 
@@ -30,9 +30,11 @@ gen: $(GEN_STAMP)
 run: gen
 	$(BIN)/postmesh dev
 
-## Run the whole test suite (pytest's "no tests collected" counts as failure).
+## Run the whole test suite. pytest's exit code 5 ("no tests collected") is a failure here: a suite
+## that silently runs nothing must not look green.
 test: gen
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_ARGS); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$status
 
 lint: gen
 	cd proto && ../$(BIN)/buf lint
@@ -42,6 +44,10 @@ lint: gen
 
 bench: gen
 	$(PY) -m postmesh.bench
+
+## Regenerate the README's configuration table from the settings schema.
+docs: gen
+	$(PY) -m postmesh.docs README.md
 
 clean:
 	rm -rf $(VENV) var postmesh/identity postmesh/quota postmesh/sender postmesh/feedback postmesh/events $(GEN_STAMP)
