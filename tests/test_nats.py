@@ -87,3 +87,21 @@ def test_not_serving_until_nats_is_reachable(start_mesh: MeshFactory, tmp_path: 
         finally:
             mesh.stop()
             server.stop()
+
+
+def test_not_serving_while_its_database_is_unreachable(start_mesh: MeshFactory) -> None:
+    # quota's database points at a port where nothing listens; the other services are fine.
+    dead = f"postgresql+asyncpg://postmesh@127.0.0.1:{free_port()}/postmesh"
+    mesh = start_mesh(quota_database_url=dead, wait_ready=False)
+    with mesh.client() as client:
+        deadline = time.monotonic() + 30
+        while client.health_status("postmesh.identity.v1.IdentityService") != "SERVING":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(1.0)  # quota keeps retrying meanwhile
+        assert client.health_status("postmesh.quota.v1.QuotaService") == "NOT_SERVING"
+        assert client.health_status("") == "NOT_SERVING"
+    _, key = mesh.create_account()
+    with mesh.client(key) as account, pytest.raises(grpc.RpcError) as excinfo:
+        account.quota.GetAccount(quota_pb2.GetAccountRequest())
+    assert excinfo.value.code() == grpc.StatusCode.UNAVAILABLE
