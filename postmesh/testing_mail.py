@@ -143,7 +143,9 @@ class LoopbackDns:
         self.names: set[str] = set()
         self.lock = threading.Lock()
         self.port = free_port()
-        self.server = DNSServer(_ZoneResolver(self), address="127.0.0.1", port=self.port, logger=_QuietLogger())
+        self.server = DNSServer(
+            _ZoneResolver(self), address="127.0.0.1", port=self.port, logger=_QuietLogger()
+        )
 
     @property
     def address(self) -> str:

@@ -234,9 +234,7 @@ async def test_one_transaction_per_domain_with_a_reply_per_recipient_and_reused_
     behaviour = Behaviour(reject={"gone@ok.test": "550 5.1.1 <gone@ok.test>: user unknown"})
     with SmtpServer(behaviour=behaviour) as server:
         transport = SmtpTransport(SmtpPool(_options()), smarthost=("127.0.0.1", server.port))
-        outcomes = await transport.deliver(
-            _envelope("a@ok.test", "gone@ok.test", "b@ok.test"), MESSAGE
-        )
+        outcomes = await transport.deliver(_envelope("a@ok.test", "gone@ok.test", "b@ok.test"), MESSAGE)
         assert outcomes["a@ok.test"].kind is Kind.DELIVERED and outcomes["b@ok.test"].kind is Kind.DELIVERED
         assert outcomes["a@ok.test"].response == "250 2.0.0 OK queued"
         assert outcomes["a@ok.test"].remote_ip == "127.0.0.1"
@@ -271,7 +269,9 @@ async def test_temporary_refusals_and_refused_connections_are_transient() -> Non
 
 
 async def test_smarthost_with_required_starttls_and_auth(tmp_path: Path) -> None:
-    def authenticate(server: object, session: object, envelope: object, mechanism: str, auth: object) -> AuthResult:
+    def authenticate(
+        server: object, session: object, envelope: object, mechanism: str, auth: object
+    ) -> AuthResult:
         ok = isinstance(auth, LoginPassword) and (auth.login, auth.password) == (b"relay-user", b"s3cret")
         return AuthResult(success=ok)
 
@@ -297,7 +297,9 @@ async def test_smarthost_with_required_starttls_and_auth(tmp_path: Path) -> None
         assert refused["a@ok.test"].kind is Kind.TRANSIENT
     with SmtpServer() as plain:  # offers no STARTTLS
         opportunistic = SmtpTransport(SmtpPool(_options()), smarthost=("127.0.0.1", plain.port))
-        assert (await opportunistic.deliver(_envelope("a@ok.test"), MESSAGE))["a@ok.test"].kind is Kind.DELIVERED
+        assert (await opportunistic.deliver(_envelope("a@ok.test"), MESSAGE))[
+            "a@ok.test"
+        ].kind is Kind.DELIVERED
         required = await opportunistic.deliver(_envelope("b@ok.test", require_tls=True), MESSAGE)
         assert required["b@ok.test"].kind is Kind.TRANSIENT and "STARTTLS" in required["b@ok.test"].response
         assert [r.recipients for r in plain.received] == [["a@ok.test"]]
