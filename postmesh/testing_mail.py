@@ -116,7 +116,7 @@ class SmtpServer:
         self.stop()
 
 
-class _ZoneResolver(BaseResolver):  # type: ignore[misc]
+class _ZoneResolver(BaseResolver):
     def __init__(self, zone: LoopbackDns) -> None:
         self.zone = zone
 

@@ -94,11 +94,11 @@ class EmailEvents:
             if event.account_id == self.account_id:
                 self.events.append(event)
 
-    async def wait_for(self, done: Callable[[list[ev.Event]], bool], timeout: float = 60.0) -> list[ev.Event]:
-        deadline = time.monotonic() + timeout
+    async def wait_for(self, done: Callable[[list[ev.Event]], bool], within: float = 60.0) -> list[ev.Event]:
+        deadline = time.monotonic() + within
         while not done(self.events):
             if time.monotonic() > deadline:
-                raise AssertionError(f"events not as expected after {timeout}s: {self.summary()}")
+                raise AssertionError(f"events not as expected after {within}s: {self.summary()}")
             await self._pull()
         return self.events
 
@@ -114,8 +114,8 @@ class EmailEvents:
         return [(e.email.mail.message_id, ev.EmailEventType.Name(e.email.event_type)) for e in self.events]
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
+async def wait_until(condition: Callable[[], bool], within: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + within
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")

@@ -18,7 +18,7 @@ from postmesh.common.verp import parse_bounce_address
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.testing_mail import Behaviour, LoopbackDns, SmtpServer
 from tests.conftest import MeshFactory
-from tests.delivery_helpers import EmailEvents, new_account_id, queued_message, wait_until
+from tests.delivery_helpers import EmailEvents, new_account_id, queued_message
 
 DELIVERY = ev.EMAIL_EVENT_TYPE_DELIVERY
 BOUNCE = ev.EMAIL_EVENT_TYPE_BOUNCE
@@ -118,7 +118,7 @@ async def test_outcomes_per_recipient_become_events(
         final = {DELIVERY, BOUNCE}
         expected = sum(len(m.recipients) for m in messages)
         await events.wait_for(
-            lambda es: sum(1 for e in es if e.email.event_type in final) >= expected, timeout=90
+            lambda es: sum(1 for e in es if e.email.event_type in final) >= expected, within=90
         )
 
     # 2xx: a Delivery event with the remote reply, the remote address and the timing.
@@ -191,7 +191,7 @@ async def test_retries_end_in_a_transient_bounce_when_the_message_expires(
         await enqueue(nc.jetstream(), doomed)
         await enqueue(nc.jetstream(), stale)
         await nc.close()
-        await events.wait_for(lambda es: sum(e.email.event_type == BOUNCE for e in es) >= 2, timeout=90)
+        await events.wait_for(lambda es: sum(e.email.event_type == BOUNCE for e in es) >= 2, within=90)
     [bounce] = events.of(doomed.message_id, BOUNCE)
     assert bounce.bounce.bounce_type == ev.BOUNCE_TYPE_TRANSIENT
     assert bounce.bounce.bounced_recipients[0].email_address == "nobody@down.test"

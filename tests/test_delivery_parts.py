@@ -128,11 +128,11 @@ def test_rsa_and_ed25519_signatures_verify_against_keys_published_in_dns(zone: L
     assert verifier.verify(0, dnsfunc=lookup) and verifier.verify(1, dnsfunc=lookup)
     # dkimpy signs through cryptography, and the signature is the one its pure-Python RSA gives
     # (PKCS#1 v1.5 is deterministic), both for our cached key and for a key dict dkimpy parsed.
-    assert dkim.RSASSA_PKCS1_v1_5_sign is rsassa_pkcs1_v1_5_sign  # type: ignore[attr-defined]
+    assert dkim.RSASSA_PKCS1_v1_5_sign is rsassa_pkcs1_v1_5_sign
     pure_key = dkim.crypto.parse_pem_private_key(rsa_pem.encode())
     expected = dkim.crypto.RSASSA_PKCS1_v1_5_sign(hashlib.sha256(b"body"), pure_key)
     assert rsassa_pkcs1_v1_5_sign(hashlib.sha256(b"body"), pure_key) == expected
-    cached_key = dkim.parse_pem_private_key(rsa_pem.encode())  # type: ignore[attr-defined]
+    cached_key = dkim.parse_pem_private_key(rsa_pem.encode())
     assert rsassa_pkcs1_v1_5_sign(hashlib.sha256(b"body"), cached_key) == expected
     tampered = signed.replace(b"Hello there.", b"Hello thar.")
     for index in (0, 1):
