@@ -5,6 +5,7 @@ real databases. The mesh runs on its own event loop in a thread, so callers may 
 from __future__ import annotations
 
 import asyncio
+import base64
 import secrets
 import threading
 from collections.abc import Coroutine, Sequence
@@ -34,6 +35,11 @@ class MeshThread:
         load_all_service_settings()
         self.admin_key = settings.pop("admin_api_key", None) or secrets.token_urlsafe(24)
         self.service_key = settings.pop("service_api_key", None) or secrets.token_urlsafe(24)
+        # Identity refuses to start without a DKIM master key; its HTTP port must not collide.
+        settings.setdefault(
+            "dkim_master_keys", f"test:{base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()}"
+        )
+        settings.setdefault("identity_http_listen", "127.0.0.1:0")
         self.settings = load_settings(
             {},
             grpc_listen="127.0.0.1:0",
