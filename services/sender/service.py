@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from grpc import aio
 
+import services.sender.settings  # noqa: F401 - registers the service's settings
 from postmesh.common.service import Service
 from postmesh.sender.v1 import sender_pb2, sender_pb2_grpc
+from services.sender.accept import Acceptor
+from services.sender.idempotency import IdempotencyKeys
+from services.sender.mesh import MeshChecks
 from services.sender.models import Base
 from services.sender.servicer import SenderServicer
 from services.sender.templates import TemplateStore
@@ -24,7 +29,25 @@ class SenderService(Service):
         sender_pb2_grpc.add_SenderServiceServicer_to_server(self.servicer, server)
 
     async def on_ready(self) -> None:
-        self.servicer.templates = TemplateStore(self.runtime.sessions, self.runtime.clock)
+        runtime = self.runtime
+        self.servicer.templates = TemplateStore(runtime.sessions, runtime.clock)
+        keys = IdempotencyKeys(runtime.sessions, runtime.clock)
+        self.servicer.acceptor = Acceptor(
+            js=runtime.jetstream,
+            events=runtime.events,
+            checks=MeshChecks(runtime.clients),
+            templates=self.servicer.templates,
+            keys=keys,
+            clock=runtime.clock,
+            message_id_domain=runtime.settings.message_id_domain,
+        )
+        runtime.spawn(lambda: _purge_keys(keys), "purge-request-ids")
+
+
+async def _purge_keys(keys: IdempotencyKeys) -> None:
+    while True:
+        await keys.purge()
+        await asyncio.sleep(3600)
 
 
 SERVICE = SenderService
