@@ -64,6 +64,7 @@ def outbound_subject(account_id: str) -> str:
     """Where an accepted message waits for delivery: one subject per account, one work queue for all."""
     return f"{OUTBOUND_SUBJECT_PREFIX}.{account_id}"
 
+
 _EMAIL_EVENT_SUFFIX = {
     events_pb2.EMAIL_EVENT_TYPE_SEND: "send",
     events_pb2.EMAIL_EVENT_TYPE_REJECT: "reject",
