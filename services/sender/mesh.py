@@ -34,6 +34,10 @@ class MeshChecks:
         self._clients = clients
         self._quota = SendQuotaClient(clients)
 
+    async def close(self) -> None:
+        """Gives back quota leases still held (on shutdown)."""
+        await self._quota.close()
+
     async def reserve(self, account_id: str, messages: int) -> Reservation:
         async with _refusals_as_domain_errors():
             return await self._quota.reserve(account_id, messages)

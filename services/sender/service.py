@@ -32,16 +32,22 @@ class SenderService(Service):
         runtime = self.runtime
         self.servicer.templates = TemplateStore(runtime.sessions, runtime.clock)
         keys = IdempotencyKeys(runtime.sessions, runtime.clock)
+        self.checks = MeshChecks(runtime.clients)
         self.servicer.acceptor = Acceptor(
             js=runtime.jetstream,
             events=runtime.events,
-            checks=MeshChecks(runtime.clients),
+            checks=self.checks,
             templates=self.servicer.templates,
             keys=keys,
             clock=runtime.clock,
             message_id_domain=runtime.settings.message_id_domain,
         )
         runtime.spawn(lambda: _purge_keys(keys), "purge-request-ids")
+
+    async def on_stop(self) -> None:
+        if hasattr(self, "checks"):
+            # In one process the quota service may already be gone: its leases then simply lapse.
+            await asyncio.wait_for(self.checks.close(), timeout=5)
 
 
 async def _purge_keys(keys: IdempotencyKeys) -> None:
