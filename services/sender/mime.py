@@ -24,7 +24,7 @@ from email.errors import (
 from email.headerregistry import Address
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
-from email.utils import format_datetime, getaddresses
+from email.utils import format_datetime
 
 from postmesh.common.addresses import normalize_address
 from postmesh.common.errors import InvalidArgument
@@ -95,13 +95,25 @@ class Mailbox:
         return Address(display_name=self.display_name, username=local, domain=domain)
 
 
+_ANGLE_ADDR = re.compile(r"^(?P<name>.*?)\s*<(?P<address>[^<>]*)>$", re.DOTALL)
+_QUOTED = re.compile(r'^"((?:[^"\\]|\\.)*)"$')
+
+
 def parse_mailbox(value: str, *, field: str) -> Mailbox:
-    """'Display Name <local@domain>' or a bare address; IDN domains become A-labels."""
+    """'Display Name <local@domain>' or a bare address; IDN domains become A-labels.
+
+    Stricter than email.utils.getaddresses, which quietly drops spaces inside a domain."""
     no_line_breaks(value, field=field)
-    pairs = getaddresses([value])
-    if len(pairs) != 1 or not pairs[0][1]:
+    text = value.strip()
+    match = _ANGLE_ADDR.match(text)
+    name, address = (match.group("name").strip(), match.group("address")) if match else ("", text)
+    quoted = _QUOTED.match(name)
+    if quoted:
+        name = re.sub(r"\\(.)", r"\1", quoted.group(1))
+    elif any(c in name for c in '"<>'):
         raise InvalidArgument(f"{value!r} is not a valid email address.", field=field)
-    name, address = pairs[0]
+    if not address or address != address.strip() or any(c.isspace() for c in address):
+        raise InvalidArgument(f"{value!r} is not a valid email address.", field=field)
     return Mailbox(name, normalize_address(address, field=field))
 
 
@@ -205,11 +217,11 @@ def _split_head(data: bytes) -> tuple[bytes, bytes]:
 
 
 def _mailboxes(message: Message, name: str, field: str) -> list[Mailbox]:
-    values = message.get_all(name) or []
     result = []
-    for _, address in getaddresses([str(v) for v in values]):
-        if address:
-            result.append(Mailbox("", normalize_address(address, field=field)))
+    for header in message.get_all(name) or []:
+        for address in getattr(header, "addresses", ()):
+            if address.addr_spec:
+                result.append(Mailbox("", normalize_address(address.addr_spec, field=field)))
     return result
 
 
@@ -227,12 +239,12 @@ def parse_raw(data: bytes) -> RawMessage:
     from_values = message.get_all("From") or []
     if not from_values:
         raise InvalidArgument("The raw message has no From header.", field=field)
-    senders = [a for _, a in getaddresses([str(v) for v in from_values]) if a]
+    senders = _mailboxes(message, "From", field)
     if len(senders) != 1:
         raise InvalidArgument("The raw message's From must hold exactly one address.", field=field)
-    display = getaddresses([str(from_values[0])])[0][0]
+    display = getattr(from_values[0], "addresses", ())[0].display_name
     raw = RawMessage(
-        sender=Mailbox(display, normalize_address(senders[0], field=field)),
+        sender=Mailbox(display, senders[0].address),
         to=_mailboxes(message, "To", field),
         cc=_mailboxes(message, "Cc", field),
         bcc=_mailboxes(message, "Bcc", field),
