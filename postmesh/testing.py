@@ -5,6 +5,7 @@ real databases. The mesh runs on its own event loop in a thread, so callers may 
 from __future__ import annotations
 
 import asyncio
+import base64
 import secrets
 import threading
 from collections.abc import Coroutine, Sequence
@@ -34,6 +35,11 @@ class MeshThread:
         load_all_service_settings()
         self.admin_key = settings.pop("admin_api_key", None) or secrets.token_urlsafe(24)
         self.service_key = settings.pop("service_api_key", None) or secrets.token_urlsafe(24)
+        # Identity refuses to start without a DKIM master key; its HTTP port must not collide.
+        settings.setdefault(
+            "dkim_master_keys", f"test:{base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()}"
+        )
+        settings.setdefault("identity_http_listen", "127.0.0.1:0")
         self.settings = load_settings(
             {},
             grpc_listen="127.0.0.1:0",
@@ -88,9 +94,21 @@ class MeshThread:
         return reply.account.account_id, reply.api_key_secret
 
     def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
         if self.server is not None:
             self.run(self.server.stop(grace=2.0))
             self.server = None
+
+        async def cancel_leftovers() -> None:
+            # nats-py leaves subscription tasks behind after drain(); end them before the loop closes.
+            current = asyncio.current_task()
+            leftovers = [t for t in asyncio.all_tasks() if t is not current]
+            for task in leftovers:
+                task.cancel()
+            await asyncio.gather(*leftovers, return_exceptions=True)
+
+        self.run(cancel_leftovers())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         if not self.loop.is_running():

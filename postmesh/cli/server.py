@@ -6,20 +6,26 @@ import argparse
 import asyncio
 import os
 import secrets
+import sys
 from pathlib import Path
 
 from postmesh.common.config import SERVICE_NAMES, load_settings, markdown_table
 from postmesh.common.logging import configure_logging
 from postmesh.common.natsserver import NatsServerProcess
 from postmesh.common.server import MeshServer, load_all_service_settings
+from services.identity.dkimkeys import MasterKeys
 
 
 def _serve(args: argparse.Namespace) -> int:
     load_all_service_settings()
     settings = load_settings()
     configure_logging(settings.log_level)
-    server = MeshServer(settings, args.services)
-    asyncio.run(server.serve_until_signalled())
+    try:
+        server = MeshServer(settings, args.services)
+        asyncio.run(server.serve_until_signalled())
+    except ValueError as exc:  # a missing or malformed setting: say which, without a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -37,6 +43,10 @@ def _dev_secrets(data_dir: Path) -> dict[str, str]:
         if not values.get(name):
             values[name] = secrets.token_urlsafe(32)
             changed = True
+    if not values.get("DKIM_MASTER_KEYS"):
+        # Encrypts DKIM private keys at rest; `postmesh serve` insists on one being configured.
+        values["DKIM_MASTER_KEYS"] = MasterKeys.generate("dev")
+        changed = True
     if changed:
         data_dir.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))

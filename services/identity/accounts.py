@@ -20,6 +20,9 @@ from services.identity.models import Account, ApiKey
 
 MAX_ACTIVE_KEYS = 20
 
+# Owns the system sender identity (the domain of VERIFICATION_MAIL_FROM); it never has API keys.
+SYSTEM_ACCOUNT_ID = "000000000000"
+
 
 @dataclass(frozen=True)
 class NewKey:
@@ -67,7 +70,9 @@ class AccountStore:
         return NewKey(key, issued.plaintext)
 
     async def list_accounts(self, page_size: int, page_token: str) -> tuple[Sequence[Account], str]:
-        statement, size = keyset_page(select(Account), Account.account_id, page_size, page_token)
+        # The system account (owner of the verification mail's sender identity) is internal.
+        query = select(Account).where(Account.account_id != SYSTEM_ACCOUNT_ID)
+        statement, size = keyset_page(query, Account.account_id, page_size, page_token)
         async with self._sessions() as session:
             rows = (await session.scalars(statement)).all()
         return split_page(rows, size, lambda a: a.account_id)

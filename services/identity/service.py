@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 from grpc import aio
 
+import services.identity.settings  # noqa: F401 - registers the service's settings
 from postmesh.common.auth import Access
 from postmesh.common.service import Service
 from postmesh.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.identity.accounts import AccountStore
+from services.identity.dkimkeys import MasterKeys
+from services.identity.dnslookup import DnsLookup
+from services.identity.httpconfirm import ConfirmationServer
+from services.identity.identities import SYSTEM_ACCOUNT_ID, IdentityConfig, IdentityStore
+from services.identity.mailer import VerificationMailer
 from services.identity.models import Base
 from services.identity.servicer import IdentityServicer
+from services.identity.verification import CheckSchedule, DomainVerifier
 
 
 class IdentityService(Service):
@@ -24,17 +32,75 @@ class IdentityService(Service):
         "AuthorizeSender": Access.INTERNAL,
         "CheckVerifiedRecipients": Access.INTERNAL,
         "GetSigningConfig": Access.INTERNAL,
+        # The token in the request is the credential: the person clicking has no API key.
+        "ConfirmEmailIdentity": Access.PUBLIC,
+        "RewrapDkimKeys": Access.ADMIN,
+        "GetSystemEmailIdentity": Access.ADMIN,
     }
     metadata = Base.metadata
     migrations_dir = Path(__file__).parent / "migrations"
 
     def register(self, server: aio.Server) -> None:
+        # Refuse to start without a master key rather than store DKIM keys unprotected.
+        self.master_keys = MasterKeys.parse(self.runtime.settings.dkim_master_keys)
         self.servicer = IdentityServicer()
         identity_pb2_grpc.add_IdentityServiceServicer_to_server(self.servicer, server)
+        self.http: ConfirmationServer | None = None
+
+    def link_base(self) -> str:
+        settings = self.runtime.settings
+        if settings.identity_public_url:
+            return str(settings.identity_public_url)
+        host = settings.identity_http_listen.rpartition(":")[0] or "127.0.0.1"
+        if host in ("0.0.0.0", "[::]", "::"):
+            host = "127.0.0.1"
+        port = self.http.port if self.http is not None else 0
+        return f"http://{host}:{port}"
 
     async def on_ready(self) -> None:
         runtime = self.runtime
+        settings = runtime.settings
         self.servicer.accounts = AccountStore(runtime.sessions, runtime.clock, runtime.events)
+        config = IdentityConfig.from_settings(settings)
+        self.verifier = DomainVerifier(
+            runtime.sessions,
+            runtime.clock,
+            runtime.events,
+            DnsLookup(settings.dns_resolver, settings.dns_timeout_seconds),
+            CheckSchedule(
+                initial_seconds=settings.dns_check_initial_seconds,
+                max_seconds=settings.dns_check_max_seconds,
+                recheck_seconds=settings.dns_recheck_seconds,
+                verification_window=dt.timedelta(hours=settings.domain_verification_hours),
+            ),
+            config.mail_from_mx_host,
+        )
+        mailer = VerificationMailer(
+            runtime.jetstream,
+            runtime.clock,
+            system_account_id=SYSTEM_ACCOUNT_ID,
+            system_address=config.system_address,
+            link_base=self.link_base,
+        )
+        store = IdentityStore(
+            runtime.sessions, runtime.clock, runtime.events, self.master_keys, config, mailer, self.verifier
+        )
+        self.servicer.identities = store
+        await store.ensure_system_identity()
+        if settings.identity_http_listen:
+
+            async def confirm(token: str) -> str:
+                identity, _ = await store.confirm(token)
+                return identity
+
+            self.http = ConfirmationServer(settings.identity_http_listen, confirm)
+            await self.http.start()
+        poll = settings.dns_check_poll_seconds
+        runtime.spawn(lambda: self.verifier.run(poll), "dns-checker")
+
+    async def on_stop(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
 
 
 SERVICE = IdentityService

@@ -1,0 +1,78 @@
+"""The verification message for address identities, queued like every other message."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from urllib.parse import quote
+
+from nats.js import JetStreamContext
+
+from postmesh.common.addresses import domain_of
+from postmesh.common.outbound import enqueue
+from postmesh.common.service import Clock
+from postmesh.sender.v1 import queue_pb2
+
+SUBJECT = "postmesh Email Address Verification Request"
+
+
+def confirmation_link(base_url: str, token: str) -> str:
+    return f"{base_url.rstrip('/')}/confirm?token={quote(token)}"
+
+
+class VerificationMailer:
+    """Queues verification messages from the system address (owned by the system account)."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        clock: Clock,
+        *,
+        system_account_id: str,
+        system_address: str,
+        link_base: Callable[[], str],
+    ) -> None:
+        self._js = js
+        self._clock = clock
+        self._account_id = system_account_id
+        self._from = system_address
+        self._link_base = link_base
+
+    def build(self, address: str, token: str, expires_at: dt.datetime) -> EmailMessage:
+        link = confirmation_link(self._link_base(), token)
+        message = EmailMessage()
+        message["From"] = self._from
+        message["To"] = address
+        message["Subject"] = SUBJECT
+        message["Date"] = format_datetime(self._clock.now())
+        message["Message-ID"] = make_msgid(domain=domain_of(self._from))
+        message["Auto-Submitted"] = "auto-generated"
+        message.set_content(
+            "Someone asked to send email from this address with postmesh.\n\n"
+            f"To confirm that you own {address}, open this link:\n\n{link}\n\n"
+            f"or run:  postmesh identity confirm {token}\n\n"
+            f"The link expires at {expires_at:%Y-%m-%d %H:%M} UTC and works once.\n"
+            "If you did not ask for this, ignore this message: nothing is sent from your address.\n"
+        )
+        return message
+
+    async def send_verification(self, address: str, token: str, expires_at: dt.datetime) -> None:
+        message = self.build(address, token, expires_at)
+        queued = queue_pb2.QueuedMessage(
+            message_id=str(uuid.uuid4()),
+            account_id=self._account_id,
+            from_address=self._from,
+            from_identity=domain_of(self._from),
+            identity_owner_account_id=self._account_id,
+            recipients=[address],
+            mime=message.as_bytes(),
+            subject=SUBJECT,
+            tls_policy=queue_pb2.TLS_POLICY_OPTIONAL,
+        )
+        queued.accepted_time.FromDatetime(self._clock.now())
+        # Delivering a link after it has expired helps nobody.
+        queued.expire_time.FromDatetime(expires_at)
+        await enqueue(self._js, queued)
