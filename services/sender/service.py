@@ -7,10 +7,12 @@ from pathlib import Path
 
 from grpc import aio
 
-import services.sender.settings  # noqa: F401 - registers the service's settings
+import services.sender.settings  # noqa: F401 - registers the accept path's settings
 from postmesh.common.service import Service
 from postmesh.sender.v1 import sender_pb2, sender_pb2_grpc
+from services.sender import delivery_settings  # noqa: F401  (registers the delivery settings)
 from services.sender.accept import Acceptor
+from services.sender.delivery_wiring import Delivery
 from services.sender.idempotency import IdempotencyKeys
 from services.sender.mesh import MeshChecks
 from services.sender.models import Base
@@ -28,6 +30,9 @@ class SenderService(Service):
         self.servicer = SenderServicer()
         sender_pb2_grpc.add_SenderServiceServicer_to_server(self.servicer, server)
 
+    delivery: Delivery | None = None
+    checks: MeshChecks | None = None
+
     async def on_ready(self) -> None:
         runtime = self.runtime
         self.servicer.templates = TemplateStore(runtime.sessions, runtime.clock)
@@ -43,9 +48,15 @@ class SenderService(Service):
             message_id_domain=runtime.settings.message_id_domain,
         )
         runtime.spawn(lambda: _purge_keys(keys), "purge-request-ids")
+        # DELIVERY_WORKERS=0: an accept-only replica (delivery runs elsewhere).
+        if runtime.settings.delivery_workers > 0:
+            self.delivery = Delivery(runtime)
+            await self.delivery.start()
 
     async def on_stop(self) -> None:
-        if hasattr(self, "checks"):
+        if self.delivery is not None:
+            await self.delivery.stop()
+        if self.checks is not None:
             # In one process the quota service may already be gone: its leases then simply lapse.
             await asyncio.wait_for(self.checks.close(), timeout=5)
 
