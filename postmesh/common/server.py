@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_MODULES = {name: f"services.{name}.service" for name in SERVICE_NAMES}
 
+# gRPC's 4 MB default would refuse raw messages SES accepts (up to 40 MB); some room for the envelope.
+MAX_REQUEST_BYTES = 48 * 1024 * 1024
+
 RPC_COUNT = Counter("postmesh_grpc_requests_total", "gRPC calls handled", ["method", "code"])
 RPC_SECONDS = Histogram("postmesh_grpc_request_seconds", "gRPC call latency", ["method"])
 
@@ -198,7 +201,10 @@ class MeshServer:
             cache_seconds=self.settings.auth_cache_seconds,
         )
         by_full_name: dict[str, Service] = {}
-        self.server = aio.server(interceptors=[MeshInterceptor(by_full_name, self.authenticator)])
+        self.server = aio.server(
+            interceptors=[MeshInterceptor(by_full_name, self.authenticator)],
+            options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
+        )
         self.port = self.server.add_insecure_port(self.settings.grpc_listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.grpc_listen}")
