@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import uuid
@@ -105,29 +106,34 @@ async def consume_events(
     )
     await js.add_consumer(EVENTS.name, config)
     subscription = await js.pull_subscribe_bind(durable=durable, stream=EVENTS.name)
-    while True:
-        try:
-            messages = await subscription.fetch(batch, timeout=5)
-        except nats.errors.TimeoutError:
-            continue
-        for message in messages:
+    try:
+        while True:
             try:
-                event = events_pb2.Event.FromString(message.data)
-            except DecodeError:
-                log.error("undecodable event dropped", extra={"subject": message.subject})
-                await message.term()
+                messages = await subscription.fetch(batch, timeout=5)
+            except nats.errors.TimeoutError:
                 continue
-            try:
-                await handle(event)
-            except Exception:
-                deliveries = message.metadata.num_delivered if message.metadata else 0
-                log.exception(
-                    "event handler failed",
-                    extra={"consumer": durable, "event_id": event.event_id, "delivery": deliveries},
-                )
-                if deliveries >= max_deliver:
+            for message in messages:
+                try:
+                    event = events_pb2.Event.FromString(message.data)
+                except DecodeError:
+                    log.error("undecodable event dropped", extra={"subject": message.subject})
                     await message.term()
-                else:
-                    await message.nak(delay=retry_delay)
-                continue
-            await message.ack()
+                    continue
+                try:
+                    await handle(event)
+                except Exception:
+                    deliveries = message.metadata.num_delivered if message.metadata else 0
+                    log.exception(
+                        "event handler failed",
+                        extra={"consumer": durable, "event_id": event.event_id, "delivery": deliveries},
+                    )
+                    if deliveries >= max_deliver:
+                        await message.term()
+                    else:
+                        await message.nak(delay=retry_delay)
+                    continue
+                await message.ack()
+    finally:
+        # A pull subscription left behind would keep drain() waiting at shutdown.
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()

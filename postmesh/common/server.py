@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+import nats.errors
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -40,6 +41,9 @@ from postmesh.identity.v1 import identity_pb2
 log = logging.getLogger(__name__)
 
 SERVICE_MODULES = {name: f"services.{name}.service" for name in SERVICE_NAMES}
+
+# gRPC's 4 MB default would refuse raw messages SES accepts (up to 40 MB); some room for the envelope.
+MAX_REQUEST_BYTES = 48 * 1024 * 1024
 
 RPC_COUNT = Counter("postmesh_grpc_requests_total", "gRPC calls handled", ["method", "code"])
 RPC_SECONDS = Histogram("postmesh_grpc_request_seconds", "gRPC call latency", ["method"])
@@ -197,7 +201,10 @@ class MeshServer:
             cache_seconds=self.settings.auth_cache_seconds,
         )
         by_full_name: dict[str, Service] = {}
-        self.server = aio.server(interceptors=[MeshInterceptor(by_full_name, self.authenticator)])
+        self.server = aio.server(
+            interceptors=[MeshInterceptor(by_full_name, self.authenticator)],
+            options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
+        )
         self.port = self.server.add_insecure_port(self.settings.grpc_listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.grpc_listen}")
@@ -278,10 +285,12 @@ class MeshServer:
         """Stops accepting calls, lets in-flight ones finish (up to `grace` seconds), then closes."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        log.debug("stopping gRPC server", extra={"grace": grace})
         await self.server.stop(grace)
         if self._startup and not self._startup.done():
             self._startup.cancel()
         for service in self.services.values():
+            log.debug("stopping service", extra={"service": service.name})
             for task in service.runtime.tasks:
                 task.cancel()
             await asyncio.gather(*service.runtime.tasks, return_exceptions=True)
@@ -289,9 +298,16 @@ class MeshServer:
             if service.runtime.engine is not None:
                 await service.runtime.engine.dispose()
         await self.clients.close()
-        if self.nats is not None and self.nats.is_connected:
-            await self.nats.drain()
+        if self.nats is not None and not self.nats.is_closed:
+            log.debug("draining NATS")
+            try:
+                # Drain flushes what was published; it can wait forever on a server that is gone.
+                async with asyncio.timeout(5):
+                    await self.nats.drain()
+            except (TimeoutError, nats.errors.Error):
+                await self.nats.close()
         self._stopped.set()
+        log.info("stopped")
 
     async def serve_until_signalled(self) -> None:
         """Runs until SIGTERM or SIGINT, then shuts down gracefully."""

@@ -12,13 +12,25 @@ from postmesh.common.service import Service
 from postmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 from services.quota.accounts import QuotaAccounts
 from services.quota.models import Base
+from services.quota.notify import Notifier
 from services.quota.servicer import QuotaServicer
 
 
 class QuotaService(Service):
     name = "quota"
     full_name = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
-    access = {"ReserveSendQuota": Access.INTERNAL, "ReleaseSendQuota": Access.INTERNAL}
+    access = {
+        "ReserveSendQuota": Access.INTERNAL,
+        "ReleaseSendQuota": Access.INTERNAL,
+        "ListAccountSendingStates": Access.ADMIN,
+        "GetAccountSendingState": Access.ADMIN,
+        "ListProductionAccessRequests": Access.ADMIN,
+        "GrantProductionAccess": Access.ADMIN,
+        "DenyProductionAccess": Access.ADMIN,
+        "PauseAccountSending": Access.ADMIN,
+        "ReinstateAccountSending": Access.ADMIN,
+        "SetAccountQuota": Access.ADMIN,
+    }
     metadata = Base.metadata
     migrations_dir = Path(__file__).parent / "migrations"
 
@@ -28,7 +40,8 @@ class QuotaService(Service):
 
     async def on_ready(self) -> None:
         runtime = self.runtime
-        self.servicer.accounts = QuotaAccounts(runtime.sessions, runtime.clock, runtime.settings)
+        notifier = Notifier(runtime.events, runtime.jetstream, runtime.settings, runtime.clock)
+        self.servicer.accounts = QuotaAccounts(runtime.sessions, runtime.clock, runtime.settings, notifier)
 
 
 SERVICE = QuotaService

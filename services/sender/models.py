@@ -26,3 +26,24 @@ class EmailTemplate(Base):
     html: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class SendRequest(Base):
+    """A client's idempotency key (request_id) for SendEmail or SendBulkEmail, kept for a day.
+
+    The message ids are drawn when the key is first seen, so a retry after a crash reuses them (and
+    JetStream's de-duplication drops a second copy); `result` is empty until the messages are queued.
+    """
+
+    __tablename__ = "send_requests"
+    __table_args__ = (UniqueConstraint("account_id", "request_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(String(32))
+    request_id: Mapped[str] = mapped_column(String(128))
+    # sha256 of the request, so a key reused for another request is refused.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    message_ids: Mapped[str] = mapped_column(Text)
+    result: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from grpc import aio
 
+import services.sender.settings  # noqa: F401 - registers the accept path's settings
 from postmesh.common.service import Service
 from postmesh.sender.v1 import sender_pb2, sender_pb2_grpc
+from services.sender import delivery_settings  # noqa: F401  (registers the delivery settings)
+from services.sender.accept import Acceptor
+from services.sender.delivery_wiring import Delivery
+from services.sender.idempotency import IdempotencyKeys
+from services.sender.mesh import MeshChecks
 from services.sender.models import Base
 from services.sender.servicer import SenderServicer
 from services.sender.templates import TemplateStore
@@ -23,8 +30,41 @@ class SenderService(Service):
         self.servicer = SenderServicer()
         sender_pb2_grpc.add_SenderServiceServicer_to_server(self.servicer, server)
 
+    delivery: Delivery | None = None
+    checks: MeshChecks | None = None
+
     async def on_ready(self) -> None:
-        self.servicer.templates = TemplateStore(self.runtime.sessions, self.runtime.clock)
+        runtime = self.runtime
+        self.servicer.templates = TemplateStore(runtime.sessions, runtime.clock)
+        keys = IdempotencyKeys(runtime.sessions, runtime.clock)
+        self.checks = MeshChecks(runtime.clients)
+        self.servicer.acceptor = Acceptor(
+            js=runtime.jetstream,
+            events=runtime.events,
+            checks=self.checks,
+            templates=self.servicer.templates,
+            keys=keys,
+            clock=runtime.clock,
+            message_id_domain=runtime.settings.message_id_domain,
+        )
+        runtime.spawn(lambda: _purge_keys(keys), "purge-request-ids")
+        # DELIVERY_WORKERS=0: an accept-only replica (delivery runs elsewhere).
+        if runtime.settings.delivery_workers > 0:
+            self.delivery = Delivery(runtime)
+            await self.delivery.start()
+
+    async def on_stop(self) -> None:
+        if self.delivery is not None:
+            await self.delivery.stop()
+        if self.checks is not None:
+            # In one process the quota service may already be gone: its leases then simply lapse.
+            await asyncio.wait_for(self.checks.close(), timeout=5)
+
+
+async def _purge_keys(keys: IdempotencyKeys) -> None:
+    while True:
+        await keys.purge()
+        await asyncio.sleep(3600)
 
 
 SERVICE = SenderService

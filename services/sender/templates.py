@@ -14,6 +14,7 @@ from postmesh.common.db import transaction
 from postmesh.common.errors import AlreadyExists, InvalidArgument, NotFound
 from postmesh.common.paging import keyset_page, split_page
 from postmesh.common.service import Clock
+from services.sender import rendering
 from services.sender.models import EmailTemplate
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -33,6 +34,19 @@ class TemplateContent:
             raise InvalidArgument("The template needs a text or an HTML part.", field="template_content")
         if len((self.subject + self.text + self.html).encode()) > MAX_TEMPLATE_BYTES:
             raise InvalidArgument("The template is larger than 500 KB.", field="template_content")
+        if "\r" in self.subject or "\n" in self.subject:
+            raise InvalidArgument(
+                "The subject must not contain line breaks.", field="template_content.subject"
+            )
+        for part, source in (("subject", self.subject), ("text", self.text), ("html", self.html)):
+            try:
+                rendering.parse(source)
+            except rendering.TemplateSyntaxError as exc:
+                raise InvalidArgument(
+                    f"The template's {part} is malformed: {exc}",
+                    field=f"template_content.{part}",
+                    reason="INVALID_TEMPLATE",
+                ) from None
 
 
 def validate_name(name: str) -> str:

@@ -1,0 +1,195 @@
+"""Real mail peers on loopback for tests and `make bench`: aiosmtpd SMTP servers with chosen
+behaviours, and a dnslib DNS server serving a small zone (MX, A, TXT) from memory."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from email import message_from_bytes
+from email.message import Message
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from dnslib import MX, QTYPE, RR, TXT, A, DNSLabel, DNSRecord
+from dnslib.server import BaseResolver, DNSHandler, DNSServer
+
+from postmesh.common.natsserver import free_port
+
+
+@dataclass
+class Received:
+    mail_from: str
+    recipients: list[str]
+    data: bytes
+    peer: str
+    tls: bool
+
+    @property
+    def message(self) -> Message:
+        return message_from_bytes(self.data)
+
+    @property
+    def message_id(self) -> str:
+        match = re.search(rb"^Message-ID:\s*(\S+)", self.data, re.IGNORECASE | re.MULTILINE)
+        return match.group(1).decode() if match else ""
+
+
+@dataclass
+class Behaviour:
+    """What the server answers. `reject` maps a recipient (lower case) to its RCPT reply;
+    `defer_first` answers that many DATA commands with 451 before accepting."""
+
+    reject: dict[str, str] = field(default_factory=dict)
+    reject_all_rcpt: str = ""
+    defer_first: int = 0
+    defer_reply: str = "451 4.3.0 Try again later"
+
+
+class _Handler:
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.behaviour = behaviour
+        self.received: list[Received] = []
+        self.deferred = 0
+        self.data_commands = 0
+        self.lock = threading.Lock()
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        refusal = self.behaviour.reject.get(address.lower()) or self.behaviour.reject_all_rcpt
+        if refusal:
+            return refusal
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        with self.lock:
+            self.data_commands += 1
+            if self.deferred < self.behaviour.defer_first:
+                self.deferred += 1
+                return self.behaviour.defer_reply
+            content = envelope.original_content or envelope.content or b""
+            self.received.append(
+                Received(
+                    mail_from=envelope.mail_from or "",
+                    recipients=list(envelope.rcpt_tos),
+                    data=content if isinstance(content, bytes) else content.encode(),
+                    peer=str(session.peer[0]) if session.peer else "",
+                    tls=session.ssl is not None,
+                )
+            )
+        return "250 2.0.0 OK queued"
+
+
+class SmtpServer:
+    """An aiosmtpd server on `host`:`port` (port 0: a free one) in its own thread."""
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, behaviour: Behaviour | None = None, **smtp_kwargs: Any
+    ) -> None:
+        self.handler = _Handler(behaviour or Behaviour())
+        self.host = host
+        self.port = port or free_port(host)
+        self.controller = Controller(
+            self.handler, hostname=host, port=self.port, server_hostname="mx.test", **smtp_kwargs
+        )
+
+    @property
+    def received(self) -> list[Received]:
+        with self.handler.lock:
+            return list(self.handler.received)
+
+    def start(self) -> SmtpServer:
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    def __enter__(self) -> SmtpServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+class _ZoneResolver(BaseResolver):
+    def __init__(self, zone: LoopbackDns) -> None:
+        self.zone = zone
+
+    def resolve(self, request: DNSRecord, handler: DNSHandler) -> DNSRecord:
+        reply = request.reply()
+        name = str(request.q.qname).rstrip(".").lower()
+        qtype = QTYPE[request.q.qtype]
+        with self.zone.lock:
+            known = name in self.zone.names
+            records = list(self.zone.records.get((name, qtype), []))
+        if not known:
+            reply.header.rcode = 3  # NXDOMAIN
+        for rdata in records:
+            reply.add_answer(RR(DNSLabel(name + "."), getattr(QTYPE, qtype), rdata=rdata, ttl=300))
+        return reply
+
+
+class LoopbackDns:
+    """A DNS server on 127.0.0.1 answering from records added with add_mx / add_a / add_txt.
+    Names it has never heard of are NXDOMAIN; known names without the asked type answer empty."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, str], list[Any]] = {}
+        self.names: set[str] = set()
+        self.lock = threading.Lock()
+        self.port = free_port()
+        self.server = DNSServer(
+            _ZoneResolver(self), address="127.0.0.1", port=self.port, logger=_QuietLogger()
+        )
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _add(self, name: str, qtype: str, rdata: Any) -> None:
+        name = name.rstrip(".").lower()
+        with self.lock:
+            self.names.add(name)
+            self.records.setdefault((name, qtype), []).append(rdata)
+
+    def add_name(self, name: str) -> None:
+        with self.lock:
+            self.names.add(name.rstrip(".").lower())
+
+    def add_mx(self, domain: str, host: str, preference: int = 10) -> None:
+        self._add(domain, "MX", MX(host if host == "." else host + ".", preference))
+
+    def add_a(self, name: str, *addresses: str) -> None:
+        for address in addresses:
+            self._add(name, "A", A(address))
+
+    def add_txt(self, name: str, text: str) -> None:
+        # TXT character-strings hold at most 255 bytes: long records (DKIM keys) are split.
+        self._add(name, "TXT", TXT([text[i : i + 255] for i in range(0, len(text), 255)]))
+
+    def start(self) -> LoopbackDns:
+        self.server.start_thread()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def __enter__(self) -> LoopbackDns:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+class _QuietLogger:
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def addresses(received: Iterable[Received]) -> list[str]:
+    return [r for message in received for r in message.recipients]

@@ -1,0 +1,802 @@
+"""Accepting mail: SendEmail and SendBulkEmail (domain code: no gRPC here).
+
+A message is first composed (every field checked, the final MIME built), then goes through the
+pre-send checks, each a small named step, in the order Postal's outgoing message processor reads:
+
+  reserve quota      the account may send (not paused), under its rate and 24-hour quota
+  check sender       From (and the feedback address) is a verified identity, or one it may use
+  check sandbox      in the sandbox, every recipient is verified
+  check suppression  suppressed recipients are dropped, each with a bounce event
+  queue              the message is durably on the outbound work queue
+
+A step that refuses gives the whole reservation back; nothing is queued before the last step, and the
+caller hears of success only once JetStream has stored the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from nats.js import JetStreamContext
+
+from postmesh.common.addresses import address_key, domain_of
+from postmesh.common.bus import EventPublisher, new_event
+from postmesh.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PostmeshError,
+    ResourceExhausted,
+    Unavailable,
+)
+from postmesh.common.outbound import enqueue
+from postmesh.common.protoutil import timestamp
+from postmesh.common.sendquota import Reservation
+from postmesh.common.service import Clock
+from postmesh.events.v1 import events_pb2
+from postmesh.sender.v1 import queue_pb2
+from services.sender import rendering
+from services.sender.idempotency import Claim, IdempotencyKeys
+from services.sender.mime import (
+    MAX_MESSAGE_BYTES,
+    Addressing,
+    Body,
+    Header,
+    Mailbox,
+    build_message,
+    check_custom_headers,
+    finalize_raw,
+    message_id_header,
+    new_message_id,
+    no_line_breaks,
+    parse_mailbox,
+    parse_raw,
+)
+from services.sender.templates import TemplateStore
+
+log = logging.getLogger(__name__)
+
+MAX_RECIPIENTS = 50
+MAX_BULK_ENTRIES = 50
+MAX_TAGS = 50
+_TAG = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+_TAG_VALUE = re.compile(r"^[A-Za-z0-9_.@-]{0,256}$")
+_CONFIGURATION_SET = re.compile(r"^[A-Za-z0-9_-]{0,64}$")
+
+
+# --- What the accept path asks the other services (see services/sender/mesh.py).
+
+
+@dataclass(frozen=True)
+class Authorization:
+    identity: str
+    owner_account_id: str
+    mail_from_domain: str
+
+
+class Checks(Protocol):
+    async def reserve(self, account_id: str, messages: int) -> Reservation: ...
+
+    async def release(self, reservation: Reservation, messages: int) -> None: ...
+
+    async def authorize_sender(self, account_id: str, address: str, identity: str) -> Authorization: ...
+
+    async def unverified_recipients(self, account_id: str, addresses: list[str]) -> list[str]: ...
+
+    async def suppressed(self, account_id: str, addresses: list[str]) -> list[str]: ...
+
+
+# --- Requests, as the servicer decodes them.
+
+
+@dataclass(frozen=True)
+class TemplateRef:
+    name: str
+    data: str
+    headers: Sequence[Header] = ()
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What SendEmail and SendBulkEmail share."""
+
+    from_email_address: str
+    from_identity: str = ""
+    reply_to: Sequence[str] = ()
+    feedback_address: str = ""
+    feedback_identity: str = ""
+    configuration_set: str = ""
+    request_id: str = ""
+    # sha256 of the whole request, to refuse a request_id reused for another request.
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class Destination:
+    to: Sequence[str] = ()
+    cc: Sequence[str] = ()
+    bcc: Sequence[str] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.to or self.cc or self.bcc)
+
+
+@dataclass(frozen=True)
+class SendRequest:
+    envelope: Envelope
+    destination: Destination = Destination()
+    tags: Sequence[tuple[str, str]] = ()
+    simple: Body | None = None
+    raw: bytes | None = None
+    template: TemplateRef | None = None
+
+
+@dataclass(frozen=True)
+class BulkEntry:
+    destination: Destination
+    replacement_data: str = ""
+    replacement_tags: Sequence[tuple[str, str]] = ()
+    replacement_headers: Sequence[Header] = ()
+
+
+@dataclass(frozen=True)
+class BulkRequest:
+    envelope: Envelope
+    template: TemplateRef
+    entries: Sequence[BulkEntry]
+    default_tags: Sequence[tuple[str, str]] = ()
+
+
+@dataclass(frozen=True)
+class BulkResult:
+    """SES's BulkEmailEntryResult: status is a BulkEmailStatus name (SUCCESS, MESSAGE_REJECTED...)."""
+
+    status: str
+    error: str = ""
+    message_id: str = ""
+
+
+def fingerprint(serialized_request: bytes) -> str:
+    return hashlib.sha256(serialized_request).hexdigest()
+
+
+# --- A composed message, ready for the checks.
+
+
+@dataclass
+class Outgoing:
+    message_id: str
+    sender: Mailbox
+    from_identity: str
+    to: list[Mailbox]
+    cc: list[Mailbox]
+    bcc: list[Mailbox]
+    subject: str
+    mime: bytes
+    tags: list[tuple[str, str]]
+    configuration_set: str
+    feedback: Mailbox | None = None
+    feedback_identity: str = ""
+    # Extra addresses the account must be allowed to send as (a raw message's header From).
+    also_from: list[Mailbox] = field(default_factory=list)
+
+    @property
+    def recipients(self) -> list[str]:
+        """Envelope recipients, each once (compared case-insensitively)."""
+        seen: dict[str, str] = {}
+        for mailbox in [*self.to, *self.cc, *self.bcc]:
+            seen.setdefault(address_key(mailbox.address), mailbox.address)
+        return list(seen.values())
+
+
+class RenderFailure(Exception):
+    def __init__(self, template_name: str, message: str) -> None:
+        super().__init__(message)
+        self.template_name = template_name
+        self.message = message
+
+
+def _mailboxes(values: Sequence[str], field: str) -> list[Mailbox]:
+    return [parse_mailbox(v, field=f"{field}[{i}]") for i, v in enumerate(values)]
+
+
+def _check_tags(tags: Sequence[tuple[str, str]], field: str) -> list[tuple[str, str]]:
+    if len(tags) > MAX_TAGS:
+        raise InvalidArgument(f"At most {MAX_TAGS} tags.", field=field)
+    for name, value in tags:
+        if not _TAG.match(name) or not _TAG_VALUE.match(value):
+            raise InvalidArgument(
+                f"Tag {name!r}={value!r}: names and values are letters, digits, '_' and '-', "
+                "at most 256 characters.",
+                field=field,
+            )
+    return list(tags)
+
+
+def _count_recipients(to: Sequence[object], cc: Sequence[object], bcc: Sequence[object], field: str) -> None:
+    total = len(to) + len(cc) + len(bcc)
+    if total == 0:
+        raise InvalidArgument("The message needs at least one recipient.", field=field)
+    if total > MAX_RECIPIENTS:
+        raise InvalidArgument(
+            f"Recipient count exceeds {MAX_RECIPIENTS}: {total} recipients.",
+            field=field,
+            reason="MESSAGE_REJECTED",
+        )
+
+
+def _check_size(mime: bytes) -> None:
+    if len(mime) > MAX_MESSAGE_BYTES:
+        raise InvalidArgument(
+            f"Message length is more than {MAX_MESSAGE_BYTES} bytes long: {len(mime)}.",
+            field="content",
+            reason="MESSAGE_REJECTED",
+        )
+
+
+def _template_data(text: str, field: str) -> dict[str, Any]:
+    try:
+        return rendering.parse_data(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"The template data is not a JSON object: {exc}.", field=field) from None
+
+
+def _render(template_name: str, parts: tuple[str, str, str], data: dict[str, Any]) -> tuple[str, str, str]:
+    """(subject, text, html) rendered; RenderFailure when the data does not fit the template."""
+    try:
+        subject, text, html = (rendering.parse(p) for p in parts)
+        return (
+            subject.render(data, escape_html=False),
+            text.render(data, escape_html=False),
+            html.render(data, escape_html=True),
+        )
+    except (rendering.RenderError, rendering.TemplateSyntaxError) as exc:
+        raise RenderFailure(template_name, str(exc)) from None
+
+
+class Acceptor:
+    def __init__(
+        self,
+        *,
+        js: JetStreamContext,
+        events: EventPublisher,
+        checks: Checks,
+        templates: TemplateStore,
+        keys: IdempotencyKeys,
+        clock: Clock,
+        message_id_domain: str = "",
+    ) -> None:
+        self._js = js
+        self._events = events
+        self._checks = checks
+        self._templates = templates
+        self._keys = keys
+        self._clock = clock
+        self._message_id_domain = message_id_domain
+
+    def _new_id(self) -> str:
+        return new_message_id(self._clock.now())
+
+    def _message_id_header(self, message_id: str, sender: Mailbox) -> str:
+        return message_id_header(message_id, self._message_id_domain or domain_of(sender.address))
+
+    # --- SendEmail
+
+    async def send_email(self, account_id: str, request: SendRequest) -> str:
+        envelope = request.envelope
+        if request.simple is None and request.raw is None and request.template is None:
+            raise InvalidArgument("The message needs content: simple, raw or template.", field="content")
+        claim = await self._keys.claim(account_id, envelope.request_id, envelope.fingerprint, 1, self._new_id)
+        if claim.result is not None:
+            return str(claim.result["message_id"])
+        try:
+            message = await self._compose(account_id, request, claim.message_ids[0])
+            await self._accept(account_id, message)
+        except BaseException:
+            await self._keys.abandon(account_id, claim)
+            raise
+        await self._keys.finish(account_id, claim, {"message_id": message.message_id})
+        return message.message_id
+
+    async def _compose(self, account_id: str, request: SendRequest, message_id: str) -> Outgoing:
+        envelope = request.envelope
+        _check_configuration_set(envelope.configuration_set)
+        tags = _check_tags(request.tags, "email_tags")
+        reply_to = _mailboxes(envelope.reply_to, "reply_to_addresses")
+        feedback = _feedback(envelope)
+        now = self._clock.now()
+        if request.raw is not None:
+            return self._compose_raw(request, message_id, tags, feedback, now)
+        sender = parse_mailbox(envelope.from_email_address, field="from_email_address")
+        destination = request.destination
+        _count_recipients(destination.to, destination.cc, destination.bcc, "destination")
+        to = _mailboxes(destination.to, "destination.to_addresses")
+        cc = _mailboxes(destination.cc, "destination.cc_addresses")
+        bcc = _mailboxes(destination.bcc, "destination.bcc_addresses")
+        if request.template is not None:
+            body = await self._render_template(
+                account_id, request.template, sender, destination, tags, envelope, message_id
+            )
+        else:
+            assert request.simple is not None
+            body = request.simple
+            if not body.subject.strip():
+                raise InvalidArgument("The message needs a subject.", field="content.simple.subject")
+            if not (body.text or body.html):
+                raise InvalidArgument("The message needs a text or HTML body.", field="content.simple.body")
+            check_custom_headers(body.headers, field="content.simple.headers")
+        no_line_breaks(body.subject, field="subject")
+        addressing = Addressing(sender, to, cc, reply_to)
+        mime = build_message(
+            addressing, body, message_id=self._message_id_header(message_id, sender), date=now
+        )
+        _check_size(mime)
+        return Outgoing(
+            message_id,
+            sender,
+            envelope.from_identity,
+            to,
+            cc,
+            bcc,
+            body.subject,
+            mime,
+            tags,
+            envelope.configuration_set,
+            feedback,
+            envelope.feedback_identity,
+        )
+
+    def _compose_raw(
+        self,
+        request: SendRequest,
+        message_id: str,
+        tags: list[tuple[str, str]],
+        feedback: Mailbox | None,
+        now: dt.datetime,
+    ) -> Outgoing:
+        assert request.raw is not None
+        envelope = request.envelope
+        _check_size(request.raw)
+        raw = parse_raw(request.raw)
+        tags = tags + _check_tags(raw.tags, "content.raw.data")
+        configuration_set = envelope.configuration_set or raw.configuration_set
+        _check_configuration_set(configuration_set)
+        if envelope.from_email_address:
+            sender = parse_mailbox(envelope.from_email_address, field="from_email_address")
+        else:
+            sender = raw.sender
+        also_from = [] if address_key(raw.sender.address) == address_key(sender.address) else [raw.sender]
+        if request.destination:
+            destination = request.destination
+            _count_recipients(destination.to, destination.cc, destination.bcc, "destination")
+            to = _mailboxes(destination.to, "destination.to_addresses")
+            cc = _mailboxes(destination.cc, "destination.cc_addresses")
+            bcc = _mailboxes(destination.bcc, "destination.bcc_addresses")
+        else:
+            to, cc, bcc = raw.to, raw.cc, raw.bcc
+            _count_recipients(to, cc, bcc, "content.raw.data")
+        mime = finalize_raw(request.raw, message_id=self._message_id_header(message_id, sender), date=now)
+        _check_size(mime)
+        return Outgoing(
+            message_id,
+            sender,
+            envelope.from_identity,
+            to,
+            cc,
+            bcc,
+            raw.subject,
+            mime,
+            tags,
+            configuration_set,
+            feedback,
+            envelope.feedback_identity,
+            also_from,
+        )
+
+    async def _render_template(
+        self,
+        account_id: str,
+        ref: TemplateRef,
+        sender: Mailbox,
+        destination: Destination,
+        tags: list[tuple[str, str]],
+        envelope: Envelope,
+        message_id: str,
+        *,
+        data: dict[str, Any] | None = None,
+        field: str = "content.template",
+    ) -> Body:
+        template = await self._templates.get(account_id, ref.name)
+        check_custom_headers(ref.headers, field=f"{field}.headers")
+        if data is None:
+            data = _template_data(ref.data, f"{field}.template_data")
+        try:
+            subject, text, html = _render(ref.name, (template.subject, template.text, template.html), data)
+        except RenderFailure as failure:
+            await self._publish_rendering_failure(
+                account_id, failure, message_id, sender, destination, tags, envelope.configuration_set
+            )
+            raise InvalidArgument(
+                f"Rendering failure: {failure.message}",
+                field=f"{field}.template_data",
+                reason="RENDERING_FAILURE",
+            ) from None
+        return Body(subject, text, html, headers=ref.headers)
+
+    # --- The checks
+
+    async def _accept(
+        self, account_id: str, message: Outgoing, authorization: Authorization | None = None
+    ) -> None:
+        recipients = message.recipients
+        reservation = await self._reserve_quota(account_id, len(recipients))
+        try:
+            if authorization is None:
+                authorization = await self._check_sender(account_id, message)
+            await self._check_sandbox(account_id, recipients, reservation)
+            suppressed = await self._check_suppression(account_id, recipients)
+            deliverable = [r for r in recipients if address_key(r) not in suppressed]
+            if deliverable:
+                await self._queue(account_id, message, authorization, deliverable)
+        except BaseException:
+            await self._release(reservation, reservation.messages)
+            raise
+        if suppressed:
+            await self._release(reservation, len(suppressed))
+        await self._publish_accepted(account_id, message, authorization, sorted(suppressed.values()))
+
+    async def _reserve_quota(self, account_id: str, recipients: int) -> Reservation:
+        return await self._checks.reserve(account_id, recipients)
+
+    async def _release(self, reservation: Reservation, messages: int) -> None:
+        try:
+            await asyncio.shield(self._checks.release(reservation, messages))
+        except Exception:  # the refusal the caller hears matters more than the refund
+            log.exception("could not release send quota", extra={"account": reservation.account_id})
+
+    async def _check_sender(self, account_id: str, message: Outgoing) -> Authorization:
+        authorization = await self._checks.authorize_sender(
+            account_id, message.sender.address, message.from_identity
+        )
+        for mailbox in message.also_from:
+            await self._checks.authorize_sender(account_id, mailbox.address, message.from_identity)
+        if message.feedback is not None:
+            await self._checks.authorize_sender(
+                account_id, message.feedback.address, message.feedback_identity
+            )
+        return authorization
+
+    async def _check_sandbox(self, account_id: str, recipients: list[str], reservation: Reservation) -> None:
+        if reservation.production_access:
+            return
+        unverified = await self._checks.unverified_recipients(account_id, recipients)
+        if unverified:
+            raise FailedPrecondition(
+                "Email address is not verified. The following identities failed the check: "
+                + ", ".join(unverified)
+                + " (the account is in the sandbox: every recipient must be verified).",
+                reason="MESSAGE_REJECTED",
+            )
+
+    async def _check_suppression(self, account_id: str, recipients: list[str]) -> dict[str, str]:
+        """The suppressed recipients, by address key."""
+        suppressed = await self._checks.suppressed(account_id, recipients)
+        keys = {address_key(a) for a in suppressed}
+        return {address_key(r): r for r in recipients if address_key(r) in keys}
+
+    async def _queue(
+        self, account_id: str, message: Outgoing, authorization: Authorization, recipients: list[str]
+    ) -> None:
+        queued = queue_pb2.QueuedMessage(
+            message_id=message.message_id,
+            account_id=account_id,
+            from_address=message.sender.address,
+            from_identity=authorization.identity,
+            identity_owner_account_id=authorization.owner_account_id or account_id,
+            mail_from_domain=authorization.mail_from_domain,
+            recipients=recipients,
+            mime=message.mime,
+            configuration_set_name=message.configuration_set,
+            tags=[events_pb2.EmailTag(name=n, value=v) for n, v in message.tags],
+            accepted_time=timestamp(self._clock.now()),
+            feedback_forwarding_address=message.feedback.address if message.feedback else "",
+            subject=message.subject,
+        )
+        try:
+            await enqueue(self._js, queued)
+        except Exception as exc:
+            raise Unavailable("The message could not be queued; try again.") from exc
+
+    # --- Events
+
+    def _mail(
+        self,
+        account_id: str,
+        message_id: str,
+        sender: Mailbox,
+        destination: list[str],
+        tags: Sequence[tuple[str, str]],
+        configuration_set: str,
+        subject: str = "",
+        identity: str = "",
+    ) -> events_pb2.Mail:
+        return events_pb2.Mail(
+            timestamp=timestamp(self._clock.now()),
+            message_id=message_id,
+            source=sender.address,
+            sending_account_id=account_id,
+            destination=destination,
+            tags=[events_pb2.EmailTag(name=n, value=v) for n, v in tags],
+            configuration_set_name=configuration_set,
+            subject=subject,
+            source_identity=identity,
+        )
+
+    async def _publish_accepted(
+        self, account_id: str, message: Outgoing, authorization: Authorization, suppressed: list[str]
+    ) -> None:
+        mail = self._mail(
+            account_id,
+            message.message_id,
+            message.sender,
+            message.recipients,
+            message.tags,
+            message.configuration_set,
+            message.subject,
+            authorization.identity,
+        )
+        events = [
+            new_event(
+                account_id,
+                email=events_pb2.EmailEvent(event_type=events_pb2.EMAIL_EVENT_TYPE_SEND, mail=mail),
+            )
+        ]
+        for address in suppressed:
+            bounce = events_pb2.Bounce(
+                bounce_type=events_pb2.BOUNCE_TYPE_PERMANENT,
+                bounce_sub_type=events_pb2.BOUNCE_SUB_TYPE_ON_ACCOUNT_SUPPRESSION_LIST,
+                bounced_recipients=[
+                    events_pb2.BouncedRecipient(
+                        email_address=address,
+                        action="failed",
+                        status="5.1.1",
+                        diagnostic_code="postmesh did not send the message to this address because it "
+                        "is on the suppression list for your account.",
+                    )
+                ],
+                timestamp=timestamp(self._clock.now()),
+                reporting_mta="postmesh",
+            )
+            events.append(
+                new_event(
+                    account_id,
+                    email=events_pb2.EmailEvent(
+                        event_type=events_pb2.EMAIL_EVENT_TYPE_BOUNCE, mail=mail, bounce=bounce
+                    ),
+                )
+            )
+        await self._publish(events)
+
+    async def _publish_rendering_failure(
+        self,
+        account_id: str,
+        failure: RenderFailure,
+        message_id: str,
+        sender: Mailbox,
+        destination: Destination,
+        tags: Sequence[tuple[str, str]],
+        configuration_set: str,
+    ) -> None:
+        mail = self._mail(
+            account_id,
+            message_id,
+            sender,
+            [*destination.to, *destination.cc, *destination.bcc],
+            tags,
+            configuration_set,
+        )
+        event = new_event(
+            account_id,
+            email=events_pb2.EmailEvent(
+                event_type=events_pb2.EMAIL_EVENT_TYPE_RENDERING_FAILURE,
+                mail=mail,
+                rendering_failure=events_pb2.RenderingFailure(
+                    template_name=failure.template_name, error_message=failure.message
+                ),
+            ),
+        )
+        await self._publish([event])
+
+    async def _publish(self, events: list[events_pb2.Event]) -> None:
+        # The message is already queued: an event that cannot be published is logged, not reported
+        # as a failed send (the caller would retry and send twice).
+        results = await asyncio.gather(*(self._events.publish(e) for e in events), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                log.error("could not publish an email event", extra={"error": repr(result)})
+
+    # --- SendBulkEmail
+
+    async def send_bulk(self, account_id: str, request: BulkRequest) -> list[BulkResult]:
+        envelope = request.envelope
+        if not request.entries:
+            raise InvalidArgument("At least one bulk email entry is needed.", field="bulk_email_entries")
+        if len(request.entries) > MAX_BULK_ENTRIES:
+            raise InvalidArgument(
+                f"At most {MAX_BULK_ENTRIES} bulk email entries per call.", field="bulk_email_entries"
+            )
+        _check_configuration_set(envelope.configuration_set)
+        sender = parse_mailbox(envelope.from_email_address, field="from_email_address")
+        reply_to = _mailboxes(envelope.reply_to, "reply_to_addresses")
+        feedback = _feedback(envelope)
+        default_tags = _check_tags(request.default_tags, "default_email_tags")
+        field = "default_content.template"
+        template = await self._templates.get(account_id, request.template.name)
+        check_custom_headers(request.template.headers, field=f"{field}.headers")
+        default_data = _template_data(request.template.data, f"{field}.template_data")
+
+        claim = await self._keys.claim(
+            account_id, envelope.request_id, envelope.fingerprint, len(request.entries), self._new_id
+        )
+        if claim.result is not None:
+            return [BulkResult(**r) for r in claim.result]
+        try:
+            probe = Outgoing(
+                claim.message_ids[0],
+                sender,
+                envelope.from_identity,
+                [],
+                [],
+                [],
+                "",
+                b"",
+                [],
+                envelope.configuration_set,
+                feedback,
+                envelope.feedback_identity,
+            )
+            # The sender is the same for every entry: a refusal refuses the whole call, as in SES.
+            authorization = await self._check_sender(account_id, probe)
+            results = []
+            for index, entry in enumerate(request.entries):
+                results.append(
+                    await self._bulk_entry(
+                        account_id,
+                        request,
+                        entry,
+                        index,
+                        claim,
+                        template_parts=(template.subject, template.text, template.html),
+                        default_data=default_data,
+                        default_tags=default_tags,
+                        sender=sender,
+                        reply_to=reply_to,
+                        feedback=feedback,
+                        authorization=authorization,
+                    )
+                )
+        except BaseException:
+            await self._keys.abandon(account_id, claim)
+            raise
+        await self._keys.finish(account_id, claim, [r.__dict__ for r in results])
+        return results
+
+    async def _bulk_entry(
+        self,
+        account_id: str,
+        request: BulkRequest,
+        entry: BulkEntry,
+        index: int,
+        claim: Claim,
+        *,
+        template_parts: tuple[str, str, str],
+        default_data: dict[str, Any],
+        default_tags: list[tuple[str, str]],
+        sender: Mailbox,
+        reply_to: list[Mailbox],
+        feedback: Mailbox | None,
+        authorization: Authorization,
+    ) -> BulkResult:
+        message_id = claim.message_ids[index]
+        field = f"bulk_email_entries[{index}]"
+        envelope = request.envelope
+        try:
+            destination = entry.destination
+            _count_recipients(destination.to, destination.cc, destination.bcc, f"{field}.destination")
+            to = _mailboxes(destination.to, f"{field}.destination.to_addresses")
+            cc = _mailboxes(destination.cc, f"{field}.destination.cc_addresses")
+            bcc = _mailboxes(destination.bcc, f"{field}.destination.bcc_addresses")
+            tags = dict(default_tags)
+            tags.update(_check_tags(entry.replacement_tags, f"{field}.replacement_tags"))
+            check_custom_headers(entry.replacement_headers, field=f"{field}.replacement_headers")
+            data = {**default_data, **_template_data(entry.replacement_data, f"{field}.replacement_data")}
+            try:
+                subject, text, html = _render(request.template.name, template_parts, data)
+            except RenderFailure as failure:
+                await self._publish_rendering_failure(
+                    account_id,
+                    failure,
+                    message_id,
+                    sender,
+                    destination,
+                    list(tags.items()),
+                    envelope.configuration_set,
+                )
+                return BulkResult("INVALID_PARAMETER", f"Rendering failure: {failure.message}")
+            headers = {h.name.lower(): h for h in request.template.headers}
+            headers.update({h.name.lower(): h for h in entry.replacement_headers})
+            body = Body(subject, text, html, headers=list(headers.values()))
+            no_line_breaks(subject, field="subject")
+            mime = build_message(
+                Addressing(sender, to, cc, reply_to),
+                body,
+                message_id=self._message_id_header(message_id, sender),
+                date=self._clock.now(),
+            )
+            _check_size(mime)
+            message = Outgoing(
+                message_id,
+                sender,
+                envelope.from_identity,
+                to,
+                cc,
+                bcc,
+                subject,
+                mime,
+                list(tags.items()),
+                envelope.configuration_set,
+                feedback,
+                envelope.feedback_identity,
+            )
+            await self._accept(account_id, message, authorization)
+        except PostmeshError as error:
+            return BulkResult(_bulk_status(error), error.message)
+        return BulkResult("SUCCESS", message_id=message_id)
+
+    # --- TestRenderEmailTemplate
+
+    async def test_render(self, account_id: str, name: str, data_text: str) -> tuple[bytes, Body]:
+        template = await self._templates.get(account_id, name)
+        data = _template_data(data_text, "template_data")
+        try:
+            subject, text, html = _render(name, (template.subject, template.text, template.html), data)
+        except RenderFailure as failure:
+            raise InvalidArgument(
+                f"Rendering failure: {failure.message}", field="template_data", reason="RENDERING_FAILURE"
+            ) from None
+        body = Body(subject, text, html)
+        no_line_breaks(subject, field="subject")
+        return build_message(None, body, message_id=None, date=self._clock.now()), body
+
+
+def _feedback(envelope: Envelope) -> Mailbox | None:
+    if not envelope.feedback_address:
+        return None
+    return parse_mailbox(envelope.feedback_address, field="feedback_forwarding_email_address")
+
+
+def _check_configuration_set(name: str) -> None:
+    if not _CONFIGURATION_SET.match(name):
+        raise InvalidArgument(
+            "configuration_set_name must be at most 64 letters, digits, '_' or '-'.",
+            field="configuration_set_name",
+        )
+
+
+def _bulk_status(error: PostmeshError) -> str:
+    if isinstance(error, InvalidArgument):
+        return "MESSAGE_REJECTED" if error.reason == "MESSAGE_REJECTED" else "INVALID_PARAMETER"
+    if isinstance(error, ResourceExhausted):
+        text = f"{error.reason} {error.message}".lower()
+        return "ACCOUNT_DAILY_QUOTA_EXCEEDED" if "daily" in text else "ACCOUNT_THROTTLED"
+    if isinstance(error, Unavailable):
+        return "TRANSIENT_FAILURE"
+    if error.reason in ("MESSAGE_REJECTED", "MAIL_FROM_DOMAIN_NOT_VERIFIED", "ACCOUNT_SENDING_PAUSED"):
+        return error.reason
+    return "FAILED"

@@ -1,0 +1,186 @@
+"""DKIM signing with dkimpy, its RSA arithmetic done by the `cryptography` package.
+
+dkimpy signs RSA with pure-Python big numbers (~136 RSA-2048 signatures/s on one core). It looks up
+`RSASSA_PKCS1_v1_5_sign` and `parse_pem_private_key` by name in its own module namespace, so we put
+cryptography-backed functions with the same contracts there, with each parsed key cached: the
+signature bytes are identical (PKCS#1 v1.5 is deterministic), only faster. Ed25519 goes through
+dkimpy's own PyNaCl path, fed the raw seed it expects.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import dkim
+import dkim.crypto
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
+
+log = logging.getLogger(__name__)
+
+RSA_SHA256 = "rsa-sha256"
+ED25519_SHA256 = "ed25519-sha256"
+# relaxed/relaxed survives the header re-folding and trailing-space changes relays are known for.
+CANONICALIZE = (b"relaxed", b"relaxed")
+
+_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
+
+
+class _RsaKey(dict[str, int]):
+    """dkimpy's private-key dict, also carrying the parsed cryptography key."""
+
+    crypto_key: rsa.RSAPrivateKey
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_pem_private_key(pem: bytes) -> _RsaKey:
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise dkim.crypto.UnparsableKeyError(str(exc)) from exc
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise dkim.crypto.UnparsableKeyError("not an RSA private key")
+    numbers = key.private_numbers()
+    parsed = _RsaKey(
+        modulus=numbers.public_numbers.n,
+        publicExponent=numbers.public_numbers.e,
+        privateExponent=numbers.d,
+        prime1=numbers.p,
+        prime2=numbers.q,
+        exponent1=numbers.dmp1,
+        exponent2=numbers.dmq1,
+        coefficient=numbers.iqmp,
+    )
+    parsed.crypto_key = key
+    return parsed
+
+
+@functools.lru_cache(maxsize=1024)
+def _key_from_numbers(n: int, e: int, d: int, p: int, q: int, dmp1: int, dmq1: int, iqmp: int) -> Any:
+    return rsa.RSAPrivateNumbers(p, q, d, dmp1, dmq1, iqmp, rsa.RSAPublicNumbers(e, n)).private_key()
+
+
+def rsassa_pkcs1_v1_5_sign(hash: Any, private_key: dict[str, int]) -> bytes:
+    """dkimpy's `RSASSA_PKCS1_v1_5_sign(hash, key_dict)` contract, signed by cryptography."""
+    key = getattr(private_key, "crypto_key", None)
+    if key is None:  # a key dict dkimpy parsed itself
+        key = _key_from_numbers(
+            private_key["modulus"],
+            private_key["publicExponent"],
+            private_key["privateExponent"],
+            private_key["prime1"],
+            private_key["prime2"],
+            private_key["exponent1"],
+            private_key["exponent2"],
+            private_key["coefficient"],
+        )
+    algorithm = _HASHES[hash.name.lower()]()
+    signature: bytes = key.sign(hash.digest(), padding.PKCS1v15(), utils.Prehashed(algorithm))
+    return signature
+
+
+def install_fast_rsa() -> None:
+    """Makes dkimpy sign RSA through cryptography (idempotent)."""
+    dkim.RSASSA_PKCS1_v1_5_sign = rsassa_pkcs1_v1_5_sign
+    dkim.parse_pem_private_key = _parse_pem_private_key
+
+
+install_fast_rsa()
+
+
+@functools.lru_cache(maxsize=1024)
+def _ed25519_seed(pem: bytes) -> bytes:
+    """dkimpy wants the 32-byte ed25519 seed, base64; identity hands out PKCS#8 PEM."""
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ValueError("not an ed25519 private key")
+    return base64.b64encode(key.private_bytes_raw())
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    selector: str
+    algorithm: str  # rsa-sha256 or ed25519-sha256
+    private_key_pem: str
+
+
+@dataclass(frozen=True)
+class SigningConfig:
+    domain: str
+    keys: tuple[SigningKey, ...] = ()
+
+
+def to_crlf(mime: bytes) -> bytes:
+    """SMTP's line ending everywhere (the signature is computed over what goes on the wire)."""
+    return mime.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def sign_message(mime: bytes, config: SigningConfig) -> bytes:
+    """`mime` (CRLF) with one DKIM-Signature per key prepended; unchanged when there is no key.
+
+    Each signature is computed over the unsigned message, so neither covers the other and a
+    verifier may check either."""
+    signatures: list[bytes] = []
+    domain = config.domain.encode("ascii")
+    for key in config.keys:
+        pem = key.private_key_pem.encode("ascii")
+        if key.algorithm == RSA_SHA256:
+            secret, algorithm = pem, b"rsa-sha256"
+        elif key.algorithm == ED25519_SHA256:
+            secret, algorithm = _ed25519_seed(pem), b"ed25519-sha256"
+        else:
+            log.warning("unknown DKIM algorithm skipped", extra={"algorithm": key.algorithm})
+            continue
+        signatures.append(
+            dkim.sign(
+                mime,
+                key.selector.encode("ascii"),
+                domain,
+                secret,
+                signature_algorithm=algorithm,
+                canonicalize=CANONICALIZE,
+                linesep=b"\r\n",
+            )
+        )
+    return b"".join(signatures) + mime
+
+
+class SigningUnavailable(Exception):
+    """The signing keys could not be fetched now (identity unreachable): retry the message later."""
+
+
+FetchConfig = Callable[[str, str], Awaitable[SigningConfig]]
+
+
+class SigningConfigCache:
+    """Signing configurations per (owner account, domain), fetched from identity on first use and
+    dropped when identity announces a change of the domain (or after `ttl_seconds` regardless)."""
+
+    def __init__(self, fetch: FetchConfig, *, ttl_seconds: float = 300.0) -> None:
+        self._fetch = fetch
+        self._ttl = ttl_seconds
+        self._entries: dict[tuple[str, str], tuple[float, SigningConfig]] = {}
+
+    async def get(self, account_id: str, domain: str) -> SigningConfig:
+        key = (account_id, domain.lower())
+        entry = self._entries.get(key)
+        if entry is not None and time.monotonic() - entry[0] < self._ttl:
+            return entry[1]
+        config = await self._fetch(account_id, domain.lower())
+        self._entries[key] = (time.monotonic(), config)
+        return config
+
+    def domains(self) -> set[str]:
+        return {domain for _, domain in self._entries}
+
+    def forget(self, identity: str) -> None:
+        """Drops what is cached for an identity's domain (an address identity names its domain)."""
+        domain = identity.rpartition("@")[2].lower()
+        for key in [k for k in self._entries if k[1] == domain]:
+            del self._entries[key]

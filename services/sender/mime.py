@@ -1,0 +1,299 @@
+"""Building the final MIME of an accepted message, and checking a caller's raw MIME (no gRPC here).
+
+Output is wire-ready: CRLF line endings, 7-bit clean (non-ASCII headers as RFC 2047 words, bodies as
+quoted-printable or base64), a Message-ID and a Date, and never a Bcc header.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from email import policy
+from email.errors import (
+    InvalidMultipartContentTransferEncodingDefect,
+    MessageDefect,
+    MissingHeaderBodySeparatorDefect,
+    MultipartInvariantViolationDefect,
+    NoBoundaryInMultipartDefect,
+    StartBoundaryNotFoundDefect,
+)
+from email.headerregistry import Address
+from email.message import EmailMessage, Message
+from email.parser import BytesParser
+from email.utils import format_datetime
+
+from postmesh.common.addresses import normalize_address
+from postmesh.common.errors import InvalidArgument
+
+# SES's limit, measured on the message as it goes out (after base64 and quoted-printable encoding).
+MAX_MESSAGE_BYTES = 40 * 1024 * 1024
+
+# Attachment types SES refuses (executables and scripts): docs.aws.amazon.com/ses/latest/dg/mime-types.html
+REFUSED_EXTENSIONS = frozenset(
+    """ade adp app asp bas bat cer chm cmd com cpl crt csh der exe fxp gadget hlp hta inf ins isp its js
+    jse ksh lib lnk mad maf mag mam maq mar mas mat mau mav maw mda mdb mde mdt mdw mdz msc msh msh1 msh2
+    mshxml msh1xml msh2xml msi msp mst ops pcd pif plg prf prg reg scf scr sct shb shs sys ps1 ps1xml ps2
+    ps2xml psc1 psc2 tmp url vb vbe vbs vps vsmacros vss vst vsw vxd ws wsc wsf wsh xnk""".split()
+)
+
+# Headers postmesh writes itself; a caller's custom headers may not set them.
+RESERVED_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "From To Cc Bcc Reply-To Subject Date Message-ID MIME-Version Content-Type Sender Return-Path "
+        "Content-Transfer-Encoding Content-Disposition DKIM-Signature X-SES-CONFIGURATION-SET "
+        "X-SES-MESSAGE-TAGS"
+    ).split()
+)
+
+# Headers of a caller's raw message that never go out: Bcc is envelope-only; Message-ID is ours;
+# the X-SES-* headers are instructions to postmesh, as they are to SES.
+_DROPPED_RAW_HEADERS = frozenset({"bcc", "message-id", "x-ses-configuration-set", "x-ses-message-tags"})
+
+_FIELD_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,76}$")  # printable US-ASCII except ':'
+_STRUCTURAL_DEFECTS = (
+    MissingHeaderBodySeparatorDefect,
+    NoBoundaryInMultipartDefect,
+    StartBoundaryNotFoundDefect,
+    MultipartInvariantViolationDefect,
+    InvalidMultipartContentTransferEncodingDefect,
+)
+# 7bit: the receiving MTA may not speak 8BITMIME, so bodies are quoted-printable or base64.
+_POLICY = policy.SMTP.clone(cte_type="7bit")
+
+
+def new_message_id(now: dt.datetime) -> str:
+    """SES-like: time-ordered (milliseconds, hex) then random, e.g. 0000019abc...-1f2e...-000000."""
+    millis = int(now.timestamp() * 1000)
+    return f"{millis:016x}-{secrets.token_hex(4)}-{secrets.token_hex(2)}-{secrets.token_hex(2)}-" + (
+        f"{secrets.token_hex(2)}-{secrets.token_hex(6)}-000000"
+    )
+
+
+def message_id_header(message_id: str, domain: str) -> str:
+    return f"<{message_id}@{domain}>"
+
+
+def no_line_breaks(value: str, *, field: str) -> str:
+    """Header injection guard: no header value may carry CR or LF."""
+    if "\r" in value or "\n" in value:
+        raise InvalidArgument(f"{field} must not contain line breaks (CR or LF).", field=field)
+    return value
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    display_name: str
+    address: str  # normalized: local@a-label-domain
+
+    def header_value(self) -> Address:
+        local, _, domain = self.address.rpartition("@")
+        return Address(display_name=self.display_name, username=local, domain=domain)
+
+
+_ANGLE_ADDR = re.compile(r"^(?P<name>.*?)\s*<(?P<address>[^<>]*)>$", re.DOTALL)
+_QUOTED = re.compile(r'^"((?:[^"\\]|\\.)*)"$')
+
+
+def parse_mailbox(value: str, *, field: str) -> Mailbox:
+    """'Display Name <local@domain>' or a bare address; IDN domains become A-labels.
+
+    Stricter than email.utils.getaddresses, which quietly drops spaces inside a domain."""
+    no_line_breaks(value, field=field)
+    text = value.strip()
+    match = _ANGLE_ADDR.match(text)
+    name, address = (match.group("name").strip(), match.group("address")) if match else ("", text)
+    quoted = _QUOTED.match(name)
+    if quoted:
+        name = re.sub(r"\\(.)", r"\1", quoted.group(1))
+    elif any(c in name for c in '"<>'):
+        raise InvalidArgument(f"{value!r} is not a valid email address.", field=field)
+    if not address or address != address.strip() or any(c.isspace() for c in address):
+        raise InvalidArgument(f"{value!r} is not a valid email address.", field=field)
+    return Mailbox(name, normalize_address(address, field=field))
+
+
+@dataclass(frozen=True)
+class Header:
+    name: str
+    value: str
+
+
+def check_custom_headers(headers: Sequence[Header], *, field: str) -> None:
+    for header in headers:
+        if not _FIELD_NAME.match(header.name):
+            raise InvalidArgument(f"{header.name!r} is not a valid header name.", field=field)
+        if header.name.lower() in RESERVED_HEADERS:
+            raise InvalidArgument(f"The {header.name} header is set by postmesh.", field=field)
+        no_line_breaks(header.value, field=field)
+
+
+@dataclass(frozen=True)
+class Body:
+    subject: str
+    text: str
+    html: str
+    charset: str = "UTF-8"
+    headers: Sequence[Header] = ()
+
+
+@dataclass(frozen=True)
+class Addressing:
+    sender: Mailbox
+    to: Sequence[Mailbox] = ()
+    cc: Sequence[Mailbox] = ()
+    reply_to: Sequence[Mailbox] = ()
+
+
+def _set_parts(message: EmailMessage, body: Body) -> None:
+    try:
+        if body.text and body.html:
+            message.set_content(body.text, subtype="plain", charset=body.charset)
+            message.add_alternative(body.html, subtype="html", charset=body.charset)
+        elif body.html:
+            message.set_content(body.html, subtype="html", charset=body.charset)
+        else:
+            message.set_content(body.text, subtype="plain", charset=body.charset)
+    except LookupError:
+        raise InvalidArgument(f"Unknown charset {body.charset!r}.", field="charset") from None
+    except UnicodeEncodeError:
+        raise InvalidArgument(
+            f"The body cannot be written in the charset {body.charset!r}.", field="charset"
+        ) from None
+
+
+def build_message(
+    addressing: Addressing | None, body: Body, *, message_id: str | None, date: dt.datetime
+) -> bytes:
+    """The whole message. Without addressing (a template preview) it has no From or To."""
+    message = EmailMessage(policy=_POLICY)
+    if addressing is not None:
+        message["From"] = addressing.sender.header_value()
+        if addressing.to:
+            message["To"] = [m.header_value() for m in addressing.to]
+        if addressing.cc:
+            message["Cc"] = [m.header_value() for m in addressing.cc]
+        if addressing.reply_to:
+            message["Reply-To"] = [m.header_value() for m in addressing.reply_to]
+    message["Subject"] = no_line_breaks(body.subject, field="subject")
+    message["Date"] = format_datetime(date.astimezone(dt.UTC))
+    if message_id:
+        message["Message-ID"] = message_id
+    message["MIME-Version"] = "1.0"
+    for header in body.headers:
+        message[header.name] = header.value
+    _set_parts(message, body)
+    for part in message.iter_parts():
+        del part["MIME-Version"]  # the email package repeats it on each alternative; once is enough
+    return message.as_bytes(policy=_POLICY)
+
+
+# --- Raw messages
+
+
+@dataclass
+class RawMessage:
+    """What postmesh reads from a caller's raw MIME."""
+
+    sender: Mailbox
+    to: list[Mailbox] = field(default_factory=list)
+    cc: list[Mailbox] = field(default_factory=list)
+    bcc: list[Mailbox] = field(default_factory=list)
+    subject: str = ""
+    configuration_set: str = ""
+    tags: list[tuple[str, str]] = field(default_factory=list)
+    parsed: Message | None = None
+
+
+def _split_head(data: bytes) -> tuple[bytes, bytes]:
+    match = re.search(rb"\r?\n\r?\n", data)
+    if match is None:
+        return data, b""
+    return data[: match.start()], data[match.end() :]
+
+
+def _mailboxes(message: Message, name: str, field: str) -> list[Mailbox]:
+    result = []
+    for header in message.get_all(name) or []:
+        for address in getattr(header, "addresses", ()):
+            if address.addr_spec:
+                result.append(Mailbox("", normalize_address(address.addr_spec, field=field)))
+    return result
+
+
+def parse_raw(data: bytes) -> RawMessage:
+    """Reads and checks a raw message; INVALID_ARGUMENT when it is not parseable MIME or has no From."""
+    field = "content.raw.data"
+    head, _ = _split_head(data)
+    if not data.strip() or not re.match(rb"^[\x21-\x39\x3b-\x7e]+:", head):
+        raise InvalidArgument("The raw message does not start with a header block.", field=field)
+    message = BytesParser(policy=policy.default).parsebytes(data)
+    for part in message.walk():
+        defects: list[MessageDefect] = list(part.defects)
+        if any(isinstance(d, _STRUCTURAL_DEFECTS) for d in defects):
+            raise InvalidArgument(f"The raw message is not valid MIME: {defects[0]!r}.", field=field)
+    from_values = message.get_all("From") or []
+    if not from_values:
+        raise InvalidArgument("The raw message has no From header.", field=field)
+    senders = _mailboxes(message, "From", field)
+    if len(senders) != 1:
+        raise InvalidArgument("The raw message's From must hold exactly one address.", field=field)
+    display = getattr(from_values[0], "addresses", ())[0].display_name
+    raw = RawMessage(
+        sender=Mailbox(display, senders[0].address),
+        to=_mailboxes(message, "To", field),
+        cc=_mailboxes(message, "Cc", field),
+        bcc=_mailboxes(message, "Bcc", field),
+        subject=str(message.get("Subject", "")),
+        configuration_set=str(message.get("X-SES-CONFIGURATION-SET", "")).strip(),
+        parsed=message,
+    )
+    tags = str(message.get("X-SES-MESSAGE-TAGS", ""))
+    for item in filter(None, (t.strip() for t in tags.split(","))):
+        name, equals, value = item.partition("=")
+        if not equals:
+            raise InvalidArgument(f"X-SES-MESSAGE-TAGS item {item!r} is not name=value.", field=field)
+        raw.tags.append((name.strip(), value.strip()))
+    check_attachments(message)
+    return raw
+
+
+def check_attachments(message: Message) -> None:
+    for part in message.walk():
+        filename = part.get_filename()
+        if not filename:
+            continue
+        extension = os.path.splitext(filename.strip().lower())[1].lstrip(".")
+        if extension in REFUSED_EXTENSIONS:
+            raise InvalidArgument(
+                f"Illegal filename '{filename}': attachments of type .{extension} are not allowed.",
+                field="content.raw.data",
+                reason="MESSAGE_REJECTED",
+            )
+
+
+def finalize_raw(data: bytes, *, message_id: str, date: dt.datetime) -> bytes:
+    """The caller's message with our Message-ID, a Date and MIME-Version when missing, without Bcc.
+
+    Edits the header block as bytes, so the body goes out exactly as given (CRLF line endings)."""
+    head, body = _split_head(data)
+    fields: list[list[bytes]] = []
+    for line in re.split(rb"\r?\n", head):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1].append(line)  # a folded continuation line
+        elif line:
+            fields.append([line])
+    names = [f[0].split(b":", 1)[0].strip().lower().decode("ascii", "replace") for f in fields]
+    kept = [f for f, n in zip(fields, names, strict=True) if n not in _DROPPED_RAW_HEADERS]
+    added = [[f"Message-ID: {message_id}".encode()]]
+    if "date" not in names:
+        added.append([f"Date: {format_datetime(date.astimezone(dt.UTC))}".encode()])
+    if "mime-version" not in names:
+        added.append([b"MIME-Version: 1.0"])
+    lines = [line for f in [*kept, *added] for line in f]
+    normalized_body = re.sub(rb"\r?\n", b"\r\n", body)
+    return b"\r\n".join(lines) + b"\r\n\r\n" + normalized_body

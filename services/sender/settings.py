@@ -1,0 +1,12 @@
+"""Settings of the sender service's accept path (part of the one schema in postmesh.common.config)."""
+
+from postmesh.common.config import Setting, register
+
+register(
+    Setting(
+        "MESSAGE_ID_DOMAIN",
+        str,
+        "",
+        "Domain of the Message-ID header of sent mail (<id@domain>); empty: the From address's domain.",
+    ),
+)
