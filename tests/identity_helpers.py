@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import threading
-import uuid
+import time
 
 import grpc
 import nats
@@ -13,11 +13,11 @@ import pytest
 from nats.js.api import DeliverPolicy
 
 from postmesh.client import Client, error_details
-from postmesh.common.streams import IDENTITY_CHANGED_SUBJECT, OUTBOUND, outbound_subject
+from postmesh.common.streams import IDENTITY_CHANGED_SUBJECT
 from postmesh.events.v1 import events_pb2
 from postmesh.identity.v1 import identity_pb2 as pb
-from postmesh.sender.v1 import queue_pb2
 from postmesh.testing import MeshThread
+from postmesh.testing_mail import Received, SmtpServer
 from tests.localdns import LocalDns
 
 SYSTEM_ACCOUNT_ID = "000000000000"
@@ -78,35 +78,15 @@ def authorize(
     )
 
 
-async def _take_queued(nats_url: str, recipient: str, wait: float) -> queue_pb2.QueuedMessage:
-    """Takes messages off the outbound work queue (as a delivery worker would) until one is for
-    `recipient`."""
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    durable = f"identity-test-{uuid.uuid4().hex[:8]}"
-    sub = await js.pull_subscribe(outbound_subject(SYSTEM_ACCOUNT_ID), durable=durable, stream=OUTBOUND.name)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait
-    try:
-        while loop.time() < deadline:
-            try:
-                messages = await sub.fetch(20, timeout=1)
-            except nats.errors.TimeoutError:
-                continue
-            for message in messages:
-                await message.ack_sync()
-                queued = queue_pb2.QueuedMessage.FromString(message.data)
-                if recipient in queued.recipients:
-                    return queued
-        raise AssertionError(f"no message for {recipient} was queued")
-    finally:
-        await sub.unsubscribe()
-        await js.delete_consumer(OUTBOUND.name, durable)
-        await nc.close()
-
-
-def take_queued(nats_url: str, recipient: str, timeout: float = 30.0) -> queue_pb2.QueuedMessage:
-    return asyncio.run(_take_queued(nats_url, recipient, timeout))
+def mail_to(sink: SmtpServer, recipient: str, *, after: int = 0, wait: float = 60.0) -> Received:
+    """The first message the SMTP sink received for `recipient` (skipping the first `after`)."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        found = [m for m in sink.received if recipient in m.recipients]
+        if len(found) > after:
+            return found[after]
+        time.sleep(0.1)
+    raise AssertionError(f"no message for {recipient} arrived")
 
 
 async def _identity_events(

@@ -1,5 +1,6 @@
-"""Email address identities: the verification message on the outbound queue, its link served by
-identity over HTTP, the CLI, single use, expiry and the resend limit."""
+"""Email address identities: the verification message delivered through the mesh's own delivery
+workers into a real SMTP server, its link served by identity over HTTP, the CLI, single use, expiry
+and the resend limit."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from email import policy
 from urllib.parse import parse_qs, urlsplit
 
@@ -16,8 +18,9 @@ import pytest
 
 from postmesh.cli.main import main
 from postmesh.identity.v1 import identity_pb2 as pb
+from postmesh.testing_mail import SmtpServer
 from tests.conftest import MeshFactory
-from tests.identity_helpers import SYSTEM_ACCOUNT_ID, FakeClock, authorize, internal, rpc_error, take_queued
+from tests.identity_helpers import FakeClock, authorize, internal, mail_to, rpc_error
 
 
 def _link_in(mime: bytes) -> str:
@@ -37,20 +40,32 @@ def _http(url: str, method: str = "GET") -> tuple[int, str]:
         return error.code, error.read().decode()
 
 
-def test_verification_message_link_confirms_the_address_once(start_mesh: MeshFactory, nats_url: str) -> None:
-    mesh = start_mesh(verification_mail_from="verify@system.test")
+@pytest.fixture
+def sink() -> Iterator[SmtpServer]:
+    with SmtpServer() as server:
+        yield server
+
+
+def _via(sink: SmtpServer) -> dict[str, object]:
+    # Every message leaves through the delivery workers, relayed to the SMTP server on loopback.
+    return {"delivery_mode": "smarthost", "smarthost": f"127.0.0.1:{sink.port}", "smarthost_tls": "none"}
+
+
+def test_verification_message_link_confirms_the_address_once(
+    start_mesh: MeshFactory, sink: SmtpServer
+) -> None:
+    mesh = start_mesh(verification_mail_from="verify@system.test", **_via(sink))
     account_id, key = mesh.create_account()
     address = f"ann.{uuid.uuid4().hex[:8]}@home.test"
     with mesh.client(key) as client, internal(mesh) as service:
         client.identity.CreateEmailIdentity(pb.CreateEmailIdentityRequest(email_identity=address))
-        queued = take_queued(nats_url, address)
-        assert queued.account_id == SYSTEM_ACCOUNT_ID
-        assert (queued.from_address, queued.from_identity) == ("verify@system.test", "system.test")
-        assert list(queued.recipients) == [address]
-        message = email.message_from_bytes(queued.mime, policy=policy.default)
+        delivered = mail_to(sink, address)
+        assert delivered.recipients == [address]
+        message = email.message_from_bytes(delivered.data, policy=policy.default)
         assert message["To"] == address and message["From"] == "verify@system.test"
+        assert message["Subject"] == "postmesh Email Address Verification Request"
         assert message["Message-ID"] and message["Date"]
-        link = _link_in(queued.mime)
+        link = _link_in(delivered.data)
         assert rpc_error(lambda: authorize(service, account_id, address))[1] == "MESSAGE_REJECTED"
 
         # A link scanner's HEAD does not spend the token; unknown paths and methods are refused.
@@ -103,15 +118,15 @@ def test_verification_message_link_confirms_the_address_once(start_mesh: MeshFac
 
 
 def test_expired_token_resend_limit_and_cli_confirm(
-    start_mesh: MeshFactory, nats_url: str, capsys: pytest.CaptureFixture[str]
+    start_mesh: MeshFactory, sink: SmtpServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     clock = FakeClock()
-    mesh = start_mesh(clock=clock, verification_resend_seconds=600)
+    mesh = start_mesh(clock=clock, verification_resend_seconds=600, **_via(sink))
     _, key = mesh.create_account()
     address = f"bob.{uuid.uuid4().hex[:8]}@work.test"
     with mesh.client(key) as client:
         client.identity.CreateEmailIdentity(pb.CreateEmailIdentityRequest(email_identity=address))
-        first = parse_qs(urlsplit(_link_in(take_queued(nats_url, address).mime)).query)["token"][0]
+        first = parse_qs(urlsplit(_link_in(mail_to(sink, address).data)).query)["token"][0]
         code, reason, _, _ = rpc_error(
             lambda: client.identity.ResendVerificationEmail(
                 pb.ResendVerificationEmailRequest(email_identity=address)
@@ -132,7 +147,7 @@ def test_expired_token_resend_limit_and_cli_confirm(
             pb.ResendVerificationEmailRequest(email_identity=address)
         )
         assert resent.expire_time.ToDatetime().timestamp() > clock.now().timestamp()
-        second = parse_qs(urlsplit(_link_in(take_queued(nats_url, address).mime)).query)["token"][0]
+        second = parse_qs(urlsplit(_link_in(mail_to(sink, address, after=1).data)).query)["token"][0]
         assert second != first
         assert (
             client.identity.GetEmailIdentity(
