@@ -4,6 +4,7 @@ recipient's outcome arrives as one event on POSTMESH_EVENTS."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import socket
 from collections.abc import Iterator
@@ -21,7 +22,13 @@ from postmesh.events.v1 import events_pb2 as ev
 from postmesh.identity.v1 import identity_pb2
 from postmesh.testing_mail import Behaviour, LoopbackDns, SmtpServer
 from tests.conftest import MeshFactory
-from tests.delivery_helpers import EmailEvents, new_account_id, queued_message, wait_until
+from tests.delivery_helpers import (
+    EmailEvents,
+    forget_delivery_consumer,
+    new_account_id,
+    queued_message,
+    wait_until,
+)
 
 DELIVERY = ev.EMAIL_EVENT_TYPE_DELIVERY
 BOUNCE = ev.EMAIL_EVENT_TYPE_BOUNCE
@@ -83,6 +90,13 @@ class World:
             part.stop()
 
 
+@pytest.fixture(autouse=True)
+def _no_lingering_consumer(nats_url: str) -> Iterator[None]:
+    # Set up before the meshes, so torn down after them: the workers are stopped by then.
+    yield
+    asyncio.run(forget_delivery_consumer(nats_url))
+
+
 @pytest.fixture
 def world() -> Iterator[World]:
     with World() as w:
@@ -92,6 +106,7 @@ def world() -> Iterator[World]:
 def _mx_settings(world: World, **extra: object) -> dict[str, object]:
     return {
         "delivery_mode": "mx",
+        "delivery_workers": 16,
         "dns_resolver": world.dns.address,
         "smtp_port": world.port,
         "smtp_helo_name": "out.postmesh.test",
@@ -210,7 +225,7 @@ async def test_sink_mode_stores_eml_files_and_reports_deliveries(
     start_mesh: MeshFactory, nats_url: str, tmp_path: Path
 ) -> None:
     data_dir = tmp_path / "sinkmesh"
-    start_mesh(("sender",), data_dir=data_dir)  # DELIVERY_MODE defaults to sink
+    start_mesh(("sender",), data_dir=data_dir, delivery_workers=4)  # DELIVERY_MODE defaults to sink
     account = new_account_id()
     message = queued_message(account, ["one@example.test", "two@other.test"], subject="Stored")
     async with EmailEvents(nats_url, account) as events:
@@ -228,7 +243,7 @@ async def test_sink_mode_stores_eml_files_and_reports_deliveries(
 
 
 def test_no_workers_when_delivery_is_disabled(start_mesh: MeshFactory) -> None:
-    mesh = start_mesh(("sender",), delivery_workers=0)
+    mesh = start_mesh(("sender",), delivery_workers=0, delivery_mode="mx")
     assert mesh.server is not None
     assert mesh.server.services["sender"].delivery is None  # type: ignore[attr-defined]
 
