@@ -373,6 +373,10 @@ class IdentityStore:
             raise InvalidArgument(
                 "DKIM signing attributes apply to domain identities only.", field="dkim_signing_attributes"
             )
+        async with self._sessions() as session:
+            # Checked again in the transaction below; this spares generating keys for nothing.
+            if await self._exists(session, account_id, key):
+                raise AlreadyExists(f"Email identity {stored} already exists.", reason="ALREADY_EXISTS")
         identity_id = secrets.token_hex(16)
         keys = await self._new_keys(identity_id, dkim, 2048) if kind == DOMAIN else []
         now = self._clock.now()
@@ -380,12 +384,7 @@ class IdentityStore:
         expires_at = now + self.config.token_ttl
         try:
             async with transaction(self._sessions) as session:
-                existing = await session.scalar(
-                    select(EmailIdentity.identity_id).where(
-                        EmailIdentity.account_id == account_id, EmailIdentity.identity_key == key
-                    )
-                )
-                if existing is not None:
+                if await self._exists(session, account_id, key):
                     raise AlreadyExists(f"Email identity {stored} already exists.", reason="ALREADY_EXISTS")
                 row = EmailIdentity(
                     identity_id=identity_id,
@@ -435,6 +434,14 @@ class IdentityStore:
                 account_id, stored, Change.IDENTITY_CHANGE_TYPE_CREATED, view.verified_for_sending
             )
         return view
+
+    async def _exists(self, session: AsyncSession, account_id: str, key: str) -> bool:
+        found = await session.scalar(
+            select(EmailIdentity.identity_id).where(
+                EmailIdentity.account_id == account_id, EmailIdentity.identity_key == key
+            )
+        )
+        return found is not None
 
     def _add_token(
         self, session: AsyncSession, identity_id: str, now: dt.datetime, expires_at: dt.datetime
