@@ -143,12 +143,19 @@ def test_address_identities_and_sandbox_recipients(idmesh: MeshThread, dns: Loca
             pb.CreateEmailIdentityRequest(email_identity="desk@corp.test")
         )
         assert at_domain.verified_for_sending_status
+        assert authorize(service, account_id, "desk@corp.test").identity == "desk@corp.test"
         # Another account's verified identities do not count.
         other_id, _ = idmesh.create_account("other")
         check = service.identity.CheckVerifiedRecipients(
             pb.CheckVerifiedRecipientsRequest(account_id=other_id, email_addresses=["bob@corp.test"])
         )
         assert list(check.unverified) == ["bob@corp.test"]
+        # The address was verified through its domain only: without the domain it is not.
+        client.identity.DeleteEmailIdentity(pb.DeleteEmailIdentityRequest(email_identity="corp.test"))
+        desk = client.identity.GetEmailIdentity(pb.GetEmailIdentityRequest(email_identity="desk@corp.test"))
+        assert desk.verification_status == pb.VERIFICATION_STATUS_NOT_STARTED
+        assert not desk.verified_for_sending_status
+        assert rpc_error(lambda: authorize(service, account_id, "desk@corp.test"))[1] == "MESSAGE_REJECTED"
 
 
 def test_create_get_list_delete_and_bad_input(idmesh: MeshThread) -> None:

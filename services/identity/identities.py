@@ -252,8 +252,11 @@ class IdentityStore:
     def _address_status(self, row: EmailIdentity, covered: bool, expires_at: dt.datetime | None) -> str:
         if row.verification_status == SUCCESS or covered:
             return SUCCESS
-        if row.verification_status == PENDING and (expires_at is None or expires_at <= self._clock.now()):
-            return FAILED  # every confirmation link has expired
+        if row.verification_status == PENDING:
+            if expires_at is None:
+                return NOT_STARTED  # made while its domain was verified: no message was ever sent
+            if expires_at <= self._clock.now():
+                return FAILED  # every confirmation link has expired
         return row.verification_status
 
     async def _view(self, session: AsyncSession, row: EmailIdentity) -> IdentityView:
@@ -418,10 +421,9 @@ class IdentityStore:
                 session.add_all(keys)
                 if kind == ADDRESS:
                     covered = await self._verified_domains(session, account_id, [domain_of(key)])
-                    if covered:
-                        row.verification_status = SUCCESS
-                        row.last_success_at = now
-                    else:
+                    # Covered by its verified domain, it needs no message; it is verified while the
+                    # domain is (its own status stays PENDING, so the domain failing un-verifies it).
+                    if not covered:
                         token = self._add_token(session, identity_id, now, expires_at)
                         row.last_email_sent_at = now
                         # Queued inside the transaction: if queuing fails, nothing was created.
