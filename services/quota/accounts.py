@@ -18,7 +18,7 @@ import datetime as dt
 import math
 import weakref
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 
 from sqlalchemy import func, select, update
@@ -95,6 +95,11 @@ class QuotaAccounts:
             lock = asyncio.Lock()
             self._locks[key] = lock
         return lock
+
+    def write_lock(self) -> AbstractAsyncContextManager[object]:
+        """For writers that are not about one account's row (statistics): queue with the others on
+        SQLite; PostgreSQL needs nothing more than its own row locks."""
+        return self._lock_for("") if self._single_writer else nullcontext()
 
     def _new_row(self, account_id: str) -> AccountQuota:
         now = self._clock.now()
@@ -343,24 +348,24 @@ class QuotaAccounts:
         reason: str,
         actor: str,
         *,
-        production_access: bool | None = None,
+        expected: tuple[float, float] | None = None,
     ) -> AccountState:
+        """Sets the 24-hour quota and rate. With `expected` (24-hour quota, rate), refuses with
+        QUOTA_CHANGED if the quota is no longer that (another replica changed it meanwhile)."""
         require_account_id(account_id)
         if not max_24_hour_send > 0:
             raise InvalidArgument("max_24_hour_send must be positive.", field="max_24_hour_send")
         if not max_send_rate > 0:
             raise InvalidArgument("max_send_rate must be positive.", field="max_send_rate")
         async with self.locked(account_id) as (session, row):
+            if expected is not None and expected != (row.max_24_hour_send, row.max_send_rate):
+                raise FailedPrecondition("The quota changed meanwhile.", reason="QUOTA_CHANGED")
             await self._advance(session, row, self._clock.now())
             row.max_24_hour_send = max_24_hour_send
             row.max_send_rate = max_send_rate
             row.tokens = min(row.tokens, bucket_capacity(max_send_rate))
             row.quota_changed_at = self._clock.now()
-            kind = "QUOTA"
-            if production_access is not None and production_access != row.production_access:
-                row.production_access = production_access
-                kind = "PRODUCTION_ACCESS"
-            self.record(session, row, kind, reason, actor)
+            self.record(session, row, "QUOTA", reason, actor)
             state = AccountState(row, row.window_sent)
         await self._notifier.account_changed(state.quota, reason)
         return state
@@ -369,8 +374,28 @@ class QuotaAccounts:
         self, account_id: str, status: str, reason: str, actor: str, *, reset_reputation: bool = False
     ) -> AccountState:
         """Moves an account to HEALTHY, PROBATION or SHUTDOWN (SHUTDOWN pauses sending)."""
+        state = await self.change_enforcement(
+            account_id, status, reason, actor, reset_reputation=reset_reputation
+        )
+        assert state is not None  # unconditional without only_from
+        return state
+
+    async def change_enforcement(
+        self,
+        account_id: str,
+        status: str,
+        reason: str,
+        actor: str,
+        *,
+        reset_reputation: bool = False,
+        only_from: str | None = None,
+    ) -> AccountState | None:
+        """As set_enforcement; with `only_from`, nothing happens (None) unless the account is still
+        in that status (another replica may have judged it meanwhile)."""
         require_account_id(account_id)
         async with self.locked(account_id) as (session, row):
+            if only_from is not None and row.enforcement_status != only_from:
+                return None
             now = self._clock.now()
             await self._advance(session, row, now)
             row.enforcement_status = status
