@@ -31,7 +31,7 @@ from postmesh.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from postmesh.common.paging import decode_token, encode_token, keyset_page, split_page
 from postmesh.common.paging import page_size as size_of
 from postmesh.common.service import Clock
-from services.quota.models import AccountChangeRecord, AccountQuota, SendLedgerEntry
+from services.quota.models import AccountChangeRecord, AccountQuota, SendLedgerEntry, SendStatsSlot
 from services.quota.notify import Notifier
 
 WINDOW = dt.timedelta(hours=24)
@@ -61,6 +61,12 @@ class Grant:
 def bucket_capacity(rate: float) -> float:
     # One second of rate; at least one message so that a rate below 1/s can still send.
     return max(rate, 1.0)
+
+
+def slot_start(at: dt.datetime) -> dt.datetime:
+    """The start of the 15-minute statistics interval `at` falls in."""
+    at = at.astimezone(dt.UTC)
+    return at.replace(minute=at.minute - at.minute % 15, second=0, microsecond=0)
 
 
 def require_account_id(account_id: str) -> str:
@@ -118,6 +124,9 @@ class QuotaAccounts:
             window_cutoff=now - WINDOW,
             enforcement_reason="",
             reputation_since=now,
+            reputation_base_sends=0,
+            reputation_base_bounces=0,
+            reputation_base_complaints=0,
             quota_changed_at=now,
             mail_type="",
             website_url="",
@@ -324,6 +333,15 @@ class QuotaAccounts:
 
     # --- Changes of state, each recorded with its reason and announced.
 
+    @staticmethod
+    async def _reset_reputation(session: AsyncSession, row: AccountQuota, now: dt.datetime) -> None:
+        """Reputation is judged afresh from `now`: what its 15-minute interval holds so far is left out."""
+        current = await session.get(SendStatsSlot, (row.account_id, slot_start(now)))
+        row.reputation_since = now
+        row.reputation_base_sends = current.delivery_attempts if current else 0
+        row.reputation_base_bounces = current.bounces if current else 0
+        row.reputation_base_complaints = current.complaints if current else 0
+
     def record(self, session: AsyncSession, row: AccountQuota, kind: str, reason: str, actor: str) -> None:
         session.add(
             AccountChangeRecord(
@@ -402,7 +420,7 @@ class QuotaAccounts:
             row.sending_enabled = status != SHUTDOWN
             row.enforcement_reason = "" if status == HEALTHY else reason
             if reset_reputation:
-                row.reputation_since = now
+                await self._reset_reputation(session, row, now)
             self.record(session, row, "ENFORCEMENT", reason, actor)
             state = AccountState(row, row.window_sent)
         await self._notifier.account_changed(state.quota, reason)

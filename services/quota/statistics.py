@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ from postmesh.common.db import transaction
 from postmesh.common.service import Clock
 from postmesh.common.streams import EMAIL_EVENTS_SUBJECT, EVENTS
 from postmesh.events.v1 import events_pb2
-from services.quota.accounts import HEALTHY, PROBATION, SHUTDOWN, SYSTEM, QuotaAccounts
+from services.quota.accounts import HEALTHY, PROBATION, SHUTDOWN, SYSTEM, QuotaAccounts, slot_start
 from services.quota.models import AccountQuota, ProcessedEvent, SendStatsSlot
 from services.quota.notify import SYSTEM_ACCOUNT_ID
 
@@ -44,11 +43,6 @@ _COLUMN_BY_TYPE = {
     events_pb2.EMAIL_EVENT_TYPE_REJECT: "rejects",
 }
 COLUMNS = ("delivery_attempts", "bounces", "complaints", "rejects")
-
-
-def slot_start(at: dt.datetime) -> dt.datetime:
-    at = at.astimezone(dt.UTC)
-    return at.replace(minute=at.minute - at.minute % 15, second=0, microsecond=0)
 
 
 def counted(event: events_pb2.Event) -> tuple[str, int] | None:
@@ -184,27 +178,42 @@ class SendStatistics:
 
     async def reputation(self, account: AccountQuota) -> Reputation:
         """Rates over the representative window: the last REPUTATION_WINDOW_DAYS, or fewer when the
-        last REPUTATION_WINDOW_MESSAGES are covered sooner, and never before reputation_since (the
-        15-minute interval of a reinstatement starts afresh)."""
-        since = self._clock.now() - dt.timedelta(days=self._settings.reputation_window_days)
-        if account.reputation_since is not None and account.reputation_since > since:
-            since = account.reputation_since
+        last REPUTATION_WINDOW_MESSAGES are covered sooner, and never before reputation_since (a
+        reinstatement: what its 15-minute interval held then is left out)."""
+        since = slot_start(self._clock.now() - dt.timedelta(days=self._settings.reputation_window_days))
+        base: tuple[int, int, int] | None = None
+        reset = account.reputation_since
+        if reset is not None and slot_start(reset) >= since:
+            since = slot_start(reset)
+            base = (
+                account.reputation_base_sends,
+                account.reputation_base_bounces,
+                account.reputation_base_complaints,
+            )
         async with self._sessions() as session:
             rows = await session.execute(
-                select(SendStatsSlot.delivery_attempts, SendStatsSlot.bounces, SendStatsSlot.complaints)
-                .where(
-                    SendStatsSlot.account_id == account.account_id,
-                    SendStatsSlot.slot_start >= slot_start(since),
+                select(
+                    SendStatsSlot.slot_start,
+                    SendStatsSlot.delivery_attempts,
+                    SendStatsSlot.bounces,
+                    SendStatsSlot.complaints,
                 )
+                .where(SendStatsSlot.account_id == account.account_id, SendStatsSlot.slot_start >= since)
                 .order_by(SendStatsSlot.slot_start.desc())
             )
             enough = self._settings.reputation_window_messages
-            totals: Counter[str] = Counter()
-            for sends, bounces, complaints in rows:
-                totals.update(sends=sends, bounces=bounces, complaints=complaints)
-                if enough > 0 and totals["sends"] >= enough:
+            sends = bounces = complaints = 0
+            for start, slot_sends, slot_bounces, slot_complaints in rows:
+                if base is not None and start == since:
+                    slot_sends -= base[0]
+                    slot_bounces -= base[1]
+                    slot_complaints -= base[2]
+                sends += slot_sends
+                bounces += slot_bounces
+                complaints += slot_complaints
+                if enough > 0 and sends >= enough:
                     break
-        return Reputation(totals["sends"], totals["bounces"], totals["complaints"])
+        return Reputation(max(sends, 0), max(bounces, 0), max(complaints, 0))
 
     async def evaluate(self, account_id: str) -> None:
         """Moves the account to the status its rates call for. PROBATION recovers to HEALTHY on its
@@ -248,7 +257,7 @@ class EventConsumer:
         while True:
             try:
                 messages = await subscription.fetch(self._batch, timeout=1)
-            except NatsTimeout:
+            except (TimeoutError, NatsTimeout):
                 continue
             events, parsed = [], []
             for message in messages:
@@ -259,8 +268,15 @@ class EventConsumer:
                     await message.term()
                     continue
                 parsed.append(message)
-            touched = await self._statistics.record(events)
-            for account_id in touched:
-                await self._statistics.evaluate(account_id)
+            try:
+                await self._statistics.record(events)
+                # Every account of the batch, not only those whose counts changed now: after a
+                # failure the redelivered events count nothing, but their account is still judged.
+                for account_id in sorted({e.account_id for e in events if counted(e) is not None}):
+                    await self._statistics.evaluate(account_id)
+            except Exception:
+                for message in parsed:
+                    await message.nak(delay=1)
+                raise
             for message in parsed:
                 await message.ack()
