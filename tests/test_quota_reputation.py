@@ -89,7 +89,7 @@ def account_changed_events(nats_url: str, account_id: str) -> list[ev.AccountCha
         while True:
             try:
                 messages = await subscription.fetch(256, timeout=0.5)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 break
             for message in messages:
                 event = ev.Event.FromString(message.data)
