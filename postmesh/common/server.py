@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+import nats.errors
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -278,10 +279,12 @@ class MeshServer:
         """Stops accepting calls, lets in-flight ones finish (up to `grace` seconds), then closes."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        log.debug("stopping gRPC server", extra={"grace": grace})
         await self.server.stop(grace)
         if self._startup and not self._startup.done():
             self._startup.cancel()
         for service in self.services.values():
+            log.debug("stopping service", extra={"service": service.name})
             for task in service.runtime.tasks:
                 task.cancel()
             await asyncio.gather(*service.runtime.tasks, return_exceptions=True)
@@ -289,9 +292,16 @@ class MeshServer:
             if service.runtime.engine is not None:
                 await service.runtime.engine.dispose()
         await self.clients.close()
-        if self.nats is not None and self.nats.is_connected:
-            await self.nats.drain()
+        if self.nats is not None and not self.nats.is_closed:
+            log.debug("draining NATS")
+            try:
+                # Drain flushes what was published; it can wait forever on a server that is gone.
+                async with asyncio.timeout(5):
+                    await self.nats.drain()
+            except (TimeoutError, nats.errors.Error):
+                await self.nats.close()
         self._stopped.set()
+        log.info("stopped")
 
     async def serve_until_signalled(self) -> None:
         """Runs until SIGTERM or SIGINT, then shuts down gracefully."""

@@ -84,11 +84,16 @@ ACCOUNT_CHANGED_SUBJECT = f"{EVENTS_SUBJECT_PREFIX}.account.changed"
 API_KEY_REVOKED_SUBJECT = f"{EVENTS_SUBJECT_PREFIX}.apikey.revoked"
 
 
+def email_event_subject(event_type: events_pb2.EmailEventType.ValueType) -> str:
+    """postmesh.events.email.bounce, ...email.complaint, ...: where email events of a type go."""
+    return f"{EVENTS_SUBJECT_PREFIX}.email.{_EMAIL_EVENT_SUFFIX[event_type]}"
+
+
 def event_subject(event: events_pb2.Event) -> str:
     """The subject an event is published on: postmesh.events.email.bounce, ...identity.changed, ..."""
     kind = event.WhichOneof("payload")
     if kind == "email":
-        return f"{EVENTS_SUBJECT_PREFIX}.email.{_EMAIL_EVENT_SUFFIX[event.email.event_type]}"
+        return email_event_subject(event.email.event_type)
     if kind == "identity_changed":
         return IDENTITY_CHANGED_SUBJECT
     if kind == "account_changed":

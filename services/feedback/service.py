@@ -6,9 +6,14 @@ from pathlib import Path
 
 from grpc import aio
 
+import services.feedback.settings  # noqa: F401 - registers the service's settings
 from postmesh.common.auth import Access
+from postmesh.common.bus import consume_events
 from postmesh.common.service import Service
+from postmesh.common.streams import email_event_subject
+from postmesh.events.v1 import events_pb2
 from postmesh.feedback.v1 import feedback_pb2, feedback_pb2_grpc
+from services.feedback.auto_suppression import AutoSuppression, parse_reasons
 from services.feedback.models import Base
 from services.feedback.servicer import FeedbackServicer
 from services.feedback.suppression import SuppressionList
@@ -26,7 +31,24 @@ class FeedbackService(Service):
         feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(self.servicer, server)
 
     async def on_ready(self) -> None:
-        self.servicer.suppression = SuppressionList(self.runtime.sessions, self.runtime.clock)
+        runtime = self.runtime
+        suppression = SuppressionList(runtime.sessions, runtime.clock)
+        self.servicer.suppression = suppression
+        reasons = parse_reasons(runtime.settings.suppression_reasons)
+        if reasons:
+            auto = AutoSuppression(suppression, reasons)
+            runtime.spawn(
+                lambda: consume_events(
+                    runtime.jetstream,
+                    durable="feedback-suppression",
+                    subjects=[
+                        email_event_subject(events_pb2.EMAIL_EVENT_TYPE_BOUNCE),
+                        email_event_subject(events_pb2.EMAIL_EVENT_TYPE_COMPLAINT),
+                    ],
+                    handle=auto.handle,
+                ),
+                "auto-suppression",
+            )
 
 
 SERVICE = FeedbackService

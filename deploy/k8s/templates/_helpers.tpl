@@ -1,0 +1,50 @@
+{{/* Names and labels written once, used by every template. */}}
+
+{{- define "postmesh.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "postmesh.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Selector labels of one service; call with (dict "root" $ "service" "sender"). */}}
+{{- define "postmesh.selectorLabels" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .service }}
+{{- end -}}
+
+{{- define "postmesh.serviceName" -}}
+{{- printf "%s-%s" (include "postmesh.fullname" .root) .service -}}
+{{- end -}}
+
+{{- define "postmesh.secretName" -}}
+{{- default (printf "%s-secrets" (include "postmesh.fullname" .)) .Values.secrets.existingSecret -}}
+{{- end -}}
+
+{{- define "postmesh.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "postmesh.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "postmesh.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* The gRPC service name each postmesh service reports on the health check. */}}
+{{- define "postmesh.grpcServiceName" -}}
+{{- $names := dict "identity" "postmesh.identity.v1.IdentityService" "quota" "postmesh.quota.v1.QuotaService" "sender" "postmesh.sender.v1.SenderService" "feedback" "postmesh.feedback.v1.FeedbackService" -}}
+{{- get $names . -}}
+{{- end -}}

@@ -1,0 +1,12 @@
+"""Settings of the feedback service (part of the one schema in postmesh.common.config)."""
+
+from postmesh.common.config import Setting, register
+
+register(
+    Setting(
+        "SUPPRESSION_REASONS",
+        str,
+        "BOUNCE,COMPLAINT",
+        "Events that add a recipient to the account suppression list: BOUNCE, COMPLAINT, both, or none.",
+    ),
+)
