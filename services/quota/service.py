@@ -12,6 +12,7 @@ from postmesh.common.service import Service
 from postmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 from services.quota.access import ProductionAccess
 from services.quota.accounts import QuotaAccounts
+from services.quota.housekeeping import Housekeeping
 from services.quota.increases import QuotaIncreases
 from services.quota.models import Base
 from services.quota.notify import Notifier
@@ -54,6 +55,8 @@ class QuotaService(Service):
         consumer = EventConsumer(runtime.jetstream, statistics)
         runtime.spawn(consumer.run, "statistics")
         runtime.spawn(self.increases.run, "quota-increases")
+        self.housekeeping = Housekeeping(sessions, clock, settings, accounts)
+        runtime.spawn(self.housekeeping.run, "housekeeping")
 
 
 SERVICE = QuotaService
