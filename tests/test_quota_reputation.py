@@ -130,6 +130,16 @@ def test_send_statistics_in_15_minute_intervals(start_mesh: MeshFactory, nats_ur
             at + dt.timedelta(minutes=21),
             bounce=ev.Bounce(bounce_type=ev.BOUNCE_TYPE_TRANSIENT),
         ),
+        # Nor is the sender's refusal to send to a suppressed address.
+        email_event(
+            account_id,
+            ev.EMAIL_EVENT_TYPE_BOUNCE,
+            at + dt.timedelta(minutes=22),
+            bounce=ev.Bounce(
+                bounce_type=ev.BOUNCE_TYPE_PERMANENT,
+                bounce_sub_type=ev.BOUNCE_SUB_TYPE_ON_ACCOUNT_SUPPRESSION_LIST,
+            ),
+        ),
         email_event(account_id, ev.EMAIL_EVENT_TYPE_COMPLAINT, at + dt.timedelta(minutes=31)),
         email_event(account_id, ev.EMAIL_EVENT_TYPE_REJECT, at + dt.timedelta(minutes=44, seconds=59)),
         email_event(account_id, ev.EMAIL_EVENT_TYPE_DELIVERY, at + dt.timedelta(minutes=8)),

@@ -49,7 +49,7 @@ COLUMNS = ("delivery_attempts", "bounces", "complaints", "rejects")
 
 def counted(event: events_pb2.Event) -> tuple[str, int] | None:
     """(statistics column, messages) for an event that counts, else None. Each recipient is one
-    message, as in SES; transient (soft) bounces do not count, as SES counts only hard bounces."""
+    message, as in SES."""
     if event.WhichOneof("payload") != "email" or event.account_id in ("", SYSTEM_ACCOUNT_ID):
         return None
     email = event.email
@@ -57,7 +57,12 @@ def counted(event: events_pb2.Event) -> tuple[str, int] | None:
     if column is None:
         return None
     if email.event_type == events_pb2.EMAIL_EVENT_TYPE_BOUNCE:
-        if email.bounce.bounce_type == events_pb2.BOUNCE_TYPE_TRANSIENT:
+        # Not hard bounces from a receiver: soft ones, and the sender's own refusals to send to a
+        # suppressed address (SES does not count those against reputation either).
+        if email.bounce.bounce_type == events_pb2.BOUNCE_TYPE_TRANSIENT or email.bounce.bounce_sub_type in (
+            events_pb2.BOUNCE_SUB_TYPE_ON_ACCOUNT_SUPPRESSION_LIST,
+            events_pb2.BOUNCE_SUB_TYPE_SUPPRESSED,
+        ):
             return None
         return column, len(email.bounce.bounced_recipients) or 1
     if email.event_type == events_pb2.EMAIL_EVENT_TYPE_COMPLAINT:
