@@ -68,7 +68,13 @@ def test_rate_is_a_token_bucket_with_one_second_of_burst(start_mesh: MeshFactory
         clock.advance(seconds=60)
         _reserve(service, account_id, 5)
         assert _refusal(service, account_id)[1] == "MAX_SEND_RATE_EXCEEDED"
-    assert _sent(mesh, key) == 11
+        # More recipients than the bucket holds: refused until it is full, then sent, leaving a debt.
+        clock.advance(seconds=0.5)
+        assert _refusal(service, account_id, 8)[3] == pytest.approx(0.5, abs=0.01)
+        clock.advance(seconds=0.5)
+        _reserve(service, account_id, 8)
+        assert _refusal(service, account_id)[3] == pytest.approx(0.8, abs=0.01)  # 3 owed, then 1
+    assert _sent(mesh, key) == 19
 
 
 def test_rolling_24_hour_window(start_mesh: MeshFactory) -> None:
