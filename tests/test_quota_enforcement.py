@@ -371,6 +371,10 @@ def test_send_quota_client_raises_the_services_refusals(start_mesh: MeshFactory)
     mesh = start_mesh(("identity", "quota"), clock=clock, sandbox_max_send_rate=2.0)
     account_id, _ = mesh.create_account()
 
+    def pause() -> None:
+        with mesh.admin() as admin:
+            admin.quota.PauseAccountSending(pb.PauseAccountSendingRequest(account_id=account_id))
+
     async def main() -> list[tuple[str, str, float | None]]:
         clients = MeshClients({"quota": mesh.address}, mesh.service_key)
         quota = SendQuotaClient(clients)
@@ -386,11 +390,7 @@ def test_send_quota_client_raises_the_services_refusals(start_mesh: MeshFactory)
         clock.advance(seconds=1)
         await asyncio.sleep(0.6)  # past the remembered retry-after
         await quota.reserve(account_id, 2)  # 1 given back + 1 refilled... capped at the bucket's 2
-        await asyncio.to_thread(
-            lambda: mesh.admin().quota.PauseAccountSending(
-                pb.PauseAccountSendingRequest(account_id=account_id)
-            )
-        )
+        await asyncio.to_thread(pause)
         try:
             await quota.reserve(account_id, 1)
         except PostmeshError as exc:
