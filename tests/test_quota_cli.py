@@ -11,7 +11,7 @@ from postmesh.cli.quota import sparkline, stats_chart
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.quota.v1 import quota_pb2 as pb
 from postmesh.testing import MeshThread
-from tests.test_quota_reputation import email_event, publish, wait_for
+from tests.quota_helpers import email_event, publish, wait_for
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
