@@ -181,11 +181,14 @@ class SendQuotaClient:
         account = self._accounts.get(account_id)
         if account is None or account.lease is not lease:
             return
-        task = asyncio.create_task(self._return_lease(account_id, account))
+        task = asyncio.create_task(self._return_lease(account_id, account, only=lease))
         self._returns.add(task)
         task.add_done_callback(self._returns.discard)
 
-    async def _return_lease(self, account_id: str, account: _Account) -> None:
+    async def _return_lease(self, account_id: str, account: _Account, only: _Lease | None = None) -> None:
+        """Gives back what is left of the account's lease (with `only`: if that is still the lease)."""
+        if only is not None and account.lease is not only:
+            return
         lease, account.lease = account.lease, None
         if lease is None or lease.remaining <= 0:
             return
