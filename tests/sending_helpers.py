@@ -27,7 +27,7 @@ def refusal(call: Callable[[], object]) -> tuple[grpc.StatusCode, str, str, dict
 
 
 async def _queued(
-    nats_url: str, account_id: str, wait_for: int, timeout: float
+    nats_url: str, account_id: str, wait_for: int, within: float
 ) -> list[queue_pb2.QueuedMessage]:
     connection = await nats.connect(nats_url)
     try:
@@ -43,11 +43,11 @@ async def _queued(
         )
         subscription = await js.pull_subscribe(outbound_subject(account_id), durable, stream=OUTBOUND.name)
         found: list[queue_pb2.QueuedMessage] = []
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             try:
                 batch = await subscription.fetch(100, timeout=0.5)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 if len(found) >= wait_for:
                     break
                 continue
@@ -72,13 +72,13 @@ def queued_messages(
 
 
 async def _events(
-    nats_url: str, account_id: str, wait_for: Callable[[list[events_pb2.Event]], bool], timeout: float
+    nats_url: str, account_id: str, wait_for: Callable[[list[events_pb2.Event]], bool], within: float
 ) -> list[events_pb2.Event]:
     connection = await nats.connect(nats_url)
     try:
         js = connection.jetstream()
         found: list[events_pb2.Event] = []
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while True:
             subscription = await js.pull_subscribe(
                 f"{EVENTS.subjects[0].removesuffix('>')}email.>",
@@ -89,7 +89,7 @@ async def _events(
             while True:
                 try:
                     batch = await subscription.fetch(500, timeout=0.5)
-                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                except (TimeoutError, nats.errors.TimeoutError):
                     break
                 for msg in batch:
                     event = events_pb2.Event.FromString(msg.data)

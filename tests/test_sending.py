@@ -90,11 +90,8 @@ def test_templates_and_test_render(sending_mesh: MeshThread) -> None:
                 "template_content.subject",
             ),
         ):
-            code, _, _, metadata = refusal(
-                lambda c=content: client.sender.CreateEmailTemplate(
-                    pb.CreateEmailTemplateRequest(template_name="bad", template_content=c)
-                )
-            )
+            create = pb.CreateEmailTemplateRequest(template_name="bad", template_content=content)
+            code, _, _, metadata = refusal(lambda: client.sender.CreateEmailTemplate(create))  # noqa: B023
             assert (code, metadata.get("field")) == (grpc.StatusCode.INVALID_ARGUMENT, field)
         code, reason, _, _ = refusal(
             lambda: client.sender.UpdateEmailTemplate(
@@ -112,11 +109,8 @@ def test_templates_and_test_render(sending_mesh: MeshThread) -> None:
             ("[1, 2]", "BAD_REQUEST"),
             ("{x", "BAD_REQUEST"),
         ):
-            code, got, _, metadata = refusal(
-                lambda d=data: client.sender.TestRenderEmailTemplate(
-                    pb.TestRenderEmailTemplateRequest(template_name="welcome", template_data=d)
-                )
-            )
+            render = pb.TestRenderEmailTemplateRequest(template_name="welcome", template_data=data)
+            code, got, _, metadata = refusal(lambda: client.sender.TestRenderEmailTemplate(render))  # noqa: B023
             assert (code, got, metadata["field"]) == (
                 grpc.StatusCode.INVALID_ARGUMENT,
                 reason,
@@ -131,6 +125,14 @@ def test_templates_and_test_render(sending_mesh: MeshThread) -> None:
 
 
 RAW_NO_FROM = b"To: rcpt@example.test\r\nSubject: x\r\n\r\nbody\r\n"
+RAW_WITH_EXE = (
+    b"From: sender@example.test\r\nTo: r@example.test\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+    b"--b\r\nContent-Type: application/octet-stream\r\n"
+    b'Content-Disposition: attachment; filename="run.exe"\r\n'
+    b"Content-Transfer-Encoding: base64\r\n\r\nTVqQAA==\r\n--b--\r\n"
+)
 
 
 def _too_many() -> pb.SendEmailRequest:
@@ -248,19 +250,7 @@ BAD_REQUESTS: list[tuple[str, pb.SendEmailRequest, str, str]] = [
     ),
     (
         "raw with an .exe",
-        _simple(
-            sender="",
-            content=pb.EmailContent(
-                raw=pb.RawMessage(
-                    data=(
-                        b"From: sender@example.test\r\nTo: r@example.test\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
-                        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n'
-                        b'--b\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename="run.exe"'
-                        b"\r\nContent-Transfer-Encoding: base64\r\n\r\nTVqQAA==\r\n--b--\r\n"
-                    )
-                )
-            ),
-        ),
+        _simple(sender="", content=pb.EmailContent(raw=pb.RawMessage(data=RAW_WITH_EXE))),
         "MESSAGE_REJECTED",
         "content.raw.data",
     ),
