@@ -4,18 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 import nats
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from postmesh.client import error_details
+from postmesh.client import Client, error_details
+from postmesh.common.natsserver import NatsServerProcess
 from postmesh.common.outbound import load_mime
 from postmesh.common.streams import EVENTS, OUTBOUND, outbound_subject
 from postmesh.events.v1 import events_pb2
+from postmesh.quota.v1 import quota_pb2
 from postmesh.sender.v1 import queue_pb2
+
+
+@contextmanager
+def own_nats_server(directory: Path) -> Iterator[str]:
+    """A nats-server of the test's own. The suite's shared one holds the delivery workers' durable
+    consumer of the outbound work queue, and a work queue allows one consumer per subject: tests
+    that read what was queued need a server where no delivery worker ever consumed."""
+    server = NatsServerProcess(directory).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 def refusal(call: Callable[[], object]) -> tuple[grpc.StatusCode, str, str, dict[str, str]]:
@@ -116,3 +132,16 @@ def email_events(
 
 def of_type(events: list[events_pb2.Event], event_type: int) -> list[events_pb2.Event]:
     return [e for e in events if e.email.event_type == event_type]
+
+
+def sent_last_24_hours(client: Client, expected: float, within: float = 15.0) -> float:
+    """The account's sent count once it equals `expected` (or the last one seen after `within`).
+
+    A sender replica may hold a short lease of quota while an account sends fast; what it did not use
+    is given back when the lease ends, so the count settles within a second."""
+    deadline = time.monotonic() + within
+    while True:
+        sent = client.quota.GetAccount(quota_pb2.GetAccountRequest()).send_quota.sent_last_24_hours
+        if sent == expected or time.monotonic() > deadline:
+            return sent
+        time.sleep(0.1)

@@ -6,7 +6,9 @@ real NATS consumers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from email import message_from_bytes, policy
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,10 +18,25 @@ from postmesh.quota.v1 import quota_pb2
 from postmesh.sender.v1 import sender_pb2 as pb
 from postmesh.testing import MeshThread
 from tests.conftest import MeshFactory
-from tests.sending_helpers import email_events, of_type, queued_messages, refusal
+from tests.sending_helpers import (
+    email_events,
+    of_type,
+    own_nats_server,
+    queued_messages,
+    refusal,
+    sent_last_24_hours,
+)
 
-# Sandbox accounts send one message a second by default: too slow for a test.
-FAST = {"sandbox_max_send_rate": 1000.0, "production_max_send_rate": 1000.0}
+# Sandbox accounts send one message a second by default: too slow for a test. No delivery workers:
+# accepted messages stay on the work queue for the test to read.
+FAST = {"sandbox_max_send_rate": 1000.0, "production_max_send_rate": 1000.0, "delivery_workers": 0}
+
+
+@pytest.fixture
+def nats_url(tmp_path: Path) -> Iterator[str]:
+    """Overrides the suite's shared server for this module (and start_mesh): see own_nats_server."""
+    with own_nats_server(tmp_path / "nats") as url:
+        yield url
 
 
 @pytest.fixture
@@ -274,7 +291,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(
             expected[3],
         ), message
         # Nothing was counted against the quota.
-        assert client.quota.GetAccount(quota_pb2.GetAccountRequest()).send_quota.sent_last_24_hours == 0
+        assert sent_last_24_hours(client, 0) == 0
     assert queued_messages(sending_mesh.settings.nats_url, account_id, timeout=0.5) == []
 
 

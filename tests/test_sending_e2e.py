@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from pathlib import Path
 
 import dkim
 import dns.resolver
@@ -25,7 +26,14 @@ from postmesh.sender.v1 import sender_pb2 as pb
 from postmesh.testing import MeshThread
 from postmesh.testing_mail import LoopbackDns, SmtpServer
 from tests.conftest import MeshFactory
-from tests.sending_helpers import email_events, of_type, queued_messages, refusal
+from tests.sending_helpers import (
+    email_events,
+    of_type,
+    own_nats_server,
+    queued_messages,
+    refusal,
+    sent_last_24_hours,
+)
 
 SEND = ev.EMAIL_EVENT_TYPE_SEND
 BOUNCE = ev.EMAIL_EVENT_TYPE_BOUNCE
@@ -50,7 +58,14 @@ def _settings(zone: LoopbackDns, **extra: object) -> dict[str, object]:
 
 
 @pytest.fixture
-def accept_mesh(start_mesh: MeshFactory, zone: LoopbackDns) -> MeshThread:
+def nats_url(tmp_path: Path) -> Iterator[str]:
+    """Overrides the suite's shared server for this module (and start_mesh): see own_nats_server."""
+    with own_nats_server(tmp_path / "nats") as url:
+        yield url
+
+
+@pytest.fixture
+def accept_mesh(start_mesh: MeshFactory, zone: LoopbackDns, nats_url: str) -> MeshThread:
     """The whole mesh without delivery workers: accepted messages stay on the work queue."""
     return start_mesh(**_settings(zone, delivery_workers=0))
 
@@ -124,6 +139,12 @@ def test_simple_raw_and_templated_sends_are_queued_as_final_mime(
             b"Subject: raw one\r\nX-SES-MESSAGE-TAGS: kind=raw\r\nMessage-ID: <client@example.test>\r\n\r\n"
             b"raw body\r\n"
         )
+        # Over 512 KB: the body rides in the JetStream object store, not in the queued message.
+        big_body = b"".join(b"line %06d of a long message\r\n" % i for i in range(30_000))
+        big = b"From: raw@example.test\r\nTo: big@example.test\r\nSubject: big\r\n\r\n" + big_body
+        big_id = client.sender.SendEmail(
+            pb.SendEmailRequest(content=pb.EmailContent(raw=pb.RawMessage(data=big)))
+        ).message_id
         raw_id = client.sender.SendEmail(
             pb.SendEmailRequest(content=pb.EmailContent(raw=pb.RawMessage(data=raw)))
         ).message_id
@@ -150,8 +171,9 @@ def test_simple_raw_and_templated_sends_are_queued_as_final_mime(
             )
         ).message_id
 
-    queued = {q.message_id: q for q in queued_messages(nats_url, account_id, wait_for=3)}
-    assert set(queued) == {simple, raw_id, templated}
+    queued = {q.message_id: q for q in queued_messages(nats_url, account_id, wait_for=4)}
+    assert set(queued) == {simple, raw_id, templated, big_id}
+    assert queued[big_id].mime_object and queued[big_id].mime.endswith(big_body)
 
     first = queued[simple]
     # Envelope: To + Cc + Bcc, each once; the From identity and its domain; what the caller asked for.
@@ -186,9 +208,9 @@ def test_simple_raw_and_templated_sends_are_queued_as_final_mime(
     assert html.get_content().strip() == "<ul><li>&lt;tea&gt;</li><li>cups</li></ul>"
 
     # One Send event per accepted message, naming it.
-    events = email_events(nats_url, account_id, until=lambda e: len(of_type(e, SEND)) >= 3)
+    events = email_events(nats_url, account_id, until=lambda e: len(of_type(e, SEND)) >= 4)
     sends = {e.email.mail.message_id: e.email.mail for e in of_type(events, SEND)}
-    assert set(sends) == {simple, raw_id, templated}
+    assert set(sends) == {simple, raw_id, templated, big_id}
     assert sends[simple].source_identity == "xn--bcher-kva.test"
     assert sends[simple].configuration_set_name == "marketing"
 
@@ -214,6 +236,18 @@ def test_refusals_leave_nothing_queued_and_no_quota_used(accept_mesh: MeshThread
             )
         )
         assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MESSAGE_REJECTED")
+        # The feedback forwarding address must be the account's too.
+        code, reason, message, _ = refusal(
+            lambda: client.sender.SendEmail(
+                _simple(
+                    "me@example.test",
+                    ["a@example.test"],
+                    feedback_forwarding_email_address="bounces@unverified.test",
+                )
+            )
+        )
+        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MESSAGE_REJECTED")
+        assert "bounces@unverified.test" in message
         # The sandbox: every recipient must be verified.
         code, reason, message, _ = refusal(
             lambda: client.sender.SendEmail(
@@ -253,7 +287,7 @@ def test_refusals_leave_nothing_queued_and_no_quota_used(accept_mesh: MeshThread
         )
         assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MESSAGE_REJECTED")
         # Every reservation was given back.
-        assert client.quota.GetAccount(quota_pb2.GetAccountRequest()).send_quota.sent_last_24_hours == 0
+        assert sent_last_24_hours(client, 0) == 0
     assert queued_messages(nats_url, account_id, timeout=1.0) == []
     assert of_type(email_events(nats_url, account_id), SEND) == []
 
@@ -303,7 +337,7 @@ def test_suppressed_recipients_bounce_and_are_not_delivered(
             _simple("me@example.test", ["ok@example.test", "gone@example.test"])
         ).message_id
         only = client.sender.SendEmail(_simple("me@example.test", ["GONE@example.test"])).message_id
-        assert client.quota.GetAccount(quota_pb2.GetAccountRequest()).send_quota.sent_last_24_hours == 1
+        assert sent_last_24_hours(client, 1) == 1
     queued = queued_messages(nats_url, account_id, wait_for=1)
     assert [(q.message_id, list(q.recipients)) for q in queued] == [(partly, ["ok@example.test"])]
     events = email_events(nats_url, account_id, until=lambda e: len(of_type(e, BOUNCE)) >= 2)
@@ -477,7 +511,9 @@ def _dkim_lookup(zone: LoopbackDns):  # type: ignore[no-untyped-def]
     return lookup
 
 
-def test_sends_arrive_dkim_signed_over_smtp(start_mesh: MeshFactory, zone: LoopbackDns) -> None:
+def test_sends_arrive_dkim_signed_over_smtp(
+    start_mesh: MeshFactory, zone: LoopbackDns, nats_url: str
+) -> None:
     """The whole way: SendEmail / SendBulkEmail -> work queue -> delivery worker -> MX -> SMTP."""
     port = free_port("127.0.0.2")
     with SmtpServer("127.0.0.2", port) as smtp:
@@ -534,3 +570,60 @@ def test_sends_arrive_dkim_signed_over_smtp(start_mesh: MeshFactory, zone: Loopb
             assert dkim.verify(message.data, dnsfunc=lookup), message.data[:400]
             assert message.mail_from.endswith("@bounces.postmesh.test")
             assert b"\nBcc:" not in message.data
+
+
+def test_bulk_entries_over_the_rate_or_quota_are_refused_one_by_one(
+    accept_mesh: MeshThread, zone: LoopbackDns
+) -> None:
+    account_id, key = accept_mesh.create_account()
+    with accept_mesh.client(key) as client, accept_mesh.admin() as admin:
+        verify_domain(client, zone, "example.test")
+        client.sender.CreateEmailTemplate(
+            pb.CreateEmailTemplateRequest(
+                template_name="t", template_content=pb.EmailTemplateContent(subject="s", text="t")
+            )
+        )
+
+        def bulk(count: int) -> list[str]:
+            results = client.sender.SendBulkEmail(
+                pb.SendBulkEmailRequest(
+                    from_email_address="news@example.test",
+                    default_content=pb.BulkEmailContent(template=pb.Template(template_name="t")),
+                    bulk_email_entries=[
+                        pb.BulkEmailEntry(destination=pb.Destination(to_addresses=[f"u{i}@example.test"]))
+                        for i in range(count)
+                    ],
+                )
+            ).bulk_email_entry_results
+            return [pb.BulkEmailStatus.Name(r.status).removeprefix("BULK_EMAIL_STATUS_") for r in results]
+
+        admin.quota.PauseAccountSending(
+            quota_pb2.PauseAccountSendingRequest(account_id=account_id, reason="test")
+        )
+        assert bulk(1) == ["ACCOUNT_SENDING_PAUSED"]
+        admin.quota.ReinstateAccountSending(
+            quota_pb2.ReinstateAccountSendingRequest(account_id=account_id, reason="test")
+        )
+        # One message a second, a burst of one: the first entry goes, the others are throttled.
+        admin.quota.SetAccountQuota(
+            quota_pb2.SetAccountQuotaRequest(
+                account_id=account_id, max_24_hour_send=3, max_send_rate=1, reason="test"
+            )
+        )
+        statuses = bulk(3)
+        assert statuses[0] == "SUCCESS" and set(statuses[1:]) == {"ACCOUNT_THROTTLED"}
+        admin.quota.SetAccountQuota(
+            quota_pb2.SetAccountQuotaRequest(
+                account_id=account_id, max_24_hour_send=3, max_send_rate=1000, reason="test"
+            )
+        )
+        # The sender's quota client remembers a refusal until its retry delay (a second at most).
+        time.sleep(1.5)
+        # Two more fit in the 24-hour quota of three; the rest do not.
+        assert bulk(4) == [
+            "SUCCESS",
+            "SUCCESS",
+            "ACCOUNT_DAILY_QUOTA_EXCEEDED",
+            "ACCOUNT_DAILY_QUOTA_EXCEEDED",
+        ]
+    assert len(queued_messages(accept_mesh.settings.nats_url, account_id, wait_for=3)) == 3
