@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "postmesh.cli.server",
     "postmesh.cli.accounts",
     "postmesh.cli.sending",
+    "postmesh.cli.quota",
 ]
 
 
