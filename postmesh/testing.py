@@ -40,6 +40,9 @@ class MeshThread:
             "dkim_master_keys", f"test:{base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()}"
         )
         settings.setdefault("identity_http_listen", "127.0.0.1:0")
+        # Delivery workers take every message off the outbound work queue: a test that wants
+        # delivery turns them on (delivery_workers=N), others may read the queue themselves.
+        settings.setdefault("delivery_workers", 0)
         self.settings = load_settings(
             {},
             grpc_listen="127.0.0.1:0",

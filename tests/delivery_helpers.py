@@ -15,9 +15,22 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from postmesh.common.streams import EMAIL_EVENTS_SUBJECT, EVENTS
+from postmesh.common.streams import EMAIL_EVENTS_SUBJECT, EVENTS, OUTBOUND
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.sender.v1 import queue_pb2
+from services.sender.delivery import DURABLE
+
+
+async def forget_delivery_consumer(nats_url: str) -> None:
+    """Deletes the workers' durable consumer, so no test after this one finds the work queue taken
+    (a work-queue stream allows one consumer per subject)."""
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jetstream().delete_consumer(OUTBOUND.name, DURABLE)
+    except nats.js.errors.NotFoundError:
+        pass
+    finally:
+        await nc.close()
 
 
 def new_account_id() -> str:

@@ -4,11 +4,14 @@ recipient's outcome arrives as one event on POSTMESH_EVENTS."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import dkim
+import dns.resolver
 import nats
 import pytest
 
@@ -16,9 +19,16 @@ from postmesh.common.natsserver import free_port
 from postmesh.common.outbound import enqueue
 from postmesh.common.verp import parse_bounce_address
 from postmesh.events.v1 import events_pb2 as ev
+from postmesh.identity.v1 import identity_pb2
 from postmesh.testing_mail import Behaviour, LoopbackDns, SmtpServer
 from tests.conftest import MeshFactory
-from tests.delivery_helpers import EmailEvents, new_account_id, queued_message
+from tests.delivery_helpers import (
+    EmailEvents,
+    forget_delivery_consumer,
+    new_account_id,
+    queued_message,
+    wait_until,
+)
 
 DELIVERY = ev.EMAIL_EVENT_TYPE_DELIVERY
 BOUNCE = ev.EMAIL_EVENT_TYPE_BOUNCE
@@ -80,6 +90,13 @@ class World:
             part.stop()
 
 
+@pytest.fixture(autouse=True)
+def _no_lingering_consumer(nats_url: str) -> Iterator[None]:
+    # Set up before the meshes, so torn down after them: the workers are stopped by then.
+    yield
+    asyncio.run(forget_delivery_consumer(nats_url))
+
+
 @pytest.fixture
 def world() -> Iterator[World]:
     with World() as w:
@@ -89,6 +106,7 @@ def world() -> Iterator[World]:
 def _mx_settings(world: World, **extra: object) -> dict[str, object]:
     return {
         "delivery_mode": "mx",
+        "delivery_workers": 16,
         "dns_resolver": world.dns.address,
         "smtp_port": world.port,
         "smtp_helo_name": "out.postmesh.test",
@@ -207,7 +225,7 @@ async def test_sink_mode_stores_eml_files_and_reports_deliveries(
     start_mesh: MeshFactory, nats_url: str, tmp_path: Path
 ) -> None:
     data_dir = tmp_path / "sinkmesh"
-    start_mesh(("sender",), data_dir=data_dir)  # DELIVERY_MODE defaults to sink
+    start_mesh(("sender",), data_dir=data_dir, delivery_workers=4)  # DELIVERY_MODE defaults to sink
     account = new_account_id()
     message = queued_message(account, ["one@example.test", "two@other.test"], subject="Stored")
     async with EmailEvents(nats_url, account) as events:
@@ -225,6 +243,84 @@ async def test_sink_mode_stores_eml_files_and_reports_deliveries(
 
 
 def test_no_workers_when_delivery_is_disabled(start_mesh: MeshFactory) -> None:
-    mesh = start_mesh(("sender",), delivery_workers=0)
+    mesh = start_mesh(("sender",), delivery_workers=0, delivery_mode="mx")
     assert mesh.server is not None
     assert mesh.server.services["sender"].delivery is None  # type: ignore[attr-defined]
+
+
+def _dkim_lookup(zone: LoopbackDns):  # type: ignore[no-untyped-def]
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = ["127.0.0.1"]
+    resolver.port = zone.port
+
+    def lookup(name: bytes, timeout: int = 5) -> bytes | None:
+        try:
+            answer = resolver.resolve(name.decode().rstrip("."), "TXT")
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return None
+        return b"".join(next(iter(answer)).strings)
+
+    return lookup
+
+
+async def test_messages_arrive_signed_with_the_domains_keys_from_identity(
+    start_mesh: MeshFactory, nats_url: str, world: World
+) -> None:
+    mesh = start_mesh(**_mx_settings(world), dns_check_poll_seconds=3600, dns_timeout_seconds=2)
+    account, key = mesh.create_account()
+    with mesh.client(key) as client:
+        created = client.identity.CreateEmailIdentity(
+            identity_pb2.CreateEmailIdentityRequest(
+                email_identity="example.test",
+                dkim_signing_attributes=identity_pb2.DkimSigningAttributes(include_ed25519=True),
+            )
+        )
+        for record in created.dns_records:
+            assert record.type == "TXT"
+            world.dns.add_txt(record.name, record.value)
+        checked = client.identity.CheckEmailIdentityVerification(
+            identity_pb2.CheckEmailIdentityVerificationRequest(email_identity="example.test")
+        ).identity
+        assert checked.verification_status == identity_pb2.VERIFICATION_STATUS_SUCCESS
+    signed = queued_message(account, ["signed@ok.test", "also@ok.test", "third@nomx.test"])
+    async with EmailEvents(nats_url, account) as events:
+        nc = await nats.connect(nats_url)
+        await enqueue(nc.jetstream(), signed)
+        await events.wait_for(lambda es: len(events.of(signed.message_id, DELIVERY)) == 3, within=90)
+
+        arrived = [r for r in world.ok.received if signed.message_id in r.message_id]
+        assert len(arrived) == 2  # one transaction per domain
+        lookup = _dkim_lookup(world.dns)
+        selectors = set(created.dkim_attributes.tokens)
+        for received in arrived:
+            assert received.data.count(b"DKIM-Signature:") == 2  # RSA and ed25519
+            verifier = dkim.DKIM(received.data)
+            assert verifier.verify(0, dnsfunc=lookup) and verifier.verify(1, dnsfunc=lookup)
+            signatures = [
+                value for name, value in received.message.items() if name.lower() == "dkim-signature"
+            ]
+            assert all("d=example.test" in s.replace(" ", "") for s in signatures)
+            assert {s.replace(" ", "").split("s=")[1].split(";")[0] for s in signatures} == selectors
+
+        # Turning DKIM off announces an IdentityChanged: workers drop their cached keys at once.
+        assert mesh.server is not None
+        delivery = mesh.server.services["sender"].delivery  # type: ignore[attr-defined]
+        assert "example.test" in delivery.signing.domains()
+        with mesh.client(key) as client:
+            client.identity.PutEmailIdentityDkimAttributes(
+                identity_pb2.PutEmailIdentityDkimAttributesRequest(
+                    email_identity="example.test", signing_enabled=False
+                )
+            )
+        await wait_until(lambda: "example.test" not in delivery.signing.domains(), what="the cache drop")
+        unsigned = queued_message(account, ["plain@ok.test"])
+
+        def delivered_unsigned() -> bool:
+            return any(
+                unsigned.message_id in r.message_id and b"DKIM-Signature" not in r.data
+                for r in world.ok.received
+            )
+
+        await enqueue(nc.jetstream(), unsigned)
+        await nc.close()
+        await wait_until(delivered_unsigned, within=60, what="the unsigned message")

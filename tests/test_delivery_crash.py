@@ -16,7 +16,7 @@ import nats
 from postmesh.common.bus import ensure_streams
 from postmesh.common.outbound import enqueue
 from postmesh.testing_mail import SmtpServer
-from tests.delivery_helpers import new_account_id, queued_message, wait_until
+from tests.delivery_helpers import forget_delivery_consumer, new_account_id, queued_message, wait_until
 
 BURST = 1000
 
@@ -83,6 +83,7 @@ async def test_killing_a_worker_mid_burst_loses_no_message(nats_url: str, tmp_pa
             second.terminate()
             second.wait(15)
         counts = arrived()
+    await forget_delivery_consumer(nats_url)
     duplicates = sum(c - 1 for c in counts.values())
     print(
         f"\ncrash test: {BURST} queued, {killed_at} had arrived when the worker was killed, "

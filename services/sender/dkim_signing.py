@@ -176,6 +176,9 @@ class SigningConfigCache:
         self._entries[key] = (time.monotonic(), config)
         return config
 
+    def domains(self) -> set[str]:
+        return {domain for _, domain in self._entries}
+
     def forget(self, identity: str) -> None:
         """Drops what is cached for an identity's domain (an address identity names its domain)."""
         domain = identity.rpartition("@")[2].lower()
