@@ -898,17 +898,34 @@ class IdentityStore:
         raise rejected
 
     async def unverified_recipients(self, account_id: str, addresses: Sequence[str]) -> list[str]:
-        unverified = []
-        async with self._sessions() as session:
-            for given in addresses:
-                try:
-                    address = normalize_address(given)
-                except InvalidArgument:
-                    unverified.append(given)
-                    continue
-                if not await self._covering(session, [account_id], address, None):
-                    unverified.append(given)
-        return unverified
+        """The given addresses that no verified identity of the account covers (one query for all)."""
+        normalized: dict[str, str] = {}
+        for given in addresses:
+            try:
+                normalized[given] = normalize_address(given)
+            except InvalidArgument:
+                pass  # not an address at all: certainly not verified
+        keys = {k for a in normalized.values() for k in (address_key(a), *parent_domains(domain_of(a)))}
+        verified: set[str] = set()
+        if keys:
+            async with self._sessions() as session:
+                rows = await session.execute(
+                    select(EmailIdentity.identity_key).where(
+                        EmailIdentity.account_id == account_id,
+                        EmailIdentity.identity_key.in_(keys),
+                        EmailIdentity.verification_status == SUCCESS,
+                    )
+                )
+                verified = set(rows.scalars().all())
+        return [
+            given
+            for given in addresses
+            if given not in normalized
+            or not (
+                address_key(normalized[given]) in verified
+                or any(d in verified for d in parent_domains(domain_of(normalized[given])))
+            )
+        ]
 
     async def signing_config(self, account_id: str, domain: str) -> tuple[str, list[SigningKey]]:
         domain = normalize_domain(domain, field="domain")
