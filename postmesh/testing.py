@@ -40,6 +40,8 @@ class MeshThread:
             "dkim_master_keys", f"test:{base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()}"
         )
         settings.setdefault("identity_http_listen", "127.0.0.1:0")
+        # Tests never reach a real resolver: nothing answers on the discard port.
+        settings.setdefault("dns_resolver", "127.0.0.1:9")
         # Delivery workers take every message off the outbound work queue: a test that wants
         # delivery turns them on (delivery_workers=N), others may read the queue themselves.
         settings.setdefault("delivery_workers", 0)

@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 
-from postmesh.client import Client, error_details
 from postmesh.identity.v1 import identity_pb2 as pb
 from postmesh.testing import MeshThread
 from tests.conftest import MeshFactory
+from tests.identity_helpers import authorize, create_verified_domain, internal, publish, rpc_error
 from tests.localdns import LocalDns
 
 
@@ -27,45 +27,6 @@ def dns() -> Iterator[LocalDns]:
 def idmesh(start_mesh: MeshFactory, dns: LocalDns) -> MeshThread:
     # The background checker stays out of the way: tests check on demand unless they test it.
     return start_mesh(dns_resolver=dns.address, dns_check_poll_seconds=3600, dns_timeout_seconds=2)
-
-
-def internal(mesh: MeshThread) -> Client:
-    return Client(mesh.address, mesh.service_key)
-
-
-def rpc_error(call: object) -> tuple[grpc.StatusCode, str, str, dict[str, str]]:
-    with pytest.raises(grpc.RpcError) as excinfo:
-        call()  # type: ignore[operator]
-    details = error_details(excinfo.value)
-    return details.code, details.reason, details.message, details.metadata
-
-
-def publish(dns: LocalDns, records: object, purpose: str | None = None) -> None:
-    for record in records:  # type: ignore[attr-defined]
-        if purpose is None or record.purpose == purpose:
-            dns.publish(record.name, record.type, record.value)
-
-
-def create_verified_domain(
-    client: Client, dns: LocalDns, domain: str, dkim: pb.DkimSigningAttributes | None = None
-) -> pb.GetEmailIdentityResponse:
-    created = client.identity.CreateEmailIdentity(
-        pb.CreateEmailIdentityRequest(email_identity=domain, dkim_signing_attributes=dkim)
-    )
-    publish(dns, created.dns_records)
-    checked = client.identity.CheckEmailIdentityVerification(
-        pb.CheckEmailIdentityVerificationRequest(email_identity=domain)
-    ).identity
-    assert checked.verification_status == pb.VERIFICATION_STATUS_SUCCESS
-    return checked
-
-
-def authorize(
-    service: Client, account_id: str, address: str, from_identity: str = ""
-) -> pb.AuthorizeSenderResponse:
-    return service.identity.AuthorizeSender(
-        pb.AuthorizeSenderRequest(account_id=account_id, from_address=address, from_identity=from_identity)
-    )
 
 
 def test_domain_verifies_through_dns_and_then_covers_its_addresses(idmesh: MeshThread, dns: LocalDns) -> None:

@@ -45,6 +45,10 @@ def serve_process(nats_url: str, tmp_path: Path):  # type: ignore[no-untyped-def
         "ADMIN_API_KEY": "admin-secret",
         "SHUTDOWN_GRACE_SECONDS": "30",
         "LOG_LEVEL": "WARNING",
+        # Identity needs a DKIM master key; its link server and DNS checker stay on loopback.
+        "DKIM_MASTER_KEYS": "test:" + "A" * 43,
+        "IDENTITY_HTTP_LISTEN": "127.0.0.1:0",
+        "DNS_RESOLVER": "127.0.0.1:9",
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "postmesh.cli.main", "serve", "all"],

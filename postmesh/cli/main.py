@@ -14,6 +14,7 @@ from postmesh.cli.common import add_connection_flags, client_for, run_handler
 COMMAND_MODULES = [
     "postmesh.cli.server",
     "postmesh.cli.accounts",
+    "postmesh.cli.identities",
     "postmesh.cli.sending",
 ]
 

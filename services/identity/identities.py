@@ -365,7 +365,9 @@ class IdentityStore:
 
     # --- CRUD
 
-    async def create(self, account_id: str, name: str, dkim: DkimRequest) -> IdentityView:
+    async def create(
+        self, account_id: str, name: str, dkim: DkimRequest, *, announce: bool = True
+    ) -> IdentityView:
         stored, key, kind = parse_identity(name)
         if kind == ADDRESS and (dkim.byo or dkim.rsa_bits or dkim.include_ed25519):
             raise InvalidArgument(
@@ -428,9 +430,10 @@ class IdentityStore:
                 view = await self._view(session, row)
         except IntegrityError:
             raise AlreadyExists(f"Email identity {stored} already exists.", reason="ALREADY_EXISTS") from None
-        await self._announce(
-            account_id, stored, Change.IDENTITY_CHANGE_TYPE_CREATED, view.verified_for_sending
-        )
+        if announce:
+            await self._announce(
+                account_id, stored, Change.IDENTITY_CHANGE_TYPE_CREATED, view.verified_for_sending
+            )
         return view
 
     def _add_token(
@@ -945,18 +948,22 @@ class IdentityStore:
     async def ensure_system_identity(self) -> None:
         """The system account and its domain identity (VERIFICATION_MAIL_FROM's domain) exist."""
         domain = domain_of(normalize_address(self.config.system_address, field="VERIFICATION_MAIL_FROM"))
-        async with transaction(self._sessions) as session:
-            if await session.get(Account, SYSTEM_ACCOUNT_ID) is None:
-                session.add(
-                    Account(
-                        account_id=SYSTEM_ACCOUNT_ID,
-                        name="postmesh system",
-                        status="ACTIVE",
-                        created_at=self._clock.now(),
-                    )
-                )
         try:
-            await self.create(SYSTEM_ACCOUNT_ID, domain, DkimRequest())
+            async with transaction(self._sessions) as session:
+                if await session.get(Account, SYSTEM_ACCOUNT_ID) is None:
+                    session.add(
+                        Account(
+                            account_id=SYSTEM_ACCOUNT_ID,
+                            name="postmesh system",
+                            status="ACTIVE",
+                            created_at=self._clock.now(),
+                        )
+                    )
+        except IntegrityError:
+            pass  # another replica made it first
+        try:
+            # Quietly: starting a service publishes nothing.
+            await self.create(SYSTEM_ACCOUNT_ID, domain, DkimRequest(), announce=False)
         except AlreadyExists:
             pass
 

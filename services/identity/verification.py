@@ -76,6 +76,11 @@ def _next_status(current: str, found: bool, lookup: Lookup, expired: bool) -> st
     return PENDING
 
 
+def _significant(before: str, after: str) -> bool:
+    """A change that alters what may be sent or signed (PENDING to TEMPORARY_FAILURE does not)."""
+    return before != after and (SUCCESS in (before, after) or after == FAILED)
+
+
 class DomainVerifier:
     def __init__(
         self,
@@ -196,9 +201,9 @@ class DomainVerifier:
                 changes.append(Change.IDENTITY_CHANGE_TYPE_VERIFIED)
             elif before[0] != after[0] and after[0] == FAILED:
                 changes.append(Change.IDENTITY_CHANGE_TYPE_FAILED)
-            if before[1] != after[1] and Change.IDENTITY_CHANGE_TYPE_DKIM_CHANGED not in changes:
+            if _significant(before[1], after[1]) and Change.IDENTITY_CHANGE_TYPE_DKIM_CHANGED not in changes:
                 changes.append(Change.IDENTITY_CHANGE_TYPE_DKIM_CHANGED)
-            if before[2] != after[2]:
+            if _significant(before[2], after[2]):
                 changes.append(Change.IDENTITY_CHANGE_TYPE_MAIL_FROM_CHANGED)
             account_id, identity, verified = row.account_id, row.identity, row.verification_status == SUCCESS
         for change in changes:
