@@ -3,6 +3,7 @@ persistence across restarts, and exact limits across sender replicas."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import threading
 import time
@@ -10,10 +11,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sqlalchemy import func, select
 
 from postmesh.client import Client, error_details
+from postmesh.common.clients import MeshClients
+from postmesh.common.sendquota import SendQuotaClient
 from postmesh.quota.v1 import quota_pb2 as pb
 from postmesh.testing import MeshThread
+from services.quota.models import SendLedgerEntry
+from services.quota.service import QuotaService
 from tests.conftest import MeshFactory
 from tests.quota_helpers import ManualClock, ReplicaResult, SenderReplica
 
@@ -62,7 +68,13 @@ def test_rate_is_a_token_bucket_with_one_second_of_burst(start_mesh: MeshFactory
         clock.advance(seconds=60)
         _reserve(service, account_id, 5)
         assert _refusal(service, account_id)[1] == "MAX_SEND_RATE_EXCEEDED"
-    assert _sent(mesh, key) == 11
+        # More recipients than the bucket holds: refused until it is full, then sent, leaving a debt.
+        clock.advance(seconds=0.5)
+        assert _refusal(service, account_id, 8)[3] == pytest.approx(0.5, abs=0.01)
+        clock.advance(seconds=0.5)
+        _reserve(service, account_id, 8)
+        assert _refusal(service, account_id)[3] == pytest.approx(0.8, abs=0.01)  # 3 owed, then 1
+    assert _sent(mesh, key) == 19
 
 
 def test_rolling_24_hour_window(start_mesh: MeshFactory) -> None:
@@ -293,3 +305,61 @@ def test_three_sender_replicas_share_the_rate(start_mesh: MeshFactory) -> None:
     assert set().union(*(r.reasons for r in results)) == {"MAX_SEND_RATE_EXCEEDED"}
     # Every unused lease was given back: the quota service counts exactly what was accepted.
     assert _sent(mesh, key) == accepted
+
+
+def _ledger_rows(mesh: MeshThread, account_id: str) -> int:
+    service = mesh.server.services["quota"] if mesh.server else None
+    assert isinstance(service, QuotaService)
+
+    async def count() -> int:
+        async with service.runtime.sessions() as session:
+            return int(
+                await session.scalar(
+                    select(func.count())
+                    .select_from(SendLedgerEntry)
+                    .where(SendLedgerEntry.account_id == account_id)
+                )
+                or 0
+            )
+
+    return mesh.run(count())
+
+
+def test_busy_replica_leases_and_gives_back_what_it_did_not_use(start_mesh: MeshFactory) -> None:
+    mesh = start_mesh(("identity", "quota"), sandbox_max_send_rate=1000.0, sandbox_max_24_hour_send=10000.0)
+    account_id, key = mesh.create_account()
+
+    async def main() -> float:
+        clients = MeshClients({"quota": mesh.address}, mesh.service_key)
+        quota = SendQuotaClient(clients)
+        reservations = [await quota.reserve(account_id, 1) for _ in range(60)]
+        await quota.release(reservations[-1])  # a rejected message: back into the lease
+        await asyncio.sleep(0.6)  # the lease ends (0.2 s): what is left goes back on its own
+        sent = await asyncio.to_thread(_sent, mesh, key)
+        await clients.close()
+        return sent
+
+    assert asyncio.run(main()) == 59
+    # Far fewer calls to the quota service than reservations: most came out of leases.
+    assert _ledger_rows(mesh, account_id) < 30
+
+
+def test_housekeeping_keeps_the_rolling_count_right(start_mesh: MeshFactory) -> None:
+    clock = ManualClock(START)
+    mesh = start_mesh(("identity", "quota"), clock=clock, sandbox_max_send_rate=100.0)
+    busy_id, busy_key = mesh.create_account("busy")
+    idle_id, idle_key = mesh.create_account("idle")
+    service = mesh.server.services["quota"] if mesh.server else None
+    assert isinstance(service, QuotaService)
+    with Client(mesh.address, mesh.service_key) as client:
+        _reserve(client, busy_id, 5)
+        _reserve(client, idle_id, 3)
+        clock.advance(days=3)
+        _reserve(client, busy_id, 1)  # moves the busy account's running count past its old entry
+        # The idle account's count still includes its old entry: it must stay until the count drops it.
+        assert mesh.run(service.housekeeping.run_once())["ledger"] == 1
+        assert (_sent(mesh, busy_key), _sent(mesh, idle_key)) == (1, 0)
+        _reserve(client, idle_id, 2)
+        assert _sent(mesh, idle_key) == 2
+        assert mesh.run(service.housekeeping.run_once())["ledger"] == 1
+        assert (_ledger_rows(mesh, busy_id), _ledger_rows(mesh, idle_id)) == (1, 1)

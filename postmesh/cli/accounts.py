@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from postmesh.cli.common import add_connection_flags, client_for, emit, table
+from postmesh.cli.quota import register_account_commands
 from postmesh.identity.v1 import identity_pb2 as pb
 
 
@@ -99,6 +100,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     whoami = sub.add_parser("whoami", help="the account the API key belongs to")
     add_connection_flags(whoami)
     whoami.set_defaults(handler=_whoami)
+
+    # Sending state, quota and production access: postmesh.cli.quota.
+    register_account_commands(sub)
 
     keys = sub.add_parser("keys", help="the account's API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "postmesh.cli.accounts",
     "postmesh.cli.identities",
     "postmesh.cli.sending",
+    "postmesh.cli.quota",
 ]
 
 

@@ -18,7 +18,7 @@ import datetime as dt
 import math
 import weakref
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 
 from sqlalchemy import func, select, update
@@ -31,7 +31,7 @@ from postmesh.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from postmesh.common.paging import decode_token, encode_token, keyset_page, split_page
 from postmesh.common.paging import page_size as size_of
 from postmesh.common.service import Clock
-from services.quota.models import AccountChangeRecord, AccountQuota, SendLedgerEntry
+from services.quota.models import AccountChangeRecord, AccountQuota, SendLedgerEntry, SendStatsSlot
 from services.quota.notify import Notifier
 
 WINDOW = dt.timedelta(hours=24)
@@ -61,6 +61,12 @@ class Grant:
 def bucket_capacity(rate: float) -> float:
     # One second of rate; at least one message so that a rate below 1/s can still send.
     return max(rate, 1.0)
+
+
+def slot_start(at: dt.datetime) -> dt.datetime:
+    """The start of the 15-minute statistics interval `at` falls in."""
+    at = at.astimezone(dt.UTC)
+    return at.replace(minute=at.minute - at.minute % 15, second=0, microsecond=0)
 
 
 def require_account_id(account_id: str) -> str:
@@ -96,6 +102,11 @@ class QuotaAccounts:
             self._locks[key] = lock
         return lock
 
+    def write_lock(self) -> AbstractAsyncContextManager[object]:
+        """For writers that are not about one account's row (statistics): queue with the others on
+        SQLite; PostgreSQL needs nothing more than its own row locks."""
+        return self._lock_for("") if self._single_writer else nullcontext()
+
     def _new_row(self, account_id: str) -> AccountQuota:
         now = self._clock.now()
         rate = self._settings.sandbox_max_send_rate
@@ -113,6 +124,9 @@ class QuotaAccounts:
             window_cutoff=now - WINDOW,
             enforcement_reason="",
             reputation_since=now,
+            reputation_base_sends=0,
+            reputation_base_bounces=0,
+            reputation_base_complaints=0,
             quota_changed_at=now,
             mail_type="",
             website_url="",
@@ -319,6 +333,15 @@ class QuotaAccounts:
 
     # --- Changes of state, each recorded with its reason and announced.
 
+    @staticmethod
+    async def _reset_reputation(session: AsyncSession, row: AccountQuota, now: dt.datetime) -> None:
+        """Reputation is judged afresh from `now`: what its 15-minute interval holds so far is left out."""
+        current = await session.get(SendStatsSlot, (row.account_id, slot_start(now)))
+        row.reputation_since = now
+        row.reputation_base_sends = current.delivery_attempts if current else 0
+        row.reputation_base_bounces = current.bounces if current else 0
+        row.reputation_base_complaints = current.complaints if current else 0
+
     def record(self, session: AsyncSession, row: AccountQuota, kind: str, reason: str, actor: str) -> None:
         session.add(
             AccountChangeRecord(
@@ -343,24 +366,24 @@ class QuotaAccounts:
         reason: str,
         actor: str,
         *,
-        production_access: bool | None = None,
+        expected: tuple[float, float] | None = None,
     ) -> AccountState:
+        """Sets the 24-hour quota and rate. With `expected` (24-hour quota, rate), refuses with
+        QUOTA_CHANGED if the quota is no longer that (another replica changed it meanwhile)."""
         require_account_id(account_id)
         if not max_24_hour_send > 0:
             raise InvalidArgument("max_24_hour_send must be positive.", field="max_24_hour_send")
         if not max_send_rate > 0:
             raise InvalidArgument("max_send_rate must be positive.", field="max_send_rate")
         async with self.locked(account_id) as (session, row):
+            if expected is not None and expected != (row.max_24_hour_send, row.max_send_rate):
+                raise FailedPrecondition("The quota changed meanwhile.", reason="QUOTA_CHANGED")
             await self._advance(session, row, self._clock.now())
             row.max_24_hour_send = max_24_hour_send
             row.max_send_rate = max_send_rate
             row.tokens = min(row.tokens, bucket_capacity(max_send_rate))
             row.quota_changed_at = self._clock.now()
-            kind = "QUOTA"
-            if production_access is not None and production_access != row.production_access:
-                row.production_access = production_access
-                kind = "PRODUCTION_ACCESS"
-            self.record(session, row, kind, reason, actor)
+            self.record(session, row, "QUOTA", reason, actor)
             state = AccountState(row, row.window_sent)
         await self._notifier.account_changed(state.quota, reason)
         return state
@@ -369,15 +392,35 @@ class QuotaAccounts:
         self, account_id: str, status: str, reason: str, actor: str, *, reset_reputation: bool = False
     ) -> AccountState:
         """Moves an account to HEALTHY, PROBATION or SHUTDOWN (SHUTDOWN pauses sending)."""
+        state = await self.change_enforcement(
+            account_id, status, reason, actor, reset_reputation=reset_reputation
+        )
+        assert state is not None  # unconditional without only_from
+        return state
+
+    async def change_enforcement(
+        self,
+        account_id: str,
+        status: str,
+        reason: str,
+        actor: str,
+        *,
+        reset_reputation: bool = False,
+        only_from: str | None = None,
+    ) -> AccountState | None:
+        """As set_enforcement; with `only_from`, nothing happens (None) unless the account is still
+        in that status (another replica may have judged it meanwhile)."""
         require_account_id(account_id)
         async with self.locked(account_id) as (session, row):
+            if only_from is not None and row.enforcement_status != only_from:
+                return None
             now = self._clock.now()
             await self._advance(session, row, now)
             row.enforcement_status = status
             row.sending_enabled = status != SHUTDOWN
             row.enforcement_reason = "" if status == HEALTHY else reason
             if reset_reputation:
-                row.reputation_since = now
+                await self._reset_reputation(session, row, now)
             self.record(session, row, "ENFORCEMENT", reason, actor)
             state = AccountState(row, row.window_sent)
         await self._notifier.account_changed(state.quota, reason)

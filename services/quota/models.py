@@ -40,6 +40,10 @@ class AccountQuota(Base):
     enforcement_reason: Mapped[str] = mapped_column(String(512), default="", server_default="")
     # Reputation is judged on events from this time on (reset when an operator reinstates).
     reputation_since: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The counts of reputation_since's 15-minute interval at that time, left out of the window.
+    reputation_base_sends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    reputation_base_bounces: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    reputation_base_complaints: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     quota_changed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # The latest PutAccountDetails.
     mail_type: Mapped[str] = mapped_column(String(16), default="", server_default="")

@@ -22,9 +22,9 @@ from services.quota.models import AccountQuota
 
 log = logging.getLogger(__name__)
 
-# Mail postmesh sends on its own behalf is queued under this account, so that its bounces never count
-# against a customer's reputation.
-SYSTEM_ACCOUNT_ID = "postmesh"
+# Mail postmesh sends on its own behalf is queued under the system account (identity's, which owns the
+# system sending domain), so that its bounces never count against a customer's reputation.
+SYSTEM_ACCOUNT_ID = "000000000000"
 NOTIFICATION_TTL = dt.timedelta(days=1)
 
 _STATUS_TEXT = {
@@ -49,6 +49,7 @@ def notification_mime(
     message["Subject"] = subject
     message["Date"] = format_datetime(now)
     message["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
+    message["Auto-Submitted"] = "auto-generated"
     message.set_content(
         f"The sending state of your postmesh account {row.account_id} changed.\n\n"
         f"Reason: {reason}\n\n"
@@ -96,6 +97,7 @@ class Notifier:
             account_id=SYSTEM_ACCOUNT_ID,
             from_address=sender,
             from_identity=sender.rpartition("@")[2],
+            identity_owner_account_id=SYSTEM_ACCOUNT_ID,
             recipients=recipients,
             mime=mime,
             accepted_time=timestamp(now),

@@ -10,10 +10,14 @@ import services.quota.settings  # noqa: F401 - registers the service's settings
 from postmesh.common.auth import Access
 from postmesh.common.service import Service
 from postmesh.quota.v1 import quota_pb2, quota_pb2_grpc
+from services.quota.access import ProductionAccess
 from services.quota.accounts import QuotaAccounts
+from services.quota.housekeeping import Housekeeping
+from services.quota.increases import QuotaIncreases
 from services.quota.models import Base
 from services.quota.notify import Notifier
 from services.quota.servicer import QuotaServicer
+from services.quota.statistics import EventConsumer, SendStatistics
 
 
 class QuotaService(Service):
@@ -40,8 +44,19 @@ class QuotaService(Service):
 
     async def on_ready(self) -> None:
         runtime = self.runtime
-        notifier = Notifier(runtime.events, runtime.jetstream, runtime.settings, runtime.clock)
-        self.servicer.accounts = QuotaAccounts(runtime.sessions, runtime.clock, runtime.settings, notifier)
+        sessions, clock, settings = runtime.sessions, runtime.clock, runtime.settings
+        notifier = Notifier(runtime.events, runtime.jetstream, settings, clock)
+        accounts = QuotaAccounts(sessions, clock, settings, notifier)
+        statistics = SendStatistics(sessions, clock, settings, accounts)
+        self.servicer.accounts = accounts
+        self.servicer.access = ProductionAccess(sessions, clock, settings, accounts, notifier)
+        self.servicer.statistics = statistics
+        self.increases = QuotaIncreases(sessions, clock, settings, accounts, statistics)
+        consumer = EventConsumer(runtime.jetstream, statistics)
+        runtime.spawn(consumer.run, "statistics")
+        runtime.spawn(self.increases.run, "quota-increases")
+        self.housekeeping = Housekeeping(sessions, clock, settings, accounts)
+        runtime.spawn(self.housekeeping.run, "housekeeping")
 
 
 SERVICE = QuotaService

@@ -61,8 +61,9 @@ register(
     Setting(
         "NOTIFICATION_FROM_ADDRESS",
         str,
-        "notifications@postmesh.invalid",
-        "From address of the mail postmesh sends to accounts about their sending state.",
+        "no-reply@postmesh.test",
+        "From address of notices to accounts about their sending state; use the system identity's domain "
+        "(that of VERIFICATION_MAIL_FROM) so they are DKIM-signed.",
     ),
     Setting(
         "QUOTA_AUTO_INCREASE_INTERVAL_SECONDS",

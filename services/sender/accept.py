@@ -437,10 +437,18 @@ class Acceptor:
         recipients = message.recipients
         reservation = await self._reserve_quota(account_id, len(recipients))
         try:
-            if authorization is None:
-                authorization = await self._check_sender(account_id, message)
-            await self._check_sandbox(account_id, recipients, reservation)
-            suppressed = await self._check_suppression(account_id, recipients)
+            # The checks only read, so they run together; the first refusal in this order wins.
+            checked = await asyncio.gather(
+                self._check_sender(account_id, message) if authorization is None else _done(authorization),
+                self._check_sandbox(account_id, recipients, reservation),
+                self._check_suppression(account_id, recipients),
+                return_exceptions=True,
+            )
+            for outcome in checked:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            authorization, _, suppressed = checked  # type: ignore[assignment]
+            assert authorization is not None and isinstance(suppressed, dict)
             deliverable = [r for r in recipients if address_key(r) not in suppressed]
             if deliverable:
                 await self._queue(account_id, message, authorization, deliverable)
@@ -773,6 +781,10 @@ class Acceptor:
         body = Body(subject, text, html)
         no_line_breaks(subject, field="subject")
         return build_message(None, body, message_id=None, date=self._clock.now()), body
+
+
+async def _done(value: Authorization) -> Authorization:
+    return value
 
 
 def _feedback(envelope: Envelope) -> Mailbox | None:

@@ -242,7 +242,8 @@ def parse_raw(data: bytes) -> RawMessage:
     senders = _mailboxes(message, "From", field)
     if len(senders) != 1:
         raise InvalidArgument("The raw message's From must hold exactly one address.", field=field)
-    display = getattr(from_values[0], "addresses", ())[0].display_name
+    from_addresses: tuple[Address, ...] = getattr(from_values[0], "addresses", ())
+    display = from_addresses[0].display_name if from_addresses else ""
     raw = RawMessage(
         sender=Mailbox(display, senders[0].address),
         to=_mailboxes(message, "To", field),

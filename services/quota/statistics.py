@@ -1,0 +1,300 @@
+"""Sending statistics and reputation, fed by the email events on NATS (domain code: no gRPC).
+
+Events are counted per account in 15-minute intervals (what GetSendStatistics returns). The bounce
+and complaint rates are computed from those intervals over the representative window, and judged
+against the review and pause thresholds after every batch of events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from postmesh.common.config import Settings
+from postmesh.common.db import transaction
+from postmesh.common.service import Clock
+from postmesh.common.streams import EMAIL_EVENTS_SUBJECT, EVENTS
+from postmesh.events.v1 import events_pb2
+from services.quota.accounts import HEALTHY, PROBATION, SHUTDOWN, SYSTEM, QuotaAccounts, slot_start
+from services.quota.models import AccountQuota, ProcessedEvent, SendStatsSlot
+from services.quota.notify import SYSTEM_ACCOUNT_ID
+
+log = logging.getLogger(__name__)
+
+SLOT = dt.timedelta(minutes=15)
+HISTORY = dt.timedelta(days=14)
+CONSUMER = "quota-statistics"
+
+_COLUMN_BY_TYPE = {
+    events_pb2.EMAIL_EVENT_TYPE_SEND: "delivery_attempts",
+    events_pb2.EMAIL_EVENT_TYPE_BOUNCE: "bounces",
+    events_pb2.EMAIL_EVENT_TYPE_COMPLAINT: "complaints",
+    events_pb2.EMAIL_EVENT_TYPE_REJECT: "rejects",
+}
+COLUMNS = ("delivery_attempts", "bounces", "complaints", "rejects")
+
+
+def counted(event: events_pb2.Event) -> tuple[str, int] | None:
+    """(statistics column, messages) for an event that counts, else None. Each recipient is one
+    message, as in SES."""
+    if event.WhichOneof("payload") != "email" or event.account_id in ("", SYSTEM_ACCOUNT_ID):
+        return None
+    email = event.email
+    column = _COLUMN_BY_TYPE.get(email.event_type)
+    if column is None:
+        return None
+    if email.event_type == events_pb2.EMAIL_EVENT_TYPE_BOUNCE:
+        # Not hard bounces from a receiver: soft ones, and the sender's own refusals to send to a
+        # suppressed address (SES does not count those against reputation either).
+        if email.bounce.bounce_type == events_pb2.BOUNCE_TYPE_TRANSIENT or email.bounce.bounce_sub_type in (
+            events_pb2.BOUNCE_SUB_TYPE_ON_ACCOUNT_SUPPRESSION_LIST,
+            events_pb2.BOUNCE_SUB_TYPE_SUPPRESSED,
+        ):
+            return None
+        return column, len(email.bounce.bounced_recipients) or 1
+    if email.event_type == events_pb2.EMAIL_EVENT_TYPE_COMPLAINT:
+        return column, len(email.complaint.complained_recipients) or 1
+    return column, len(email.mail.destination) or 1
+
+
+@dataclass(frozen=True)
+class Reputation:
+    sends: int
+    bounces: int
+    complaints: int
+
+    @property
+    def bounce_rate(self) -> float:
+        return self.bounces / self.sends if self.sends else 0.0
+
+    @property
+    def complaint_rate(self) -> float:
+        return self.complaints / self.sends if self.sends else 0.0
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    min_volume: int
+    bounce_review: float
+    bounce_pause: float
+    complaint_review: float
+    complaint_pause: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Thresholds:
+        return cls(
+            settings.reputation_min_volume,
+            settings.reputation_bounce_review_rate,
+            settings.reputation_bounce_pause_rate,
+            settings.reputation_complaint_review_rate,
+            settings.reputation_complaint_pause_rate,
+        )
+
+
+def judge(reputation: Reputation, t: Thresholds) -> tuple[str, str] | None:
+    """The enforcement status the rates call for, and why; None below the minimum volume."""
+    if reputation.sends < t.min_volume:
+        return None
+    over = f"over the last {reputation.sends} messages"
+    bounce = f"Bounce rate {reputation.bounce_rate:.2%} {over}"
+    complaint = f"Complaint rate {reputation.complaint_rate:.2%} {over}"
+    if reputation.bounce_rate >= t.bounce_pause:
+        return SHUTDOWN, f"{bounce} reached the pause threshold of {t.bounce_pause:.2%}."
+    if reputation.complaint_rate >= t.complaint_pause:
+        return SHUTDOWN, f"{complaint} reached the pause threshold of {t.complaint_pause:.2%}."
+    if reputation.bounce_rate >= t.bounce_review:
+        return PROBATION, f"{bounce} reached the review threshold of {t.bounce_review:.2%}."
+    if reputation.complaint_rate >= t.complaint_review:
+        return PROBATION, f"{complaint} reached the review threshold of {t.complaint_review:.2%}."
+    return HEALTHY, f"Bounce and complaint rates {over} are below the review thresholds."
+
+
+def _upsert(dialect: str) -> Any:
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+class SendStatistics:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        clock: Clock,
+        settings: Settings,
+        accounts: QuotaAccounts,
+    ) -> None:
+        self._sessions = sessions
+        self._clock = clock
+        self._settings = settings
+        self._accounts = accounts
+        self._insert = _upsert(sessions.kw["bind"].dialect.name)
+
+    async def record(self, events: Iterable[events_pb2.Event]) -> set[str]:
+        """Counts the events not counted before (by event id), in one transaction; returns the
+        accounts whose counts changed."""
+        touched: set[str] = set()
+        now = self._clock.now()
+        async with self._accounts.write_lock(), transaction(self._sessions) as session:
+            for event in events:
+                what = counted(event)
+                if what is None or not event.event_id:
+                    continue
+                first_time = await session.execute(
+                    self._insert(ProcessedEvent)
+                    .values(event_id=event.event_id, processed_at=now)
+                    .on_conflict_do_nothing(index_elements=["event_id"])
+                )
+                if first_time.rowcount != 1:  # type: ignore[attr-defined]
+                    continue  # a redelivery: counted already
+                column, messages = what
+                values = {c: 0 for c in COLUMNS} | {column: messages}
+                statement = self._insert(SendStatsSlot).values(
+                    account_id=event.account_id,
+                    slot_start=slot_start(event.time.ToDatetime(tzinfo=dt.UTC)),
+                    **values,
+                )
+                await session.execute(
+                    statement.on_conflict_do_update(
+                        index_elements=["account_id", "slot_start"],
+                        set_={column: getattr(SendStatsSlot, column) + messages},
+                    )
+                )
+                touched.add(event.account_id)
+        return touched
+
+    async def data_points(self, account_id: str) -> Sequence[SendStatsSlot]:
+        since = slot_start(self._clock.now() - HISTORY)
+        async with self._sessions() as session:
+            rows = await session.scalars(
+                select(SendStatsSlot)
+                .where(SendStatsSlot.account_id == account_id, SendStatsSlot.slot_start >= since)
+                .order_by(SendStatsSlot.slot_start)
+            )
+            return rows.all()
+
+    async def reputation(self, account: AccountQuota) -> Reputation:
+        """Rates over the representative window: the last REPUTATION_WINDOW_DAYS, or fewer when the
+        last REPUTATION_WINDOW_MESSAGES are covered sooner, and never before reputation_since (a
+        reinstatement: what its 15-minute interval held then is left out)."""
+        since = slot_start(self._clock.now() - dt.timedelta(days=self._settings.reputation_window_days))
+        base: tuple[int, int, int] | None = None
+        reset = account.reputation_since
+        if reset is not None and slot_start(reset) >= since:
+            since = slot_start(reset)
+            base = (
+                account.reputation_base_sends,
+                account.reputation_base_bounces,
+                account.reputation_base_complaints,
+            )
+        async with self._sessions() as session:
+            rows = await session.execute(
+                select(
+                    SendStatsSlot.slot_start,
+                    SendStatsSlot.delivery_attempts,
+                    SendStatsSlot.bounces,
+                    SendStatsSlot.complaints,
+                )
+                .where(SendStatsSlot.account_id == account.account_id, SendStatsSlot.slot_start >= since)
+                .order_by(SendStatsSlot.slot_start.desc())
+            )
+            enough = self._settings.reputation_window_messages
+            sends = bounces = complaints = 0
+            for start, slot_sends, slot_bounces, slot_complaints in rows:
+                if base is not None and start == since:
+                    slot_sends -= base[0]
+                    slot_bounces -= base[1]
+                    slot_complaints -= base[2]
+                sends += slot_sends
+                bounces += slot_bounces
+                complaints += slot_complaints
+                if enough > 0 and sends >= enough:
+                    break
+        return Reputation(max(sends, 0), max(bounces, 0), max(complaints, 0))
+
+    async def evaluate(self, account_id: str) -> None:
+        """Moves the account to the status its rates call for. PROBATION recovers to HEALTHY on its
+        own; a pause (SHUTDOWN) ends only when an operator reinstates the account."""
+        async with self._sessions() as session:
+            account = await session.get(AccountQuota, account_id)
+        if account is None or account.enforcement_status == SHUTDOWN:
+            return  # unknown to this quota service (it never reserved), or paused already
+        verdict = judge(await self.reputation(account), Thresholds.from_settings(self._settings))
+        if verdict is None or verdict[0] == account.enforcement_status:
+            return
+        status, reason = verdict
+        await self._accounts.change_enforcement(
+            account_id, status, reason, SYSTEM, only_from=account.enforcement_status
+        )
+        log.info("enforcement status changed", extra={"account_id": account_id, "status": status})
+
+
+class EventConsumer:
+    """A durable pull consumer on the events stream, filtered to email events: shared by every
+    quota replica, each event taken by one. Unlike postmesh.common.bus.consume_events (one event at a
+    time) it counts a whole batch in one transaction and judges each account once per batch, which
+    keeps up with thousands of events a second. Acked only after the counts are committed; counting
+    is idempotent by event id, so a redelivery counts nothing twice."""
+
+    def __init__(self, js: JetStreamContext, statistics: SendStatistics, *, batch: int = 256) -> None:
+        self._js = js
+        self._statistics = statistics
+        self._batch = batch
+
+    async def run(self) -> None:
+        await self._js.add_consumer(
+            EVENTS.name,
+            ConsumerConfig(
+                durable_name=CONSUMER,
+                filter_subjects=[EMAIL_EVENTS_SUBJECT],
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=30,
+                max_ack_pending=4096,
+            ),
+        )
+        subscription = await self._js.pull_subscribe_bind(durable=CONSUMER, stream=EVENTS.name)
+        try:
+            while True:
+                try:
+                    messages = await subscription.fetch(self._batch, timeout=1)
+                except (TimeoutError, NatsTimeout):
+                    continue
+                await self._process(messages)
+        finally:
+            # A pull subscription left behind would keep drain() waiting at shutdown.
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+
+    async def _process(self, messages: list[Msg]) -> None:
+        events, parsed = [], []
+        for message in messages:
+            try:
+                events.append(events_pb2.Event.FromString(message.data))
+            except DecodeError:
+                log.warning("not an Event; dropped", extra={"subject": message.subject})
+                await message.term()
+                continue
+            parsed.append(message)
+        try:
+            await self._statistics.record(events)
+            # Every account of the batch, not only those whose counts changed now: after a failure
+            # the redelivered events count nothing, but their account must still be judged.
+            for account_id in sorted({e.account_id for e in events if counted(e) is not None}):
+                await self._statistics.evaluate(account_id)
+        except Exception:
+            for message in parsed:
+                await message.nak(delay=1)
+            raise
+        for message in parsed:
+            await message.ack()
