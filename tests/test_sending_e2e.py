@@ -523,6 +523,7 @@ def test_sends_arrive_dkim_signed_over_smtp(
             **_settings(
                 zone,
                 delivery_mode="mx",
+                delivery_workers=4,
                 smtp_port=port,
                 smtp_helo_name="out.postmesh.test",
                 default_bounce_domain="bounces.postmesh.test",
