@@ -4,6 +4,7 @@ and the resend limit."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import re
 import urllib.error
@@ -20,6 +21,7 @@ from postmesh.cli.main import main
 from postmesh.identity.v1 import identity_pb2 as pb
 from postmesh.testing_mail import SmtpServer
 from tests.conftest import MeshFactory
+from tests.delivery_helpers import forget_delivery_consumer
 from tests.identity_helpers import FakeClock, authorize, internal, mail_to, rpc_error
 
 
@@ -41,14 +43,21 @@ def _http(url: str, method: str = "GET") -> tuple[int, str]:
 
 
 @pytest.fixture
-def sink() -> Iterator[SmtpServer]:
+def sink(nats_url: str) -> Iterator[SmtpServer]:
     with SmtpServer() as server:
         yield server
+    # Set up before the mesh, so this runs after it stopped: the work queue is free for later tests.
+    asyncio.run(forget_delivery_consumer(nats_url))
 
 
 def _via(sink: SmtpServer) -> dict[str, object]:
     # Every message leaves through the delivery workers, relayed to the SMTP server on loopback.
-    return {"delivery_mode": "smarthost", "smarthost": f"127.0.0.1:{sink.port}", "smarthost_tls": "none"}
+    return {
+        "delivery_workers": 2,
+        "delivery_mode": "smarthost",
+        "smarthost": f"127.0.0.1:{sink.port}",
+        "smarthost_tls": "none",
+    }
 
 
 def test_verification_message_link_confirms_the_address_once(

@@ -49,6 +49,8 @@ def serve_process(nats_url: str, tmp_path: Path):  # type: ignore[no-untyped-def
         "DKIM_MASTER_KEYS": "test:" + "A" * 43,
         "IDENTITY_HTTP_LISTEN": "127.0.0.1:0",
         "DNS_RESOLVER": "127.0.0.1:9",
+        # Delivery workers would hold the outbound work queue's consumer after the process is gone.
+        "DELIVERY_WORKERS": "0",
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "postmesh.cli.main", "serve", "all"],
