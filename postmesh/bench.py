@@ -1,0 +1,416 @@
+"""`make bench`: how fast postmesh accepts and delivers, against the targets and Postfix+opendkim.
+
+Everything runs on this machine, on loopback: a nats-server, a DNS server (identities verify through
+it), an SMTP sink in a process of its own, and `postmesh serve all` in another. An account verifies
+its sending domain (Easy DKIM, RSA-2048) and the sink's domain, then SendEmail is called from many
+concurrent gRPC calls. Accepted/s is measured at the client; delivered/s from the first call to
+the last Delivery event (the sink's 250 to a DKIM-signed message). Peak RSS is each process's VmHWM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import datetime as dt
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from email.message import EmailMessage
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import nats
+from grpc import aio
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from postmesh.client import Client
+from postmesh.common.natsserver import NatsServerProcess, free_port
+from postmesh.common.outbound import enqueue
+from postmesh.common.streams import EMAIL_EVENTS_SUBJECT, EVENTS
+from postmesh.events.v1 import events_pb2
+from postmesh.identity.v1 import identity_pb2
+from postmesh.sender.v1 import queue_pb2, sender_pb2, sender_pb2_grpc
+
+TARGET_ACCEPTED = 1000.0
+TARGET_DELIVERED = 500.0
+TARGET_RSS_MB = 300.0
+POSTFIX_OPENDKIM = 170.0  # messages/s relayed with RSA-2048 signing, same machine (shared/RECIPES.md)
+BODY = ("postmesh benchmark message body. " * 150)[:4800]  # ~5 KB, as the Postfix figure used
+
+
+def _queued_message(account_id: str, n: int) -> queue_pb2.QueuedMessage:
+    """A message as the accept side queues it (final MIME with Message-ID and Date)."""
+    message_id = f"bench-{uuid.uuid4().hex}"
+    mime = EmailMessage()
+    mime["From"] = "Bench <news@bench.test>"
+    mime["To"] = f"user{n}@sink.test"
+    mime["Subject"] = f"Queued benchmark {n}"
+    mime["Date"] = format_datetime(dt.datetime.now(dt.UTC))
+    mime["Message-ID"] = f"<{message_id}@bench.test>"
+    mime.set_content(BODY)
+    queued = queue_pb2.QueuedMessage(
+        message_id=message_id,
+        account_id=account_id,
+        from_address="news@bench.test",
+        from_identity="bench.test",
+        identity_owner_account_id=account_id,
+        recipients=[f"user{n}@sink.test"],
+        mime=mime.as_bytes(),
+        subject=f"Queued benchmark {n}",
+    )
+    queued.accepted_time.FromDatetime(dt.datetime.now(dt.UTC))
+    return queued
+
+
+def _peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _sink_main(port: int) -> None:
+    """The receiving end: an aiosmtpd server that takes every message (a process of its own)."""
+    from aiosmtpd.controller import Controller
+
+    class Accept:
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+            return "250 2.0.0 OK"
+
+    controller = Controller(Accept(), hostname="127.0.0.1", port=port)
+    controller.start()
+    print("ready", flush=True)
+    stop = False
+
+    def on_term(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    while not stop:
+        time.sleep(0.2)
+    controller.stop()
+
+
+def _wait_serving(address: str, deadline: float) -> None:
+    with Client(address) as client:
+        while True:
+            try:
+                if client.health_status("", timeout=2) == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("postmesh did not become SERVING")
+            time.sleep(0.2)
+
+
+class Bench:
+    def __init__(self, workdir: Path, messages: int, concurrency: int) -> None:
+        self.workdir = workdir
+        self.messages = messages
+        self.concurrency = concurrency
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        from postmesh.testing_mail import LoopbackDns
+
+        self.nats = NatsServerProcess(self.workdir / "nats").start()
+        self.dns = LoopbackDns().start()
+        sink_port = free_port()
+        self.sink = subprocess.Popen(
+            [sys.executable, "-m", "postmesh.bench", "--sink", str(sink_port)], stdout=subprocess.PIPE
+        )
+        assert self.sink.stdout is not None
+        self.sink.stdout.readline()
+        self.processes.append(self.sink)
+        self.port = free_port()
+        self.admin_key = secrets.token_urlsafe(24)
+        self.service_key = secrets.token_urlsafe(24)
+        env = {
+            **os.environ,
+            "NATS_URL": self.nats.url,
+            "DATA_DIR": str(self.workdir / "var"),
+            "GRPC_LISTEN": f"127.0.0.1:{self.port}",
+            "METRICS_PORT": "0",
+            "LOG_LEVEL": "WARNING",
+            "ADMIN_API_KEY": self.admin_key,
+            "SERVICE_API_KEY": self.service_key,
+            "DKIM_MASTER_KEYS": f"bench:{base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()}",
+            "IDENTITY_HTTP_LISTEN": "127.0.0.1:0",
+            "DNS_RESOLVER": self.dns.address,
+            "DNS_CHECK_POLL_SECONDS": "3600",
+            "SANDBOX_MAX_SEND_RATE": "1000000",
+            "SANDBOX_MAX_24_HOUR_SEND": "1000000000",
+            "DELIVERY_MODE": "smarthost",
+            "SMARTHOST": f"127.0.0.1:{sink_port}",
+            "SMARTHOST_TLS": "none",
+            "DELIVERY_WORKERS": "64",
+        }
+        log = (self.workdir / "postmesh.log").open("wb")
+        self.mesh = subprocess.Popen(
+            [sys.executable, "-m", "postmesh.cli.main", "serve", "all"], env=env, stdout=log, stderr=log
+        )
+        self.processes.append(self.mesh)
+        _wait_serving(self.address, time.monotonic() + 60)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        self.dns.stop()
+        self.nats.stop()
+
+    def set_up_account(self) -> tuple[str, str, int]:
+        """An account whose sending domain and the sink's domain are verified; its DKIM key size."""
+        with Client(self.address, self.admin_key) as admin:
+            reply = admin.identity.CreateAccount(identity_pb2.CreateAccountRequest(name="bench"))
+        account_id, key = reply.account.account_id, reply.api_key_secret
+        with Client(self.address, key) as client:
+            for domain in ("bench.test", "sink.test"):
+                created = client.identity.CreateEmailIdentity(
+                    identity_pb2.CreateEmailIdentityRequest(email_identity=domain)
+                )
+                for record in created.dns_records:
+                    self.dns.add_txt(record.name, record.value)
+                checked = client.identity.CheckEmailIdentityVerification(
+                    identity_pb2.CheckEmailIdentityVerificationRequest(email_identity=domain)
+                ).identity
+                if checked.verification_status != identity_pb2.VERIFICATION_STATUS_SUCCESS:
+                    raise RuntimeError(f"{domain} did not verify")
+        with Client(self.address, self.service_key) as service:
+            config = service.identity.GetSigningConfig(
+                identity_pb2.GetSigningConfigRequest(account_id=account_id, domain="bench.test")
+            )
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        bits = 0
+        for signing_key in config.keys:
+            loaded = serialization.load_pem_private_key(signing_key.private_key_pem.encode(), None)
+            if isinstance(loaded, rsa.RSAPrivateKey):
+                bits = loaded.key_size
+        return account_id, key, bits
+
+    async def run(self, account_id: str, key: str) -> dict[str, Any]:
+        nc = await nats.connect(self.nats.url)
+        js = nc.jetstream()
+        deliveries = await js.pull_subscribe(
+            EMAIL_EVENTS_SUBJECT,
+            stream=EVENTS.name,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.NONE),
+        )
+        delivered = 0
+        last_delivery = 0.0
+        kinds: collections.Counter[str] = collections.Counter()
+
+        async def count_deliveries(until: int) -> None:
+            nonlocal delivered, last_delivery
+            while delivered < until:
+                try:
+                    batch = await deliveries.fetch(1000, timeout=1.0)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                for msg in batch:
+                    event = events_pb2.Event.FromString(msg.data)
+                    if event.account_id != account_id:
+                        continue
+                    kinds[events_pb2.EmailEventType.Name(event.email.event_type)] += 1
+                    if event.email.event_type == events_pb2.EMAIL_EVENT_TYPE_DELIVERY:
+                        delivered += 1
+                        last_delivery = time.perf_counter()
+
+        channels = [aio.insecure_channel(self.address) for _ in range(4)]
+        stubs = [sender_pb2_grpc.SenderServiceStub(c) for c in channels]
+        metadata = (("authorization", f"Bearer {key}"),)
+
+        def request(n: int) -> sender_pb2.SendEmailRequest:
+            return sender_pb2.SendEmailRequest(
+                from_email_address="Bench <news@bench.test>",
+                destination=sender_pb2.Destination(to_addresses=[f"user{n}@sink.test"]),
+                content=sender_pb2.EmailContent(
+                    simple=sender_pb2.Message(
+                        subject=sender_pb2.Content(data=f"Benchmark {n}"),
+                        body=sender_pb2.Body(text=sender_pb2.Content(data=BODY)),
+                    )
+                ),
+            )
+
+        latencies: list[float] = []
+        failures = 0
+
+        async def send(numbers: range) -> None:
+            nonlocal failures
+            for n in numbers:
+                started = time.perf_counter()
+                try:
+                    await stubs[n % len(stubs)].SendEmail(request(n), metadata=metadata, timeout=30)
+                except aio.AioRpcError:
+                    failures += 1
+                    continue
+                latencies.append(time.perf_counter() - started)
+
+        # Warm-up: connections, caches, the signing key.
+        await asyncio.gather(*(send(range(i, 40, 8)) for i in range(8)))
+        await count_deliveries(40 - failures)
+        delivered, latencies, failures = 0, [], 0
+
+        total = self.messages
+        counter = asyncio.create_task(count_deliveries(total))
+        started = time.perf_counter()
+        await asyncio.gather(*(send(range(i, total, self.concurrency)) for i in range(self.concurrency)))
+        accept_seconds = time.perf_counter() - started
+        try:
+            await asyncio.wait_for(counter, timeout=45)
+        except TimeoutError:
+            pass
+        deliver_seconds = (last_delivery or time.perf_counter()) - started
+
+        # The delivery pipeline alone: the same burst put straight on the outbound queue.
+        queued = [_queued_message(account_id, n) for n in range(total)]
+        delivered_before = delivered
+        counter = asyncio.create_task(count_deliveries(delivered_before + total))
+        started = time.perf_counter()
+        for message in queued:
+            await enqueue(js, message)
+        enqueue_seconds = time.perf_counter() - started
+        try:
+            await asyncio.wait_for(counter, timeout=45)
+        except TimeoutError:
+            pass
+        drained = delivered - delivered_before
+        drain_seconds = last_delivery - started
+        for channel in channels:
+            await channel.close()
+        await nc.close()
+        latencies.sort()
+        return {
+            "accepted": len(latencies),
+            "failures": failures,
+            "accepted_per_s": len(latencies) / accept_seconds,
+            "p50_ms": statistics.median(latencies) * 1000 if latencies else float("nan"),
+            "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000 if latencies else float("nan"),
+            "delivered_per_s": delivered_before / deliver_seconds if deliver_seconds > 0 else 0.0,
+            "delivered": delivered_before,
+            "enqueued_per_s": total / enqueue_seconds,
+            "drained": drained,
+            "drained_per_s": drained / drain_seconds if drain_seconds > 0 else 0.0,
+            "other_events": ", ".join(
+                f"{n} {k.removeprefix('EMAIL_EVENT_TYPE_').lower()}"
+                for k, n in sorted(kinds.items())
+                if k != "EMAIL_EVENT_TYPE_DELIVERY"
+            ),
+        }
+
+
+def _row(name: str, value: str, target: str, verdict: str) -> str:
+    return f"| {name:<34} | {value:>14} | {target:>16} | {verdict:<8} |"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--messages", type=int, default=1000, help="messages in each measured burst")
+    parser.add_argument("--concurrency", type=int, default=64, help="SendEmail calls in flight")
+    parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.sink:
+        _sink_main(args.sink)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="postmesh-bench-") as workdir:
+        bench = Bench(Path(workdir), args.messages, args.concurrency)
+        wall = time.monotonic()
+        try:
+            bench.start()
+            account_id, key, bits = bench.set_up_account()
+            result = asyncio.run(bench.run(account_id, key))
+            rss = {
+                "postmesh serve all": _peak_rss_mb(bench.mesh.pid),
+                "SMTP sink (aiosmtpd)": _peak_rss_mb(bench.sink.pid),
+                "nats-server": _peak_rss_mb(bench.nats.process.pid) if bench.nats.process else float("nan"),
+            }
+        finally:
+            bench.stop()
+    ok = "ok"
+    print(
+        f"\npostmesh bench: {args.messages} messages of ~5 KB, {args.concurrency} SendEmail calls in flight, "
+        f"DKIM RSA-{bits} signed, delivered by SMTP to a local sink; {os.cpu_count()} CPUs, "
+        f"{time.monotonic() - wall:.0f} s in all.\n"
+    )
+    accepted, delivered, drained = (
+        result["accepted_per_s"],
+        result["delivered_per_s"],
+        result["drained_per_s"],
+    )
+    rows = [
+        ("measure", "postmesh", "target", "verdict"),
+        ("-" * 34, "-" * 14, "-" * 16, "-" * 8),
+        (
+            "accepted (SendEmail over gRPC)",
+            f"{accepted:,.0f} msg/s",
+            f"{TARGET_ACCEPTED:,.0f} msg/s",
+            ok if accepted >= TARGET_ACCEPTED else "below",
+        ),
+        (
+            "delivered end to end (SendEmail)",
+            f"{delivered:,.0f} msg/s",
+            f"{TARGET_DELIVERED:,.0f} msg/s",
+            ok if delivered >= TARGET_DELIVERED else "below",
+        ),
+        (
+            "delivered from the queue alone",
+            f"{drained:,.0f} msg/s",
+            f"{TARGET_DELIVERED:,.0f} msg/s",
+            ok if drained >= TARGET_DELIVERED else "below",
+        ),
+        (
+            "  Postfix + opendkim, same machine",
+            f"{POSTFIX_OPENDKIM:,.0f} msg/s",
+            "(reference)",
+            "beaten" if drained > POSTFIX_OPENDKIM else "behind",
+        ),
+        ("accept latency p50", f"{result['p50_ms']:.1f} ms", "", ""),
+        ("accept latency p99", f"{result['p99_ms']:.1f} ms", "", ""),
+        *[
+            (
+                f"peak RSS {name}",
+                f"{mb:,.0f} MB",
+                f"< {TARGET_RSS_MB:.0f} MB",
+                ok if mb < TARGET_RSS_MB else "above",
+            )
+            for name, mb in rss.items()
+        ],
+    ]
+    for row in rows:
+        print(_row(*row))
+    print(
+        f"\n{int(result['accepted'])} accepted, {int(result['failures'])} refused, "
+        f"{int(result['delivered'])} delivered; then {args.messages} put straight on the queue "
+        f"({result['enqueued_per_s']:,.0f} msg/s), {int(result['drained'])} delivered from it. "
+        f"Other events: {result['other_events'] or 'none'}."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
