@@ -75,6 +75,12 @@ class LocalDns:
         for server in self._servers:
             server.stop()
 
+    def __enter__(self) -> LocalDns:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
     def publish(self, name: str, rtype: str, value: str) -> None:
         with self.lock:
             self.records.setdefault((name.rstrip(".").lower(), rtype), []).append(value)

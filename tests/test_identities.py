@@ -143,12 +143,19 @@ def test_address_identities_and_sandbox_recipients(idmesh: MeshThread, dns: Loca
             pb.CreateEmailIdentityRequest(email_identity="desk@corp.test")
         )
         assert at_domain.verified_for_sending_status
+        assert authorize(service, account_id, "desk@corp.test").identity == "desk@corp.test"
         # Another account's verified identities do not count.
         other_id, _ = idmesh.create_account("other")
         check = service.identity.CheckVerifiedRecipients(
             pb.CheckVerifiedRecipientsRequest(account_id=other_id, email_addresses=["bob@corp.test"])
         )
         assert list(check.unverified) == ["bob@corp.test"]
+        # The address was verified through its domain only: without the domain it is not.
+        client.identity.DeleteEmailIdentity(pb.DeleteEmailIdentityRequest(email_identity="corp.test"))
+        desk = client.identity.GetEmailIdentity(pb.GetEmailIdentityRequest(email_identity="desk@corp.test"))
+        assert desk.verification_status == pb.VERIFICATION_STATUS_NOT_STARTED
+        assert not desk.verified_for_sending_status
+        assert rpc_error(lambda: authorize(service, account_id, "desk@corp.test"))[1] == "MESSAGE_REJECTED"
 
 
 def test_create_get_list_delete_and_bad_input(idmesh: MeshThread) -> None:
@@ -491,3 +498,50 @@ def test_custom_mail_from_domain(idmesh: MeshThread, dns: LocalDns) -> None:
             pb.PutEmailIdentityMailFromAttributesRequest(email_identity="shop.test", mail_from_domain="")
         )
         assert authorize(service, account_id, "a@shop.test").mail_from_domain == ""
+
+
+def test_identity_storage_on_each_backend(start_mesh: MeshFactory, dns: LocalDns, database_url: str) -> None:
+    mesh = start_mesh(
+        identity_database_url=database_url, dns_resolver=dns.address, dns_check_poll_seconds=3600
+    )
+    account_id, key = mesh.create_account()
+    with mesh.client(key) as client, internal(mesh) as service:
+        create_verified_domain(client, dns, "stored.test", pb.DkimSigningAttributes(include_ed25519=True))
+        client.identity.PutEmailIdentityPolicy(
+            pb.PutEmailIdentityPolicyRequest(
+                email_identity="stored.test",
+                policy_name="p",
+                policy=json.dumps(
+                    {
+                        "Statement": {
+                            "Effect": "Allow",
+                            "Principal": {"AWS": account_id},
+                            "Action": "ses:SendEmail",
+                        }
+                    }
+                ),
+            )
+        )
+        client.identity.CreateEmailIdentity(pb.CreateEmailIdentityRequest(email_identity="Person@Other.test"))
+        rotated = client.identity.RotateEmailIdentityDkimKeys(
+            pb.RotateEmailIdentityDkimKeysRequest(email_identity="stored.test")
+        )
+        publish(dns, rotated.dns_records)
+        client.identity.CheckEmailIdentityVerification(
+            pb.CheckEmailIdentityVerificationRequest(email_identity="stored.test")
+        )
+        keys = service.identity.GetSigningConfig(
+            pb.GetSigningConfigRequest(account_id=account_id, domain="stored.test")
+        ).keys
+        assert {k.selector for k in keys} == {
+            k.selector for k in rotated.dkim_attributes.keys if k.state == "NEXT"
+        }
+        listed = client.identity.ListEmailIdentities(pb.ListEmailIdentitiesRequest()).email_identities
+        assert [(i.identity_name, i.sending_enabled) for i in listed] == [
+            ("Person@other.test", False),
+            ("stored.test", True),
+        ]
+        client.identity.DeleteEmailIdentity(pb.DeleteEmailIdentityRequest(email_identity="stored.test"))
+        assert not service.identity.GetSigningConfig(
+            pb.GetSigningConfigRequest(account_id=account_id, domain="stored.test")
+        ).keys

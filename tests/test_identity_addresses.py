@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import email
 import re
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -14,8 +15,10 @@ from collections.abc import Iterator
 from email import policy
 from urllib.parse import parse_qs, urlsplit
 
+import dkim
 import grpc
 import pytest
+from dns import resolver as dns_resolver
 
 from postmesh.cli.main import main
 from postmesh.identity.v1 import identity_pb2 as pb
@@ -23,6 +26,7 @@ from postmesh.testing_mail import SmtpServer
 from tests.conftest import MeshFactory
 from tests.delivery_helpers import forget_delivery_consumer
 from tests.identity_helpers import FakeClock, authorize, internal, mail_to, rpc_error
+from tests.localdns import LocalDns
 
 
 def _link_in(mime: bytes) -> str:
@@ -173,3 +177,50 @@ def test_expired_token_resend_limit_and_cli_confirm(
         assert client.identity.GetEmailIdentity(
             pb.GetEmailIdentityRequest(email_identity=address)
         ).verified_for_sending_status
+
+
+def test_verification_mail_is_dkim_signed_once_the_system_domain_is_published(
+    start_mesh: MeshFactory, sink: SmtpServer
+) -> None:
+    with LocalDns() as zone:
+        mesh = start_mesh(
+            verification_mail_from="verify@system.test",
+            dns_resolver=zone.address,
+            dns_check_poll_seconds=0.1,
+            dns_check_initial_seconds=0.1,
+            dns_check_max_seconds=0.5,
+            **_via(sink),
+        )
+        with mesh.admin() as admin:
+            system = admin.identity.GetSystemEmailIdentity(pb.GetSystemEmailIdentityRequest())
+            assert (system.system_address, system.identity.email_identity) == (
+                "verify@system.test",
+                "system.test",
+            )
+            for record in system.identity.dns_records:
+                zone.publish(record.name, record.type, record.value)
+            deadline = time.monotonic() + 60
+            while not admin.identity.GetSystemEmailIdentity(
+                pb.GetSystemEmailIdentityRequest()
+            ).identity.verified_for_sending_status:
+                assert time.monotonic() < deadline, "the system domain did not verify"
+                time.sleep(0.1)
+        _, key = mesh.create_account()
+        address = f"signed.{uuid.uuid4().hex[:8]}@home.test"
+        with mesh.client(key) as client:
+            client.identity.CreateEmailIdentity(pb.CreateEmailIdentityRequest(email_identity=address))
+        delivered = mail_to(sink, address)
+        assert (
+            delivered.data.lower().startswith(b"dkim-signature:")
+            or b"\ndkim-signature:" in delivered.data.lower()
+        )
+        resolver = dns_resolver.Resolver(configure=False)
+        resolver.nameservers, resolver.port = ["127.0.0.1"], zone.port
+
+        def get_txt(name: bytes | str, timeout: float = 5) -> bytes | None:
+            answer = resolver.resolve(
+                name.decode() if isinstance(name, bytes) else name, "TXT", lifetime=timeout
+            )
+            return b"".join(next(iter(answer)).strings)
+
+        assert dkim.verify(delivered.data, dnsfunc=get_txt)

@@ -162,6 +162,11 @@ def test_signing_keys_verify_independently_from_dns(
             pb.GetSigningConfigRequest(account_id=account_id, domain="signed.test")
         )
     assert sorted(k.algorithm for k in config.keys) == ["ed25519-sha256", "rsa-sha256"]
+    assert main(["identity", "list", "--endpoint", idmesh.address, "--api-key", key]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["signed.test", "DOMAIN", "SUCCESS", "yes"]
+    assert main(["identity", "get", "signed.test", "--endpoint", idmesh.address, "--api-key", key]) == 0
+    shown = capsys.readouterr().out
+    assert "verification:  SUCCESS  (verified for sending)" in shown and "(all found)" in shown
 
     # Both keys sign one message: both signatures verify with the keys read from DNS.
     message = _sample_message("signed.test")

@@ -252,8 +252,11 @@ class IdentityStore:
     def _address_status(self, row: EmailIdentity, covered: bool, expires_at: dt.datetime | None) -> str:
         if row.verification_status == SUCCESS or covered:
             return SUCCESS
-        if row.verification_status == PENDING and (expires_at is None or expires_at <= self._clock.now()):
-            return FAILED  # every confirmation link has expired
+        if row.verification_status == PENDING:
+            if expires_at is None:
+                return NOT_STARTED  # made while its domain was verified: no message was ever sent
+            if expires_at <= self._clock.now():
+                return FAILED  # every confirmation link has expired
         return row.verification_status
 
     async def _view(self, session: AsyncSession, row: EmailIdentity) -> IdentityView:
@@ -373,6 +376,10 @@ class IdentityStore:
             raise InvalidArgument(
                 "DKIM signing attributes apply to domain identities only.", field="dkim_signing_attributes"
             )
+        async with self._sessions() as session:
+            # Checked again in the transaction below; this spares generating keys for nothing.
+            if await self._exists(session, account_id, key):
+                raise AlreadyExists(f"Email identity {stored} already exists.", reason="ALREADY_EXISTS")
         identity_id = secrets.token_hex(16)
         keys = await self._new_keys(identity_id, dkim, 2048) if kind == DOMAIN else []
         now = self._clock.now()
@@ -380,12 +387,7 @@ class IdentityStore:
         expires_at = now + self.config.token_ttl
         try:
             async with transaction(self._sessions) as session:
-                existing = await session.scalar(
-                    select(EmailIdentity.identity_id).where(
-                        EmailIdentity.account_id == account_id, EmailIdentity.identity_key == key
-                    )
-                )
-                if existing is not None:
+                if await self._exists(session, account_id, key):
                     raise AlreadyExists(f"Email identity {stored} already exists.", reason="ALREADY_EXISTS")
                 row = EmailIdentity(
                     identity_id=identity_id,
@@ -419,10 +421,9 @@ class IdentityStore:
                 session.add_all(keys)
                 if kind == ADDRESS:
                     covered = await self._verified_domains(session, account_id, [domain_of(key)])
-                    if covered:
-                        row.verification_status = SUCCESS
-                        row.last_success_at = now
-                    else:
+                    # Covered by its verified domain, it needs no message; it is verified while the
+                    # domain is (its own status stays PENDING, so the domain failing un-verifies it).
+                    if not covered:
                         token = self._add_token(session, identity_id, now, expires_at)
                         row.last_email_sent_at = now
                         # Queued inside the transaction: if queuing fails, nothing was created.
@@ -435,6 +436,14 @@ class IdentityStore:
                 account_id, stored, Change.IDENTITY_CHANGE_TYPE_CREATED, view.verified_for_sending
             )
         return view
+
+    async def _exists(self, session: AsyncSession, account_id: str, key: str) -> bool:
+        found = await session.scalar(
+            select(EmailIdentity.identity_id).where(
+                EmailIdentity.account_id == account_id, EmailIdentity.identity_key == key
+            )
+        )
+        return found is not None
 
     def _add_token(
         self, session: AsyncSession, identity_id: str, now: dt.datetime, expires_at: dt.datetime
@@ -898,17 +907,34 @@ class IdentityStore:
         raise rejected
 
     async def unverified_recipients(self, account_id: str, addresses: Sequence[str]) -> list[str]:
-        unverified = []
-        async with self._sessions() as session:
-            for given in addresses:
-                try:
-                    address = normalize_address(given)
-                except InvalidArgument:
-                    unverified.append(given)
-                    continue
-                if not await self._covering(session, [account_id], address, None):
-                    unverified.append(given)
-        return unverified
+        """The given addresses that no verified identity of the account covers (one query for all)."""
+        normalized: dict[str, str] = {}
+        for given in addresses:
+            try:
+                normalized[given] = normalize_address(given)
+            except InvalidArgument:
+                pass  # not an address at all: certainly not verified
+        keys = {k for a in normalized.values() for k in (address_key(a), *parent_domains(domain_of(a)))}
+        verified: set[str] = set()
+        if keys:
+            async with self._sessions() as session:
+                rows = await session.execute(
+                    select(EmailIdentity.identity_key).where(
+                        EmailIdentity.account_id == account_id,
+                        EmailIdentity.identity_key.in_(keys),
+                        EmailIdentity.verification_status == SUCCESS,
+                    )
+                )
+                verified = set(rows.scalars().all())
+        return [
+            given
+            for given in addresses
+            if given not in normalized
+            or not (
+                address_key(normalized[given]) in verified
+                or any(d in verified for d in parent_domains(domain_of(normalized[given])))
+            )
+        ]
 
     async def signing_config(self, account_id: str, domain: str) -> tuple[str, list[SigningKey]]:
         domain = normalize_domain(domain, field="domain")

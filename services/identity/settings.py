@@ -11,13 +11,14 @@ register(
         "current (the rest only decrypt until `postmesh identity rewrap-keys`). Required by identity.",
         secret=True,
     ),
+    # Shared with the delivery workers' MX look-ups (same names and text: whichever registers first).
     Setting(
         "DNS_RESOLVER",
         str,
         "",
-        "host:port of the DNS resolver verifying identities' records; empty: the system's resolvers.",
+        "host:port of the DNS resolver for identity checks and MX look-ups; empty: the system's.",
     ),
-    Setting("DNS_TIMEOUT_SECONDS", float, 5.0, "How long one DNS lookup of the identity checker may take."),
+    Setting("DNS_TIMEOUT_SECONDS", float, 5.0, "How long one DNS look-up may take."),
     Setting(
         "DNS_CHECK_POLL_SECONDS",
         float,
