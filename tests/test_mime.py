@@ -115,7 +115,13 @@ def test_message_ids_are_unique_and_time_ordered() -> None:
     assert len(set(ids)) == 200
     assert ids == sorted(ids)
     assert ids[0].endswith("-000000") and len(ids[0]) == 60
-    assert message_id_header(ids[0], "mail.example.test") == f"<{ids[0]}@mail.example.test>"
+    header = message_id_header(ids[0], "mail.example.test")
+    assert header == f"<{ids[0]}@mail.example.test>"
+    # Longer than 78 columns, and still on one line (not folded into an empty line and the id).
+    sender = parse_mailbox("a@example.test", field="f")
+    data = build_message(Addressing(sender), Body("S", "t", ""), message_id=header, date=NOW)
+    assert f"\r\nMessage-ID: {header}\r\n".encode() in data
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
 
 
 RAW = (

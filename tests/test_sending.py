@@ -163,6 +163,16 @@ BAD_REQUESTS: list[tuple[str, pb.SendEmailRequest, str, str]] = [
     ("51 recipients", _too_many(), "MESSAGE_REJECTED", "destination"),
     ("no recipient", _simple(to=()), "BAD_REQUEST", "destination"),
     ("CRLF in subject", _simple(subject="Hi\r\nBcc: victim@example.test"), "BAD_REQUEST", "subject"),
+    (
+        "CRLF from template data into the subject",
+        _simple(
+            content=_template(
+                "welcome", '{"name": "x\\r\\nBcc: victim@example.test", "items": [], "footer": ""}'
+            )
+        ),
+        "BAD_REQUEST",
+        "subject",
+    ),
     ("LF in subject", _simple(subject="Hi\nX-Evil: 1"), "BAD_REQUEST", "subject"),
     (
         "CRLF in an address",

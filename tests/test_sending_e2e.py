@@ -628,3 +628,27 @@ def test_bulk_entries_over_the_rate_or_quota_are_refused_one_by_one(
             "ACCOUNT_DAILY_QUOTA_EXCEEDED",
         ]
     assert len(queued_messages(accept_mesh.settings.nats_url, account_id, wait_for=3)) == 3
+
+
+def test_a_deleted_identity_stops_sending_at_once(accept_mesh: MeshThread, zone: LoopbackDns) -> None:
+    """The sender keeps identity's answers for a while; an IdentityChanged event drops them."""
+    _, key = accept_mesh.create_account()
+    with accept_mesh.client(key) as client:
+        verify_domain(client, zone, "example.test")
+        request = _simple("me@example.test", ["a@example.test"])
+        client.sender.SendEmail(request)
+        client.sender.SendEmail(request)  # answered from what the sender kept
+        client.identity.DeleteEmailIdentity(
+            identity_pb2.DeleteEmailIdentityRequest(email_identity="example.test")
+        )
+        # The event reaches the sender as the delete returns; allow it a moment under load (what
+        # is kept would otherwise live on for CACHE_SECONDS, longer than this wait).
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.sender.SendEmail(request)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+                break
+            assert time.monotonic() < deadline, "still sending from a deleted identity"
+            time.sleep(0.2)

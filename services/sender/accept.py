@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import hashlib
 import logging
 import re
@@ -247,10 +248,14 @@ def _template_data(text: str, field: str) -> dict[str, Any]:
         raise InvalidArgument(f"The template data is not a JSON object: {exc}.", field=field) from None
 
 
+# Parsed templates by source: a bulk send renders the same template fifty times.
+_parsed = functools.lru_cache(maxsize=512)(rendering.parse)
+
+
 def _render(template_name: str, parts: tuple[str, str, str], data: dict[str, Any]) -> tuple[str, str, str]:
     """(subject, text, html) rendered; RenderFailure when the data does not fit the template."""
     try:
-        subject, text, html = (rendering.parse(p) for p in parts)
+        subject, text, html = (_parsed(p) for p in parts)
         return (
             subject.render(data, escape_html=False),
             text.render(data, escape_html=False),

@@ -2,23 +2,60 @@
 
 The accept path (domain code) sees plain results and domain errors; this adapter is where the other
 services' refusals are turned back into domain errors with their status, reason and message intact.
+
+Identity's answers that let a message through (this account may send as this address; this recipient
+is verified) are kept for a short while, so a busy account does not ask twice per message. Any
+IdentityChanged event (an identity deleted, a policy changed...) drops them all at once; refusals are
+never kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any, Generic, TypeVar
 
 from grpc import aio
+from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
 
 from postmesh.common.clients import MeshClients, domain_error_from
 from postmesh.common.sendquota import Reservation, SendQuotaClient
+from postmesh.common.streams import IDENTITY_CHANGED_SUBJECT
 from postmesh.feedback.v1 import feedback_pb2
 from postmesh.identity.v1 import identity_pb2
 from services.sender.accept import Authorization
 
 # Internal calls are quick; a stuck peer must not hold a caller's request forever.
 TIMEOUT = 10.0
+# How long an identity answer is trusted when no IdentityChanged event arrives (one may be missed
+# while NATS reconnects).
+CACHE_SECONDS = 30.0
+_CACHE_LIMIT = 100_000
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Answers(Generic[K, V]):
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._entries: dict[K, tuple[float, V]] = {}
+
+    def get(self, key: K) -> V | None:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] < self._clock():
+            return None
+        return entry[1]
+
+    def put(self, key: K, value: V) -> None:
+        if len(self._entries) >= _CACHE_LIMIT:
+            self._entries.clear()
+        self._entries[key] = (self._clock() + CACHE_SECONDS, value)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 @asynccontextmanager
@@ -30,12 +67,33 @@ async def _refusals_as_domain_errors() -> AsyncIterator[None]:
 
 
 class MeshChecks:
-    def __init__(self, clients: MeshClients) -> None:
+    def __init__(self, clients: MeshClients, clock: Callable[[], float] = time.monotonic) -> None:
         self._clients = clients
         self._quota = SendQuotaClient(clients)
+        self._authorized: _Answers[tuple[str, str, str], Authorization] = _Answers(clock)
+        self._verified: _Answers[tuple[str, str], bool] = _Answers(clock)
+        self._subscription: Subscription | None = None
+
+    async def watch(self, nats: NATS) -> None:
+        """Drops the kept identity answers on every IdentityChanged event, on every replica (a
+        JetStream publish is also a core NATS message)."""
+
+        async def forget(_: Any) -> None:
+            self.forget()
+
+        self._subscription = await nats.subscribe(IDENTITY_CHANGED_SUBJECT, cb=forget)
+
+    def forget(self) -> None:
+        self._authorized.clear()
+        self._verified.clear()
 
     async def close(self) -> None:
         """Gives back quota leases still held (on shutdown)."""
+        if self._subscription is not None:
+            try:
+                await self._subscription.unsubscribe()
+            except Exception:  # the connection may already be closing
+                pass
         await self._quota.close()
 
     async def reserve(self, account_id: str, messages: int) -> Reservation:
@@ -47,6 +105,10 @@ class MeshChecks:
             await self._quota.release(reservation, messages)
 
     async def authorize_sender(self, account_id: str, address: str, identity: str) -> Authorization:
+        key = (account_id, address.lower(), identity)
+        kept = self._authorized.get(key)
+        if kept is not None:
+            return kept
         async with _refusals_as_domain_errors():
             reply = await self._clients.identity.AuthorizeSender(
                 identity_pb2.AuthorizeSenderRequest(
@@ -54,14 +116,23 @@ class MeshChecks:
                 ),
                 timeout=TIMEOUT,
             )
-        return Authorization(reply.identity, reply.identity_owner_account_id, reply.mail_from_domain)
+        authorization = Authorization(reply.identity, reply.identity_owner_account_id, reply.mail_from_domain)
+        self._authorized.put(key, authorization)
+        return authorization
 
     async def unverified_recipients(self, account_id: str, addresses: list[str]) -> list[str]:
+        unknown = [a for a in addresses if self._verified.get((account_id, a.lower())) is None]
+        if not unknown:
+            return []
         async with _refusals_as_domain_errors():
             reply = await self._clients.identity.CheckVerifiedRecipients(
-                identity_pb2.CheckVerifiedRecipientsRequest(account_id=account_id, email_addresses=addresses),
+                identity_pb2.CheckVerifiedRecipientsRequest(account_id=account_id, email_addresses=unknown),
                 timeout=TIMEOUT,
             )
+        unverified = set(reply.unverified)
+        for address in unknown:
+            if address not in unverified:
+                self._verified.put((account_id, address.lower()), True)
         return list(reply.unverified)
 
     async def suppressed(self, account_id: str, addresses: list[str]) -> list[str]:

@@ -6,6 +6,7 @@ quoted-printable or base64), a Message-ID and a Date, and never a Bcc header.
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import os
 import re
@@ -13,6 +14,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email import policy
+from email.charset import QP, Charset
 from email.errors import (
     InvalidMultipartContentTransferEncodingDefect,
     MessageDefect,
@@ -21,10 +23,14 @@ from email.errors import (
     NoBoundaryInMultipartDefect,
     StartBoundaryNotFoundDefect,
 )
+from email.header import Header as EncodedHeader
 from email.headerregistry import Address
-from email.message import EmailMessage, Message
+from email.message import Message
+from email.mime.base import MIMEBase
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 from email.parser import BytesParser
-from email.utils import format_datetime
+from email.utils import format_datetime, formataddr
 
 from postmesh.common.addresses import normalize_address
 from postmesh.common.errors import InvalidArgument
@@ -62,8 +68,8 @@ _STRUCTURAL_DEFECTS = (
     MultipartInvariantViolationDefect,
     InvalidMultipartContentTransferEncodingDefect,
 )
-# 7bit: the receiving MTA may not speak 8BITMIME, so bodies are quoted-printable or base64.
-_POLICY = policy.SMTP.clone(cte_type="7bit")
+# CRLF: the wire format (an SMTP client passes bytes through unchanged).
+_POLICY = policy.compat32.clone(linesep="\r\n")
 
 
 def new_message_id(now: dt.datetime) -> str:
@@ -89,10 +95,6 @@ def no_line_breaks(value: str, *, field: str) -> str:
 class Mailbox:
     display_name: str
     address: str  # normalized: local@a-label-domain
-
-    def header_value(self) -> Address:
-        local, _, domain = self.address.rpartition("@")
-        return Address(display_name=self.display_name, username=local, domain=domain)
 
 
 _ANGLE_ADDR = re.compile(r"^(?P<name>.*?)\s*<(?P<address>[^<>]*)>$", re.DOTALL)
@@ -149,46 +151,82 @@ class Addressing:
     reply_to: Sequence[Mailbox] = ()
 
 
-def _set_parts(message: EmailMessage, body: Body) -> None:
+def _header_text(value: str) -> str | EncodedHeader:
+    """ASCII as is; anything else as RFC 2047 encoded words."""
+    return value if value.isascii() else EncodedHeader(value, "utf-8")
+
+
+class _Unfolded:
+    """A header value kept on one line (a Message-ID is one token: folding it would leave the line
+    empty and the id on the next). compat32 asks a non-str value to encode() itself."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def encode(self, linesep: str = "\n", maxlinelen: int | None = None) -> str:
+        return self.value
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _mailbox_list(mailboxes: Sequence[Mailbox]) -> str:
+    return ", ".join(formataddr((m.display_name, m.address), charset="utf-8") for m in mailboxes)
+
+
+def _text_part(text: str, subtype: str, charset: Charset) -> MIMEText:
+    part = MIMEText(text, subtype, charset)  # type: ignore[arg-type]  # a Charset is accepted too
+    del part["MIME-Version"]  # the message has it once, at the top
+    return part
+
+
+def _body_charset(name: str) -> Charset:
     try:
-        if body.text and body.html:
-            message.set_content(body.text, subtype="plain", charset=body.charset)
-            message.add_alternative(body.html, subtype="html", charset=body.charset)
-        elif body.html:
-            message.set_content(body.html, subtype="html", charset=body.charset)
-        else:
-            message.set_content(body.text, subtype="plain", charset=body.charset)
+        codecs.lookup(name)
     except LookupError:
-        raise InvalidArgument(f"Unknown charset {body.charset!r}.", field="charset") from None
-    except UnicodeEncodeError:
-        raise InvalidArgument(
-            f"The body cannot be written in the charset {body.charset!r}.", field="charset"
-        ) from None
+        raise InvalidArgument(f"Unknown charset {name!r}.", field="charset") from None
+    charset = Charset(name)
+    # Quoted-printable: readable when mostly ASCII, 7-bit clean and wrapped at 76 columns whatever
+    # the lines given (SMTP allows at most 998).
+    charset.body_encoding = QP
+    return charset
 
 
 def build_message(
     addressing: Addressing | None, body: Body, *, message_id: str | None, date: dt.datetime
 ) -> bytes:
-    """The whole message. Without addressing (a template preview) it has no From or To."""
-    message = EmailMessage(policy=_POLICY)
+    """The whole message. Without addressing (a template preview) it has no From or To.
+
+    Built with the email package's compat32 classes: several times faster than EmailMessage with a
+    modern policy, which matters at a thousand messages a second."""
+    charset = _body_charset(body.charset)
+    message: MIMEBase
+    try:
+        if body.text and body.html:
+            message = MIMEMultipart("alternative")
+            message.attach(_text_part(body.text, "plain", charset))
+            message.attach(_text_part(body.html, "html", charset))
+        else:
+            message = MIMEText(body.text or body.html, "plain" if body.text else "html", charset)  # type: ignore[arg-type]
+    except UnicodeEncodeError:
+        raise InvalidArgument(
+            f"The body cannot be written in the charset {body.charset!r}.", field="charset"
+        ) from None
     if addressing is not None:
-        message["From"] = addressing.sender.header_value()
+        message["From"] = _mailbox_list([addressing.sender])
         if addressing.to:
-            message["To"] = [m.header_value() for m in addressing.to]
+            message["To"] = _mailbox_list(addressing.to)
         if addressing.cc:
-            message["Cc"] = [m.header_value() for m in addressing.cc]
+            message["Cc"] = _mailbox_list(addressing.cc)
         if addressing.reply_to:
-            message["Reply-To"] = [m.header_value() for m in addressing.reply_to]
-    message["Subject"] = no_line_breaks(body.subject, field="subject")
+            message["Reply-To"] = _mailbox_list(addressing.reply_to)
+    # compat32 takes a Header object where typeshed says str.
+    message["Subject"] = _header_text(no_line_breaks(body.subject, field="subject"))  # type: ignore[assignment]
     message["Date"] = format_datetime(date.astimezone(dt.UTC))
     if message_id:
-        message["Message-ID"] = message_id
-    message["MIME-Version"] = "1.0"
+        message["Message-ID"] = _Unfolded(message_id)  # type: ignore[assignment]
     for header in body.headers:
-        message[header.name] = header.value
-    _set_parts(message, body)
-    for part in message.iter_parts():
-        del part["MIME-Version"]  # the email package repeats it on each alternative; once is enough
+        message[header.name] = _header_text(header.value)  # type: ignore[assignment]
     return message.as_bytes(policy=_POLICY)
 
 

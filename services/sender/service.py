@@ -38,6 +38,8 @@ class SenderService(Service):
         self.servicer.templates = TemplateStore(runtime.sessions, runtime.clock)
         keys = IdempotencyKeys(runtime.sessions, runtime.clock)
         self.checks = MeshChecks(runtime.clients)
+        assert runtime.nats is not None
+        await self.checks.watch(runtime.nats)
         self.servicer.acceptor = Acceptor(
             js=runtime.jetstream,
             events=runtime.events,
