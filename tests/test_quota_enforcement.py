@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 
 from postmesh.client import Client, error_details
 from postmesh.common.clients import MeshClients
+from postmesh.common.errors import PostmeshError
 from postmesh.common.sendquota import SendQuotaClient
 from postmesh.quota.v1 import quota_pb2 as pb
 from postmesh.testing import MeshThread
@@ -363,3 +364,42 @@ def test_housekeeping_keeps_the_rolling_count_right(start_mesh: MeshFactory) -> 
         assert _sent(mesh, idle_key) == 2
         assert mesh.run(service.housekeeping.run_once())["ledger"] == 1
         assert (_ledger_rows(mesh, busy_id), _ledger_rows(mesh, idle_id)) == (1, 1)
+
+
+def test_send_quota_client_raises_the_services_refusals(start_mesh: MeshFactory) -> None:
+    clock = ManualClock(START)
+    mesh = start_mesh(("identity", "quota"), clock=clock, sandbox_max_send_rate=2.0)
+    account_id, _ = mesh.create_account()
+
+    def pause() -> None:
+        with mesh.admin() as admin:
+            admin.quota.PauseAccountSending(pb.PauseAccountSendingRequest(account_id=account_id))
+
+    async def main() -> list[tuple[str, str, float | None]]:
+        clients = MeshClients({"quota": mesh.address}, mesh.service_key)
+        quota = SendQuotaClient(clients)
+        seen = []
+        reservation = await quota.reserve(account_id, 2)
+        assert not reservation.production_access and reservation.messages == 2
+        for _ in range(2):  # the second refusal comes from the client's memory of the first
+            try:
+                await quota.reserve(account_id, 1)
+            except PostmeshError as exc:
+                seen.append((type(exc).__name__, exc.reason, exc.retry_after_seconds))
+        await quota.release(reservation, 1)
+        clock.advance(seconds=1)
+        await asyncio.sleep(0.6)  # past the remembered retry-after
+        await quota.reserve(account_id, 2)  # 1 given back + 1 refilled... capped at the bucket's 2
+        await asyncio.to_thread(pause)
+        try:
+            await quota.reserve(account_id, 1)
+        except PostmeshError as exc:
+            seen.append((type(exc).__name__, exc.reason, exc.retry_after_seconds))
+        await quota.close()
+        await clients.close()
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen[0] == ("ResourceExhausted", "MAX_SEND_RATE_EXCEEDED", pytest.approx(0.5, abs=0.01))
+    assert seen[1][:2] == ("ResourceExhausted", "MAX_SEND_RATE_EXCEEDED") and 0 < (seen[1][2] or 0) <= 0.5
+    assert seen[2] == ("FailedPrecondition", "ACCOUNT_SENDING_PAUSED", None)

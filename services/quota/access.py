@@ -3,6 +3,7 @@ an operator grants or denies it, or a configured rule approves it at once (domai
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,9 +39,18 @@ class AccountDetailsInput:
     expected_daily_volume: int
 
 
-def _new_case_id(clock: Clock) -> str:
-    # Time first, so that ordering by case id lists the newest first.
-    return clock.now().strftime("%Y%m%d%H%M%S") + secrets.token_hex(4)
+class CaseIds:
+    """Case ids that sort by filing time (newest last): microseconds first, never repeating a time
+    within this process even when the clock stands still, then a random part across replicas."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._last = dt.datetime.min.replace(tzinfo=dt.UTC)
+
+    def new(self) -> str:
+        at = max(self._clock.now(), self._last + dt.timedelta(microseconds=1))
+        self._last = at
+        return at.strftime("%Y%m%d%H%M%S%f") + secrets.token_hex(2)
 
 
 def validate_details(details: AccountDetailsInput) -> tuple[str, list[str]]:
@@ -90,6 +100,7 @@ class ProductionAccess:
         self._settings = settings
         self._accounts = accounts
         self._notifier = notifier
+        self._case_ids = CaseIds(clock)
 
     async def put_details(self, account_id: str, details: AccountDetailsInput) -> tuple[str, str]:
         """Stores the details; files (or updates) a review case when production access is requested.
@@ -107,7 +118,7 @@ class ProductionAccess:
             if details.production_access_requested and not row.production_access:
                 if case is None or case.status != PENDING:
                     case = ProductionAccessCase(
-                        case_id=_new_case_id(self._clock),
+                        case_id=self._case_ids.new(),
                         account_id=account_id,
                         status=PENDING,
                         created_at=self._clock.now(),
