@@ -119,11 +119,13 @@ def _wait_serving(address: str, deadline: float) -> None:
 
 
 class Bench:
-    def __init__(self, workdir: Path, messages: int, concurrency: int) -> None:
+    def __init__(self, workdir: Path, messages: int, concurrency: int, delivery_processes: int) -> None:
         self.workdir = workdir
         self.messages = messages
         self.concurrency = concurrency
+        self.delivery_processes = delivery_processes
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.deliverers: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> None:
         from postmesh.testing_mail import LoopbackDns
@@ -158,7 +160,8 @@ class Bench:
             "DELIVERY_MODE": "smarthost",
             "SMARTHOST": f"127.0.0.1:{sink_port}",
             "SMARTHOST_TLS": "none",
-            "DELIVERY_WORKERS": "64",
+            # With delivery replicas of their own, the all-in-one process only accepts.
+            "DELIVERY_WORKERS": "0" if self.delivery_processes else "64",
         }
         log = (self.workdir / "postmesh.log").open("wb")
         self.mesh = subprocess.Popen(
@@ -166,6 +169,26 @@ class Bench:
         )
         self.processes.append(self.mesh)
         _wait_serving(self.address, time.monotonic() + 60)
+        for n in range(self.delivery_processes):
+            port = free_port()
+            replica_env = {
+                **env,
+                "GRPC_LISTEN": f"127.0.0.1:{port}",
+                "DATA_DIR": str(self.workdir / f"sender{n}"),
+                "IDENTITY_ENDPOINT": self.address,
+                "QUOTA_ENDPOINT": self.address,
+                "FEEDBACK_ENDPOINT": self.address,
+                "DELIVERY_WORKERS": "64",
+            }
+            replica = subprocess.Popen(
+                [sys.executable, "-m", "postmesh.cli.main", "serve", "sender"],
+                env=replica_env,
+                stdout=log,
+                stderr=log,
+            )
+            self.processes.append(replica)
+            self.deliverers.append(replica)
+            _wait_serving(f"127.0.0.1:{port}", time.monotonic() + 60)
 
     @property
     def address(self) -> str:
@@ -332,13 +355,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--messages", type=int, default=1000, help="messages in each measured burst")
     parser.add_argument("--concurrency", type=int, default=64, help="SendEmail calls in flight")
+    parser.add_argument(
+        "--delivery-processes",
+        type=int,
+        default=0,
+        help="delivery-only `postmesh serve sender` replicas (0: `serve all` delivers itself)",
+    )
     parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sink:
         _sink_main(args.sink)
         return 0
     with tempfile.TemporaryDirectory(prefix="postmesh-bench-") as workdir:
-        bench = Bench(Path(workdir), args.messages, args.concurrency)
+        bench = Bench(Path(workdir), args.messages, args.concurrency, args.delivery_processes)
         wall = time.monotonic()
         try:
             bench.start()
@@ -346,6 +375,10 @@ def main() -> int:
             result = asyncio.run(bench.run(account_id, key))
             rss = {
                 "postmesh serve all": _peak_rss_mb(bench.mesh.pid),
+                **{
+                    f"postmesh serve sender #{n + 1}": _peak_rss_mb(p.pid)
+                    for n, p in enumerate(bench.deliverers)
+                },
                 "SMTP sink (aiosmtpd)": _peak_rss_mb(bench.sink.pid),
                 "nats-server": _peak_rss_mb(bench.nats.process.pid) if bench.nats.process else float("nan"),
             }
@@ -354,7 +387,8 @@ def main() -> int:
     ok = "ok"
     print(
         f"\npostmesh bench: {args.messages} messages of ~5 KB, {args.concurrency} SendEmail calls in flight, "
-        f"DKIM RSA-{bits} signed, delivered by SMTP to a local sink; {os.cpu_count()} CPUs, "
+        f"DKIM RSA-{bits} signed, delivered by SMTP to a local sink by "
+        f"{args.delivery_processes or 'the same'} process(es); {os.cpu_count()} CPUs, "
         f"{time.monotonic() - wall:.0f} s in all.\n"
     )
     accepted, delivered, drained = (

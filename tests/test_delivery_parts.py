@@ -20,10 +20,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.x509.oid import NameOID
 
+from postmesh.common.config import load_settings
 from postmesh.common.natsserver import free_port
+from postmesh.common.server import load_all_service_settings
 from postmesh.common.verp import bounce_address, parse_bounce_address
 from postmesh.testing_mail import Behaviour, LoopbackDns, SmtpServer
 from services.sender.backoff import RetryPolicy
+from services.sender.delivery_wiring import build_transport
 from services.sender.dkim_signing import (
     ED25519_SHA256,
     RSA_SHA256,
@@ -34,7 +37,7 @@ from services.sender.dkim_signing import (
     sign_message,
 )
 from services.sender.mx import MxResolver, RouteError
-from services.sender.transport import Envelope, Kind, SmtpOptions, SmtpPool, SmtpTransport
+from services.sender.transport import Envelope, Kind, SinkTransport, SmtpOptions, SmtpPool, SmtpTransport
 
 MESSAGE = (
     b"From: Sender <news@example.test>\r\nTo: rcpt@ok.test\r\nSubject: Hello\r\n"
@@ -304,3 +307,20 @@ async def test_smarthost_with_required_starttls_and_auth(tmp_path: Path) -> None
         assert required["b@ok.test"].kind is Kind.TRANSIENT and "STARTTLS" in required["b@ok.test"].response
         assert [r.recipients for r in plain.received] == [["a@ok.test"]]
         await opportunistic.close()
+
+
+def test_delivery_mode_settings_are_checked_at_start(tmp_path: Path) -> None:
+    load_all_service_settings()
+    base = load_settings({}, data_dir=str(tmp_path))
+    assert isinstance(build_transport(base), SinkTransport)  # the default: nothing leaves the machine
+    mx = build_transport(base.with_overrides(delivery_mode="mx", dns_resolver="127.0.0.1:5353"))
+    assert isinstance(mx, SmtpTransport) and mx.resolver is not None and mx.port == 25
+    relay = build_transport(base.with_overrides(delivery_mode="smarthost", smarthost="relay.test:2525"))
+    assert isinstance(relay, SmtpTransport) and relay.smarthost == ("relay.test", 2525)
+    for bad, message in [
+        ({"delivery_mode": "pigeon"}, "DELIVERY_MODE"),
+        ({"delivery_mode": "smarthost"}, "SMARTHOST"),
+        ({"delivery_mode": "smarthost", "smarthost": "r.test:25", "smarthost_tls": "maybe"}, "SMARTHOST_TLS"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            build_transport(base.with_overrides(**bad))

@@ -65,6 +65,7 @@ class DeliveryConfig:
     policy: RetryPolicy
     ack_wait_seconds: float = 60.0
     fetch_batch: int = 64
+    shutdown_grace_seconds: float = 10.0
 
 
 def _domain(address: str) -> str:
@@ -124,6 +125,10 @@ class DeliveryWorker:
                     self._inflight.add(task)
                     task.add_done_callback(self._done)
         finally:
+            # On shutdown, let deliveries in hand finish (fewer duplicates); what does not finish in
+            # time is left unacked and goes to another worker.
+            if self._inflight:
+                await asyncio.wait(set(self._inflight), timeout=self.config.shutdown_grace_seconds)
             for task in list(self._inflight):
                 task.cancel()
             await asyncio.gather(*self._inflight, return_exceptions=True)

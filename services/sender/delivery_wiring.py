@@ -121,6 +121,7 @@ class Delivery:
                 reporting_mta=reporting_mta(settings),
                 policy=RetryPolicy.from_settings(settings),
                 ack_wait_seconds=settings.delivery_ack_wait_seconds,
+                shutdown_grace_seconds=settings.shutdown_grace_seconds,
             ),
             clock=runtime.clock,
         )
