@@ -139,13 +139,21 @@ class Settings:
         return f"sqlite+aiosqlite:///{os.path.join(self.values['DATA_DIR'], service + '.db')}"
 
 
+# The settings every process has; services' own settings follow, in whatever order they are imported.
+_CORE_SETTINGS = len(SCHEMA)
+
+
 def register(*settings: Setting) -> None:
-    """Lets a service add its own settings to the one schema (at import time)."""
-    known = {s.name for s in SCHEMA}
+    """Lets a service add its own settings to the one schema (at import time). Two services may share a
+    setting (DNS_RESOLVER, say) only by declaring it identically."""
+    known = {s.name: s for s in SCHEMA}
     for setting in settings:
-        if setting.name not in known:
+        existing = known.get(setting.name)
+        if existing is None:
             SCHEMA.append(setting)
-            known.add(setting.name)
+            known[setting.name] = setting
+        elif existing != setting:
+            raise ValueError(f"setting {setting.name} is declared twice, differently")
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -168,7 +176,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
 def markdown_table() -> str:
     """The README's configuration table."""
     lines = ["| Variable | Type | Default | Description |", "| --- | --- | --- | --- |"]
-    for s in SCHEMA:
+    ordered = SCHEMA[:_CORE_SETTINGS] + sorted(SCHEMA[_CORE_SETTINGS:], key=lambda s: s.name)
+    for s in ordered:
         default = "" if s.default == "" else f"`{s.default}`"
         lines.append(f"| `{s.name}` | {s.type.__name__} | {default} | {s.description} |")
     return "\n".join(lines)
