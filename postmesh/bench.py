@@ -16,6 +16,7 @@ import collections
 import datetime as dt
 import os
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -39,6 +40,7 @@ from postmesh.common.outbound import enqueue
 from postmesh.common.streams import EMAIL_EVENTS_SUBJECT, EVENTS
 from postmesh.events.v1 import events_pb2
 from postmesh.identity.v1 import identity_pb2
+from postmesh.quota.v1 import quota_pb2
 from postmesh.sender.v1 import queue_pb2, sender_pb2, sender_pb2_grpc
 
 TARGET_ACCEPTED = 1000.0
@@ -119,8 +121,21 @@ def _wait_serving(address: str, deadline: float) -> None:
 
 
 class Bench:
-    def __init__(self, workdir: Path, messages: int, concurrency: int, delivery_processes: int) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        messages: int,
+        concurrency: int,
+        delivery_processes: int,
+        *,
+        log_level: str = "WARNING",
+        profile: str = "",
+        sandbox: bool = False,
+    ) -> None:
+        self.sandbox = sandbox
         self.workdir = workdir
+        self.log_level = log_level
+        self.profile = profile
         self.messages = messages
         self.concurrency = concurrency
         self.delivery_processes = delivery_processes
@@ -148,13 +163,14 @@ class Bench:
             "DATA_DIR": str(self.workdir / "var"),
             "GRPC_LISTEN": f"127.0.0.1:{self.port}",
             "METRICS_PORT": "0",
-            "LOG_LEVEL": "WARNING",
+            "LOG_LEVEL": self.log_level,
             "ADMIN_API_KEY": self.admin_key,
             "SERVICE_API_KEY": self.service_key,
             "DKIM_MASTER_KEYS": f"bench:{base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()}",
             "IDENTITY_HTTP_LISTEN": "127.0.0.1:0",
             "DNS_RESOLVER": self.dns.address,
             "DNS_CHECK_POLL_SECONDS": "3600",
+            # With --sandbox, the bench account stays there: every recipient is then checked.
             "SANDBOX_MAX_SEND_RATE": "1000000",
             "SANDBOX_MAX_24_HOUR_SEND": "1000000000",
             "DELIVERY_MODE": "smarthost",
@@ -169,6 +185,24 @@ class Bench:
         )
         self.processes.append(self.mesh)
         _wait_serving(self.address, time.monotonic() + 60)
+        if self.profile:
+            # Samples the all-in-one process until it exits (py-spy: `pip install py-spy`).
+            subprocess.Popen(
+                [
+                    shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")),
+                    "record",
+                    "-p",
+                    str(self.mesh.pid),
+                    "-r",
+                    "100",
+                    "-f",
+                    "raw",
+                    "-o",
+                    self.profile,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         for n in range(self.delivery_processes):
             port = free_port()
             replica_env = {
@@ -206,10 +240,27 @@ class Bench:
         self.nats.stop()
 
     def set_up_account(self) -> tuple[str, str, int]:
-        """An account whose sending domain and the sink's domain are verified; its DKIM key size."""
+        """An account whose sending domain and the sink's domain are verified, out of the sandbox with
+        a quota far above what the bench sends (unless --sandbox); its DKIM key size."""
         with Client(self.address, self.admin_key) as admin:
             reply = admin.identity.CreateAccount(identity_pb2.CreateAccountRequest(name="bench"))
-        account_id, key = reply.account.account_id, reply.api_key_secret
+            account_id, key = reply.account.account_id, reply.api_key_secret
+            if not self.sandbox:
+                with Client(self.address, key) as client:
+                    filed = client.quota.PutAccountDetails(
+                        quota_pb2.PutAccountDetailsRequest(
+                            mail_type=quota_pb2.MAIL_TYPE_TRANSACTIONAL,
+                            website_url="https://bench.test",
+                            use_case_description="Benchmark",
+                            production_access_enabled=True,
+                            expected_daily_volume=10_000_000,
+                        )
+                    )
+                admin.quota.GrantProductionAccess(
+                    quota_pb2.GrantProductionAccessRequest(
+                        case_id=filed.review_details.case_id, max_24_hour_send=1e9, max_send_rate=1e6
+                    )
+                )
         with Client(self.address, key) as client:
             for domain in ("bench.test", "sink.test"):
                 created = client.identity.CreateEmailIdentity(
@@ -361,13 +412,27 @@ def main() -> int:
         default=0,
         help="delivery-only `postmesh serve sender` replicas (0: `serve all` delivers itself)",
     )
+    parser.add_argument(
+        "--sandbox", action="store_true", help="keep the account in the sandbox (recipients checked)"
+    )
+    parser.add_argument("--log-level", default="WARNING", help="LOG_LEVEL of the postmesh processes")
+    parser.add_argument("--log", help="keep the postmesh processes' log in this file")
+    parser.add_argument("--profile", help="record a py-spy profile (raw) of `serve all` in this file")
     parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sink:
         _sink_main(args.sink)
         return 0
     with tempfile.TemporaryDirectory(prefix="postmesh-bench-") as workdir:
-        bench = Bench(Path(workdir), args.messages, args.concurrency, args.delivery_processes)
+        bench = Bench(
+            Path(workdir),
+            args.messages,
+            args.concurrency,
+            args.delivery_processes,
+            log_level=args.log_level,
+            profile=args.profile or "",
+            sandbox=args.sandbox,
+        )
         wall = time.monotonic()
         try:
             bench.start()
@@ -384,6 +449,8 @@ def main() -> int:
             }
         finally:
             bench.stop()
+            if args.log:
+                shutil.copy(Path(workdir) / "postmesh.log", args.log)
     ok = "ok"
     print(
         f"\npostmesh bench: {args.messages} messages of ~5 KB, {args.concurrency} SendEmail calls in flight, "
