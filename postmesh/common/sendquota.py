@@ -6,8 +6,11 @@ once per message when an account sends fast:
 
 - Lease: when an account's recent demand on this replica is more than a message per lease period,
   a reservation also asks for a short lease of extra messages (the service grants at most a fraction
-  of a second of the account's rate). Later reservations are served from the lease locally; at the
-  end of the lease whatever is left is given back with ReleaseSendQuota.
+  of a second of the account's rate). Reservations waiting for the call in progress count as demand
+  too: sized by the recent rate alone, a lease would stay as small as a slow start made it, and
+  concurrent senders would queue behind one quota call after another. Later reservations are served
+  from the lease locally; at the end of the lease whatever is left is given back with
+  ReleaseSendQuota.
 - Refusal cache: a RESOURCE_EXHAUSTED refusal carries a retry-after; until then, reservations of at
   least as many messages are refused here with the same error, without a call.
 
@@ -61,6 +64,8 @@ class _Account:
     refused_until: float = 0.0
     refused_messages: int = 0
     refusal: PostmeshError | None = None
+    # Messages of reservations waiting for the lock (a quota call is in progress).
+    waiting: int = 0
     # Messages reserved in the current and the previous second: the demand estimate.
     second: int = 0
     this_second: int = 0
@@ -114,50 +119,62 @@ class SendQuotaClient:
         taken = self._take_from_lease(account_id, account, messages, now)
         if taken is not None:
             return taken
-        async with account.lock:
-            now = self._clock()
-            # Another reservation may have brought a fresh lease while this one waited.
-            taken = self._take_from_lease(account_id, account, messages, now)
-            if taken is not None:
-                return taken
-            if (
-                account.refusal is not None
-                and now < account.refused_until
-                and messages >= account.refused_messages
-            ):
-                raise _copy(account.refusal, account.refused_until - now)
-            await self._return_lease(account_id, account)
-            # Ask for a lease only when this replica sends more than a message per lease period.
-            wanted = math.ceil(max(account.last_second, account.this_second) * self._lease_seconds)
-            lease_messages = min(wanted, self._max_lease) if wanted > messages else 0
-            try:
-                reply = await self._clients.quota.ReserveSendQuota(
-                    quota_pb2.ReserveSendQuotaRequest(
-                        account_id=account_id, messages=messages, lease_messages=lease_messages
-                    ),
-                    timeout=10,
-                )
-            except aio.AioRpcError as exc:
-                error = domain_error_from(exc)
-                if isinstance(error, ResourceExhausted) and error.retry_after_seconds:
-                    account.refusal = error
-                    account.refused_until = self._clock() + error.retry_after_seconds
-                    account.refused_messages = messages
-                raise error from None
-            account.refusal = None
-            extra = max(reply.granted_messages - messages, 0)
-            if extra:
-                lease = _Lease(
-                    reply.reservation_id,
-                    extra,
-                    self._clock() + (reply.lease_seconds or self._lease_seconds),
-                    reply.production_access_enabled,
-                )
-                account.lease = lease
-                asyncio.get_running_loop().call_later(
-                    lease.expires_at - self._clock(), self._expire, account_id, lease
-                )
-            return Reservation(account_id, reply.reservation_id, messages, reply.production_access_enabled)
+        account.waiting += messages
+        try:
+            await account.lock.acquire()
+        finally:
+            account.waiting -= messages
+        try:
+            return await self._reserve_locked(account_id, account, messages)
+        finally:
+            account.lock.release()
+
+    async def _reserve_locked(self, account_id: str, account: _Account, messages: int) -> Reservation:
+        now = self._clock()
+        # Another reservation may have brought a fresh lease while this one waited.
+        taken = self._take_from_lease(account_id, account, messages, now)
+        if taken is not None:
+            return taken
+        if (
+            account.refusal is not None
+            and now < account.refused_until
+            and messages >= account.refused_messages
+        ):
+            raise _copy(account.refusal, account.refused_until - now)
+        await self._return_lease(account_id, account)
+        # Ask for a lease only when this replica sends more than a message per lease period, or
+        # when other reservations already wait behind this one.
+        recent = math.ceil(max(account.last_second, account.this_second) * self._lease_seconds)
+        wanted = max(recent if recent > messages else 0, account.waiting)
+        lease_messages = min(wanted, self._max_lease)
+        try:
+            reply = await self._clients.quota.ReserveSendQuota(
+                quota_pb2.ReserveSendQuotaRequest(
+                    account_id=account_id, messages=messages, lease_messages=lease_messages
+                ),
+                timeout=10,
+            )
+        except aio.AioRpcError as exc:
+            error = domain_error_from(exc)
+            if isinstance(error, ResourceExhausted) and error.retry_after_seconds:
+                account.refusal = error
+                account.refused_until = self._clock() + error.retry_after_seconds
+                account.refused_messages = messages
+            raise error from None
+        account.refusal = None
+        extra = max(reply.granted_messages - messages, 0)
+        if extra:
+            lease = _Lease(
+                reply.reservation_id,
+                extra,
+                self._clock() + (reply.lease_seconds or self._lease_seconds),
+                reply.production_access_enabled,
+            )
+            account.lease = lease
+            asyncio.get_running_loop().call_later(
+                lease.expires_at - self._clock(), self._expire, account_id, lease
+            )
+        return Reservation(account_id, reply.reservation_id, messages, reply.production_access_enabled)
 
     async def release(self, reservation: Reservation, messages: int | None = None) -> None:
         """Gives back `messages` of a reservation (all of it by default) that were not sent."""
