@@ -3,6 +3,11 @@
 The accept path (domain code) sees plain results and domain errors; this adapter is where the other
 services' refusals are turned back into domain errors with their status, reason and message intact.
 
+The per-message checks that read (suppression, and sandbox recipients) are coalesced per account:
+while one call for an account is in flight, the checks that arrive meanwhile wait and go together in
+the next call. Every message is still checked against the current lists, never a kept answer; under
+load the other services get one call for many messages instead of one each.
+
 Identity's answers that let a message through (this account may send as this address; this recipient
 is verified) are kept for a short while, so a busy account does not ask twice per message. Any
 IdentityChanged event (an identity deleted, a policy changed...) drops them all at once; refusals are
@@ -11,8 +16,9 @@ never kept.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar
 
@@ -20,6 +26,7 @@ from grpc import aio
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 
+from postmesh.common.addresses import address_key
 from postmesh.common.clients import MeshClients, domain_error_from
 from postmesh.common.sendquota import Reservation, SendQuotaClient
 from postmesh.common.streams import IDENTITY_CHANGED_SUBJECT
@@ -33,6 +40,8 @@ TIMEOUT = 10.0
 # while NATS reconnects).
 CACHE_SECONDS = 30.0
 _CACHE_LIMIT = 100_000
+# Addresses per coalesced check (the services accept up to 1,000).
+_BATCH_ADDRESSES = 500
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -58,6 +67,54 @@ class _Answers(Generic[K, V]):
         self._entries.clear()
 
 
+class _Coalesced:
+    """Per account, at most one call in flight; checks arriving meanwhile go together in the next.
+    `call(account_id, addresses)` returns the address keys it flags (suppressed, unverified)."""
+
+    def __init__(self, call: Callable[[str, list[str]], Awaitable[set[str]]]) -> None:
+        self._call = call
+        self._waiting: dict[str, list[tuple[list[str], asyncio.Future[set[str]]]]] = {}
+        self._drains: set[asyncio.Task[None]] = set()
+
+    async def flagged(self, account_id: str, addresses: list[str]) -> set[str]:
+        future: asyncio.Future[set[str]] = asyncio.get_running_loop().create_future()
+        waiting = self._waiting.get(account_id)
+        if waiting is None:
+            waiting = self._waiting[account_id] = []
+            drain = asyncio.create_task(self._drain(account_id, waiting))
+            self._drains.add(drain)
+            drain.add_done_callback(self._drains.discard)
+        waiting.append((addresses, future))
+        return await future
+
+    async def _drain(
+        self, account_id: str, waiting: list[tuple[list[str], asyncio.Future[set[str]]]]
+    ) -> None:
+        try:
+            while waiting:
+                batch: list[tuple[list[str], asyncio.Future[set[str]]]] = []
+                keys: dict[str, str] = {}
+                while waiting and (not batch or len(keys) + len(waiting[0][0]) <= _BATCH_ADDRESSES):
+                    addresses, future = waiting.pop(0)
+                    batch.append((addresses, future))
+                    for address in addresses:
+                        keys.setdefault(address_key(address), address)
+                try:
+                    flagged = await self._call(account_id, list(keys.values()))
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(flagged)
+        finally:
+            del self._waiting[account_id]
+            for _, future in waiting:  # only when cancelled (shutdown)
+                future.cancel()
+
+
 @asynccontextmanager
 async def _refusals_as_domain_errors() -> AsyncIterator[None]:
     try:
@@ -73,6 +130,8 @@ class MeshChecks:
         self._authorized: _Answers[tuple[str, str, str], Authorization] = _Answers(clock)
         self._verified: _Answers[tuple[str, str], bool] = _Answers(clock)
         self._subscription: Subscription | None = None
+        self._suppression = _Coalesced(self._check_suppressed)
+        self._sandbox = _Coalesced(self._check_verified)
 
     async def watch(self, nats: NATS) -> None:
         """Drops the kept identity answers on every IdentityChanged event, on every replica (a
@@ -124,18 +183,26 @@ class MeshChecks:
         unknown = [a for a in addresses if self._verified.get((account_id, a.lower())) is None]
         if not unknown:
             return []
+        unverified = await self._sandbox.flagged(account_id, unknown)
+        return [a for a in unknown if address_key(a) in unverified]
+
+    async def _check_verified(self, account_id: str, addresses: list[str]) -> set[str]:
         async with _refusals_as_domain_errors():
             reply = await self._clients.identity.CheckVerifiedRecipients(
-                identity_pb2.CheckVerifiedRecipientsRequest(account_id=account_id, email_addresses=unknown),
+                identity_pb2.CheckVerifiedRecipientsRequest(account_id=account_id, email_addresses=addresses),
                 timeout=TIMEOUT,
             )
         unverified = set(reply.unverified)
-        for address in unknown:
+        for address in addresses:
             if address not in unverified:
                 self._verified.put((account_id, address.lower()), True)
-        return list(reply.unverified)
+        return {address_key(a) for a in unverified}
 
     async def suppressed(self, account_id: str, addresses: list[str]) -> list[str]:
+        suppressed = await self._suppression.flagged(account_id, addresses)
+        return [a for a in addresses if address_key(a) in suppressed]
+
+    async def _check_suppressed(self, account_id: str, addresses: list[str]) -> set[str]:
         async with _refusals_as_domain_errors():
             reply = await self._clients.feedback.CheckSuppressedDestinations(
                 feedback_pb2.CheckSuppressedDestinationsRequest(
@@ -143,4 +210,4 @@ class MeshChecks:
                 ),
                 timeout=TIMEOUT,
             )
-        return [s.email_address for s in reply.suppressed]
+        return {address_key(s.email_address) for s in reply.suppressed}
