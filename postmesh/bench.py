@@ -84,6 +84,14 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _sink_main(port: int) -> None:
     """The receiving end: an aiosmtpd server that takes every message (a process of its own)."""
     from aiosmtpd.controller import Controller
@@ -228,6 +236,19 @@ class Bench:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time used so far by each process of the bench (user + system)."""
+        named = {
+            "postmesh serve all": self.mesh.pid,
+            **{f"postmesh serve sender #{n + 1}": p.pid for n, p in enumerate(self.deliverers)},
+            "SMTP sink": self.sink.pid,
+        }
+        if self.nats.process is not None:
+            named["nats-server"] = self.nats.process.pid
+        seconds = {name: _cpu_seconds(pid) for name, pid in named.items()}
+        seconds["bench client (this)"] = time.process_time()
+        return seconds
+
     def stop(self) -> None:
         for process in self.processes:
             if process.poll() is None:
@@ -352,9 +373,11 @@ class Bench:
 
         total = self.messages
         counter = asyncio.create_task(count_deliveries(total))
+        cpu_before = self.cpu_seconds()
         started = time.perf_counter()
         await asyncio.gather(*(send(range(i, total, self.concurrency)) for i in range(self.concurrency)))
         accept_seconds = time.perf_counter() - started
+        cpu = {name: seconds - cpu_before[name] for name, seconds in self.cpu_seconds().items()}
         try:
             await asyncio.wait_for(counter, timeout=45)
         except TimeoutError:
@@ -390,6 +413,8 @@ class Bench:
             "enqueued_per_s": total / enqueue_seconds,
             "drained": drained,
             "drained_per_s": drained / drain_seconds if drain_seconds > 0 else 0.0,
+            "cpu": cpu,
+            "accept_seconds": accept_seconds,
             "other_events": ", ".join(
                 f"{n} {k.removeprefix('EMAIL_EVENT_TYPE_').lower()}"
                 for k, n in sorted(kinds.items())
@@ -504,6 +529,12 @@ def main() -> int:
     ]
     for row in rows:
         print(_row(*row))
+    cpu = result["cpu"]
+    print(
+        f"\nCPU while accepting ({result['accept_seconds']:.1f} s, {os.cpu_count()} CPUs): "
+        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in cpu.items())
+        + f"; {sum(cpu.values()) / result['accept_seconds']:.0%} of one CPU in all."
+    )
     print(
         f"\n{int(result['accepted'])} accepted, {int(result['failures'])} refused, "
         f"{int(result['delivered'])} delivered; then {args.messages} put straight on the queue "
