@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import random
 import secrets
 import signal
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -101,13 +101,14 @@ class MeshInterceptor(aio.ServerInterceptor):
         if handler is None or service is None or handler.unary_unary is None:
             return handler  # health, reflection: no postmesh policy applies
         access = service.access_for(method)
+        internal = access is Access.INTERNAL
         behaviour = handler.unary_unary
 
         async def wrapped(request: Any, context: aio.ServicerContext) -> Any:
             metadata = {
                 key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
             }
-            request_id_var.set(metadata.get("x-request-id") or uuid.uuid4().hex[:16])
+            request_id_var.set(metadata.get("x-request-id") or f"{random.getrandbits(64):016x}")
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
@@ -131,10 +132,15 @@ class MeshInterceptor(aio.ServerInterceptor):
                 elapsed = time.perf_counter() - started
                 RPC_COUNT.labels(full_method, code.name).inc()
                 RPC_SECONDS.labels(full_method).observe(elapsed)
-                log.info(
-                    "rpc",
-                    extra={"method": full_method, "code": code.name, "ms": round(elapsed * 1000, 2)},
-                )
+                # Calls between services (several per message sent) only at DEBUG unless they fail;
+                # the call that started them is logged at INFO.
+                level = logging.DEBUG if internal and code is grpc.StatusCode.OK else logging.INFO
+                if log.isEnabledFor(level):
+                    log.log(
+                        level,
+                        "rpc",
+                        extra={"method": full_method, "code": code.name, "ms": round(elapsed * 1000, 2)},
+                    )
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
