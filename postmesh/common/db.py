@@ -75,6 +75,9 @@ def create_engine(url: str) -> AsyncEngine:
             cursor = dbapi_connection.cursor()
             # WAL lets readers run beside the one writer; foreign keys are off by default in SQLite.
             cursor.execute("PRAGMA journal_mode=WAL")
+            # In WAL mode NORMAL syncs at checkpoints, not at every commit: a commit survives a crash
+            # of the process, and only a power loss may take the last few back.
+            cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
