@@ -9,7 +9,6 @@ import datetime as dt
 import json
 import os
 import secrets
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from postmesh.identity.v1 import identity_pb2 as pb
 from postmesh.testing import MeshThread
 from services.identity.dkimkeys import MasterKeys, Sealed
 from tests.conftest import MeshFactory
+from tests.dkim_verifiers import perl_dkim_available, perl_dkim_result
 from tests.identity_helpers import (
     authorize,
     create_verified_domain,
@@ -121,18 +121,6 @@ def _verify_all(message: bytes, server: LocalDns) -> list[bool]:
     return results
 
 
-PERL_VERIFY = r"""
-use strict; use warnings;
-use Mail::DKIM::Verifier; use Net::DNS::Resolver;
-Mail::DKIM::DNS::resolver(Net::DNS::Resolver->new(nameservers => ['127.0.0.1'], port => $ARGV[0]));
-my $dkim = Mail::DKIM::Verifier->new();
-binmode STDIN;
-while (my $line = <STDIN>) { $line =~ s/\r?\n\z/\r\n/; $dkim->PRINT($line); }
-$dkim->CLOSE;
-print $dkim->result, "\n";
-"""
-
-
 def test_signing_keys_verify_independently_from_dns(
     idmesh: MeshThread, dns: LocalDns, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -179,16 +167,10 @@ def test_signing_keys_verify_independently_from_dns(
 
     rsa_key = next(k for k in config.keys if k.algorithm == "rsa-sha256")
     rsa_signed = _sign(message, config.domain, rsa_key)
-    if shutil.which("perl") is None or subprocess.run(["perl", "-MMail::DKIM::Verifier", "-e1"]).returncode:
+    if not perl_dkim_available():
         pytest.skip("Perl Mail::DKIM is not installed (apt-get install libmail-dkim-perl)")
-    for body, expected in (
-        (rsa_signed, "pass"),
-        (rsa_signed.replace(b"verified by", b"verifyed by"), "fail"),
-    ):
-        result = subprocess.run(
-            ["perl", "-e", PERL_VERIFY, str(dns.port)], input=body, capture_output=True, timeout=60
-        )
-        assert result.stdout.decode().strip() == expected, result.stderr.decode()
+    assert perl_dkim_result(rsa_signed, dns.port) == "pass"
+    assert perl_dkim_result(rsa_signed.replace(b"verified by", b"verifyed by"), dns.port) == "fail"
 
 
 def test_rotation_switches_signing_only_once_the_new_records_are_published(

@@ -26,6 +26,7 @@ from postmesh.sender.v1 import sender_pb2 as pb
 from postmesh.testing import MeshThread
 from postmesh.testing_mail import LoopbackDns, SmtpServer
 from tests.conftest import MeshFactory
+from tests.dkim_verifiers import perl_dkim_available, perl_dkim_result
 from tests.sending_helpers import (
     email_events,
     of_type,
@@ -560,15 +561,29 @@ def test_sends_arrive_dkim_signed_over_smtp(
                 )
             ).bulk_email_entry_results
             ids += [r.message_id for r in bulk]
+            ids.append(
+                client.sender.SendEmail(
+                    pb.SendEmailRequest(
+                        from_email_address="news@example.test",
+                        destination=pb.Destination(to_addresses=["d@example.test"]),
+                        content=pb.EmailContent(
+                            template=pb.Template(template_name="t", template_data='{"n": "templated"}')
+                        ),
+                    )
+                ).message_id
+            )
         deadline = time.monotonic() + 60
         while len(smtp.received) < len(ids) and time.monotonic() < deadline:
             time.sleep(0.1)
         received = smtp.received
         assert sorted(r.message_id for r in received) == sorted(f"<{i}@mail.postmesh.test>" for i in ids)
         lookup = _dkim_lookup(zone)
+        perl = perl_dkim_available()  # Debian's libmail-dkim-perl, where installed
         for message in received:
             assert b"DKIM-Signature:" in message.data
             assert dkim.verify(message.data, dnsfunc=lookup), message.data[:400]
+            if perl:
+                assert perl_dkim_result(message.data, zone.port) == "pass", message.data[:400]
             assert message.mail_from.endswith("@bounces.postmesh.test")
             assert b"\nBcc:" not in message.data
 
