@@ -20,8 +20,8 @@ from postmesh.sender.v1 import sender_pb2 as pb
 from postmesh.sender.v1 import sender_pb2_grpc
 from postmesh.testing_mail import LoopbackDns
 from tests.conftest import MeshFactory
+from tests.identity_helpers import create_verified_domain
 from tests.sending_helpers import own_nats_server
-from tests.test_sending_e2e import verify_domain
 
 RATE, SECONDS, OFFERED_PER_SECOND = 20.0, 10.0, 100.0
 
@@ -93,7 +93,9 @@ def test_three_sender_replicas_hold_the_account_to_its_rate(start_mesh: MeshFact
         replicas = [start_mesh(("sender",), **shared) for _ in range(3)]
         _, key = core.create_account()
         with core.client(key) as client:
-            verify_domain(client, zone, "rate.test")  # sandbox: sender and recipients at a verified domain
+            create_verified_domain(
+                client, zone, "rate.test"
+            )  # sandbox: sender and recipients at a verified domain
         outcomes = [Counter[str]() for _ in replicas]
         start_at = time.monotonic() + 1.0
         threads = [
