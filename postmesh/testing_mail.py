@@ -4,6 +4,7 @@ behaviours, and a dnslib DNS server serving a small zone (MX, A, TXT) from memor
 from __future__ import annotations
 
 import re
+import socket
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from dnslib import MX, QTYPE, RR, TXT, A, DNSLabel, DNSRecord
+from dnslib import MX, QTYPE, RCODE, RR, TXT, A, DNSLabel, DNSRecord
 from dnslib.server import BaseResolver, DNSHandler, DNSServer
 
 from postmesh.common.natsserver import free_port
@@ -125,27 +126,48 @@ class _ZoneResolver(BaseResolver):
         name = str(request.q.qname).rstrip(".").lower()
         qtype = QTYPE[request.q.qtype]
         with self.zone.lock:
+            if self.zone.failing:
+                reply.header.rcode = RCODE.SERVFAIL
+                return reply
             known = name in self.zone.names
             records = list(self.zone.records.get((name, qtype), []))
         if not known:
-            reply.header.rcode = 3  # NXDOMAIN
+            reply.header.rcode = RCODE.NXDOMAIN
         for rdata in records:
-            reply.add_answer(RR(DNSLabel(name + "."), getattr(QTYPE, qtype), rdata=rdata, ttl=300))
+            reply.add_answer(RR(DNSLabel(name + "."), getattr(QTYPE, qtype), rdata=rdata, ttl=0))
         return reply
 
 
+def _free_udp_and_tcp_port() -> int:
+    # One number, free for both UDP and TCP: resolvers retry large answers over TCP.
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+        return port
+
+
 class LoopbackDns:
-    """A DNS server on 127.0.0.1 answering from records added with add_mx / add_a / add_txt.
-    Names it has never heard of are NXDOMAIN; known names without the asked type answer empty."""
+    """A DNS server on 127.0.0.1 (UDP and TCP) answering from the records a test publishes.
+    Names it has never heard of are NXDOMAIN; known names without the asked type answer empty;
+    `failing = True` makes every answer SERVFAIL (a resolver outage)."""
 
     def __init__(self) -> None:
         self.records: dict[tuple[str, str], list[Any]] = {}
         self.names: set[str] = set()
+        self.failing = False
         self.lock = threading.Lock()
-        self.port = free_port()
-        self.server = DNSServer(
-            _ZoneResolver(self), address="127.0.0.1", port=self.port, logger=_QuietLogger()
-        )
+        self.port = _free_udp_and_tcp_port()
+        resolver = _ZoneResolver(self)
+        self._servers = [
+            DNSServer(resolver, address="127.0.0.1", port=self.port, tcp=tcp, logger=_QuietLogger())
+            for tcp in (False, True)
+        ]
 
     @property
     def address(self) -> str:
@@ -170,14 +192,37 @@ class LoopbackDns:
 
     def add_txt(self, name: str, text: str) -> None:
         # TXT character-strings hold at most 255 bytes: long records (DKIM keys) are split.
-        self._add(name, "TXT", TXT([text[i : i + 255] for i in range(0, len(text), 255)]))
+        self._add(name, "TXT", TXT([text[i : i + 255] for i in range(0, len(text), 255)] or [""]))
+
+    def publish(self, name: str, rtype: str, value: str) -> None:
+        """A record as a zone file writes it: TXT text, "10 mx.example.test" for MX, an A address."""
+        if rtype == "TXT":
+            self.add_txt(name, value)
+        elif rtype == "MX":
+            preference, _, host = value.partition(" ")
+            self.add_mx(name, host.rstrip("."), int(preference))
+        elif rtype == "A":
+            self.add_a(name, value)
+        else:
+            raise ValueError(f"unsupported record type {rtype}")
+
+    def remove(self, name: str, rtype: str | None = None) -> None:
+        """Withdraws a name's records (of one type, or all); a name left with none is NXDOMAIN."""
+        name = name.rstrip(".").lower()
+        with self.lock:
+            for key in [k for k in self.records if k[0] == name and (rtype is None or k[1] == rtype)]:
+                del self.records[key]
+            if not any(k[0] == name for k in self.records):
+                self.names.discard(name)
 
     def start(self) -> LoopbackDns:
-        self.server.start_thread()
+        for server in self._servers:
+            server.start_thread()
         return self
 
     def stop(self) -> None:
-        self.server.stop()
+        for server in self._servers:
+            server.stop()
 
     def __enter__(self) -> LoopbackDns:
         return self.start()

@@ -17,8 +17,7 @@ from postmesh.common.streams import IDENTITY_CHANGED_SUBJECT
 from postmesh.events.v1 import events_pb2
 from postmesh.identity.v1 import identity_pb2 as pb
 from postmesh.testing import MeshThread
-from postmesh.testing_mail import Received, SmtpServer
-from tests.localdns import LocalDns
+from postmesh.testing_mail import LoopbackDns, Received, SmtpServer
 
 SYSTEM_ACCOUNT_ID = "000000000000"
 
@@ -50,14 +49,14 @@ def rpc_error(call: object) -> tuple[grpc.StatusCode, str, str, dict[str, str]]:
     return details.code, details.reason, details.message, details.metadata
 
 
-def publish(dns: LocalDns, records: object, purpose: str | None = None) -> None:
+def publish(dns: LoopbackDns, records: object, purpose: str | None = None) -> None:
     for record in records:  # type: ignore[attr-defined]
         if purpose is None or record.purpose == purpose:
             dns.publish(record.name, record.type, record.value)
 
 
 def create_verified_domain(
-    client: Client, dns: LocalDns, domain: str, dkim: pb.DkimSigningAttributes | None = None
+    client: Client, dns: LoopbackDns, domain: str, dkim: pb.DkimSigningAttributes | None = None
 ) -> pb.GetEmailIdentityResponse:
     created = client.identity.CreateEmailIdentity(
         pb.CreateEmailIdentityRequest(email_identity=domain, dkim_signing_attributes=dkim)

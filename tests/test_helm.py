@@ -84,6 +84,26 @@ def test_one_hardened_deployment_per_service_with_grpc_probes(rendered: list[dic
     assert sender_env["DELIVERY_MODE"] == "mx"
 
 
+def test_identity_serves_verification_links_behind_an_ingress(rendered: list[dict[str, Any]]) -> None:
+    identity = next(
+        d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["name"] == "pm-postmesh-identity"
+    )
+    container = identity["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["IDENTITY_HTTP_LISTEN"] == "0.0.0.0:8090"
+    assert env["IDENTITY_PUBLIC_URL"] == "https://postmesh.example.test"
+    assert {"name": "http", "containerPort": 8090} in container["ports"]
+    ingress = next(d for d in rendered if d["kind"] == "Ingress")
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": "pm-postmesh-identity", "port": {"name": "http"}}
+    sender = next(
+        d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["name"] == "pm-postmesh-sender"
+    )
+    assert "IDENTITY_HTTP_LISTEN" not in {
+        e["name"] for e in sender["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+
+
 def test_network_policy_and_service_per_component(rendered: list[dict[str, Any]]) -> None:
     kinds = [d["kind"] for d in rendered]
     assert kinds.count("NetworkPolicy") == kinds.count("Service") == kinds.count("PodDisruptionBudget") == 4

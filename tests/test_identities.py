@@ -11,25 +11,27 @@ import pytest
 
 from postmesh.identity.v1 import identity_pb2 as pb
 from postmesh.testing import MeshThread
+from postmesh.testing_mail import LoopbackDns
 from tests.conftest import MeshFactory
 from tests.identity_helpers import authorize, create_verified_domain, internal, publish, rpc_error
-from tests.localdns import LocalDns
 
 
 @pytest.fixture
-def dns() -> Iterator[LocalDns]:
-    server = LocalDns().start()
+def dns() -> Iterator[LoopbackDns]:
+    server = LoopbackDns().start()
     yield server
     server.stop()
 
 
 @pytest.fixture
-def idmesh(start_mesh: MeshFactory, dns: LocalDns) -> MeshThread:
+def idmesh(start_mesh: MeshFactory, dns: LoopbackDns) -> MeshThread:
     # The background checker stays out of the way: tests check on demand unless they test it.
     return start_mesh(dns_resolver=dns.address, dns_check_poll_seconds=3600, dns_timeout_seconds=2)
 
 
-def test_domain_verifies_through_dns_and_then_covers_its_addresses(idmesh: MeshThread, dns: LocalDns) -> None:
+def test_domain_verifies_through_dns_and_then_covers_its_addresses(
+    idmesh: MeshThread, dns: LoopbackDns
+) -> None:
     account_id, key = idmesh.create_account()
     with idmesh.client(key) as client, internal(idmesh) as service:
         created = client.identity.CreateEmailIdentity(
@@ -113,7 +115,7 @@ def test_domain_verifies_through_dns_and_then_covers_its_addresses(idmesh: MeshT
         assert authorize(service, account_id, "news@example.test").identity == "example.test"
 
 
-def test_address_identities_and_sandbox_recipients(idmesh: MeshThread, dns: LocalDns) -> None:
+def test_address_identities_and_sandbox_recipients(idmesh: MeshThread, dns: LoopbackDns) -> None:
     account_id, key = idmesh.create_account()
     with idmesh.client(key) as client, internal(idmesh) as service:
         created = client.identity.CreateEmailIdentity(
@@ -267,7 +269,7 @@ def test_create_get_list_delete_and_bad_input(idmesh: MeshThread) -> None:
         assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "INTERNAL_ONLY")
 
 
-def test_same_domain_in_two_accounts_shares_nothing(idmesh: MeshThread, dns: LocalDns) -> None:
+def test_same_domain_in_two_accounts_shares_nothing(idmesh: MeshThread, dns: LoopbackDns) -> None:
     a_id, a_key = idmesh.create_account("a")
     b_id, b_key = idmesh.create_account("b")
     with idmesh.client(a_key) as a, idmesh.client(b_key) as b, internal(idmesh) as service:
@@ -294,7 +296,7 @@ def test_same_domain_in_two_accounts_shares_nothing(idmesh: MeshThread, dns: Loc
         assert not set(a_created.dkim_attributes.tokens) & set(b_verified.dkim_attributes.tokens)
 
 
-def test_sending_authorization_policies(idmesh: MeshThread, dns: LocalDns) -> None:
+def test_sending_authorization_policies(idmesh: MeshThread, dns: LoopbackDns) -> None:
     owner_id, owner_key = idmesh.create_account("owner")
     user_id, user_key = idmesh.create_account("user")
     _, stranger_key = idmesh.create_account("stranger")
@@ -432,7 +434,7 @@ def test_sending_authorization_policies(idmesh: MeshThread, dns: LocalDns) -> No
         assert code == grpc.StatusCode.NOT_FOUND
 
 
-def test_custom_mail_from_domain(idmesh: MeshThread, dns: LocalDns) -> None:
+def test_custom_mail_from_domain(idmesh: MeshThread, dns: LoopbackDns) -> None:
     account_id, key = idmesh.create_account()
     with idmesh.client(key) as client, internal(idmesh) as service:
         create_verified_domain(client, dns, "shop.test")
@@ -500,7 +502,9 @@ def test_custom_mail_from_domain(idmesh: MeshThread, dns: LocalDns) -> None:
         assert authorize(service, account_id, "a@shop.test").mail_from_domain == ""
 
 
-def test_identity_storage_on_each_backend(start_mesh: MeshFactory, dns: LocalDns, database_url: str) -> None:
+def test_identity_storage_on_each_backend(
+    start_mesh: MeshFactory, dns: LoopbackDns, database_url: str
+) -> None:
     mesh = start_mesh(
         identity_database_url=database_url, dns_resolver=dns.address, dns_check_poll_seconds=3600
     )

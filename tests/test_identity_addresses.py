@@ -22,11 +22,10 @@ from dns import resolver as dns_resolver
 
 from postmesh.cli.main import main
 from postmesh.identity.v1 import identity_pb2 as pb
-from postmesh.testing_mail import SmtpServer
+from postmesh.testing_mail import LoopbackDns, SmtpServer
 from tests.conftest import MeshFactory
 from tests.delivery_helpers import forget_delivery_consumer
 from tests.identity_helpers import FakeClock, authorize, internal, mail_to, rpc_error
-from tests.localdns import LocalDns
 
 
 def _link_in(mime: bytes) -> str:
@@ -182,7 +181,7 @@ def test_expired_token_resend_limit_and_cli_confirm(
 def test_verification_mail_is_dkim_signed_once_the_system_domain_is_published(
     start_mesh: MeshFactory, sink: SmtpServer
 ) -> None:
-    with LocalDns() as zone:
+    with LoopbackDns() as zone:
         mesh = start_mesh(
             verification_mail_from="verify@system.test",
             dns_resolver=zone.address,

@@ -9,7 +9,6 @@ import datetime as dt
 import json
 import os
 import secrets
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -35,8 +34,10 @@ from postmesh.common.errors import FailedPrecondition
 from postmesh.events.v1 import events_pb2
 from postmesh.identity.v1 import identity_pb2 as pb
 from postmesh.testing import MeshThread
+from postmesh.testing_mail import LoopbackDns
 from services.identity.dkimkeys import MasterKeys, Sealed
 from tests.conftest import MeshFactory
+from tests.dkim_verifiers import perl_dkim_available, perl_dkim_result
 from tests.identity_helpers import (
     authorize,
     create_verified_domain,
@@ -45,20 +46,19 @@ from tests.identity_helpers import (
     publish,
     rpc_error,
 )
-from tests.localdns import LocalDns
 
 Change = events_pb2.IdentityChangeType
 
 
 @pytest.fixture
-def dns() -> Iterator[LocalDns]:
-    server = LocalDns().start()
+def dns() -> Iterator[LoopbackDns]:
+    server = LoopbackDns().start()
     yield server
     server.stop()
 
 
 @pytest.fixture
-def idmesh(start_mesh: MeshFactory, dns: LocalDns) -> MeshThread:
+def idmesh(start_mesh: MeshFactory, dns: LoopbackDns) -> MeshThread:
     return start_mesh(dns_resolver=dns.address, dns_check_poll_seconds=3600, dns_timeout_seconds=2)
 
 
@@ -93,7 +93,7 @@ def _sign(message: bytes, domain: str, key: pb.DkimSigningKey) -> bytes:
     return signature + message
 
 
-def _dns_txt(server: LocalDns):  # type: ignore[no-untyped-def]
+def _dns_txt(server: LoopbackDns):  # type: ignore[no-untyped-def]
     resolver = dns_resolver.Resolver(configure=False)
     resolver.nameservers = ["127.0.0.1"]
     resolver.port = server.port
@@ -109,7 +109,7 @@ def _dns_txt(server: LocalDns):  # type: ignore[no-untyped-def]
     return get_txt
 
 
-def _verify_all(message: bytes, server: LocalDns) -> list[bool]:
+def _verify_all(message: bytes, server: LoopbackDns) -> list[bool]:
     verifier = dkim.DKIM(message)
     count = sum(1 for line in message.split(b"\r\n") if line.lower().startswith(b"dkim-signature:"))
     results = []
@@ -121,20 +121,8 @@ def _verify_all(message: bytes, server: LocalDns) -> list[bool]:
     return results
 
 
-PERL_VERIFY = r"""
-use strict; use warnings;
-use Mail::DKIM::Verifier; use Net::DNS::Resolver;
-Mail::DKIM::DNS::resolver(Net::DNS::Resolver->new(nameservers => ['127.0.0.1'], port => $ARGV[0]));
-my $dkim = Mail::DKIM::Verifier->new();
-binmode STDIN;
-while (my $line = <STDIN>) { $line =~ s/\r?\n\z/\r\n/; $dkim->PRINT($line); }
-$dkim->CLOSE;
-print $dkim->result, "\n";
-"""
-
-
 def test_signing_keys_verify_independently_from_dns(
-    idmesh: MeshThread, dns: LocalDns, capsys: pytest.CaptureFixture[str]
+    idmesh: MeshThread, dns: LoopbackDns, capsys: pytest.CaptureFixture[str]
 ) -> None:
     account_id, key = idmesh.create_account()
     # Created with the CLI; the zone-file snippet it prints is what gets published, parsed as a zone.
@@ -179,20 +167,14 @@ def test_signing_keys_verify_independently_from_dns(
 
     rsa_key = next(k for k in config.keys if k.algorithm == "rsa-sha256")
     rsa_signed = _sign(message, config.domain, rsa_key)
-    if shutil.which("perl") is None or subprocess.run(["perl", "-MMail::DKIM::Verifier", "-e1"]).returncode:
+    if not perl_dkim_available():
         pytest.skip("Perl Mail::DKIM is not installed (apt-get install libmail-dkim-perl)")
-    for body, expected in (
-        (rsa_signed, "pass"),
-        (rsa_signed.replace(b"verified by", b"verifyed by"), "fail"),
-    ):
-        result = subprocess.run(
-            ["perl", "-e", PERL_VERIFY, str(dns.port)], input=body, capture_output=True, timeout=60
-        )
-        assert result.stdout.decode().strip() == expected, result.stderr.decode()
+    assert perl_dkim_result(rsa_signed, dns.port) == "pass"
+    assert perl_dkim_result(rsa_signed.replace(b"verified by", b"verifyed by"), dns.port) == "fail"
 
 
 def test_rotation_switches_signing_only_once_the_new_records_are_published(
-    idmesh: MeshThread, dns: LocalDns
+    idmesh: MeshThread, dns: LoopbackDns
 ) -> None:
     account_id, key = idmesh.create_account()
     with idmesh.client(key) as client, internal(idmesh) as service:
@@ -289,7 +271,7 @@ def _short_rsa_key() -> rsa.RSAPrivateKey:
     return numbers.private_key(unsafe_skip_rsa_key_validation=True)
 
 
-def test_bring_your_own_dkim_key(idmesh: MeshThread, dns: LocalDns) -> None:
+def test_bring_your_own_dkim_key(idmesh: MeshThread, dns: LoopbackDns) -> None:
     account_id, key = idmesh.create_account()
     own = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     with idmesh.client(key) as client, internal(idmesh) as service:
@@ -407,7 +389,7 @@ def _raw_keys(data_dir: Path) -> list[tuple[str, str, bytes, bytes, str]]:
 
 
 def test_keys_at_rest_need_the_master_key_which_can_be_rotated(
-    start_mesh: MeshFactory, dns: LocalDns, tmp_path: Path
+    start_mesh: MeshFactory, dns: LoopbackDns, tmp_path: Path
 ) -> None:
     old_key, new_key = MasterKeys.generate("old"), MasterKeys.generate("new")
     data_dir = tmp_path / "keys"
@@ -512,7 +494,7 @@ def _wait_status(
 
 
 def test_background_checker_verifies_fails_and_reverifies(
-    start_mesh: MeshFactory, dns: LocalDns, nats_url: str
+    start_mesh: MeshFactory, dns: LoopbackDns, nats_url: str
 ) -> None:
     mesh = start_mesh(
         dns_resolver=dns.address,
@@ -586,7 +568,7 @@ def test_background_checker_verifies_fails_and_reverifies(
     assert all(c.identity == "cycle.test" for c in changes)
 
 
-def test_every_identity_change_is_an_event(idmesh: MeshThread, dns: LocalDns, nats_url: str) -> None:
+def test_every_identity_change_is_an_event(idmesh: MeshThread, dns: LoopbackDns, nats_url: str) -> None:
     account_id, key = idmesh.create_account()
     with idmesh.client(key) as client:
         create_verified_domain(client, dns, "events.test")

@@ -13,8 +13,9 @@ import pytest
 from postmesh.cli.main import main
 from postmesh.testing_mail import LoopbackDns
 from tests.conftest import MeshFactory
+from tests.identity_helpers import create_verified_domain
 from tests.sending_helpers import own_nats_server, queued_messages
-from tests.test_sending_e2e import _settings, verify_domain
+from tests.test_sending_e2e import _settings
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def test_templates_sends_and_bulk_sends_through_the_cli(
     mesh = start_mesh(**_settings(zone, delivery_workers=0))
     account_id, key = mesh.create_account()
     with mesh.client(key) as client:
-        verify_domain(client, zone, "example.test")
+        create_verified_domain(client, zone, "example.test")
     monkeypatch.setenv("POSTMESH_ENDPOINT", mesh.address)
     monkeypatch.setenv("POSTMESH_API_KEY", key)
 

@@ -16,7 +16,6 @@ import dns.resolver
 import grpc
 import pytest
 
-from postmesh.client import Client
 from postmesh.common.natsserver import free_port
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.feedback.v1 import feedback_pb2
@@ -26,6 +25,8 @@ from postmesh.sender.v1 import sender_pb2 as pb
 from postmesh.testing import MeshThread
 from postmesh.testing_mail import LoopbackDns, SmtpServer
 from tests.conftest import MeshFactory
+from tests.dkim_verifiers import perl_dkim_available, perl_dkim_result
+from tests.identity_helpers import create_verified_domain
 from tests.sending_helpers import (
     email_events,
     of_type,
@@ -70,20 +71,6 @@ def accept_mesh(start_mesh: MeshFactory, zone: LoopbackDns, nats_url: str) -> Me
     return start_mesh(**_settings(zone, delivery_workers=0))
 
 
-def verify_domain(client: Client, zone: LoopbackDns, domain: str) -> identity_pb2.GetEmailIdentityResponse:
-    created = client.identity.CreateEmailIdentity(
-        identity_pb2.CreateEmailIdentityRequest(email_identity=domain)
-    )
-    for record in created.dns_records:
-        if record.type == "TXT":
-            zone.add_txt(record.name, record.value)
-    checked = client.identity.CheckEmailIdentityVerification(
-        identity_pb2.CheckEmailIdentityVerificationRequest(email_identity=domain)
-    ).identity
-    assert checked.verification_status == identity_pb2.VERIFICATION_STATUS_SUCCESS
-    return checked
-
-
 def _simple(sender: str, to: list[str], **fields: object) -> pb.SendEmailRequest:
     request = pb.SendEmailRequest(
         from_email_address=sender,
@@ -117,8 +104,8 @@ def test_simple_raw_and_templated_sends_are_queued_as_final_mime(
     account_id, key = accept_mesh.create_account()
     nats_url = accept_mesh.settings.nats_url
     with accept_mesh.client(key) as client:
-        verify_domain(client, zone, "example.test")
-        verify_domain(client, zone, "bücher.test")
+        create_verified_domain(client, zone, "example.test")
+        create_verified_domain(client, zone, "bücher.test")
         simple = client.sender.SendEmail(
             _simple(
                 "Zoë Sender <zoe@bücher.test>",
@@ -219,7 +206,7 @@ def test_refusals_leave_nothing_queued_and_no_quota_used(accept_mesh: MeshThread
     account_id, key = accept_mesh.create_account()
     nats_url = accept_mesh.settings.nats_url
     with accept_mesh.client(key) as client:
-        verify_domain(client, zone, "example.test")
+        create_verified_domain(client, zone, "example.test")
         # From an identity the account does not have.
         code, reason, message, _ = refusal(
             lambda: client.sender.SendEmail(_simple("me@unverified.test", ["a@example.test"]))
@@ -299,8 +286,8 @@ def test_sending_authorization_lets_another_account_send_as_an_identity(
     user_id, user_key = accept_mesh.create_account("user")
     arn = f"arn:aws:ses:local:{owner_id}:identity/brand.test"
     with accept_mesh.client(owner_key) as owner, accept_mesh.client(user_key) as user:
-        verify_domain(owner, zone, "brand.test")
-        verify_domain(user, zone, "user.test")  # the user's sandbox recipients
+        create_verified_domain(owner, zone, "brand.test")
+        create_verified_domain(user, zone, "user.test")  # the user's sandbox recipients
         request = _simple("news@brand.test", ["a@user.test"], from_email_address_identity_arn=arn)
         code, reason, _, _ = refusal(lambda: user.sender.SendEmail(request))
         assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MESSAGE_REJECTED")
@@ -327,7 +314,7 @@ def test_suppressed_recipients_bounce_and_are_not_delivered(
     account_id, key = accept_mesh.create_account()
     nats_url = accept_mesh.settings.nats_url
     with accept_mesh.client(key) as client:
-        verify_domain(client, zone, "example.test")
+        create_verified_domain(client, zone, "example.test")
         client.feedback.PutSuppressedDestination(
             feedback_pb2.PutSuppressedDestinationRequest(
                 email_address="Gone@Example.test", reason=feedback_pb2.SUPPRESSION_LIST_REASON_BOUNCE
@@ -361,7 +348,7 @@ def test_idempotency_key_returns_the_same_message_and_queues_once(
 ) -> None:
     account_id, key = accept_mesh.create_account()
     with accept_mesh.client(key) as client:
-        verify_domain(client, zone, "example.test")
+        create_verified_domain(client, zone, "example.test")
         request = _simple("me@example.test", ["a@example.test"], request_id="order-1234-confirmation")
         first = client.sender.SendEmail(request).message_id
         again = client.sender.SendEmail(request).message_id
@@ -390,7 +377,7 @@ def test_bulk_email_gives_one_result_per_entry(accept_mesh: MeshThread, zone: Lo
     account_id, key = accept_mesh.create_account()
     nats_url = accept_mesh.settings.nats_url
     with accept_mesh.client(key) as client:
-        verify_domain(client, zone, "example.test")
+        create_verified_domain(client, zone, "example.test")
         client.sender.CreateEmailTemplate(
             pb.CreateEmailTemplateRequest(
                 template_name="promo",
@@ -471,7 +458,7 @@ def test_rendering_failure_of_a_single_send_is_reported_and_an_event(
 ) -> None:
     account_id, key = accept_mesh.create_account()
     with accept_mesh.client(key) as client:
-        verify_domain(client, zone, "example.test")
+        create_verified_domain(client, zone, "example.test")
         client.sender.CreateEmailTemplate(
             pb.CreateEmailTemplateRequest(
                 template_name="hello",
@@ -531,7 +518,7 @@ def test_sends_arrive_dkim_signed_over_smtp(
         )
         _, key = mesh.create_account()
         with mesh.client(key) as client:
-            verify_domain(client, zone, "example.test")
+            create_verified_domain(client, zone, "example.test")
             ids = [
                 client.sender.SendEmail(_simple("News <news@example.test>", ["a@example.test"])).message_id
             ]
@@ -560,15 +547,29 @@ def test_sends_arrive_dkim_signed_over_smtp(
                 )
             ).bulk_email_entry_results
             ids += [r.message_id for r in bulk]
+            ids.append(
+                client.sender.SendEmail(
+                    pb.SendEmailRequest(
+                        from_email_address="news@example.test",
+                        destination=pb.Destination(to_addresses=["d@example.test"]),
+                        content=pb.EmailContent(
+                            template=pb.Template(template_name="t", template_data='{"n": "templated"}')
+                        ),
+                    )
+                ).message_id
+            )
         deadline = time.monotonic() + 60
         while len(smtp.received) < len(ids) and time.monotonic() < deadline:
             time.sleep(0.1)
         received = smtp.received
         assert sorted(r.message_id for r in received) == sorted(f"<{i}@mail.postmesh.test>" for i in ids)
         lookup = _dkim_lookup(zone)
+        perl = perl_dkim_available()  # Debian's libmail-dkim-perl, where installed
         for message in received:
             assert b"DKIM-Signature:" in message.data
             assert dkim.verify(message.data, dnsfunc=lookup), message.data[:400]
+            if perl:
+                assert perl_dkim_result(message.data, zone.port) == "pass", message.data[:400]
             assert message.mail_from.endswith("@bounces.postmesh.test")
             assert b"\nBcc:" not in message.data
 
@@ -578,7 +579,7 @@ def test_bulk_entries_over_the_rate_or_quota_are_refused_one_by_one(
 ) -> None:
     account_id, key = accept_mesh.create_account()
     with accept_mesh.client(key) as client, accept_mesh.admin() as admin:
-        verify_domain(client, zone, "example.test")
+        create_verified_domain(client, zone, "example.test")
         client.sender.CreateEmailTemplate(
             pb.CreateEmailTemplateRequest(
                 template_name="t", template_content=pb.EmailTemplateContent(subject="s", text="t")
@@ -634,7 +635,7 @@ def test_a_deleted_identity_stops_sending_at_once(accept_mesh: MeshThread, zone:
     """The sender keeps identity's answers for a while; an IdentityChanged event drops them."""
     _, key = accept_mesh.create_account()
     with accept_mesh.client(key) as client:
-        verify_domain(client, zone, "example.test")
+        create_verified_domain(client, zone, "example.test")
         request = _simple("me@example.test", ["a@example.test"])
         client.sender.SendEmail(request)
         client.sender.SendEmail(request)  # answered from what the sender kept

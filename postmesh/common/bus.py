@@ -110,7 +110,7 @@ async def consume_events(
         while True:
             try:
                 messages = await subscription.fetch(batch, timeout=5)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):
                 continue
             for message in messages:
                 try:

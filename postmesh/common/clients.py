@@ -10,10 +10,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.rpc import error_details_pb2
 from grpc import aio
-from grpc_status import rpc_status
 
+from postmesh.client import error_details
 from postmesh.common.auth import ACCOUNT_HEADER
 from postmesh.common.errors import (
     AlreadyExists,
@@ -109,25 +108,17 @@ def status_code_of(exc: BaseException) -> grpc.StatusCode | None:
 def domain_error_from(exc: aio.AioRpcError) -> PostmeshError:
     """The same error, as a domain error, so a service can pass another service's refusal on to its
     own caller with the original status, reason and message."""
-    reason, metadata, retry_after = "", {}, None
-    status = rpc_status.from_call(exc)
-    if status is not None:
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason, metadata = info.reason, dict(info.metadata)
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                detail.Unpack(retry)
-                retry_after = retry.retry_delay.ToMilliseconds() / 1000
-    error_class = _ERROR_BY_CODE.get(exc.code().name, Unavailable)
-    error = PostmeshError(
-        exc.details() or "", reason=reason or None, metadata=metadata, retry_after_seconds=retry_after
+    details = error_details(exc)
+    error_class = _ERROR_BY_CODE.get(details.code.name, Unavailable)
+    # PostmeshError's own constructor: the subclasses' ones take narrower arguments.
+    error = error_class.__new__(error_class)
+    PostmeshError.__init__(
+        error,
+        details.message,
+        reason=details.reason or error_class.default_reason,
+        metadata=details.metadata,
+        retry_after_seconds=details.retry_after_seconds,
     )
-    error.__class__ = error_class
-    if not reason:
-        error.reason = error_class.default_reason
     return error
 
 
