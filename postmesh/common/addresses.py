@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from email.headerregistry import Address
 from email.utils import parseaddr
@@ -17,18 +18,26 @@ _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 def normalize_domain(domain: str, *, field: str = "domain") -> str:
     """The domain as an ASCII (A-label) lower-case name; INVALID_ARGUMENT naming `field` otherwise."""
-    raw = domain.strip().rstrip(".")
-    if not raw or any(c in raw for c in "\r\n\t @"):
+    ascii_name = _ascii_domain(domain.strip().rstrip("."))
+    if ascii_name is None:
         raise InvalidArgument(f"{domain!r} is not a valid domain name.", field=field)
+    return ascii_name
+
+
+# IDNA processing is slow and every message names a few domains, mostly the same ones.
+@functools.lru_cache(maxsize=4096)
+def _ascii_domain(raw: str) -> str | None:
+    if not raw or any(c in raw for c in "\r\n\t @"):
+        return None
     try:
         ascii_name = idna.encode(raw, uts46=True).decode("ascii").lower()
     except idna.IDNAError:
-        raise InvalidArgument(f"{domain!r} is not a valid domain name.", field=field) from None
+        return None
     labels = ascii_name.split(".")
     if len(ascii_name) > 253 or len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
-        raise InvalidArgument(f"{domain!r} is not a valid domain name.", field=field)
+        return None
     if labels[-1].isdigit():
-        raise InvalidArgument(f"{domain!r} is not a valid domain name.", field=field)
+        return None
     return ascii_name
 
 
