@@ -391,6 +391,7 @@ class Bench:
         queued = [_queued_message(account_id, n) for n in range(total)]
         delivered_before = delivered
         counter = asyncio.create_task(count_deliveries(delivered_before + total))
+        cpu_before = self.cpu_seconds()
         started = time.perf_counter()
         for message in queued:
             await enqueue(js, message)
@@ -401,6 +402,7 @@ class Bench:
             pass
         drained = delivered - delivered_before
         drain_seconds = last_delivery - started
+        drain_cpu = {name: seconds - cpu_before[name] for name, seconds in self.cpu_seconds().items()}
         for channel in channels:
             await channel.close()
         await nc.close()
@@ -417,6 +419,8 @@ class Bench:
             "drained": drained,
             "drained_per_s": drained / drain_seconds if drain_seconds > 0 else 0.0,
             "cpu": cpu,
+            "drain_cpu": drain_cpu,
+            "drain_seconds": drain_seconds,
             "accept_seconds": accept_seconds,
             "other_events": ", ".join(
                 f"{n} {k.removeprefix('EMAIL_EVENT_TYPE_').lower()}"
@@ -539,12 +543,16 @@ def main() -> int:
     ]
     for row in rows:
         print(_row(*row))
-    cpu = result["cpu"]
-    print(
-        f"\nCPU while accepting ({result['accept_seconds']:.1f} s, {os.cpu_count()} CPUs): "
-        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in cpu.items())
-        + f"; {sum(cpu.values()) / result['accept_seconds']:.0%} of one CPU in all."
-    )
+    print()
+    for phase, cpu, seconds in (
+        ("accepting", result["cpu"], result["accept_seconds"]),
+        ("delivering from the queue", result["drain_cpu"], result["drain_seconds"]),
+    ):
+        print(
+            f"CPU while {phase} ({seconds:.1f} s, {os.cpu_count()} CPUs): "
+            + ", ".join(f"{name} {used:.1f} s" for name, used in cpu.items())
+            + f"; {sum(cpu.values()) / seconds:.0%} of one CPU in all."
+        )
     print(
         f"\n{int(result['accepted'])} accepted, {int(result['failures'])} refused, "
         f"{int(result['delivered'])} delivered; then {args.messages} put straight on the queue "
