@@ -90,9 +90,10 @@ class _Coalesced:
     async def _drain(
         self, account_id: str, waiting: list[tuple[list[str], asyncio.Future[set[str]]]]
     ) -> None:
+        batch: list[tuple[list[str], asyncio.Future[set[str]]]] = []
         try:
             while waiting:
-                batch: list[tuple[list[str], asyncio.Future[set[str]]]] = []
+                batch = []
                 keys: dict[str, str] = {}
                 while waiting and (not batch or len(keys) + len(waiting[0][0]) <= _BATCH_ADDRESSES):
                     addresses, future = waiting.pop(0)
@@ -111,8 +112,9 @@ class _Coalesced:
                         future.set_result(flagged)
         finally:
             del self._waiting[account_id]
-            for _, future in waiting:  # only when cancelled (shutdown)
-                future.cancel()
+            for _, future in [*batch, *waiting]:  # left only when this task is cancelled (shutdown)
+                if not future.done():
+                    future.cancel()
 
 
 @asynccontextmanager
