@@ -10,7 +10,7 @@ import grpc
 import nats
 import pytest
 
-from postmesh.common.bus import ensure_streams
+from postmesh.common.bus import ensure_streams, fetch_batch
 from postmesh.common.natsserver import NatsServerProcess, free_port
 from postmesh.common.streams import ALL_STREAMS, EVENTS, OUTBOUND
 from postmesh.quota.v1 import quota_pb2
@@ -105,3 +105,37 @@ def test_not_serving_while_its_database_is_unreachable(start_mesh: MeshFactory) 
     with mesh.client(key) as account, pytest.raises(grpc.RpcError) as excinfo:
         account.quota.GetAccount(quota_pb2.GetAccountRequest())
     assert excinfo.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+class _SwallowingSubscription:
+    """Behaves as nats-py's fetch does on Python 3.11 when a cancellation meets its timeout:
+    asyncio.wait_for turns the cancellation into a TimeoutError."""
+
+    async def fetch(self, batch: int, timeout: float) -> list[object]:  # noqa: ASYNC109 - nats-py's signature
+        try:
+            await asyncio.sleep(timeout)
+        except asyncio.CancelledError:
+            raise TimeoutError from None
+        raise TimeoutError
+
+
+def test_a_fetch_loop_stops_when_cancelled_even_if_fetch_swallows_the_cancellation() -> None:
+    async def loop() -> None:
+        while True:
+            await fetch_batch(_SwallowingSubscription(), 10, wait_seconds=30)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        task = asyncio.create_task(loop())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert task in done and task.cancelled()
+
+    asyncio.run(main())
+
+
+def test_fetch_batch_returns_nothing_on_a_plain_timeout() -> None:
+    async def main() -> int:
+        return len(await fetch_batch(_SwallowingSubscription(), 10, wait_seconds=0.01))  # type: ignore[arg-type]
+
+    assert asyncio.run(main()) == 0

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 import nats
 from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError
@@ -80,6 +81,24 @@ class EventPublisher:
 EventHandler = Callable[[events_pb2.Event], Awaitable[None]]
 
 
+async def fetch_batch(
+    subscription: JetStreamContext.PullSubscription, batch: int, wait_seconds: float
+) -> list[Msg]:
+    """Up to `batch` messages from a pull subscription; none when `wait_seconds` pass first.
+
+    On Python 3.11, asyncio.wait_for (inside nats-py's fetch) can turn a cancellation that arrives as
+    the timeout fires into a TimeoutError; a loop that retries on timeouts would then never stop. A
+    task that is being cancelled is therefore cancelled here, whatever fetch raised.
+    """
+    try:
+        return await subscription.fetch(batch, timeout=wait_seconds)
+    except (nats.errors.TimeoutError, TimeoutError):
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError from None
+        return []
+
+
 async def consume_events(
     js: JetStreamContext,
     *,
@@ -108,11 +127,7 @@ async def consume_events(
     subscription = await js.pull_subscribe_bind(durable=durable, stream=EVENTS.name)
     try:
         while True:
-            try:
-                messages = await subscription.fetch(batch, timeout=5)
-            except (nats.errors.TimeoutError, TimeoutError):
-                continue
-            for message in messages:
+            for message in await fetch_batch(subscription, batch, wait_seconds=5):
                 try:
                     event = events_pb2.Event.FromString(message.data)
                 except DecodeError:

@@ -299,7 +299,11 @@ class MeshServer:
             log.debug("stopping service", extra={"service": service.name})
             for task in service.runtime.tasks:
                 task.cancel()
-            await asyncio.gather(*service.runtime.tasks, return_exceptions=True)
+            if service.runtime.tasks:
+                # A task that ignores its cancellation must not hold the shutdown forever.
+                _, stuck = await asyncio.wait(service.runtime.tasks, timeout=max(grace, 1.0) + 5.0)
+                for task in stuck:
+                    log.error("background task did not stop", extra={"task": task.get_name()})
             await service.on_stop()
             if service.runtime.engine is not None:
                 await service.runtime.engine.dispose()

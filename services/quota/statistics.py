@@ -16,13 +16,13 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from postmesh.common.bus import fetch_batch
 from postmesh.common.config import Settings
 from postmesh.common.db import transaction
 from postmesh.common.service import Clock
@@ -280,11 +280,9 @@ class EventConsumer:
         subscription = await self._js.pull_subscribe_bind(durable=CONSUMER, stream=EVENTS.name)
         try:
             while True:
-                try:
-                    messages = await subscription.fetch(self._batch, timeout=1)
-                except (TimeoutError, NatsTimeout):
-                    continue
-                await self._process(messages)
+                messages = await fetch_batch(subscription, self._batch, wait_seconds=1)
+                if messages:
+                    await self._process(messages)
         finally:
             # A pull subscription left behind would keep drain() waiting at shutdown.
             with contextlib.suppress(Exception):

@@ -24,12 +24,11 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from postmesh.common.bus import EventPublisher, new_event
+from postmesh.common.bus import EventPublisher, fetch_batch, new_event
 from postmesh.common.outbound import enqueue, forget_mime, load_mime
 from postmesh.common.protoutil import from_timestamp, timestamp
 from postmesh.common.service import Clock
@@ -116,11 +115,7 @@ class DeliveryWorker:
                     self._slot_free.clear()
                     await self._slot_free.wait()
                 want = min(self.config.fetch_batch, self.config.concurrency - len(self._inflight))
-                try:
-                    messages = await sub.fetch(want, timeout=5.0)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    continue
-                for msg in messages:
+                for msg in await fetch_batch(sub, want, wait_seconds=5.0):
                     task = asyncio.create_task(self._handle(msg))
                     self._inflight.add(task)
                     task.add_done_callback(self._done)
