@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Callable
+
+import dns.resolver
+
+from postmesh.testing_mail import LoopbackDns
 
 PERL_VERIFY = r"""
 use strict; use warnings;
@@ -30,3 +35,20 @@ def perl_dkim_result(message: bytes, dns_port: int) -> str:
         ["perl", "-e", PERL_VERIFY, str(dns_port)], input=message, capture_output=True, timeout=60
     )
     return result.stdout.decode().strip() or result.stderr.decode()
+
+
+def dkimpy_dns(zone: LoopbackDns) -> Callable[..., bytes | None]:
+    """dkimpy's `dnsfunc`: TXT records answered by the loopback DNS server, None when there are none."""
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = ["127.0.0.1"]
+    resolver.port = zone.port
+
+    def lookup(name: bytes | str, timeout: float = 5) -> bytes | None:
+        text = name.decode() if isinstance(name, bytes) else name
+        try:
+            answer = resolver.resolve(text.rstrip("."), "TXT", lifetime=timeout)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return None
+        return b"".join(next(iter(answer)).strings)
+
+    return lookup

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dkim
-import dns.resolver
 import nats
 import pytest
 
@@ -29,6 +28,7 @@ from tests.delivery_helpers import (
     queued_message,
     wait_until,
 )
+from tests.dkim_verifiers import dkimpy_dns
 
 DELIVERY = ev.EMAIL_EVENT_TYPE_DELIVERY
 BOUNCE = ev.EMAIL_EVENT_TYPE_BOUNCE
@@ -248,21 +248,6 @@ def test_no_workers_when_delivery_is_disabled(start_mesh: MeshFactory) -> None:
     assert mesh.server.services["sender"].delivery is None  # type: ignore[attr-defined]
 
 
-def _dkim_lookup(zone: LoopbackDns):  # type: ignore[no-untyped-def]
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = ["127.0.0.1"]
-    resolver.port = zone.port
-
-    def lookup(name: bytes, timeout: int = 5) -> bytes | None:
-        try:
-            answer = resolver.resolve(name.decode().rstrip("."), "TXT")
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return None
-        return b"".join(next(iter(answer)).strings)
-
-    return lookup
-
-
 async def test_messages_arrive_signed_with_the_domains_keys_from_identity(
     start_mesh: MeshFactory, nats_url: str, world: World
 ) -> None:
@@ -290,7 +275,7 @@ async def test_messages_arrive_signed_with_the_domains_keys_from_identity(
 
         arrived = [r for r in world.ok.received if signed.message_id in r.message_id]
         assert len(arrived) == 2  # one transaction per domain
-        lookup = _dkim_lookup(world.dns)
+        lookup = dkimpy_dns(world.dns)
         selectors = set(created.dkim_attributes.tokens)
         for received in arrived:
             assert received.data.count(b"DKIM-Signature:") == 2  # RSA and ed25519

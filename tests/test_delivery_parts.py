@@ -12,7 +12,6 @@ from pathlib import Path
 
 import dkim
 import dkim.crypto
-import dns.resolver
 import pytest
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from cryptography import x509
@@ -38,6 +37,7 @@ from services.sender.dkim_signing import (
 )
 from services.sender.mx import MxResolver, RouteError
 from services.sender.transport import Envelope, Kind, SinkTransport, SmtpOptions, SmtpPool, SmtpTransport
+from tests.dkim_verifiers import dkimpy_dns
 
 MESSAGE = (
     b"From: Sender <news@example.test>\r\nTo: rcpt@ok.test\r\nSubject: Hello\r\n"
@@ -99,22 +99,6 @@ def zone() -> Iterator[LoopbackDns]:
         yield server
 
 
-def dns_txt_lookup(zone: LoopbackDns):  # type: ignore[no-untyped-def]
-    """dkimpy's dnsfunc contract, answered by the loopback DNS server."""
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = ["127.0.0.1"]
-    resolver.port = zone.port
-
-    def lookup(name: bytes, timeout: int = 5) -> bytes | None:
-        try:
-            answer = resolver.resolve(name.decode().rstrip("."), "TXT")
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return None
-        return b"".join(next(iter(answer)).strings)
-
-    return lookup
-
-
 def test_rsa_and_ed25519_signatures_verify_against_keys_published_in_dns(zone: LoopbackDns) -> None:
     rsa_pem, rsa_public = _rsa_pem()
     ed_pem, ed_public = _ed25519_pem()
@@ -126,7 +110,7 @@ def test_rsa_and_ed25519_signatures_verify_against_keys_published_in_dns(zone: L
     )
     signed = sign_message(MESSAGE, config)
     assert signed.count(b"DKIM-Signature:") == 2 and signed.endswith(MESSAGE)
-    lookup = dns_txt_lookup(zone)
+    lookup = dkimpy_dns(zone)
     verifier = dkim.DKIM(signed)
     assert verifier.verify(0, dnsfunc=lookup) and verifier.verify(1, dnsfunc=lookup)
     # dkimpy signs through cryptography, and the signature is the one its pure-Python RSA gives

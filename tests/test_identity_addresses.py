@@ -18,13 +18,13 @@ from urllib.parse import parse_qs, urlsplit
 import dkim
 import grpc
 import pytest
-from dns import resolver as dns_resolver
 
 from postmesh.cli.main import main
 from postmesh.identity.v1 import identity_pb2 as pb
 from postmesh.testing_mail import LoopbackDns, SmtpServer
 from tests.conftest import MeshFactory
 from tests.delivery_helpers import forget_delivery_consumer
+from tests.dkim_verifiers import dkimpy_dns
 from tests.identity_helpers import FakeClock, authorize, internal, mail_to, rpc_error
 
 
@@ -213,13 +213,4 @@ def test_verification_mail_is_dkim_signed_once_the_system_domain_is_published(
             delivered.data.lower().startswith(b"dkim-signature:")
             or b"\ndkim-signature:" in delivered.data.lower()
         )
-        resolver = dns_resolver.Resolver(configure=False)
-        resolver.nameservers, resolver.port = ["127.0.0.1"], zone.port
-
-        def get_txt(name: bytes | str, timeout: float = 5) -> bytes | None:
-            answer = resolver.resolve(
-                name.decode() if isinstance(name, bytes) else name, "TXT", lifetime=timeout
-            )
-            return b"".join(next(iter(answer)).strings)
-
-        assert dkim.verify(delivered.data, dnsfunc=get_txt)
+        assert dkim.verify(delivered.data, dnsfunc=dkimpy_dns(zone))

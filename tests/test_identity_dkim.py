@@ -24,7 +24,6 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from dns import rdatatype as dns_rdatatype
-from dns import resolver as dns_resolver
 from dns import zone as dns_zone
 
 from postmesh.cli.main import main
@@ -37,7 +36,7 @@ from postmesh.testing import MeshThread
 from postmesh.testing_mail import LoopbackDns
 from services.identity.dkimkeys import MasterKeys, Sealed
 from tests.conftest import MeshFactory
-from tests.dkim_verifiers import perl_dkim_available, perl_dkim_result
+from tests.dkim_verifiers import dkimpy_dns, perl_dkim_available, perl_dkim_result
 from tests.identity_helpers import (
     authorize,
     create_verified_domain,
@@ -93,29 +92,13 @@ def _sign(message: bytes, domain: str, key: pb.DkimSigningKey) -> bytes:
     return signature + message
 
 
-def _dns_txt(server: LoopbackDns):  # type: ignore[no-untyped-def]
-    resolver = dns_resolver.Resolver(configure=False)
-    resolver.nameservers = ["127.0.0.1"]
-    resolver.port = server.port
-
-    def get_txt(name: bytes | str, timeout: float = 5) -> bytes | None:
-        text = name.decode() if isinstance(name, bytes) else name
-        try:
-            answer = resolver.resolve(text, "TXT", lifetime=timeout)
-        except (dns_resolver.NXDOMAIN, dns_resolver.NoAnswer):
-            return None
-        return b"".join(next(iter(answer)).strings)
-
-    return get_txt
-
-
 def _verify_all(message: bytes, server: LoopbackDns) -> list[bool]:
     verifier = dkim.DKIM(message)
     count = sum(1 for line in message.split(b"\r\n") if line.lower().startswith(b"dkim-signature:"))
     results = []
     for i in range(count):
         try:
-            results.append(bool(verifier.verify(idx=i, dnsfunc=_dns_txt(server))))
+            results.append(bool(verifier.verify(idx=i, dnsfunc=dkimpy_dns(server))))
         except dkim.DKIMException:  # a broken body or header hash is raised, not returned
             results.append(False)
     return results

@@ -12,7 +12,6 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import dkim
-import dns.resolver
 import grpc
 import pytest
 
@@ -25,7 +24,7 @@ from postmesh.sender.v1 import sender_pb2 as pb
 from postmesh.testing import MeshThread
 from postmesh.testing_mail import LoopbackDns, SmtpServer
 from tests.conftest import MeshFactory
-from tests.dkim_verifiers import perl_dkim_available, perl_dkim_result
+from tests.dkim_verifiers import dkimpy_dns, perl_dkim_available, perl_dkim_result
 from tests.identity_helpers import create_verified_domain
 from tests.sending_helpers import (
     email_events,
@@ -483,21 +482,6 @@ def test_rendering_failure_of_a_single_send_is_reported_and_an_event(
     assert queued_messages(accept_mesh.settings.nats_url, account_id, timeout=0.5) == []
 
 
-def _dkim_lookup(zone: LoopbackDns):  # type: ignore[no-untyped-def]
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = ["127.0.0.1"]
-    resolver.port = zone.port
-
-    def lookup(name: bytes, timeout: int = 5) -> bytes | None:
-        try:
-            answer = resolver.resolve(name.decode().rstrip("."), "TXT")
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return None
-        return b"".join(next(iter(answer)).strings)
-
-    return lookup
-
-
 def test_sends_arrive_dkim_signed_over_smtp(
     start_mesh: MeshFactory, zone: LoopbackDns, nats_url: str
 ) -> None:
@@ -563,7 +547,7 @@ def test_sends_arrive_dkim_signed_over_smtp(
             time.sleep(0.1)
         received = smtp.received
         assert sorted(r.message_id for r in received) == sorted(f"<{i}@mail.postmesh.test>" for i in ids)
-        lookup = _dkim_lookup(zone)
+        lookup = dkimpy_dns(zone)
         perl = perl_dkim_available()  # Debian's libmail-dkim-perl, where installed
         for message in received:
             assert b"DKIM-Signature:" in message.data
