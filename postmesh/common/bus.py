@@ -99,6 +99,30 @@ async def fetch_batch(
         return []
 
 
+async def pull_forever(
+    js: JetStreamContext,
+    stream: str,
+    config: ConsumerConfig,
+    process: Callable[[list[Msg]], Awaitable[None]],
+    *,
+    batch: int,
+    wait_seconds: float = 5.0,
+) -> None:
+    """Declares the durable pull consumer `config` on `stream` (replicas share it, so each message
+    goes to one of them) and hands every fetched batch to `process`, which acks, naks or terms."""
+    await js.add_consumer(stream, config)
+    subscription = await js.pull_subscribe_bind(durable=config.durable_name, stream=stream)
+    try:
+        while True:
+            messages = await fetch_batch(subscription, batch, wait_seconds)
+            if messages:
+                await process(messages)
+    finally:
+        # A pull subscription left behind would keep drain() waiting at shutdown.
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
+
+
 async def consume_events(
     js: JetStreamContext,
     *,
@@ -109,12 +133,36 @@ async def consume_events(
     max_deliver: int = 10,
     retry_delay: float = 5.0,
 ) -> None:
-    """Feeds every event on `subjects` to `handle`, at least once, through a durable pull consumer.
+    """Feeds every event on `subjects` to `handle`, one at a time, at least once.
 
-    Replicas of a service share the durable name, so each event is handled by one of them. A handler
-    error redelivers the event after `retry_delay`; after `max_deliver` tries it is logged and dropped,
-    so one bad event cannot stop the stream. Handlers must be idempotent (event_id is unique).
+    A handler error redelivers the event after `retry_delay`; after `max_deliver` tries it is logged
+    and dropped, so one bad event cannot stop the stream. Handlers must be idempotent (event_id is
+    unique).
     """
+
+    async def process(messages: list[Msg]) -> None:
+        for message in messages:
+            try:
+                event = events_pb2.Event.FromString(message.data)
+            except DecodeError:
+                log.error("undecodable event dropped", extra={"subject": message.subject})
+                await message.term()
+                continue
+            try:
+                await handle(event)
+            except Exception:
+                deliveries = message.metadata.num_delivered if message.metadata else 0
+                log.exception(
+                    "event handler failed",
+                    extra={"consumer": durable, "event_id": event.event_id, "delivery": deliveries},
+                )
+                if deliveries >= max_deliver:
+                    await message.term()
+                else:
+                    await message.nak(delay=retry_delay)
+                continue
+            await message.ack()
+
     config = ConsumerConfig(
         durable_name=durable,
         filter_subjects=list(subjects),
@@ -123,32 +171,4 @@ async def consume_events(
         max_deliver=max_deliver,
         ack_wait=60,
     )
-    await js.add_consumer(EVENTS.name, config)
-    subscription = await js.pull_subscribe_bind(durable=durable, stream=EVENTS.name)
-    try:
-        while True:
-            for message in await fetch_batch(subscription, batch, wait_seconds=5):
-                try:
-                    event = events_pb2.Event.FromString(message.data)
-                except DecodeError:
-                    log.error("undecodable event dropped", extra={"subject": message.subject})
-                    await message.term()
-                    continue
-                try:
-                    await handle(event)
-                except Exception:
-                    deliveries = message.metadata.num_delivered if message.metadata else 0
-                    log.exception(
-                        "event handler failed",
-                        extra={"consumer": durable, "event_id": event.event_id, "delivery": deliveries},
-                    )
-                    if deliveries >= max_deliver:
-                        await message.term()
-                    else:
-                        await message.nak(delay=retry_delay)
-                    continue
-                await message.ack()
-    finally:
-        # A pull subscription left behind would keep drain() waiting at shutdown.
-        with contextlib.suppress(Exception):
-            await subscription.unsubscribe()
+    await pull_forever(js, EVENTS.name, config, process, batch=batch)

@@ -7,7 +7,6 @@ against the review and pause thresholds after every batch of events.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 from collections.abc import Iterable, Sequence
@@ -22,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from postmesh.common.bus import fetch_batch
+from postmesh.common.bus import pull_forever
 from postmesh.common.config import Settings
 from postmesh.common.db import transaction
 from postmesh.common.service import Clock
@@ -266,27 +265,15 @@ class EventConsumer:
         self._batch = batch
 
     async def run(self) -> None:
-        await self._js.add_consumer(
-            EVENTS.name,
-            ConsumerConfig(
-                durable_name=CONSUMER,
-                filter_subjects=[EMAIL_EVENTS_SUBJECT],
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=30,
-                max_ack_pending=4096,
-            ),
+        config = ConsumerConfig(
+            durable_name=CONSUMER,
+            filter_subjects=[EMAIL_EVENTS_SUBJECT],
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=30,
+            max_ack_pending=4096,
         )
-        subscription = await self._js.pull_subscribe_bind(durable=CONSUMER, stream=EVENTS.name)
-        try:
-            while True:
-                messages = await fetch_batch(subscription, self._batch, wait_seconds=1)
-                if messages:
-                    await self._process(messages)
-        finally:
-            # A pull subscription left behind would keep drain() waiting at shutdown.
-            with contextlib.suppress(Exception):
-                await subscription.unsubscribe()
+        await pull_forever(self._js, EVENTS.name, config, self._process, batch=self._batch, wait_seconds=1)
 
     async def _process(self, messages: list[Msg]) -> None:
         events, parsed = [], []
