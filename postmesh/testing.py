@@ -40,6 +40,7 @@ class MeshThread:
             "dkim_master_keys", f"test:{base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()}"
         )
         settings.setdefault("identity_http_listen", "127.0.0.1:0")
+        settings.setdefault("tracking_http_listen", "127.0.0.1:0")
         # Tests never reach a real resolver: nothing answers on the discard port.
         settings.setdefault("dns_resolver", "127.0.0.1:9")
         # Delivery workers take every message off the outbound work queue: a test that wants

@@ -39,7 +39,8 @@ def _dev_secrets(data_dir: Path) -> dict[str, str]:
             if value:
                 values[name] = value
     changed = False
-    for name in ("ADMIN_API_KEY", "SERVICE_API_KEY"):
+    # TRACKING_SECRET signs open and click tracking URLs (sender and feedback share it).
+    for name in ("ADMIN_API_KEY", "SERVICE_API_KEY", "TRACKING_SECRET"):
         if not values.get(name):
             values[name] = secrets.token_urlsafe(32)
             changed = True

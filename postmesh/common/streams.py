@@ -59,6 +59,9 @@ ALL_STREAMS = (EVENTS, OUTBOUND)
 # JetStream object store bucket for message bodies too large to ride inside a queued message.
 MESSAGE_STORE_BUCKET = "POSTMESH_MESSAGES"
 
+# JetStream key-value bucket of tracked messages' mail objects, for their open and click events.
+TRACKING_BUCKET = "POSTMESH_TRACKING"
+
 
 def outbound_subject(account_id: str) -> str:
     """Where an accepted message waits for delivery: one subject per account, one work queue for all."""

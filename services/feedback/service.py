@@ -11,12 +11,15 @@ from postmesh.common.auth import Access
 from postmesh.common.bus import consume_events
 from postmesh.common.service import Service
 from postmesh.common.streams import email_event_subject
+from postmesh.common.tracking import TokenSigner, TrackedMail
 from postmesh.events.v1 import events_pb2
 from postmesh.feedback.v1 import feedback_pb2, feedback_pb2_grpc
 from services.feedback.auto_suppression import AutoSuppression, parse_reasons
 from services.feedback.models import Base
 from services.feedback.servicer import FeedbackServicer
 from services.feedback.suppression import SuppressionList
+from services.feedback.tracking.http import TrackingServer
+from services.feedback.tracking.recorder import TrackingRecorder
 
 
 class FeedbackService(Service):
@@ -29,6 +32,7 @@ class FeedbackService(Service):
     def register(self, server: aio.Server) -> None:
         self.servicer = FeedbackServicer()
         feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(self.servicer, server)
+        self.tracking: TrackingServer | None = None
 
     async def on_ready(self) -> None:
         runtime = self.runtime
@@ -49,6 +53,29 @@ class FeedbackService(Service):
                 ),
                 "auto-suppression",
             )
+        await self._start_tracking()
+
+    async def _start_tracking(self) -> None:
+        runtime = self.runtime
+        settings = runtime.settings
+        if not (settings.tracking_secret and settings.tracking_http_listen):
+            return
+        recorder = TrackingRecorder(
+            signer=TokenSigner(settings.tracking_secret),
+            events=runtime.events,
+            mails=TrackedMail(runtime.jetstream, settings.tracking_retention_days),
+            clock=runtime.clock,
+        )
+        self.tracking = TrackingServer(
+            settings.tracking_http_listen,
+            recorder,
+            trust_forwarded_for=settings.tracking_trust_forwarded_for,
+        )
+        await self.tracking.start()
+
+    async def on_stop(self) -> None:
+        if self.tracking is not None:
+            await self.tracking.stop()
 
 
 SERVICE = FeedbackService

@@ -9,4 +9,10 @@ register(
         "BOUNCE,COMPLAINT",
         "Events that add a recipient to the account suppression list: BOUNCE, COMPLAINT, both, or none.",
     ),
+    Setting(
+        "TRACKING_TRUST_FORWARDED_FOR",
+        bool,
+        False,
+        "Record the last X-Forwarded-For address as an open or click's IP (behind an Ingress or proxy).",
+    ),
 )

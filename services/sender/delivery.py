@@ -38,6 +38,7 @@ from postmesh.events.v1 import events_pb2 as ev
 from postmesh.sender.v1 import queue_pb2
 from services.sender.backoff import RetryPolicy
 from services.sender.dkim_signing import SigningConfigCache, SigningUnavailable, sign_message, to_crlf
+from services.sender.tracking import MessageTracking
 from services.sender.transport import DELAY_INTERNAL, Envelope, Kind, Outcome, Transport
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,10 @@ class DeliveryWorker:
         transport: Transport,
         config: DeliveryConfig,
         clock: Clock,
+        tracking: MessageTracking | None = None,
     ) -> None:
         self.js = js
+        self.tracking = tracking
         self.events = events
         self.signing = signing
         self.transport = transport
@@ -227,6 +230,8 @@ class DeliveryWorker:
             )
             return dict.fromkeys(recipients, failed)
         mime = to_crlf(await load_mime(self.js, queued))
+        if queued.HasField("tracking"):
+            mime = await self._track(queued, mime)
         # Signed once per message: a DKIM signature does not depend on the envelope.
         signed = (
             sign_message(mime, config)
@@ -258,6 +263,13 @@ class DeliveryWorker:
         for result in results:
             outcomes.update(result)
         return outcomes
+
+    async def _track(self, queued: queue_pb2.QueuedMessage, mime: bytes) -> bytes:
+        """Tracked links and pixel, before signing; untracked when this replica has no secret."""
+        if self.tracking is None:
+            log.warning("tracking asked for but TRACKING_SECRET is empty", extra={"id": queued.message_id})
+            return mime
+        return await self.tracking.apply(queued, mime, self._mail(queued))
 
     async def _expire(self, queued: queue_pb2.QueuedMessage, recipients: list[str], why: str) -> None:
         now = self.clock.now()

@@ -15,6 +15,7 @@ from grpc import aio
 from postmesh.common.config import Settings
 from postmesh.common.service import Runtime
 from postmesh.common.streams import IDENTITY_CHANGED_SUBJECT
+from postmesh.common.tracking import TokenSigner, TrackedMail
 from postmesh.events.v1 import events_pb2
 from postmesh.identity.v1 import identity_pb2
 from services.sender.backoff import RetryPolicy
@@ -28,6 +29,7 @@ from services.sender.dkim_signing import (
     SigningUnavailable,
 )
 from services.sender.mx import MxResolver
+from services.sender.tracking import MessageTracking
 from services.sender.transport import SinkTransport, SmtpOptions, SmtpPool, SmtpTransport, Transport
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,18 @@ def build_transport(settings: Settings) -> Transport:
     return SmtpTransport(pool, resolver=resolver, port=settings.smtp_port)
 
 
+def build_tracking(runtime: Runtime) -> MessageTracking | None:
+    settings = runtime.settings
+    if not settings.tracking_secret:
+        return None
+    return MessageTracking(
+        signer=TokenSigner(settings.tracking_secret),
+        public_url=settings.tracking_public_url,
+        listen=settings.tracking_http_listen,
+        mails=TrackedMail(runtime.jetstream, settings.tracking_retention_days),
+    )
+
+
 def reporting_mta(settings: Settings) -> str:
     return settings.smtp_helo_name or socket.getfqdn()
 
@@ -124,6 +138,7 @@ class Delivery:
                 shutdown_grace_seconds=settings.shutdown_grace_seconds,
             ),
             clock=runtime.clock,
+            tracking=build_tracking(runtime),
         )
         self._subscription: Any = None
 

@@ -1,0 +1,1 @@
+"""Open and click tracking: the HTTP endpoint tracked URLs point at, and the events it records."""
