@@ -41,6 +41,8 @@ class MeshThread:
         )
         settings.setdefault("identity_http_listen", "127.0.0.1:0")
         settings.setdefault("tracking_http_listen", "127.0.0.1:0")
+        # The SNS endpoint makes an RSA key: only tests that want it turn it on.
+        settings.setdefault("sns_https_listen", "")
         # Tests never reach a real resolver: nothing answers on the discard port.
         settings.setdefault("dns_resolver", "127.0.0.1:9")
         # Delivery workers take every message off the outbound work queue: a test that wants

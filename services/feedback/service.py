@@ -15,6 +15,9 @@ from postmesh.common.tracking import TokenSigner, TrackedMail
 from postmesh.events.v1 import events_pb2
 from postmesh.feedback.v1 import feedback_pb2, feedback_pb2_grpc
 from services.feedback.auto_suppression import AutoSuppression, parse_reasons
+from services.feedback.destinations.sns import SnsFormat, SnsSigner
+from services.feedback.destinations.sns_http import SnsEndpoint
+from services.feedback.destinations.sns_keys import load_or_create
 from services.feedback.models import Base
 from services.feedback.servicer import FeedbackServicer
 from services.feedback.suppression import SuppressionList
@@ -33,6 +36,10 @@ class FeedbackService(Service):
         self.servicer = FeedbackServicer()
         feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(self.servicer, server)
         self.tracking: TrackingServer | None = None
+        # SNS-format destinations: the dispatcher builds messages with sns_format and answers the
+        # endpoint's SubscribeURL and UnsubscribeURL by setting sns_endpoint.callbacks.
+        self.sns_endpoint: SnsEndpoint | None = None
+        self.sns_format: SnsFormat | None = None
 
     async def on_ready(self) -> None:
         runtime = self.runtime
@@ -54,6 +61,24 @@ class FeedbackService(Service):
                 "auto-suppression",
             )
         await self._start_tracking()
+        await self._start_sns()
+
+    async def _start_sns(self) -> None:
+        settings = self.runtime.settings
+        if not settings.sns_https_listen:
+            return
+        identity = load_or_create(
+            host=settings.sns_cert_host,
+            data_dir=Path(settings.data_dir),
+            cert_file=settings.sns_cert_file,
+            key_file=settings.sns_key_file,
+        )
+        self.sns_endpoint = SnsEndpoint(settings.sns_https_listen, identity)
+        port = await self.sns_endpoint.start()
+        base = (settings.sns_public_url or f"https://{settings.sns_cert_host}:{port}").rstrip("/")
+        self.sns_format = SnsFormat(
+            signer=SnsSigner(identity.private_key, base + self.sns_endpoint.cert_path), endpoint=base
+        )
 
     async def _start_tracking(self) -> None:
         runtime = self.runtime
@@ -76,6 +101,8 @@ class FeedbackService(Service):
     async def on_stop(self) -> None:
         if self.tracking is not None:
             await self.tracking.stop()
+        if self.sns_endpoint is not None:
+            await self.sns_endpoint.stop()
 
 
 SERVICE = FeedbackService
