@@ -356,3 +356,55 @@ async def test_delivered_links_and_pixel_become_click_and_open_events(
                 assert [(t.name, t.value) for t in mail.tags] == [("campaign", "spring")]
                 assert mail.configuration_set_name == "marketing" and mail.subject == "Offer"
                 assert mail.source == queued.from_address
+
+
+def test_links_are_tracked_as_browsers_read_them() -> None:
+    seen: list[str] = []
+
+    def link_url(link: str, tags: object) -> str:
+        seen.append(link)
+        return "https://t/c/1"
+
+    rewrite_html(
+        '<a href=" https://B\u00fccher.test/caf\u00e9?q=a b&amp;x\n=1 ">1</a>'
+        '<a href="javascript:alert(1)">2</a><a href="https://">3</a><a href="//x.test/">4</a>',
+        link_url=link_url,
+        pixel_url=None,
+    )
+    # One line, ASCII only: a valid Location header; the host as its A-label.
+    assert seen == ["https://xn--bcher-kva.test/caf%C3%A9?q=a%20b&x=1"]
+
+
+_HEADER_VALUES = st.sampled_from(
+    [
+        "text/html",
+        "text/html; charset=x-unknown",
+        "text/html; charset=utf-7",
+        'multipart/alternative; boundary="b"',
+        "multipart/mixed",
+        "text/plain",
+        "text/html; charset=\u00e9",
+    ]
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    content_type=_HEADER_VALUES,
+    cte=st.sampled_from(["", "base64", "quoted-printable", "8bit", "binary", "x-uuencode", "BASE64 "]),
+    body=st.binary(max_size=300),
+    parts=st.lists(st.tuples(_HEADER_VALUES, st.binary(max_size=100)), max_size=3),
+)
+def test_tracking_never_raises_on_malformed_messages(
+    content_type: str, cte: str, body: bytes, parts: list[tuple[str, bytes]]
+) -> None:
+    head = f"From: a@example.test\r\nContent-Type: {content_type}\r\n".encode()
+    if cte:
+        head += f"Content-Transfer-Encoding: {cte}\r\n".encode()
+    nested = b"".join(
+        b"--b\r\nContent-Type: " + kind.encode() + b"\r\n\r\n" + part + b"\r\n" for kind, part in parts
+    )
+    mime = head + b"\r\n" + body + b"\r\n" + nested + (b"--b--\r\n" if parts else b"")
+    out = _track(mime)
+    email.message_from_bytes(out, policy=email.policy.default)  # still parses
+    assert out.startswith(b"From: a@example.test\r\nContent-Type: ")

@@ -19,6 +19,7 @@ import email
 import email.quoprimime
 import html
 import io
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,16 +27,22 @@ from email.generator import BytesGenerator
 from email.message import Message
 from email.policy import compat32
 from html.parser import HTMLParser
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
+from postmesh.common.addresses import normalize_domain
+from postmesh.common.errors import InvalidArgument
 from postmesh.common.tracking import CLICK_PATH, OPEN_PATH, TokenSigner, TrackedMail, tracking_base
 from postmesh.events.v1 import events_pb2
 from postmesh.events.v1 import tracking_pb2 as tracking_events
 from postmesh.sender.v1 import queue_pb2, tracking_pb2
 
+log = logging.getLogger(__name__)
+
 # SES's link tags: ses:tags="name1:value1;name2:value2", names and values of these characters.
 _TAG_PART = re.compile(r"^[A-Za-z0-9_\-]{1,256}$")
 MAX_LINE = 998
+_URL_SAFE = "!#$%&'()*+,-./:;=?@[]~_|^{}`\\"
+_C0_AND_SPACE = "".join(chr(c) for c in range(0x21))
 _NON_ASCII = re.compile("[^\x00-\x7f\udc80-\udcff]")
 _PIXEL = (
     '<img src="{src}" width="1" height="1" alt="" '
@@ -52,6 +59,28 @@ def link_tags(value: str | None) -> list[tracking_events.LinkTag]:
         if sep and _TAG_PART.match(name.strip()) and _TAG_PART.match(tag_value.strip()):
             tags.append(tracking_events.LinkTag(name=name.strip(), value=tag_value.strip()))
     return tags
+
+
+def normalize_link(href: str) -> str:
+    """The URL a browser follows for this href: tabs and line breaks dropped (as the URL standard
+    does), other controls, spaces and non-ASCII characters percent-encoded, so that it is also a valid
+    Location header."""
+    link = re.sub(r"[\t\r\n]", "", href).strip(_C0_AND_SPACE)
+    try:
+        parts = urlsplit(link)
+        host = parts.hostname or ""
+    except ValueError:
+        return quote(link, safe=_URL_SAFE)
+    if not host.isascii():
+        try:
+            ascii_host = normalize_domain(host)
+        except InvalidArgument:
+            ascii_host = None
+        if ascii_host is not None:  # an internationalized host name goes as its A-label
+            netloc = parts.netloc.rpartition("@")
+            host_port = netloc[2].lower().replace(host, ascii_host, 1)
+            link = urlunsplit(parts._replace(netloc=netloc[0] + netloc[1] + host_port))
+    return quote(link, safe=_URL_SAFE)
 
 
 def _trackable(href: str) -> bool:
@@ -116,10 +145,13 @@ def rewrite_html(text: str, *, link_url: LinkUrl | None, pixel_url: str | None) 
         for offset, raw, attrs in parser.anchors:
             names = {name for name, _ in attrs}
             href = next((value for name, value in attrs if name == "href"), None)
-            if "ses:no-track" in names or href is None or not _trackable(href):
+            if "ses:no-track" in names or href is None:
+                continue
+            link = normalize_link(href)
+            if not _trackable(link):
                 continue
             tags = link_tags(next((value for name, value in attrs if name == "ses:tags"), None))
-            tracked = link_url(href.strip(), tags)
+            tracked = link_url(link, tags)
             new_attrs = [(name, tracked if name == "href" else value) for name, value in attrs]
             edits.append((offset, offset + len(raw), _anchor(new_attrs)))
     if pixel_url is not None:
@@ -218,6 +250,16 @@ class Tracker:
                 pixel_url=pixel_url if options.opens else None,
             )
 
+        try:
+            return self._rewrite(mime, rewrite)
+        except Exception:
+            # Malformed MIME that the email package reads but cannot write back (a multipart inside a
+            # multipart with the same boundary, say): the message goes as it came, untracked.
+            log.warning("message not tracked: its MIME cannot be rewritten", extra={"id": message_id})
+            return mime
+
+    @staticmethod
+    def _rewrite(mime: bytes, rewrite: Callable[[str], str]) -> bytes:
         message = email.message_from_bytes(mime, policy=compat32)
         changed = False
         for part in message.walk():
