@@ -118,3 +118,34 @@ def test_chart_refuses_to_render_without_credentials(tmp_path: Path) -> None:
         env={**os.environ, "HOME": str(tmp_path)},
     )
     assert result.returncode != 0 and "secrets.adminApiKey is required" in result.stderr
+
+
+def test_feedback_serves_tracking_behind_an_ingress_and_the_sns_endpoint(
+    rendered: list[dict[str, Any]],
+) -> None:
+    deployments = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Deployment"}
+    feedback = deployments["pm-postmesh-feedback"]["spec"]["template"]["spec"]
+    container = feedback["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TRACKING_HTTP_LISTEN"]["value"] == "0.0.0.0:8091"
+    assert env["TRACKING_PUBLIC_URL"]["value"] == "https://click.example.test"
+    assert env["SNS_HTTPS_LISTEN"]["value"] == "0.0.0.0:8443"
+    assert env["SNS_CERT_HOST"]["value"] == "sns.example.test"
+    assert env["SNS_CERT_FILE"]["value"] == "/etc/postmesh/sns/tls.crt"
+    assert {"name": "sns-tls", "mountPath": "/etc/postmesh/sns", "readOnly": True} in container[
+        "volumeMounts"
+    ]
+    assert {"name": "sns-tls", "secret": {"secretName": "postmesh-sns-tls"}} in feedback["volumes"]
+    assert {"name": "tracking", "containerPort": 8091} in container["ports"]
+    # Sender and feedback share the tracking secret; it is optional (no tracking without it).
+    for name in ("pm-postmesh-sender", "pm-postmesh-feedback"):
+        spec = deployments[name]["spec"]["template"]["spec"]["containers"][0]
+        secret = {e["name"]: e for e in spec["env"]}["TRACKING_SECRET"]["valueFrom"]["secretKeyRef"]
+        assert secret["key"] == "TRACKING_SECRET" and secret["optional"] is True
+    identity = deployments["pm-postmesh-identity"]["spec"]["template"]["spec"]["containers"][0]
+    assert "TRACKING_SECRET" not in {e["name"] for e in identity["env"]}
+    ingresses = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Ingress"}
+    backend = ingresses["pm-postmesh-feedback-tracking"]["spec"]["rules"][0]["http"]["paths"][0]["backend"]
+    assert backend["service"] == {"name": "pm-postmesh-feedback", "port": {"name": "tracking"}}
+    secret = next(d for d in rendered if d["kind"] == "Secret")
+    assert secret["stringData"]["TRACKING_SECRET"] == "ci-tracking-secret"

@@ -79,6 +79,7 @@ postmesh is starting on {settings.grpc_listen} (identity, quota, sender, feedbac
   NATS:      {settings.nats_url}{started_here}
   databases: SQLite files in {data_dir}
   metrics:   http://127.0.0.1:{settings.metrics_port}/metrics
+  tracking:  http://{settings.tracking_http_listen} (tracked links and the open pixel)
 
 In another terminal:
   . .venv/bin/activate
