@@ -10,6 +10,7 @@ import email
 import email.policy
 import quopri
 import re
+import uuid
 from collections.abc import Iterator
 from email.message import EmailMessage
 
@@ -20,13 +21,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from postmesh.common.bus import EventPublisher, ensure_streams
 from postmesh.common.natsserver import free_port
 from postmesh.common.outbound import enqueue
-from postmesh.common.tracking import BadToken, TokenSigner, tracking_base
+from postmesh.common.service import SystemClock
+from postmesh.common.tracking import BadToken, TokenSigner, TrackedMail, tracking_base
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.identity.v1 import identity_pb2
 from postmesh.sender.v1 import tracking_pb2
 from postmesh.testing_mail import LoopbackDns, SmtpServer
+from services.feedback.tracking.http import TrackingServer
+from services.feedback.tracking.recorder import TrackingRecorder
 from services.sender.tracking import Tracker, rewrite_html
 from tests.conftest import MeshFactory
 from tests.delivery_helpers import EmailEvents, forget_delivery_consumer, queued_message
@@ -408,3 +413,37 @@ def test_tracking_never_raises_on_malformed_messages(
     out = _track(mime)
     email.message_from_bytes(out, policy=email.policy.default)  # still parses
     assert out.startswith(b"From: a@example.test\r\nContent-Type: ")
+
+
+async def test_endpoint_behind_a_proxy_and_never_lends_another_accounts_message(nats_url: str) -> None:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_streams(js)  # run alone, no mesh has made them yet
+    mails = TrackedMail(js, retention_days=1)
+    owner, other = f"acct{uuid.uuid4().hex[:10]}", f"acct{uuid.uuid4().hex[:10]}"
+    message_id = uuid.uuid4().hex
+    await mails.remember(ev.Mail(message_id=message_id, sending_account_id=owner, destination=["a@ok.test"]))
+    signer = TokenSigner(SECRET)
+    recorder = TrackingRecorder(signer=signer, events=EventPublisher(js), mails=mails, clock=SystemClock())
+    server = TrackingServer("127.0.0.1:0", recorder, trust_forwarded_for=True)
+    port = await server.start()
+    # Same message id, another account's token (as if it guessed the id): its event names only the ids.
+    token = signer.sign(
+        tracking_pb2.TrackingToken(message_id=message_id, account_id=other, link="https://x.test/")
+    )
+    try:
+        async with EmailEvents(nats_url, other) as events, aiohttp.ClientSession() as http:
+            headers = {"X-Forwarded-For": "127.0.0.20, 127.0.0.30", "User-Agent": "a" * 5000}
+            async with http.get(
+                f"http://127.0.0.1:{port}/c/{token}", headers=headers, allow_redirects=False
+            ) as reply:
+                assert reply.status == 302 and reply.headers["Location"] == "https://x.test/"
+            found = await events.wait_for(lambda es: len(es) == 1, within=60)
+        click = found[0].email
+        assert found[0].account_id == other and click.click.ip_address == "127.0.0.30"
+        assert len(click.click.user_agent) == 1024
+        assert click.mail == ev.Mail(message_id=message_id, sending_account_id=other)
+        assert (await mails.recall(message_id)) is not None and await mails.recall("unknown") is None
+    finally:
+        await server.stop()
+        await nc.close()
