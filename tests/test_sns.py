@@ -266,6 +266,11 @@ async def test_django_ses_verifies_and_handles_postmesh_sns_notifications(
             assert subscriptions.unsubscribed == [subscription]
             async with http.get(bounce.body["UnsubscribeURL"]) as reply:
                 assert reply.status == 404
+            # Then, as SNS does, an UnsubscribeConfirmation: signed like the handshake.
+            goodbye = sns.unsubscribe_confirmation(topic=TOPIC, token=token)
+            assert goodbye.body["Type"] == "UnsubscribeConfirmation"
+            assert goodbye.body["SubscribeURL"] == subscribe_url  # visiting it subscribes again
+            assert await _post(http, webhook, goodbye) == (200, "")
     finally:
         await endpoint.stop()
 

@@ -40,26 +40,11 @@ NOTIFICATION = "Notification"
 SUBSCRIPTION_CONFIRMATION = "SubscriptionConfirmation"
 UNSUBSCRIBE_CONFIRMATION = "UnsubscribeConfirmation"
 
+_HANDSHAKE_FIELDS = ("Message", "MessageId", "SubscribeURL", "Timestamp", "Token", "TopicArn", "Type")
 _SIGNED_FIELDS = {
     NOTIFICATION: ("Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type"),
-    SUBSCRIPTION_CONFIRMATION: (
-        "Message",
-        "MessageId",
-        "SubscribeURL",
-        "Timestamp",
-        "Token",
-        "TopicArn",
-        "Type",
-    ),
-    UNSUBSCRIBE_CONFIRMATION: (
-        "Message",
-        "MessageId",
-        "SubscribeURL",
-        "Timestamp",
-        "Token",
-        "TopicArn",
-        "Type",
-    ),
+    SUBSCRIPTION_CONFIRMATION: _HANDSHAKE_FIELDS,
+    UNSUBSCRIBE_CONFIRMATION: _HANDSHAKE_FIELDS,
 }
 
 USER_AGENT = "Amazon Simple Notification Service Agent"
