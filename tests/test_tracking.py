@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import email
 import email.policy
+import json
 import quopri
 import re
 import uuid
 from collections.abc import Iterator
 from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import dkim
@@ -27,17 +31,23 @@ from postmesh.common.outbound import enqueue
 from postmesh.common.service import SystemClock
 from postmesh.common.tracking import BadToken, TokenSigner, TrackedMail, tracking_base
 from postmesh.events.v1 import events_pb2 as ev
+from postmesh.events.v1 import tracking_pb2 as tracking_events
 from postmesh.identity.v1 import identity_pb2
 from postmesh.sender.v1 import tracking_pb2
 from postmesh.testing_mail import LoopbackDns, SmtpServer
 from services.feedback.tracking.http import TrackingServer
 from services.feedback.tracking.recorder import TrackingRecorder
+from services.feedback.tracking.ses_json import click_json, open_json
 from services.sender.tracking import Tracker, rewrite_html
 from tests.conftest import MeshFactory
 from tests.delivery_helpers import EmailEvents, forget_delivery_consumer, queued_message
 from tests.dkim_verifiers import dkimpy_dns, perl_dkim_available, perl_dkim_result
 
 SECRET = "test-tracking-secret"
+# AWS's own event records, in the shared folder beside the repository.
+SES_EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "ses-event-examples"
+if not SES_EXAMPLES.is_dir():
+    SES_EXAMPLES = Path("/work/shared/ses-event-examples")
 BASE = "https://track.example.test"
 BOTH = tracking_pb2.TrackingOptions(opens=True, clicks=True)
 TRACKED = re.compile(r"https://track\.example\.test/([oc])/([A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+)")
@@ -447,3 +457,26 @@ async def test_endpoint_behind_a_proxy_and_never_lends_another_accounts_message(
     finally:
         await server.stop()
         await nc.close()
+
+
+def test_open_and_click_render_as_in_aws_examples() -> None:
+    def example(name: str) -> dict[str, Any]:
+        event: dict[str, Any] = json.loads((SES_EXAMPLES / name).read_text())
+        return event
+
+    def moment(text: str) -> dt.datetime:
+        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+
+    expected = example("event-open.json")["open"]
+    opened = tracking_events.Open(ip_address=expected["ipAddress"], user_agent=expected["userAgent"])
+    opened.timestamp.FromDatetime(moment(expected["timestamp"]))
+    assert open_json(opened) == expected
+
+    expected = example("event-click.json")["click"]
+    clicked = tracking_events.Click(
+        ip_address=expected["ipAddress"], user_agent=expected["userAgent"], link=expected["link"]
+    )
+    clicked.timestamp.FromDatetime(moment(expected["timestamp"]))
+    for tag, values in expected["linkTags"].items():
+        clicked.link_tags.extend(tracking_events.LinkTag(name=tag, value=v) for v in values)
+    assert click_json(clicked) == expected
