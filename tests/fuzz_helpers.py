@@ -56,9 +56,20 @@ _FRAGMENTS = st.sampled_from(
 )
 
 
-def hostile_text(max_size: int = 40) -> st.SearchStrategy[str]:
+def _hostile(max_size: int) -> st.SearchStrategy[str]:
     pieces = st.one_of(st.text(max_size=8), st.text(_HOSTILE_CHARS, max_size=8), _FRAGMENTS)
     return st.lists(pieces, max_size=max_size // 8 + 1).map("".join)
+
+
+_PRINTABLE = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
+_WORDS = st.characters(categories=("L", "N", "P", "S", "Zs"))
+
+
+def hostile_text(max_size: int = 40) -> st.SearchStrategy[str]:
+    """Mostly text a sender would send (so enough is accepted to check what goes out), often
+    hostile: controls, line breaks, encoded words, template syntax, very long words."""
+    printable = st.text(_PRINTABLE, min_size=1, max_size=max_size).filter(lambda s: bool(s.strip()))
+    return st.one_of(printable, printable, st.text(_WORDS, min_size=1, max_size=max_size), _hostile(max_size))
 
 
 def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
