@@ -116,3 +116,41 @@ def test_invalid_utf8_in_a_string_field_is_invalid_argument(fuzz_mesh: MeshThrea
         assert details.code is grpc.StatusCode.INVALID_ARGUMENT
         assert details.reason == "BAD_REQUEST"
         assert "UTF-8" in details.message
+
+
+def test_a_request_over_the_size_limit_is_message_rejected_not_resource_exhausted(
+    fuzz_mesh: MeshThread,
+) -> None:
+    _, key = fuzz_mesh.create_account()
+    raw = b"From: a@example.test\r\nTo: b@example.test\r\n\r\n" + b"x" * (49 * 1024 * 1024)
+    request = sender_pb2.SendEmailRequest(
+        content=sender_pb2.EmailContent(raw=sender_pb2.RawMessage(data=raw))
+    )
+    with fuzz_mesh.client(key) as client, pytest.raises(grpc.RpcError) as excinfo:
+        client.sender.SendEmail(request, timeout=120)
+    details = error_details(excinfo.value)
+    assert details.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert details.reason == "MESSAGE_REJECTED"
+
+
+def test_an_error_about_an_oversized_field_is_short(fuzz_mesh: MeshThread) -> None:
+    _, key = fuzz_mesh.create_account()
+    huge = "x" * 200_000 + "@example.test"
+    with fuzz_mesh.client(key) as client, pytest.raises(grpc.RpcError) as excinfo:
+        client.sender.SendEmail(
+            sender_pb2.SendEmailRequest(
+                from_email_address=huge,
+                destination=sender_pb2.Destination(to_addresses=["b@example.test"]),
+                content=sender_pb2.EmailContent(
+                    simple=sender_pb2.Message(
+                        subject=sender_pb2.Content(data="s"),
+                        body=sender_pb2.Body(text=sender_pb2.Content(data="t")),
+                    )
+                ),
+            ),
+            timeout=60,
+        )
+    details = error_details(excinfo.value)
+    assert details.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert details.metadata.get("field") == "from_email_address"
+    assert len(details.message) <= 1024

@@ -79,7 +79,10 @@ def resolve_service_names(names: Sequence[str]) -> list[str]:
 
 
 def _capped(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 20] + f"... ({len(text)} characters)"
+    if len(text) <= limit:
+        return text
+    suffix = f"... ({len(text)} characters)"
+    return text[: limit - len(suffix)] + suffix
 
 
 def _status_for(exc: PostmeshError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
