@@ -27,13 +27,14 @@ from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NATS
 from prometheus_client import Counter, Histogram, start_http_server
 
+from postmesh.client import error_details
 from postmesh.common import db
 from postmesh.common.auth import Access, Authenticator, Principal, PrincipalKind, principal_var
 from postmesh.common.bus import EventPublisher, connect_nats, ensure_streams
 from postmesh.common.clients import MeshClients
 from postmesh.common.config import SERVICE_NAMES, Settings
 from postmesh.common.errors import ERROR_DOMAIN, InvalidArgument, PostmeshError, Unauthenticated
-from postmesh.common.logging import request_id_var
+from postmesh.common.logging import REQUEST_ID_HEADER, request_id_var
 from postmesh.common.service import Clock, Runtime, Service, SystemClock
 from postmesh.common.streams import API_KEY_REVOKED_SUBJECT
 from postmesh.events.v1 import events_pb2
@@ -180,7 +181,8 @@ class MeshInterceptor(aio.ServerInterceptor):
             metadata = {
                 key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
             }
-            request_id_var.set(metadata.get("x-request-id") or f"{random.getrandbits(64):016x}")
+            given = metadata.get(REQUEST_ID_HEADER, "")[:128]
+            request_id_var.set(given or f"{random.getrandbits(64):016x}")
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
@@ -269,6 +271,8 @@ class MeshServer:
             )
         except aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND):
+                if error_details(exc).reason == "API_KEY_REVOKED":
+                    raise Unauthenticated("The API key has been revoked.", reason="API_KEY_REVOKED") from exc
                 raise Unauthenticated("The API key is not valid.", reason="INVALID_API_KEY") from exc
             raise
         return Principal(PrincipalKind.ACCOUNT, account_id=reply.account_id, key_id=reply.key_id)
