@@ -10,7 +10,6 @@ import codecs
 import datetime as dt
 import os
 import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email import policy
@@ -35,6 +34,17 @@ from typing import Any
 
 from postmesh.common.addresses import normalize_address
 from postmesh.common.errors import InvalidArgument
+from postmesh.common.mailformat import (
+    BARE_CR,
+    HEADER_LINE,
+    MAX_LINE,
+    check_wire,
+    split_head,
+)
+
+# Moved to postmesh.common.mailformat (system mail uses them too); still importable from here.
+from postmesh.common.mailformat import message_id_header as message_id_header
+from postmesh.common.mailformat import new_message_id as new_message_id
 
 # SES's limit, measured on the message as it goes out (after base64 and quoted-printable encoding).
 MAX_MESSAGE_BYTES = 40 * 1024 * 1024
@@ -71,18 +81,6 @@ _STRUCTURAL_DEFECTS = (
 )
 # CRLF: the wire format (an SMTP client passes bytes through unchanged).
 _POLICY = policy.compat32.clone(linesep="\r\n")
-
-
-def new_message_id(now: dt.datetime) -> str:
-    """SES-like: time-ordered (milliseconds, hex) then random, e.g. 0000019abc...-1f2e...-000000."""
-    millis = int(now.timestamp() * 1000)
-    return f"{millis:016x}-{secrets.token_hex(4)}-{secrets.token_hex(2)}-{secrets.token_hex(2)}-" + (
-        f"{secrets.token_hex(2)}-{secrets.token_hex(6)}-000000"
-    )
-
-
-def message_id_header(message_id: str, domain: str) -> str:
-    return f"<{message_id}@{domain}>"
 
 
 # C0 controls (TAB aside) and DEL: line breaks to the email package and to receivers (VT, FF, FS, GS,
@@ -262,36 +260,6 @@ def build_message(
     return data
 
 
-_BARE_CR = re.compile(rb"\r(?!\n)")
-_HEADER_LINE = re.compile(rb"^(?:[\x21-\x39\x3b-\x7e]+[ \t]*:|[ \t])")
-MAX_LINE = 998
-
-
-def check_wire(data: bytes, *, field: str) -> None:
-    """What goes out is standard mail (the README promises it): no NUL, no bare CR, lines of at most
-    998 characters, a 7-bit header block of well-formed fields. MESSAGE_REJECTED otherwise."""
-
-    def refuse(text: str) -> None:
-        raise InvalidArgument(
-            f"The message is not standard mail: {text}.", field=field, reason="MESSAGE_REJECTED"
-        )
-
-    if b"\x00" in data:
-        refuse("it contains a NUL byte")
-    if _BARE_CR.search(data):
-        refuse("it contains a carriage return (CR) that does not end a line")
-    lines = re.split(rb"\r?\n", data)
-    for number, line in enumerate(lines, start=1):
-        if len(line) > MAX_LINE:
-            refuse(f"line {number} is {len(line)} characters long, more than {MAX_LINE}")
-    head, _ = _split_head(data)
-    if not head.isascii():
-        refuse("its header block has 8-bit characters (use RFC 2047 encoded words)")
-    for number, line in enumerate(re.split(rb"\r?\n", head), start=1):
-        if not _HEADER_LINE.match(line):
-            refuse(f"header line {number} is not a header field or a folded continuation")
-
-
 # --- Raw messages
 
 
@@ -309,13 +277,6 @@ class RawMessage:
     parsed: Message | None = None
     # The Sender header's mailbox (RFC 5322 3.6.2): the account must be allowed to send as it too.
     sender_header: Mailbox | None = None
-
-
-def _split_head(data: bytes) -> tuple[bytes, bytes]:
-    match = re.search(rb"\r?\n\r?\n", data)
-    if match is None:
-        return data, b""
-    return data[: match.start()], data[match.end() :]
 
 
 # The email package's header parser raises these on header values it cannot take apart.
@@ -367,13 +328,13 @@ def _check_raw_bytes(data: bytes, field: str) -> None:
     land in the body), so it is refused, as are NUL bytes, 8-bit header bytes and long lines."""
     if b"\x00" in data:
         raise InvalidArgument("The raw message contains a NUL byte.", field=field, reason="MESSAGE_REJECTED")
-    if _BARE_CR.search(data):
+    if BARE_CR.search(data):
         raise InvalidArgument(
             "The raw message contains a carriage return (CR) that does not end a line: lines end in CRLF.",
             field=field,
             reason="MESSAGE_REJECTED",
         )
-    head, _ = _split_head(data)
+    head, _ = split_head(data)
     if not head.isascii():
         raise InvalidArgument(
             "The raw message's headers must be 7-bit ASCII (use RFC 2047 encoded words).",
@@ -381,7 +342,7 @@ def _check_raw_bytes(data: bytes, field: str) -> None:
             reason="MESSAGE_REJECTED",
         )
     for number, line in enumerate(re.split(rb"\r?\n", head), start=1):
-        if not _HEADER_LINE.match(line):
+        if not HEADER_LINE.match(line):
             raise InvalidArgument(
                 f"Line {number} of the raw message's header block is neither a header field nor a "
                 "folded continuation line.",
@@ -399,7 +360,7 @@ def _check_raw_bytes(data: bytes, field: str) -> None:
 def parse_raw(data: bytes) -> RawMessage:
     """Reads and checks a raw message; INVALID_ARGUMENT when it is not parseable MIME or has no From."""
     field = "content.raw.data"
-    head, _ = _split_head(data)
+    head, _ = split_head(data)
     if not data.strip() or not re.match(rb"^[\x21-\x39\x3b-\x7e]+:", head):
         raise InvalidArgument("The raw message does not start with a header block.", field=field)
     _check_raw_bytes(data, field)
@@ -475,7 +436,7 @@ def finalize_raw(data: bytes, *, message_id: str, date: dt.datetime) -> bytes:
     """The caller's message with our Message-ID, a Date and MIME-Version when missing, without Bcc.
 
     Edits the header block as bytes, so the body goes out exactly as given (CRLF line endings)."""
-    head, body = _split_head(data)
+    head, body = split_head(data)
     fields: list[list[bytes]] = []
     for line in re.split(rb"\r?\n", head):
         if line[:1] in (b" ", b"\t") and fields:
