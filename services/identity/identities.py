@@ -321,7 +321,15 @@ class IdentityStore:
             records.append(
                 Record(row.mail_from_domain, "MX", f"10 {self.config.mail_from_mx_host}", "mail-from", ok)
             )
-            records.append(Record(row.mail_from_domain, "TXT", self.config.mail_from_spf, "mail-from", False))
+            records.append(
+                Record(
+                    row.mail_from_domain,
+                    "TXT",
+                    self.config.mail_from_spf,
+                    "mail-from",
+                    row.mail_from_spf_found,
+                )
+            )
         return records
 
     # --- key material
@@ -722,6 +730,7 @@ class IdentityStore:
                     )
                 if domain != row.mail_from_domain:
                     row.mail_from_status = PENDING
+                    row.mail_from_spf_found = False
                     row.next_check_at = self._clock.now()
                     row.check_failures = 0
                 row.mail_from_domain = domain
@@ -729,6 +738,7 @@ class IdentityStore:
             else:
                 row.mail_from_domain = ""
                 row.mail_from_status = ""
+                row.mail_from_spf_found = False
                 row.mail_from_behavior = USE_DEFAULT_VALUE
             await session.flush()
             view = await self._view(session, row)

@@ -74,6 +74,7 @@ class IdentityService(Service):
                 verification_window=dt.timedelta(hours=settings.domain_verification_hours),
             ),
             config.mail_from_mx_host,
+            config.mail_from_spf,
         )
         mailer = VerificationMailer(
             runtime.jetstream,
