@@ -628,10 +628,29 @@ class IdentityStore:
             row = await self._owned_domain(session, account_id, name)
             row.dkim_next_key_bits = bits
             if regenerate:
-                await session.execute(delete(DkimKey).where(DkimKey.identity_id == row.identity_id))
+                signing = (
+                    await session.scalars(
+                        select(DkimKey.key_id).where(
+                            DkimKey.identity_id == row.identity_id,
+                            DkimKey.state == ACTIVE,
+                            DkimKey.found.is_(True),
+                        )
+                    )
+                ).all()
+                if signing and row.dkim_status == SUCCESS:
+                    # A live domain (switching to its own key, or back to Easy DKIM): the new keys
+                    # wait as the next ones, as in a rotation, and the current ones keep signing
+                    # until every new record is found in DNS; mail never goes out unsigned meanwhile.
+                    await session.execute(
+                        delete(DkimKey).where(DkimKey.identity_id == row.identity_id, DkimKey.state != ACTIVE)
+                    )
+                    for key in keys:
+                        key.state = NEXT
+                else:
+                    await session.execute(delete(DkimKey).where(DkimKey.identity_id == row.identity_id))
+                    row.dkim_status = PENDING
                 session.add_all(keys)
                 row.dkim_origin = origin
-                row.dkim_status = PENDING
                 row.dkim_generated_at = now
                 row.next_check_at = now
                 row.check_failures = 0
