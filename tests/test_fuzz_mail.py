@@ -280,3 +280,61 @@ def test_fuzz_templated_messages(run: Run) -> None:
     _check_delivered(run)
     with Client(run.mesh.address) as probe:
         assert probe.health_status() == "SERVING"
+
+
+@fuzz_settings()
+@given(
+    entries=st.lists(
+        st.tuples(
+            st.dictionaries(st.sampled_from(["name", "a"]), hostile_text(), max_size=2).map(json.dumps),
+            hostile_text(60),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def _bulk_examples(run: Run, entries: list[tuple[str, str]]) -> None:
+    name = "bulk-fuzz"
+    recipients = [_recipients() for _ in entries]
+    request = pb.SendBulkEmailRequest(
+        from_email_address=f"news@{DOMAIN}",
+        default_content=pb.BulkEmailContent(
+            template=pb.Template(template_name=name, template_data='{"name": "x"}')
+        ),
+        bulk_email_entries=[
+            pb.BulkEmailEntry(
+                destination=pb.Destination(to_addresses=to, bcc_addresses=bcc),
+                replacement_email_content=pb.ReplacementEmailContent(
+                    replacement_template=pb.ReplacementTemplate(replacement_template_data=data)
+                ),
+                replacement_headers=[pb.MessageHeader(name="X-Entry", value=header)],
+            )
+            for (data, header), (to, bcc) in zip(entries, recipients, strict=True)
+        ],
+    )
+    try:
+        results = run.client.sender.SendBulkEmail(request, timeout=60).bulk_email_entry_results
+    except grpc.RpcError as error:
+        details = error_details(error)
+        assert details.code is grpc.StatusCode.INVALID_ARGUMENT, (details.code, details.message)
+        return
+    assert len(results) == len(entries)
+    for result, (_, bcc) in zip(results, recipients, strict=True):
+        if result.status == pb.BULK_EMAIL_STATUS_SUCCESS:
+            run.accepted[result.message_id] = bcc
+        else:
+            assert result.error, result
+
+
+def test_fuzz_bulk_messages(run: Run) -> None:
+    run.client.sender.CreateEmailTemplate(
+        pb.CreateEmailTemplateRequest(
+            template_name="bulk-fuzz",
+            template_content=pb.EmailTemplateContent(
+                subject="Hi {{name}}", html='<p>{{name}} {{default a "x"}}</p>'
+            ),
+        ),
+        timeout=60,
+    )
+    _bulk_examples(run)
+    _check_delivered(run)
