@@ -338,3 +338,16 @@ def test_fuzz_bulk_messages(run: Run) -> None:
     )
     _bulk_examples(run)
     _check_delivered(run)
+
+
+def test_a_raw_sender_header_must_name_an_identity_the_account_may_use(run: Run) -> None:
+    def raw(sender: str) -> pb.SendEmailRequest:
+        head = f"From: news@{DOMAIN}\r\nSender: {sender}\r\nTo: s@{DOMAIN}\r\nSubject: s\r\n"
+        data = (head + "\r\nbody\r\n").encode()
+        return pb.SendEmailRequest(content=pb.EmailContent(raw=pb.RawMessage(data=data)))
+
+    with pytest.raises(grpc.RpcError) as excinfo:
+        run.client.sender.SendEmail(raw("someone@unverified.test"), timeout=60)
+    details = error_details(excinfo.value)
+    assert (details.code, details.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MESSAGE_REJECTED")
+    assert run.client.sender.SendEmail(raw(f"desk@{DOMAIN}"), timeout=60).message_id

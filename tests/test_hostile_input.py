@@ -205,3 +205,18 @@ def test_a_slow_template_stops_at_its_time_budget() -> None:
     with pytest.raises(rendering.RenderError, match="took longer"):
         template.render({"a": list(range(200))}, escape_html=False, seconds=0.2)
     assert time.monotonic() - started < 30  # ends (generous: a shared machine), rather than running on
+
+
+@pytest.mark.parametrize(
+    "value", ["=?utf-8?q?a=0D=0ABcc:_x@example.test?=", "x =?utf-8?b?DQpCY2M6IHg=?= y", "=?utf-8?q?a=00?="]
+)
+def test_encoded_words_given_as_text_that_decode_to_controls_are_refused(value: str) -> None:
+    with pytest.raises(InvalidArgument):
+        _build(Body(value, "text", ""))
+    with pytest.raises(InvalidArgument):
+        _build(Body("s", "text", "", headers=[Header("X-Custom", value)]))
+
+
+def test_ordinary_encoded_words_are_kept() -> None:
+    data = _build(Body("=?utf-8?q?caf=C3=A9?=", "text", ""))
+    assert b"Subject: =?utf-8?q?caf=C3=A9?=" in data

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from email import policy
 from email.charset import QP, Charset
 from email.errors import (
+    HeaderParseError,
     InvalidMultipartContentTransferEncodingDefect,
     MessageDefect,
     MessageError,
@@ -24,6 +25,7 @@ from email.errors import (
     StartBoundaryNotFoundDefect,
 )
 from email.header import Header as EncodedHeader
+from email.header import decode_header
 from email.message import Message
 from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
@@ -94,7 +96,29 @@ def no_line_breaks(value: str, *, field: str) -> str:
         raise InvalidArgument(f"{field} must not contain line breaks (CR or LF).", field=field)
     if _CONTROL.search(value):
         raise InvalidArgument(f"{field} must not contain control characters.", field=field)
+    if "=?" in value and _CONTROL.search(_decoded_words(value)):
+        # Readers decode RFC 2047 words: one that decodes to CR/LF or a control smuggles it in.
+        raise InvalidArgument(
+            f"{field} has an encoded word that decodes to a control character.", field=field
+        )
     return value
+
+
+def _decoded_words(value: str) -> str:
+    try:
+        parts = decode_header(value)
+    except (HeaderParseError, ValueError):
+        return ""
+    text = []
+    for part, charset in parts:
+        if isinstance(part, bytes):
+            try:
+                text.append(part.decode(charset or "ascii", "replace"))
+            except LookupError:
+                text.append(part.decode("ascii", "replace"))
+        else:
+            text.append(part)
+    return "".join(text)
 
 
 @dataclass(frozen=True)
