@@ -3,6 +3,7 @@ refused with INVALID_ARGUMENT naming the field, or made standard mail."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 
@@ -11,7 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from postmesh.common.errors import InvalidArgument
+from postmesh.common.service import SystemClock
 from services.sender import rendering
+from services.sender.accept import Acceptor, RenderFailure
 from services.sender.mime import (
     MAX_MIME_DEPTH,
     Addressing,
@@ -220,3 +223,33 @@ def test_encoded_words_given_as_text_that_decode_to_controls_are_refused(value: 
 def test_ordinary_encoded_words_are_kept() -> None:
     data = _build(Body("=?utf-8?q?caf=C3=A9?=", "text", ""))
     assert b"Subject: =?utf-8?q?caf=C3=A9?=" in data
+
+
+async def test_rendering_runs_off_the_event_loop() -> None:
+    """A template that uses its whole time budget leaves the event loop free meanwhile (other
+    accounts' calls, health checks)."""
+    acceptor = Acceptor(
+        js=None,  # type: ignore[arg-type]  # rendering needs none of these
+        events=None,  # type: ignore[arg-type]
+        checks=None,  # type: ignore[arg-type]
+        templates=None,  # type: ignore[arg-type]
+        keys=None,  # type: ignore[arg-type]
+        clock=SystemClock(),
+    )
+    loops = "{{#each a}}{{#each a}}{{#each a}}{{#each a}}{{/each}}{{/each}}{{/each}}{{/each}}"
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        with pytest.raises(RenderFailure, match="took longer"):
+            await acceptor._render("slow", ("s", loops, ""), {"a": list(range(400))})
+    finally:
+        ticker.cancel()
+        acceptor.close()
+    assert ticks > 2
