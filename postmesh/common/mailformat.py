@@ -37,6 +37,15 @@ HEADER_LINE = re.compile(rb"^(?:[\x21-\x39\x3b-\x7e]+[ \t]*:|[ \t])")
 MAX_LINE = 998
 
 
+_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
+
+
+def too_long_line(data: bytes) -> int | None:
+    """The number of the first line longer than 998 characters (line breaks aside), if any."""
+    match = _LONG_LINE.search(data)
+    return None if match is None else data.count(b"\n", 0, match.start()) + 1
+
+
 def check_wire(data: bytes, *, field: str) -> None:
     """What goes out is standard mail (the README promises it): no NUL, no bare CR, lines of at most
     998 characters, a 7-bit header block of well-formed fields. MESSAGE_REJECTED otherwise."""
@@ -50,10 +59,9 @@ def check_wire(data: bytes, *, field: str) -> None:
         refuse("it contains a NUL byte")
     if BARE_CR.search(data):
         refuse("it contains a carriage return (CR) that does not end a line")
-    lines = re.split(rb"\r?\n", data)
-    for number, line in enumerate(lines, start=1):
-        if len(line) > MAX_LINE:
-            refuse(f"line {number} is {len(line)} characters long, more than {MAX_LINE}")
+    long_line = too_long_line(data)
+    if long_line is not None:
+        refuse(f"line {long_line} is longer than {MAX_LINE} characters")
     head, _ = split_head(data)
     if not head.isascii():
         refuse("its header block has 8-bit characters (use RFC 2047 encoded words)")

@@ -42,6 +42,7 @@ from postmesh.common.mailformat import (
     MAX_LINE,
     check_wire,
     split_head,
+    too_long_line,
 )
 
 # Moved to postmesh.common.mailformat (system mail uses them too); still importable from here.
@@ -372,10 +373,10 @@ def _check_raw_bytes(data: bytes, field: str) -> None:
                 "folded continuation line.",
                 field=field,
             )
-    longest = max(len(line) for line in re.split(rb"\r?\n", data))
-    if longest > MAX_LINE:
+    long_line = too_long_line(data)
+    if long_line is not None:
         raise InvalidArgument(
-            f"The raw message has a line of {longest} characters: at most {MAX_LINE} (RFC 5322).",
+            f"Line {long_line} of the raw message is longer than {MAX_LINE} characters (RFC 5322).",
             field=field,
             reason="MESSAGE_REJECTED",
         )
