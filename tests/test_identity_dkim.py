@@ -325,7 +325,8 @@ def test_bring_your_own_dkim_key(idmesh: MeshThread, dns: LoopbackDns) -> None:
         )
         assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "BYODKIM_IN_USE")
 
-        # Switching to an ed25519 key of one's own (a bare base64 seed): unsigned until published.
+        # Switching to an ed25519 key of one's own (a bare base64 seed): the current key keeps signing
+        # until the new one's record is published, as in a rotation.
         seed = ed25519.Ed25519PrivateKey.generate()
         raw = seed.private_bytes(
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
@@ -339,10 +340,13 @@ def test_bring_your_own_dkim_key(idmesh: MeshThread, dns: LoopbackDns) -> None:
                 ),
             )
         )
-        assert switched.dkim_status == pb.VERIFICATION_STATUS_PENDING and list(switched.dkim_tokens) == ["ed"]
-        assert not service.identity.GetSigningConfig(
+        assert switched.dkim_status == pb.VERIFICATION_STATUS_SUCCESS
+        assert set(switched.dkim_tokens) == {"mine", "ed"}
+        assert _key_states(client, "own.test") == {("mine", "ACTIVE"), ("ed", "NEXT")}
+        [still] = service.identity.GetSigningConfig(
             pb.GetSigningConfigRequest(account_id=account_id, domain="own.test")
         ).keys
+        assert still.selector == "mine"
         publish(dns, switched.dns_records)
         client.identity.CheckEmailIdentityVerification(
             pb.CheckEmailIdentityVerificationRequest(email_identity="own.test")
@@ -360,8 +364,22 @@ def test_bring_your_own_dkim_key(idmesh: MeshThread, dns: LoopbackDns) -> None:
                 signing_attributes_origin=pb.DKIM_SIGNING_ATTRIBUTES_ORIGIN_POSTMESH,
             )
         )
-        assert easy.dkim_status == pb.VERIFICATION_STATUS_PENDING
-        assert [t for t in easy.dkim_tokens if t.startswith("pm")] == list(easy.dkim_tokens)
+        assert easy.dkim_status == pb.VERIFICATION_STATUS_SUCCESS
+        states = _key_states(client, "own.test")
+        waiting = [selector for selector, state in states if state == "NEXT"]
+        assert waiting and all(t.startswith("pm") for t in waiting)
+        assert [selector for selector, state in states if state == "ACTIVE"] == ["ed"]
+        assert [
+            k.selector
+            for k in service.identity.GetSigningConfig(
+                pb.GetSigningConfigRequest(account_id=account_id, domain="own.test")
+            ).keys
+        ] == ["ed"]
+
+
+def _key_states(client: Client, domain: str) -> set[tuple[str, str]]:
+    identity = client.identity.GetEmailIdentity(pb.GetEmailIdentityRequest(email_identity=domain))
+    return {(k.selector, k.state) for k in identity.dkim_attributes.keys}
 
 
 def _raw_keys(data_dir: Path) -> list[tuple[str, str, bytes, bytes, str]]:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 
+from postmesh.common.cache import TtlCache
 from postmesh.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 API_KEY_PREFIX = "pm"
@@ -133,9 +134,7 @@ class Authenticator:
         self._admin_key = admin_key
         self._service_key = service_key
         self._lookup = lookup
-        self._cache_seconds = cache_seconds
-        self._clock = clock
-        self._cache: dict[str, tuple[float, Principal]] = {}
+        self._cache: TtlCache[str, Principal] = TtlCache(cache_seconds, clock=clock)
 
     async def authenticate(self, metadata: dict[str, str], access: Access) -> Principal:
         if access is Access.PUBLIC:
@@ -165,16 +164,13 @@ class Authenticator:
         key_id, _ = parse_api_key(token)
         digest = hash_secret(token)
         cached = self._cache.get(digest)
-        now = self._clock()
-        if cached and cached[0] > now:
-            return cached[1]
+        if cached is not None:
+            return cached
         principal = await self._lookup(token)
         if principal.key_id != key_id:
             raise Unauthenticated("The API key is not valid.", reason="INVALID_API_KEY")
-        self._cache[digest] = (now + self._cache_seconds, principal)
+        self._cache.put(digest, principal)
         return principal
 
     def forget_key(self, key_id: str) -> None:
-        for digest, (_, principal) in list(self._cache.items()):
-            if principal.key_id == key_id:
-                del self._cache[digest]
+        self._cache.discard_where(lambda _, principal: principal.key_id == key_id)

@@ -25,6 +25,7 @@ from postmesh.common.errors import (
     Unauthenticated,
     Unavailable,
 )
+from postmesh.common.logging import REQUEST_ID_HEADER, request_id_var
 from postmesh.feedback.v1 import feedback_pb2_grpc
 from postmesh.identity.v1 import identity_pb2_grpc
 from postmesh.quota.v1 import quota_pb2_grpc
@@ -47,6 +48,11 @@ class _CredentialInterceptor(aio.UnaryUnaryClientInterceptor):
         metadata = list(client_call_details.metadata or [])
         if not any(key == "authorization" for key, _ in metadata):
             metadata.append(("authorization", f"Bearer {self._token}"))
+        # The request id of the call being served goes along, so the called service logs under it
+        # too and one request's lines join across the mesh.
+        request_id = request_id_var.get()
+        if request_id and not any(key == REQUEST_ID_HEADER for key, _ in metadata):
+            metadata.append((REQUEST_ID_HEADER, request_id))
         details = aio.ClientCallDetails(
             client_call_details.method,
             client_call_details.timeout,

@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+# The call metadata carrying a request id (from a client, or from the service that called).
+REQUEST_ID_HEADER = "x-request-id"
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import nats.errors
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,13 +27,14 @@ from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NATS
 from prometheus_client import Counter, Histogram, start_http_server
 
+from postmesh.client import error_details
 from postmesh.common import db
 from postmesh.common.auth import Access, Authenticator, Principal, PrincipalKind, principal_var
 from postmesh.common.bus import EventPublisher, connect_nats, ensure_streams
 from postmesh.common.clients import MeshClients
 from postmesh.common.config import SERVICE_NAMES, Settings
-from postmesh.common.errors import ERROR_DOMAIN, PostmeshError, Unauthenticated
-from postmesh.common.logging import request_id_var
+from postmesh.common.errors import ERROR_DOMAIN, InvalidArgument, PostmeshError, Unauthenticated
+from postmesh.common.logging import REQUEST_ID_HEADER, request_id_var
 from postmesh.common.service import Clock, Runtime, Service, SystemClock
 from postmesh.common.streams import API_KEY_REVOKED_SUBJECT
 from postmesh.events.v1 import events_pb2
@@ -44,6 +46,13 @@ SERVICE_MODULES = {name: f"services.{name}.service" for name in SERVICE_NAMES}
 
 # gRPC's 4 MB default would refuse raw messages SES accepts (up to 40 MB); some room for the envelope.
 MAX_REQUEST_BYTES = 48 * 1024 * 1024
+# What gRPC itself accepts sits above that, so a request a little too large hears postmesh's own
+# INVALID_ARGUMENT MESSAGE_REJECTED instead of gRPC's RESOURCE_EXHAUSTED (which clients retry).
+GRPC_RECEIVE_LIMIT_BYTES = 64 * 1024 * 1024
+# An error message repeats at most this much of a caller's input: gRPC's metadata limit (8 KiB by
+# default) would otherwise replace the whole answer with RESOURCE_EXHAUSTED.
+MAX_ERROR_MESSAGE_CHARS = 1024
+MAX_ERROR_METADATA_CHARS = 256
 
 RPC_COUNT = Counter("postmesh_grpc_requests_total", "gRPC calls handled", ["method", "code"])
 RPC_SECONDS = Histogram("postmesh_grpc_request_seconds", "gRPC call latency", ["method"])
@@ -70,16 +79,80 @@ def resolve_service_names(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _status_for(exc: PostmeshError) -> tuple[grpc.StatusCode, tuple[tuple[str, bytes], ...]]:
+def _capped(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    suffix = f"... ({len(text)} characters)"
+    return text[: limit - len(suffix)] + suffix
+
+
+def _status_for(exc: PostmeshError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
     code = getattr(grpc.StatusCode, exc.code.value)
-    info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata)
-    status = status_pb2.Status(code=code.value[0], message=exc.message)
+    message = _capped(exc.message, MAX_ERROR_MESSAGE_CHARS)
+    metadata = {k: _capped(v, MAX_ERROR_METADATA_CHARS) for k, v in exc.metadata.items()}
+    info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN, metadata=metadata)
+    status = status_pb2.Status(code=code.value[0], message=message)
     status.details.add().Pack(info)
     if exc.retry_after_seconds is not None:
         retry = error_details_pb2.RetryInfo()
         retry.retry_delay.FromMilliseconds(int(exc.retry_after_seconds * 1000))
         status.details.add().Pack(retry)
-    return code, (("grpc-status-details-bin", status.SerializeToString()),)
+    return code, message, (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+class _Undecodable:
+    """What the request deserializer hands over in place of a request it could not decode, so the
+    interceptor answers INVALID_ARGUMENT (gRPC itself would answer UNKNOWN before postmesh saw it)."""
+
+    def __init__(self, error: InvalidArgument) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        if len(data) > MAX_REQUEST_BYTES:
+            return _Undecodable(
+                InvalidArgument(
+                    f"The request is {len(data)} bytes long: more than {MAX_REQUEST_BYTES} bytes.",
+                    reason="MESSAGE_REJECTED",
+                )
+            )
+        try:
+            request = deserializer(data)
+        except DecodeError as exc:
+            if "UTF-8" in str(exc):
+                text = "A string field of the request is not valid UTF-8 (protobuf strings must be)."
+            else:
+                text = "The request is not a valid protobuf message of its method's request type."
+            return _Undecodable(InvalidArgument(text))
+        unknown = _unknown_enum_value(request)
+        if unknown is not None:
+            return _Undecodable(unknown)
+        return request
+
+    return decode
+
+
+def _unknown_enum_value(message: Message, prefix: str = "") -> InvalidArgument | None:
+    """Proto3 keeps an enum number it does not know; domain code would fail on its name, so the
+    request is refused here, naming the field."""
+    for field, value in message.ListFields():
+        name = f"{prefix}{field.name}"
+        values = value if field.is_repeated else [value]
+        enum, child_type = field.enum_type, field.message_type
+        if enum is not None:
+            for number in values:
+                if enum.values_by_number.get(number) is None:
+                    return InvalidArgument(f"{number} is not a valid value of {enum.name}.", field=name)
+        elif child_type is not None and not child_type.GetOptions().map_entry:
+            for child in values:
+                found = _unknown_enum_value(child, f"{name}.")
+                if found is not None:
+                    return found
+    return None
 
 
 class MeshInterceptor(aio.ServerInterceptor):
@@ -108,7 +181,8 @@ class MeshInterceptor(aio.ServerInterceptor):
             metadata = {
                 key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
             }
-            request_id_var.set(metadata.get("x-request-id") or f"{random.getrandbits(64):016x}")
+            given = metadata.get(REQUEST_ID_HEADER, "")[:128]
+            request_id_var.set(given or f"{random.getrandbits(64):016x}")
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
@@ -117,10 +191,12 @@ class MeshInterceptor(aio.ServerInterceptor):
                     await context.abort(code, f"The {service.name} service is starting; try again shortly.")
                 principal = await self._authenticator.authenticate(metadata, access)
                 principal_var.set(principal)
+                if isinstance(request, _Undecodable):
+                    raise request.error
                 return await behaviour(request, context)  # type: ignore[arg-type]
             except PostmeshError as exc:
-                code, trailers = _status_for(exc)
-                await context.abort(code, exc.message, trailing_metadata=trailers)
+                code, message, trailers = _status_for(exc)
+                await context.abort(code, message, trailing_metadata=trailers)
             except aio.AbortError:
                 code = context.code() or code
                 raise
@@ -144,7 +220,7 @@ class MeshInterceptor(aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -195,6 +271,8 @@ class MeshServer:
             )
         except aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND):
+                if error_details(exc).reason == "API_KEY_REVOKED":
+                    raise Unauthenticated("The API key has been revoked.", reason="API_KEY_REVOKED") from exc
                 raise Unauthenticated("The API key is not valid.", reason="INVALID_API_KEY") from exc
             raise
         return Principal(PrincipalKind.ACCOUNT, account_id=reply.account_id, key_id=reply.key_id)
@@ -209,7 +287,7 @@ class MeshServer:
         by_full_name: dict[str, Service] = {}
         self.server = aio.server(
             interceptors=[MeshInterceptor(by_full_name, self.authenticator)],
-            options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
+            options=[("grpc.max_receive_message_length", GRPC_RECEIVE_LIMIT_BYTES)],
         )
         self.port = self.server.add_insecure_port(self.settings.grpc_listen)
         if self.port == 0:

@@ -321,7 +321,15 @@ class IdentityStore:
             records.append(
                 Record(row.mail_from_domain, "MX", f"10 {self.config.mail_from_mx_host}", "mail-from", ok)
             )
-            records.append(Record(row.mail_from_domain, "TXT", self.config.mail_from_spf, "mail-from", False))
+            records.append(
+                Record(
+                    row.mail_from_domain,
+                    "TXT",
+                    self.config.mail_from_spf,
+                    "mail-from",
+                    row.mail_from_spf_found,
+                )
+            )
         return records
 
     # --- key material
@@ -620,10 +628,29 @@ class IdentityStore:
             row = await self._owned_domain(session, account_id, name)
             row.dkim_next_key_bits = bits
             if regenerate:
-                await session.execute(delete(DkimKey).where(DkimKey.identity_id == row.identity_id))
+                signing = (
+                    await session.scalars(
+                        select(DkimKey.key_id).where(
+                            DkimKey.identity_id == row.identity_id,
+                            DkimKey.state == ACTIVE,
+                            DkimKey.found.is_(True),
+                        )
+                    )
+                ).all()
+                if signing and row.dkim_status == SUCCESS:
+                    # A live domain (switching to its own key, or back to Easy DKIM): the new keys
+                    # wait as the next ones, as in a rotation, and the current ones keep signing
+                    # until every new record is found in DNS; mail never goes out unsigned meanwhile.
+                    await session.execute(
+                        delete(DkimKey).where(DkimKey.identity_id == row.identity_id, DkimKey.state != ACTIVE)
+                    )
+                    for key in keys:
+                        key.state = NEXT
+                else:
+                    await session.execute(delete(DkimKey).where(DkimKey.identity_id == row.identity_id))
+                    row.dkim_status = PENDING
                 session.add_all(keys)
                 row.dkim_origin = origin
-                row.dkim_status = PENDING
                 row.dkim_generated_at = now
                 row.next_check_at = now
                 row.check_failures = 0
@@ -722,6 +749,7 @@ class IdentityStore:
                     )
                 if domain != row.mail_from_domain:
                     row.mail_from_status = PENDING
+                    row.mail_from_spf_found = False
                     row.next_check_at = self._clock.now()
                     row.check_failures = 0
                 row.mail_from_domain = domain
@@ -729,6 +757,7 @@ class IdentityStore:
             else:
                 row.mail_from_domain = ""
                 row.mail_from_status = ""
+                row.mail_from_spf_found = False
                 row.mail_from_behavior = USE_DEFAULT_VALUE
             await session.flush()
             view = await self._view(session, row)

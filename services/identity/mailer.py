@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from collections.abc import Callable
 from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime
 from urllib.parse import quote
 
 from nats.js import JetStreamContext
 
 from postmesh.common.addresses import domain_of
+from postmesh.common.mailformat import new_message_id, system_message
 from postmesh.common.outbound import enqueue
 from postmesh.common.service import Clock
 from postmesh.sender.v1 import queue_pb2
@@ -34,12 +34,14 @@ class VerificationMailer:
         system_account_id: str,
         system_address: str,
         link_base: Callable[[], str],
+        message_id_domain: str = "",
     ) -> None:
         self._js = js
         self._clock = clock
         self._account_id = system_account_id
         self._from = system_address
         self._link_base = link_base
+        self._message_id_domain = message_id_domain
 
     def build(self, address: str, token: str, expires_at: dt.datetime) -> EmailMessage:
         link = confirmation_link(self._link_base(), token)
@@ -48,7 +50,6 @@ class VerificationMailer:
         message["To"] = address
         message["Subject"] = SUBJECT
         message["Date"] = format_datetime(self._clock.now())
-        message["Message-ID"] = make_msgid(domain=domain_of(self._from))
         message["Auto-Submitted"] = "auto-generated"
         message.set_content(
             "Someone asked to send email from this address with postmesh.\n\n"
@@ -61,14 +62,18 @@ class VerificationMailer:
 
     async def send_verification(self, address: str, token: str, expires_at: dt.datetime) -> None:
         message = self.build(address, token, expires_at)
+        message_id = new_message_id(self._clock.now())
+        mime = system_message(
+            message, message_id=message_id, sender=self._from, message_id_domain=self._message_id_domain
+        )
         queued = queue_pb2.QueuedMessage(
-            message_id=str(uuid.uuid4()),
+            message_id=message_id,
             account_id=self._account_id,
             from_address=self._from,
             from_identity=domain_of(self._from),
             identity_owner_account_id=self._account_id,
             recipients=[address],
-            mime=message.as_bytes(),
+            mime=mime,
             subject=SUBJECT,
             tls_policy=queue_pb2.TLS_POLICY_OPTIONAL,
         )

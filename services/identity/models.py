@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import Boolean, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from postmesh.common.db import UTCDateTime, service_metadata
@@ -72,6 +72,8 @@ class EmailIdentity(Base):
     mail_from_domain: Mapped[str] = mapped_column(String(255), default="")
     mail_from_status: Mapped[str] = mapped_column(String(24), default="")
     mail_from_behavior: Mapped[str] = mapped_column(String(24), default="USE_DEFAULT_VALUE")
+    # Whether the last check found the SPF record postmesh asks for at the MAIL FROM domain.
+    mail_from_spf_found: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # Addresses: when the last verification message was queued (resend rate limit).
     last_email_sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 

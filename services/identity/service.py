@@ -74,6 +74,7 @@ class IdentityService(Service):
                 verification_window=dt.timedelta(hours=settings.domain_verification_hours),
             ),
             config.mail_from_mx_host,
+            config.mail_from_spf,
         )
         mailer = VerificationMailer(
             runtime.jetstream,
@@ -81,6 +82,7 @@ class IdentityService(Service):
             system_account_id=SYSTEM_ACCOUNT_ID,
             system_address=config.system_address,
             link_base=self.link_base,
+            message_id_domain=settings.values.get("MESSAGE_ID_DOMAIN", ""),
         )
         store = IdentityStore(
             runtime.sessions, runtime.clock, runtime.events, self.master_keys, config, mailer, self.verifier

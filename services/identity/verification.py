@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
@@ -81,6 +82,17 @@ def _significant(before: str, after: str) -> bool:
     return before != after and (SUCCESS in (before, after) or after == FAILED)
 
 
+def spf_covers(published: Sequence[str], wanted: str) -> bool:
+    """Whether one published SPF record (v=spf1 ...) holds every mechanism of the record postmesh
+    asks for (its `all` aside: a stricter or looser default is the domain owner's choice)."""
+    mechanisms = {t.lower() for t in wanted.split()[1:] if not t.lower().lstrip("+-~?").startswith("all")}
+    for value in published:
+        tokens = value.split()
+        if tokens and tokens[0].lower() == "v=spf1" and mechanisms <= {t.lower() for t in tokens[1:]}:
+            return True
+    return False
+
+
 class DomainVerifier:
     def __init__(
         self,
@@ -90,6 +102,7 @@ class DomainVerifier:
         dns: DnsLookup,
         schedule: CheckSchedule,
         mail_from_mx_host: str,
+        mail_from_spf: str = "",
     ) -> None:
         self._sessions = sessions
         self._clock = clock
@@ -97,6 +110,7 @@ class DomainVerifier:
         self._dns = dns
         self._schedule = schedule
         self._mx_host = mail_from_mx_host
+        self._spf = mail_from_spf
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def check(self, identity_id: str) -> None:
@@ -124,6 +138,7 @@ class DomainVerifier:
         token_lookup = await self._dns.txt(f"{VERIFICATION_LABEL}.{domain}")
         key_lookups = {k.key_id: await self._dns.txt(f"{k.selector}._domainkey.{domain}") for k in keys}
         mx_lookup = await self._dns.mx(mail_from) if mail_from else None
+        spf_lookup = await self._dns.txt(mail_from) if mail_from else None
 
         now = self._clock.now()
         changes: list[events_pb2.IdentityChangeType.ValueType] = []
@@ -181,6 +196,8 @@ class DomainVerifier:
             if mx_lookup is not None and row.mail_from_domain == mail_from:
                 mx_found = self._mx_host in mx_lookup.values
                 row.mail_from_status = _next_status(row.mail_from_status, mx_found, mx_lookup, expired)
+            if spf_lookup is not None and row.mail_from_domain == mail_from and not spf_lookup.transient:
+                row.mail_from_spf_found = spf_covers(spf_lookup.values, self._spf)
 
             complete = (
                 row.verification_status == SUCCESS

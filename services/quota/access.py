@@ -138,7 +138,9 @@ class ProductionAccess:
                     granted_row = row
             status, case_id = (case.status, case.case_id) if case is not None else ("", "")
         if granted_row is not None:
-            await self._notifier.account_changed(granted_row, "Production access granted automatically.")
+            await self._notifier.account_changed(
+                granted_row, "Production access granted automatically.", title="production access granted"
+            )
         return status, case_id
 
     def _auto_approval(self, row: AccountQuota) -> str:
@@ -199,7 +201,8 @@ class ProductionAccess:
                 case.status, case.decided_at, case.decision_note = DENIED, self._clock.now(), note
                 reason = f"Production access denied. {note}".strip()
                 self._accounts.record(session, row, "PRODUCTION_ACCESS", reason, OPERATOR)
-        await self._notifier.account_changed(row, reason)
+        title = "production access granted" if grant else "production access request denied"
+        await self._notifier.account_changed(row, reason, title=title)
         return case
 
     async def grant(

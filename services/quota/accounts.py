@@ -32,7 +32,7 @@ from postmesh.common.paging import decode_token, encode_token, keyset_page, spli
 from postmesh.common.paging import page_size as size_of
 from postmesh.common.service import Clock
 from services.quota.models import AccountChangeRecord, AccountQuota, SendLedgerEntry, SendStatsSlot
-from services.quota.notify import Notifier
+from services.quota.notify import Notifier, sending_state_title
 
 WINDOW = dt.timedelta(hours=24)
 
@@ -385,7 +385,7 @@ class QuotaAccounts:
             row.quota_changed_at = self._clock.now()
             self.record(session, row, "QUOTA", reason, actor)
             state = AccountState(row, row.window_sent)
-        await self._notifier.account_changed(state.quota, reason)
+        await self._notifier.account_changed(state.quota, reason, title="sending quota changed")
         return state
 
     async def set_enforcement(
@@ -423,5 +423,5 @@ class QuotaAccounts:
                 await self._reset_reputation(session, row, now)
             self.record(session, row, "ENFORCEMENT", reason, actor)
             state = AccountState(row, row.window_sent)
-        await self._notifier.account_changed(state.quota, reason)
+        await self._notifier.account_changed(state.quota, reason, title=sending_state_title(state.quota))
         return state

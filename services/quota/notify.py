@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import uuid
 from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime
 
 from nats.js import JetStreamContext
 
 from postmesh.common.bus import EventPublisher, new_event
 from postmesh.common.config import Settings
+from postmesh.common.mailformat import new_message_id, system_message
 from postmesh.common.outbound import enqueue
 from postmesh.common.protoutil import timestamp
 from postmesh.common.service import Clock
@@ -38,17 +38,29 @@ def contact_addresses(row: AccountQuota) -> list[str]:
     return [a for a in row.contact_addresses.split("\n") if a]
 
 
+def sending_state_title(row: AccountQuota) -> str:
+    """The title of a notice about the account's enforcement status (paused, under review...)."""
+    return f"sending is {_STATUS_TEXT.get(row.enforcement_status, row.enforcement_status)}"
+
+
 def notification_mime(
-    sender: str, recipients: list[str], row: AccountQuota, reason: str, now: dt.datetime
+    sender: str,
+    recipients: list[str],
+    row: AccountQuota,
+    reason: str,
+    now: dt.datetime,
+    *,
+    title: str,
+    message_id: str,
+    message_id_domain: str = "",
 ) -> tuple[str, bytes]:
     status = _STATUS_TEXT.get(row.enforcement_status, row.enforcement_status)
-    subject = f"postmesh account {row.account_id}: sending is {status}"
+    subject = f"postmesh account {row.account_id}: {title}"
     message = EmailMessage()
     message["From"] = sender
     message["To"] = ", ".join(recipients)
     message["Subject"] = subject
     message["Date"] = format_datetime(now)
-    message["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
     message["Auto-Submitted"] = "auto-generated"
     message.set_content(
         f"The sending state of your postmesh account {row.account_id} changed.\n\n"
@@ -58,7 +70,9 @@ def notification_mime(
         f"Production access: {'yes' if row.production_access else 'no (sandbox)'}\n"
         f"Quota: {row.max_24_hour_send:g} messages per 24 hours, {row.max_send_rate:g} per second\n"
     )
-    return subject, message.as_bytes()
+    return subject, system_message(
+        message, message_id=message_id, sender=sender, message_id_domain=message_id_domain
+    )
 
 
 class Notifier:
@@ -70,8 +84,9 @@ class Notifier:
         self._settings = settings
         self._clock = clock
 
-    async def account_changed(self, row: AccountQuota, reason: str) -> None:
-        """Publishes the AccountChanged event and queues the notification mail (after the commit)."""
+    async def account_changed(self, row: AccountQuota, reason: str, *, title: str) -> None:
+        """Publishes the AccountChanged event and queues the notification mail (after the commit),
+        titled after what changed ("production access granted", "sending is paused"...)."""
         now = self._clock.now()
         await self._events.publish(
             new_event(
@@ -91,9 +106,19 @@ class Notifier:
         if not recipients:
             return
         sender = self._settings.notification_from_address
-        subject, mime = notification_mime(sender, recipients, row, reason, now)
+        message_id = new_message_id(now)
+        subject, mime = notification_mime(
+            sender,
+            recipients,
+            row,
+            reason,
+            now,
+            title=title,
+            message_id=message_id,
+            message_id_domain=self._settings.values.get("MESSAGE_ID_DOMAIN", ""),
+        )
         queued = queue_pb2.QueuedMessage(
-            message_id=uuid.uuid4().hex,
+            message_id=message_id,
             account_id=SYSTEM_ACCOUNT_ID,
             from_address=sender,
             from_identity=sender.rpartition("@")[2],

@@ -21,7 +21,9 @@ import functools
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -253,16 +255,27 @@ _parsed = functools.lru_cache(maxsize=512)(rendering.parse)
 
 
 def _render(template_name: str, parts: tuple[str, str, str], data: dict[str, Any]) -> tuple[str, str, str]:
-    """(subject, text, html) rendered; RenderFailure when the data does not fit the template."""
+    """(subject, text, html) rendered; RenderFailure when the data does not fit the template, or the
+    three parts together exceed the rendering budget (output size and time)."""
     try:
         subject, text, html = (_parsed(p) for p in parts)
-        return (
-            subject.render(data, escape_html=False),
-            text.render(data, escape_html=False),
-            html.render(data, escape_html=True),
-        )
+        deadline = time.monotonic() + rendering.MAX_RENDER_SECONDS
+        rendered = []
+        for template, escape in ((subject, False), (text, False), (html, True)):
+            seconds = deadline - time.monotonic()
+            if seconds <= 0:
+                raise rendering.RenderError(
+                    f"Rendering the template took longer than {rendering.MAX_RENDER_SECONDS:g} seconds."
+                )
+            rendered.append(template.render(data, escape_html=escape, seconds=seconds))
+        return rendered[0], rendered[1], rendered[2]
     except (rendering.RenderError, rendering.TemplateSyntaxError) as exc:
         raise RenderFailure(template_name, str(exc)) from None
+
+
+# Rendering is CPU work: it runs on a small pool of its own, so one heavy template (bounded by its
+# budget) slows neither the event loop (other accounts' calls, health checks) nor the default pool.
+_RENDER_THREADS = 2
 
 
 class Acceptor:
@@ -284,6 +297,17 @@ class Acceptor:
         self._keys = keys
         self._clock = clock
         self._message_id_domain = message_id_domain
+        self._rendering = ThreadPoolExecutor(_RENDER_THREADS, thread_name_prefix="render")
+
+    def close(self) -> None:
+        # A rendering still running ends within its time budget; nothing waits for it.
+        self._rendering.shutdown(wait=False, cancel_futures=True)
+
+    async def _render(
+        self, template_name: str, parts: tuple[str, str, str], data: dict[str, Any]
+    ) -> tuple[str, str, str]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._rendering, _render, template_name, parts, data)
 
     def _new_id(self) -> str:
         return new_message_id(self._clock.now())
@@ -376,7 +400,13 @@ class Acceptor:
             sender = parse_mailbox(envelope.from_email_address, field="from_email_address")
         else:
             sender = raw.sender
-        also_from = [] if address_key(raw.sender.address) == address_key(sender.address) else [raw.sender]
+        # The header From and Sender name who sent it: the account must be allowed to use each (SES
+        # checks them as it checks the envelope's From).
+        also_from = [
+            mailbox
+            for mailbox in (raw.sender, raw.sender_header)
+            if mailbox is not None and address_key(mailbox.address) != address_key(sender.address)
+        ]
         if request.destination:
             destination = request.destination
             _count_recipients(destination.to, destination.cc, destination.bcc, "destination")
@@ -422,7 +452,9 @@ class Acceptor:
         if data is None:
             data = _template_data(ref.data, f"{field}.template_data")
         try:
-            subject, text, html = _render(ref.name, (template.subject, template.text, template.html), data)
+            subject, text, html = await self._render(
+                ref.name, (template.subject, template.text, template.html), data
+            )
         except RenderFailure as failure:
             await self._publish_rendering_failure(
                 account_id, failure, message_id, sender, destination, tags, envelope.configuration_set
@@ -730,7 +762,7 @@ class Acceptor:
             check_custom_headers(entry.replacement_headers, field=f"{field}.replacement_headers")
             data = {**default_data, **_template_data(entry.replacement_data, f"{field}.replacement_data")}
             try:
-                subject, text, html = _render(request.template.name, template_parts, data)
+                subject, text, html = await self._render(request.template.name, template_parts, data)
             except RenderFailure as failure:
                 await self._publish_rendering_failure(
                     account_id,
@@ -778,7 +810,9 @@ class Acceptor:
         template = await self._templates.get(account_id, name)
         data = _template_data(data_text, "template_data")
         try:
-            subject, text, html = _render(name, (template.subject, template.text, template.html), data)
+            subject, text, html = await self._render(
+                name, (template.subject, template.text, template.html), data
+            )
         except RenderFailure as failure:
             raise InvalidArgument(
                 f"Rendering failure: {failure.message}", field="template_data", reason="RENDERING_FAILURE"

@@ -24,9 +24,11 @@ import logging
 import uuid
 from dataclasses import dataclass
 
+import dkim
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 from postmesh.common.bus import EventPublisher, fetch_batch, new_event
 from postmesh.common.outbound import enqueue, forget_mime, load_mime
@@ -70,6 +72,21 @@ class DeliveryConfig:
 
 def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
+
+
+class Undeliverable(Exception):
+    """The message can never go out, whatever the next attempt: its body is gone, or it cannot be
+    signed. It ends with a Reject event (as SES reports mail it accepted but will not send), instead
+    of being retried until it expires; no recipient is blamed (no bounce, no suppression)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# dkimpy's verdicts on the message itself (its header block, its size): the same on every attempt.
+# A key that cannot be used (KeyFormatError) is not among them: the identity's keys may be fixed.
+_UNSIGNABLE = (dkim.MessageFormatError, dkim.ParameterError, ValueError, IndexError, UnicodeError)
 
 
 class DeliveryWorker:
@@ -186,7 +203,16 @@ class DeliveryWorker:
             await self._expire(queued, recipients, "message expired before it could be delivered")
             await forget_mime(self.js, queued)
             return
-        outcomes = await self._attempt(queued, recipients)
+        try:
+            outcomes = await self._attempt(queued, recipients)
+        except Undeliverable as undeliverable:
+            log.warning(
+                "undeliverable message rejected",
+                extra={"id": queued.message_id, "reason": undeliverable.reason},
+            )
+            await self._publish_reject(queued, undeliverable.reason, self.clock.now())
+            await forget_mime(self.js, queued)
+            return
         now = self.clock.now()
         retry: list[str] = []
         for recipient in recipients:
@@ -229,15 +255,23 @@ class DeliveryWorker:
                 Kind.TRANSIENT, f"451 4.3.0 DKIM keys unavailable: {exc}", "4.3.0", delay_type=DELAY_INTERNAL
             )
             return dict.fromkeys(recipients, failed)
-        mime = to_crlf(await load_mime(self.js, queued))
+        try:
+            mime = to_crlf(await load_mime(self.js, queued))
+        except (ObjectNotFoundError, NotFoundError):
+            mime = b""
+        if not mime.strip():
+            raise Undeliverable("Message content lost: the stored body of the message no longer exists.")
         if queued.HasField("tracking"):
             mime = await self._track(queued, mime)
         # Signed once per message: a DKIM signature does not depend on the envelope.
-        signed = (
-            sign_message(mime, config)
-            if len(mime) < 1 << 18
-            else await asyncio.to_thread(sign_message, mime, config)
-        )
+        try:
+            signed = (
+                sign_message(mime, config)
+                if len(mime) < 1 << 18
+                else await asyncio.to_thread(sign_message, mime, config)
+            )
+        except _UNSIGNABLE as exc:
+            raise Undeliverable(f"Bad content: the message cannot be DKIM-signed ({exc}).") from exc
         require_tls = queued.tls_policy == queue_pb2.TLS_POLICY_REQUIRE
         groups: dict[str, list[str]] = {}
         for recipient in recipients:
@@ -340,6 +374,10 @@ class DeliveryWorker:
             remote_mta_ip=outcome.remote_ip,
         )
         await self._publish(queued, ev.EmailEvent(event_type=ev.EMAIL_EVENT_TYPE_BOUNCE, bounce=bounce), now)
+
+    async def _publish_reject(self, queued: queue_pb2.QueuedMessage, reason: str, now: dt.datetime) -> None:
+        reject = ev.Reject(reason=reason)
+        await self._publish(queued, ev.EmailEvent(event_type=ev.EMAIL_EVENT_TYPE_REJECT, reject=reject), now)
 
     async def _publish_delay(
         self,

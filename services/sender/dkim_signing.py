@@ -22,6 +22,8 @@ import dkim.crypto
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 
+from postmesh.common.cache import TtlCache, within_domain
+
 log = logging.getLogger(__name__)
 
 RSA_SHA256 = "rsa-sha256"
@@ -163,25 +165,26 @@ class SigningConfigCache:
     """Signing configurations per (owner account, domain), fetched from identity on first use and
     dropped when identity announces a change of the domain (or after `ttl_seconds` regardless)."""
 
-    def __init__(self, fetch: FetchConfig, *, ttl_seconds: float = 300.0) -> None:
+    def __init__(
+        self, fetch: FetchConfig, *, ttl_seconds: float = 300.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._fetch = fetch
-        self._ttl = ttl_seconds
-        self._entries: dict[tuple[str, str], tuple[float, SigningConfig]] = {}
+        self._entries: TtlCache[tuple[str, str], SigningConfig] = TtlCache(ttl_seconds, clock=clock)
 
     async def get(self, account_id: str, domain: str) -> SigningConfig:
         key = (account_id, domain.lower())
-        entry = self._entries.get(key)
-        if entry is not None and time.monotonic() - entry[0] < self._ttl:
-            return entry[1]
+        kept = self._entries.get(key)
+        if kept is not None:
+            return kept
         config = await self._fetch(account_id, domain.lower())
-        self._entries[key] = (time.monotonic(), config)
+        self._entries.put(key, config)
         return config
 
     def domains(self) -> set[str]:
-        return {domain for _, domain in self._entries}
+        return {domain for _, domain in self._entries.keys()}
 
     def forget(self, identity: str) -> None:
-        """Drops what is cached for an identity's domain (an address identity names its domain)."""
+        """Drops what is cached for an identity's domain (an address identity names its domain) and
+        for its subdomains: mail from a subdomain is signed with its parent's keys when it has none."""
         domain = identity.rpartition("@")[2].lower()
-        for key in [k for k in self._entries if k[1] == domain]:
-            del self._entries[key]
+        self._entries.discard_where(lambda key, _: within_domain(key[1], domain))

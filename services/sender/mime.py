@@ -10,30 +10,44 @@ import codecs
 import datetime as dt
 import os
 import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email import policy
 from email.charset import QP, Charset
 from email.errors import (
+    HeaderParseError,
     InvalidMultipartContentTransferEncodingDefect,
     MessageDefect,
+    MessageError,
     MissingHeaderBodySeparatorDefect,
     MultipartInvariantViolationDefect,
     NoBoundaryInMultipartDefect,
     StartBoundaryNotFoundDefect,
 )
 from email.header import Header as EncodedHeader
-from email.headerregistry import Address
+from email.header import decode_header
 from email.message import Message
 from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.parser import BytesParser
 from email.utils import format_datetime, formataddr
+from typing import Any
 
 from postmesh.common.addresses import normalize_address
 from postmesh.common.errors import InvalidArgument
+from postmesh.common.mailformat import (
+    BARE_CR,
+    HEADER_LINE,
+    MAX_LINE,
+    check_wire,
+    split_head,
+    too_long_line,
+)
+
+# Moved to postmesh.common.mailformat (system mail uses them too); still importable from here.
+from postmesh.common.mailformat import message_id_header as message_id_header
+from postmesh.common.mailformat import new_message_id as new_message_id
 
 # SES's limit, measured on the message as it goes out (after base64 and quoted-printable encoding).
 MAX_MESSAGE_BYTES = 40 * 1024 * 1024
@@ -72,23 +86,40 @@ _STRUCTURAL_DEFECTS = (
 _POLICY = policy.compat32.clone(linesep="\r\n")
 
 
-def new_message_id(now: dt.datetime) -> str:
-    """SES-like: time-ordered (milliseconds, hex) then random, e.g. 0000019abc...-1f2e...-000000."""
-    millis = int(now.timestamp() * 1000)
-    return f"{millis:016x}-{secrets.token_hex(4)}-{secrets.token_hex(2)}-{secrets.token_hex(2)}-" + (
-        f"{secrets.token_hex(2)}-{secrets.token_hex(6)}-000000"
-    )
-
-
-def message_id_header(message_id: str, domain: str) -> str:
-    return f"<{message_id}@{domain}>"
+# C0 controls (TAB aside) and DEL: line breaks to the email package and to receivers (VT, FF, FS, GS,
+# RS split lines in Python's str.splitlines), NUL cuts strings short in C-based MTAs.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def no_line_breaks(value: str, *, field: str) -> str:
-    """Header injection guard: no header value may carry CR or LF."""
+    """Header injection guard: no header value may carry CR, LF, NUL or another control character."""
     if "\r" in value or "\n" in value:
         raise InvalidArgument(f"{field} must not contain line breaks (CR or LF).", field=field)
+    if _CONTROL.search(value):
+        raise InvalidArgument(f"{field} must not contain control characters.", field=field)
+    if "=?" in value and _CONTROL.search(_decoded_words(value)):
+        # Readers decode RFC 2047 words: one that decodes to CR/LF or a control smuggles it in.
+        raise InvalidArgument(
+            f"{field} has an encoded word that decodes to a control character.", field=field
+        )
     return value
+
+
+def _decoded_words(value: str) -> str:
+    try:
+        parts = decode_header(value)
+    except (HeaderParseError, ValueError):
+        return ""
+    text = []
+    for part, charset in parts:
+        if isinstance(part, bytes):
+            try:
+                text.append(part.decode(charset or "ascii", "replace"))
+            except LookupError:
+                text.append(part.decode("ascii", "replace"))
+        else:
+            text.append(part)
+    return "".join(text)
 
 
 @dataclass(frozen=True)
@@ -151,9 +182,16 @@ class Addressing:
     reply_to: Sequence[Mailbox] = ()
 
 
+# Longest run without white space a header may keep as it is: folding happens only at white space,
+# and a line may not exceed 998 characters (RFC 5322 2.1.1).
+_LONGEST_WORD = 900
+
+
 def _header_text(value: str) -> str | EncodedHeader:
-    """ASCII as is; anything else as RFC 2047 encoded words."""
-    return value if value.isascii() else EncodedHeader(value, "utf-8")
+    """ASCII as is; anything else, or a word too long to fold, as RFC 2047 encoded words."""
+    if value.isascii() and all(len(word) <= _LONGEST_WORD for word in value.split()):
+        return value
+    return EncodedHeader(value, "utf-8")
 
 
 class _Unfolded:
@@ -180,11 +218,22 @@ def _text_part(text: str, subtype: str, charset: Charset) -> MIMEText:
     return part
 
 
+# A MIME charset name (RFC 2978's mime-charset): it is written into the Content-Type header.
+_CHARSET_NAME = re.compile(r"^[A-Za-z0-9!#$%&'+^_`{}~-]{1,40}$")
+# Python text codecs that are no charset a mail reader knows.
+_NOT_CHARSETS = frozenset({"punycode", "idna", "unicode-escape", "raw-unicode-escape", "undefined"})
+
+
 def _body_charset(name: str) -> Charset:
+    if not _CHARSET_NAME.match(name):
+        raise InvalidArgument(f"{name!r} is not a charset name.", field="charset")
     try:
-        codecs.lookup(name)
+        codec = codecs.lookup(name)
     except LookupError:
         raise InvalidArgument(f"Unknown charset {name!r}.", field="charset") from None
+    # base64, rot13, zlib, hex, uu...: codecs of bytes or text transforms, not character sets.
+    if not getattr(codec, "_is_text_encoding", True) or codec.name in _NOT_CHARSETS:
+        raise InvalidArgument(f"{name!r} is not a character set.", field="charset")
     charset = Charset(name)
     # Quoted-printable: readable when mostly ASCII, 7-bit clean and wrapped at 76 columns whatever
     # the lines given (SMTP allows at most 998).
@@ -200,6 +249,10 @@ def build_message(
     Built with the email package's compat32 classes: several times faster than EmailMessage with a
     modern policy, which matters at a thousand messages a second."""
     charset = _body_charset(body.charset)
+    check_custom_headers(body.headers, field="headers")
+    if addressing is not None:
+        for mailbox in (addressing.sender, *addressing.to, *addressing.cc, *addressing.reply_to):
+            no_line_breaks(mailbox.display_name, field="display name")
     message: MIMEBase
     try:
         if body.text and body.html:
@@ -227,7 +280,9 @@ def build_message(
         message["Message-ID"] = _Unfolded(message_id)  # type: ignore[assignment]
     for header in body.headers:
         message[header.name] = _header_text(header.value)  # type: ignore[assignment]
-    return message.as_bytes(policy=_POLICY)
+    data = message.as_bytes(policy=_POLICY)
+    check_wire(data, field="content")
+    return data
 
 
 # --- Raw messages
@@ -245,53 +300,129 @@ class RawMessage:
     configuration_set: str = ""
     tags: list[tuple[str, str]] = field(default_factory=list)
     parsed: Message | None = None
+    # The Sender header's mailbox (RFC 5322 3.6.2): the account must be allowed to send as it too.
+    sender_header: Mailbox | None = None
 
 
-def _split_head(data: bytes) -> tuple[bytes, bytes]:
-    match = re.search(rb"\r?\n\r?\n", data)
-    if match is None:
-        return data, b""
-    return data[: match.start()], data[match.end() :]
+# The email package's header parser raises these on header values it cannot take apart.
+_HEADER_PARSE_ERRORS = (MessageError, ValueError, IndexError, TypeError, AttributeError, RecursionError)
+# Postfix's mime_nesting_limit.
+MAX_MIME_DEPTH = 100
+
+
+def _header_values(message: Message, name: str, field: str) -> list[Any]:
+    try:
+        values = message.get_all(name) or []
+        for value in values:
+            no_line_breaks(str(value), field=f"{field} ({name} header)")
+        return values
+    except _HEADER_PARSE_ERRORS:
+        raise InvalidArgument(f"The raw message's {name} header cannot be parsed.", field=field) from None
 
 
 def _mailboxes(message: Message, name: str, field: str) -> list[Mailbox]:
     result = []
-    for header in message.get_all(name) or []:
-        for address in getattr(header, "addresses", ()):
+    for header in _header_values(message, name, field):
+        try:
+            addresses = list(getattr(header, "addresses", ()))
+        except _HEADER_PARSE_ERRORS:
+            raise InvalidArgument(f"The raw message's {name} header cannot be parsed.", field=field) from None
+        for address in addresses:
             if address.addr_spec:
-                result.append(Mailbox("", normalize_address(address.addr_spec, field=field)))
+                no_line_breaks(address.display_name, field=f"{field} ({name} header)")
+                result.append(
+                    Mailbox(address.display_name, normalize_address(address.addr_spec, field=field))
+                )
     return result
+
+
+def _depth(message: Message) -> int:
+    deepest, stack = 0, [(message, 1)]
+    while stack:
+        part, depth = stack.pop()
+        deepest = max(deepest, depth)
+        payload = part.get_payload() if part.is_multipart() else None
+        if isinstance(payload, list):
+            stack += [(child, depth + 1) for child in payload if isinstance(child, Message)]
+    return deepest
+
+
+def _check_raw_bytes(data: bytes, field: str) -> None:
+    """Line endings are CRLF or LF (made CRLF on the way out); a bare CR would make receivers and
+    postmesh disagree on where headers end (a Bcc header could go out, postmesh's own headers could
+    land in the body), so it is refused, as are NUL bytes, 8-bit header bytes and long lines."""
+    if b"\x00" in data:
+        raise InvalidArgument("The raw message contains a NUL byte.", field=field, reason="MESSAGE_REJECTED")
+    if BARE_CR.search(data):
+        raise InvalidArgument(
+            "The raw message contains a carriage return (CR) that does not end a line: lines end in CRLF.",
+            field=field,
+            reason="MESSAGE_REJECTED",
+        )
+    head, _ = split_head(data)
+    if not head.isascii():
+        raise InvalidArgument(
+            "The raw message's headers must be 7-bit ASCII (use RFC 2047 encoded words).",
+            field=field,
+            reason="MESSAGE_REJECTED",
+        )
+    for number, line in enumerate(re.split(rb"\r?\n", head), start=1):
+        if not HEADER_LINE.match(line):
+            raise InvalidArgument(
+                f"Line {number} of the raw message's header block is neither a header field nor a "
+                "folded continuation line.",
+                field=field,
+            )
+    long_line = too_long_line(data)
+    if long_line is not None:
+        raise InvalidArgument(
+            f"Line {long_line} of the raw message is longer than {MAX_LINE} characters (RFC 5322).",
+            field=field,
+            reason="MESSAGE_REJECTED",
+        )
 
 
 def parse_raw(data: bytes) -> RawMessage:
     """Reads and checks a raw message; INVALID_ARGUMENT when it is not parseable MIME or has no From."""
     field = "content.raw.data"
-    head, _ = _split_head(data)
+    head, _ = split_head(data)
     if not data.strip() or not re.match(rb"^[\x21-\x39\x3b-\x7e]+:", head):
         raise InvalidArgument("The raw message does not start with a header block.", field=field)
-    message = BytesParser(policy=policy.default).parsebytes(data)
+    _check_raw_bytes(data, field)
+    try:
+        message = BytesParser(policy=policy.default).parsebytes(data)
+        depth = _depth(message)
+    except RecursionError:
+        depth = MAX_MIME_DEPTH + 1
+    if depth > MAX_MIME_DEPTH:
+        raise InvalidArgument(
+            f"The raw message's MIME parts are nested more than {MAX_MIME_DEPTH} deep.",
+            field=field,
+            reason="MESSAGE_REJECTED",
+        )
     for part in message.walk():
         defects: list[MessageDefect] = list(part.defects)
         if any(isinstance(d, _STRUCTURAL_DEFECTS) for d in defects):
             raise InvalidArgument(f"The raw message is not valid MIME: {defects[0]!r}.", field=field)
-    from_values = message.get_all("From") or []
-    if not from_values:
+    if not _header_values(message, "From", field):
         raise InvalidArgument("The raw message has no From header.", field=field)
     senders = _mailboxes(message, "From", field)
     if len(senders) != 1:
         raise InvalidArgument("The raw message's From must hold exactly one address.", field=field)
-    from_addresses: tuple[Address, ...] = getattr(from_values[0], "addresses", ())
-    display = from_addresses[0].display_name if from_addresses else ""
     raw = RawMessage(
-        sender=Mailbox(display, senders[0].address),
+        sender=senders[0],
         to=_mailboxes(message, "To", field),
         cc=_mailboxes(message, "Cc", field),
         bcc=_mailboxes(message, "Bcc", field),
-        subject=str(message.get("Subject", "")),
-        configuration_set=str(message.get("X-SES-CONFIGURATION-SET", "")).strip(),
+        subject=_single(message, "Subject", field),
+        configuration_set=_single(message, "X-SES-CONFIGURATION-SET", field).strip(),
         parsed=message,
     )
-    tags = str(message.get("X-SES-MESSAGE-TAGS", ""))
+    sender_header = _mailboxes(message, "Sender", field)
+    if len(sender_header) > 1:
+        raise InvalidArgument("The raw message's Sender must hold one address.", field=field)
+    raw.sender_header = sender_header[0] if sender_header else None
+    tags = _single(message, "X-SES-MESSAGE-TAGS", field)
     for item in filter(None, (t.strip() for t in tags.split(","))):
         name, equals, value = item.partition("=")
         if not equals:
@@ -301,9 +432,20 @@ def parse_raw(data: bytes) -> RawMessage:
     return raw
 
 
+def _single(message: Message, name: str, field: str) -> str:
+    values = _header_values(message, name, field)
+    return str(values[0]) if values else ""
+
+
 def check_attachments(message: Message) -> None:
     for part in message.walk():
-        filename = part.get_filename()
+        try:
+            filename = part.get_filename()
+        except _HEADER_PARSE_ERRORS:
+            raise InvalidArgument(
+                "A Content-Disposition or Content-Type header of the raw message cannot be parsed.",
+                field="content.raw.data",
+            ) from None
         if not filename:
             continue
         extension = os.path.splitext(filename.strip().lower())[1].lstrip(".")
@@ -319,7 +461,7 @@ def finalize_raw(data: bytes, *, message_id: str, date: dt.datetime) -> bytes:
     """The caller's message with our Message-ID, a Date and MIME-Version when missing, without Bcc.
 
     Edits the header block as bytes, so the body goes out exactly as given (CRLF line endings)."""
-    head, body = _split_head(data)
+    head, body = split_head(data)
     fields: list[list[bytes]] = []
     for line in re.split(rb"\r?\n", head):
         if line[:1] in (b" ", b"\t") and fields:
@@ -335,4 +477,6 @@ def finalize_raw(data: bytes, *, message_id: str, date: dt.datetime) -> bytes:
         added.append([b"MIME-Version: 1.0"])
     lines = [line for f in [*kept, *added] for line in f]
     normalized_body = re.sub(rb"\r?\n", b"\r\n", body)
-    return b"\r\n".join(lines) + b"\r\n\r\n" + normalized_body
+    final = b"\r\n".join(lines) + b"\r\n\r\n" + normalized_body
+    check_wire(final, field="content.raw.data")
+    return final

@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,33 @@ class TemplateSyntaxError(ValueError):
 
 class RenderError(ValueError):
     """The data does not fit the template (SES's RenderingFailure)."""
+
+
+# Bounds on one rendering, so a small template cannot expand without end (an 81-byte template of
+# nested {{#each}} once rendered 13 million characters) nor hold a worker for long.
+MAX_BLOCK_DEPTH = 16  # {{#if}}/{{#unless}}/{{#each}} blocks inside one another
+MAX_DATA_DEPTH = 32  # arrays and objects inside one another in template data
+MAX_OUTPUT_CHARS = 4 * 1024 * 1024  # of one rendered part (subject, text or HTML)
+MAX_RENDER_SECONDS = 2.0  # of one rendered part
+
+
+class _Budget:
+    """What a rendering may still use: characters of output, and time until its deadline."""
+
+    def __init__(self, max_chars: int, seconds: float) -> None:
+        self.left = max_chars
+        self.max_chars = max_chars
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.steps = 0
+
+    def spend(self, chars: int) -> None:
+        self.left -= chars
+        if self.left < 0:
+            raise RenderError(f"The rendered template is longer than {self.max_chars} characters.")
+        self.steps += 1
+        if self.steps % 256 == 0 and time.monotonic() > self.deadline:
+            raise RenderError(f"Rendering the template took longer than {self.seconds:g} seconds.")
 
 
 _PATH = re.compile(r"^(?:this|@index|@first|@last|@key|(?:this\.)?[A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)$")
@@ -98,10 +126,27 @@ class Template:
 
     nodes: tuple[_Node, ...]
 
-    def render(self, data: Mapping[str, Any], *, escape_html: bool) -> str:
-        out: list[str] = []
+    def render(
+        self,
+        data: Mapping[str, Any],
+        *,
+        escape_html: bool,
+        max_chars: int = MAX_OUTPUT_CHARS,
+        seconds: float = MAX_RENDER_SECONDS,
+    ) -> str:
+        out = _Output(_Budget(max_chars, seconds))
         _render(list(self.nodes), [_Scope(data)], escape_html, out)
-        return "".join(out)
+        return "".join(out.parts)
+
+
+class _Output:
+    def __init__(self, budget: _Budget) -> None:
+        self.parts: list[str] = []
+        self.budget = budget
+
+    def append(self, text: str) -> None:
+        self.budget.spend(len(text))
+        self.parts.append(text)
 
 
 def parse(source: str) -> Template:
@@ -134,6 +179,8 @@ def parse(source: str) -> Template:
             if helper not in ("if", "unless", "each"):
                 raise TemplateSyntaxError(f"Unknown block helper {{{{#{helper}}}}} ({where}).")
             block = _Block(helper, _check_path(path.strip(), where), where)
+            if len(stack) >= MAX_BLOCK_DEPTH:
+                raise TemplateSyntaxError(f"Blocks are nested more than {MAX_BLOCK_DEPTH} deep ({where}).")
             target().append(block)
             stack.append(block)
         elif tag.startswith("/"):
@@ -231,7 +278,7 @@ def _escape(text: str) -> str:
     return html.escape(text, quote=True).replace("`", "&#x60;").replace("=", "&#x3D;")
 
 
-def _render(nodes: list[_Node], scopes: list[_Scope], escape_html: bool, out: list[str]) -> None:
+def _render(nodes: list[_Node], scopes: list[_Scope], escape_html: bool, out: _Output) -> None:
     for node in nodes:
         if isinstance(node, _Text):
             out.append(node.text)
@@ -252,7 +299,7 @@ def _render(nodes: list[_Node], scopes: list[_Scope], escape_html: bool, out: li
             _render(node.body if condition else node.otherwise, scopes, escape_html, out)
 
 
-def _render_each(node: _Block, scopes: list[_Scope], escape_html: bool, out: list[str]) -> None:
+def _render_each(node: _Block, scopes: list[_Scope], escape_html: bool, out: _Output) -> None:
     value = _lookup(node.path, scopes)
     items: list[tuple[str | None, Any]]
     if value is _MISSING or value is None:
@@ -267,6 +314,7 @@ def _render_each(node: _Block, scopes: list[_Scope], escape_html: bool, out: lis
         _render(node.otherwise, scopes, escape_html, out)
         return
     for index, (key, item) in enumerate(items):
+        out.budget.spend(0)  # an {{#each}} that writes nothing still takes time
         _render(node.body, [*scopes, _Scope(item, index, len(items), key)], escape_html, out)
 
 
@@ -274,7 +322,32 @@ def parse_data(text: str) -> dict[str, Any]:
     """Template data: a JSON object (empty text is an empty object). ValueError when it is not one."""
     if not text.strip():
         return {}
-    data = json.loads(text)
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        data = None
+        depth = MAX_DATA_DEPTH + 1
+    else:
+        depth = _depth(data)
+    if depth > MAX_DATA_DEPTH:
+        raise ValueError(f"arrays and objects are nested more than {MAX_DATA_DEPTH} deep")
     if not isinstance(data, dict):
         raise ValueError("template data must be a JSON object")
     return data
+
+
+def _depth(value: Any) -> int:
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        if deepest > MAX_DATA_DEPTH:
+            return deepest
+        stack += [(child, depth + 1) for child in children]
+    return deepest

@@ -61,6 +61,9 @@ class SenderService(Service):
         if self.checks is not None:
             # In one process the quota service may already be gone: its leases then simply lapse.
             await asyncio.wait_for(self.checks.close(), timeout=5)
+        acceptor = getattr(self.servicer, "acceptor", None)
+        if acceptor is not None:
+            acceptor.close()
 
 
 async def _purge_keys(keys: IdempotencyKeys) -> None:
