@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 from grpc import aio
@@ -17,6 +18,11 @@ from services.feedback.auto_suppression import AutoSuppression, parse_reasons
 from services.feedback.models import Base
 from services.feedback.servicer import FeedbackServicer
 from services.feedback.suppression import SuppressionList
+from services.feedback.timeline.consumer import EventRecorder, expire_forever
+from services.feedback.timeline.store import EventStore
+
+# How often stored events past EVENT_RETENTION_DAYS are deleted.
+HOUSEKEEPING_SECONDS = 3600.0
 
 
 class FeedbackService(Service):
@@ -34,6 +40,11 @@ class FeedbackService(Service):
         runtime = self.runtime
         suppression = SuppressionList(runtime.sessions, runtime.clock)
         self.servicer.suppression = suppression
+        events = EventStore(runtime.sessions, runtime.clock)
+        self.servicer.events = events
+        runtime.spawn(EventRecorder(runtime.jetstream, events).run, "events-store")
+        retention = dt.timedelta(days=runtime.settings.event_retention_days)
+        runtime.spawn(lambda: expire_forever(events, retention, HOUSEKEEPING_SECONDS), "events-housekeeping")
         reasons = parse_reasons(runtime.settings.suppression_reasons)
         if reasons:
             auto = AutoSuppression(suppression, reasons)

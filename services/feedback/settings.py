@@ -9,4 +9,10 @@ register(
         "BOUNCE,COMPLAINT",
         "Events that add a recipient to the account suppression list: BOUNCE, COMPLAINT, both, or none.",
     ),
+    Setting(
+        "EVENT_RETENTION_DAYS",
+        int,
+        14,
+        "Days the feedback service keeps email events for GetMessageInsights and ListEmailEvents.",
+    ),
 )
