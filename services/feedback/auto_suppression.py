@@ -48,7 +48,8 @@ class AutoSuppression:
         return "", [], ""
 
     async def handle(self, event: events_pb2.Event) -> None:
-        if event.WhichOneof("payload") != "email" or not event.account_id:
+        # The mailbox simulator's bounces and complaints never reach the suppression list.
+        if event.WhichOneof("payload") != "email" or not event.account_id or event.email.simulated:
             return
         reason, addresses, feedback_id = self._targets(event.email)
         for address in addresses:

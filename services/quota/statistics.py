@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from postmesh.common.addresses import address_key
 from postmesh.common.bus import pull_forever
 from postmesh.common.config import Settings
 from postmesh.common.db import transaction
@@ -55,7 +56,8 @@ def counted(event: events_pb2.Event) -> tuple[str, int] | None:
         return None
     email = event.email
     column = _COLUMN_BY_TYPE.get(email.event_type)
-    if column is None:
+    # The mailbox simulator's events count against the quota (at accept time), never reputation.
+    if column is None or email.simulated:
         return None
     if email.event_type == events_pb2.EMAIL_EVENT_TYPE_BOUNCE:
         # Not hard bounces from a receiver: soft ones, and the sender's own refusals to send to a
@@ -68,7 +70,21 @@ def counted(event: events_pb2.Event) -> tuple[str, int] | None:
         return column, len(email.bounce.bounced_recipients) or 1
     if email.event_type == events_pb2.EMAIL_EVENT_TYPE_COMPLAINT:
         return column, len(email.complaint.complained_recipients) or 1
+    if email.event_type == events_pb2.EMAIL_EVENT_TYPE_SEND:
+        return _attempts(email)
     return column, len(email.mail.destination) or 1
+
+
+def _attempts(send: events_pb2.EmailEvent) -> tuple[str, int] | None:
+    """Delivery attempts of a Send event: its recipients less those never attempted. As in SES, a
+    recipient on the suppression list is no delivery attempt (its quota was given back and its
+    OnAccountSuppressionList bounce is no bounce), or sending to suppressed addresses would dilute
+    the bounce rate for free; nor is a mailbox simulator address."""
+    if not send.mail.destination:
+        return "delivery_attempts", 1
+    skipped = {address_key(a) for a in [*send.suppressed_recipients, *send.simulated_recipients]}
+    attempts = sum(1 for a in send.mail.destination if address_key(a) not in skipped)
+    return ("delivery_attempts", attempts) if attempts else None
 
 
 @dataclass(frozen=True)

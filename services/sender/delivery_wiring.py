@@ -28,6 +28,7 @@ from services.sender.dkim_signing import (
     SigningUnavailable,
 )
 from services.sender.mx import MxResolver
+from services.sender.simulator import MailboxSimulator
 from services.sender.transport import SinkTransport, SmtpOptions, SmtpPool, SmtpTransport, Transport
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class Delivery:
                 shutdown_grace_seconds=settings.shutdown_grace_seconds,
             ),
             clock=runtime.clock,
+            simulator=MailboxSimulator(settings.simulator_domain),
         )
         self._subscription: Any = None
 
