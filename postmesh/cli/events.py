@@ -21,7 +21,7 @@ def _event_type(name: str) -> ev.EmailEventType.ValueType:
     return ev.EmailEventType.Value(wanted)
 
 
-def _time(value: str) -> dt.datetime:
+def parse_time(value: str) -> dt.datetime:
     """An ISO 8601 time (UTC unless it says otherwise), or a duration back from now: 30m, 6h, 2d."""
     units = {"m": 60, "h": 3600, "d": 86400}
     if value[-1:] in units and value[:-1].isdigit():
@@ -137,8 +137,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="only this event type (repeatable): bounce, delivery...",
     )
     events.add_argument("--recipient", help="only events about this recipient")
-    events.add_argument("--since", type=_time, help="from this time: ISO 8601, or a duration back (6h, 2d)")
-    events.add_argument("--until", type=_time, help="before this time: ISO 8601, or a duration back")
+    events.add_argument("--since", type=parse_time, help="from: ISO 8601, or a duration back (6h, 2d)")
+    events.add_argument("--until", type=parse_time, help="before this time: ISO 8601, or a duration back")
     events.add_argument("--limit", type=int, default=50, help="events per page (default 50)")
     events.add_argument("--page-token", help="the next page, from a previous listing")
     events.set_defaults(handler=_events)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from grpc import aio
@@ -18,10 +20,16 @@ from services.feedback.auto_suppression import AutoSuppression, parse_reasons
 from services.feedback.models import Base
 from services.feedback.servicer import FeedbackServicer
 from services.feedback.suppression import SuppressionList
-from services.feedback.timeline.consumer import EventRecorder, expire_forever
+from services.feedback.suppression_io.jobs import (
+    AccountSuppressionSettings,
+    ExportJobs,
+    ImportJobs,
+    JobRunner,
+)
+from services.feedback.timeline.consumer import EventRecorder
 from services.feedback.timeline.store import EventStore
 
-# How often stored events past EVENT_RETENTION_DAYS are deleted.
+# How often stored events past EVENT_RETENTION_DAYS, and finished jobs, are deleted.
 HOUSEKEEPING_SECONDS = 3600.0
 
 
@@ -44,22 +52,51 @@ class FeedbackService(Service):
         self.servicer.events = events
         runtime.spawn(EventRecorder(runtime.jetstream, events).run, "events-store")
         retention = dt.timedelta(days=runtime.settings.event_retention_days)
-        runtime.spawn(lambda: expire_forever(events, retention, HOUSEKEEPING_SECONDS), "events-housekeeping")
-        reasons = parse_reasons(runtime.settings.suppression_reasons)
-        if reasons:
-            auto = AutoSuppression(suppression, reasons)
-            runtime.spawn(
-                lambda: consume_events(
-                    runtime.jetstream,
-                    durable="feedback-suppression",
-                    subjects=[
-                        email_event_subject(events_pb2.EMAIL_EVENT_TYPE_BOUNCE),
-                        email_event_subject(events_pb2.EMAIL_EVENT_TYPE_COMPLAINT),
-                    ],
-                    handle=auto.handle,
-                ),
-                "auto-suppression",
-            )
+        settings = AccountSuppressionSettings(
+            runtime.sessions, runtime.clock, parse_reasons(runtime.settings.suppression_reasons)
+        )
+        self.servicer.suppression_settings = settings
+        runner = JobRunner()
+        self.servicer.imports = ImportJobs(
+            runtime.sessions,
+            runtime.clock,
+            suppression,
+            runner,
+            max_bytes=runtime.settings.suppression_import_max_bytes,
+        )
+        self.servicer.exports = ExportJobs(runtime.sessions, runtime.clock, suppression, runner)
+        runtime.spawn(runner.run_forever, "suppression-jobs")
+        # Every account may choose its reasons, so the consumer runs even when the default is none.
+        auto = AutoSuppression(suppression, settings.reasons)
+        runtime.spawn(
+            lambda: consume_events(
+                runtime.jetstream,
+                durable="feedback-suppression",
+                subjects=[
+                    email_event_subject(events_pb2.EMAIL_EVENT_TYPE_BOUNCE),
+                    email_event_subject(events_pb2.EMAIL_EVENT_TYPE_COMPLAINT),
+                ],
+                handle=auto.handle,
+            ),
+            "auto-suppression",
+        )
+        runtime.spawn(
+            lambda: every(
+                HOUSEKEEPING_SECONDS,
+                lambda: events.expire(retention),
+                self.servicer.imports.expire,
+                self.servicer.exports.expire,
+            ),
+            "housekeeping",
+        )
+
+
+async def every(seconds: float, *chores: Callable[[], Awaitable[object]]) -> None:
+    """Housekeeping: each chore now, then again every `seconds`."""
+    while True:
+        for chore in chores:
+            await chore()
+        await asyncio.sleep(seconds)
 
 
 SERVICE = FeedbackService

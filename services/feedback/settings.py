@@ -15,4 +15,10 @@ register(
         14,
         "Days the feedback service keeps email events for GetMessageInsights and ListEmailEvents.",
     ),
+    Setting(
+        "SUPPRESSION_IMPORT_MAX_BYTES",
+        int,
+        16 * 1024 * 1024,
+        "Largest suppression list file one CreateImportJob accepts (the file travels in the request).",
+    ),
 )

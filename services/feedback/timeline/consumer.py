@@ -1,9 +1,7 @@
-"""Feeds every email event on NATS into the events store, and forgets what is past retention."""
+"""Feeds every email event on NATS into the events store."""
 
 from __future__ import annotations
 
-import asyncio
-import datetime as dt
 import logging
 
 from google.protobuf.message import DecodeError
@@ -60,12 +58,3 @@ class EventRecorder:
             raise
         for message in parsed:
             await message.ack()
-
-
-async def expire_forever(store: EventStore, retention: dt.timedelta, every_seconds: float) -> None:
-    """Housekeeping: drops events past retention now and then every `every_seconds`."""
-    while True:
-        removed = await store.expire(retention)
-        if removed:
-            log.info("expired stored events", extra={"removed": removed})
-        await asyncio.sleep(every_seconds)
