@@ -51,6 +51,8 @@ class FeedbackService(Service):
         events = EventStore(runtime.sessions, runtime.clock)
         self.servicer.events = events
         runtime.spawn(EventRecorder(runtime.jetstream, events).run, "events-store")
+        if runtime.settings.event_retention_days < 1:
+            raise ValueError("EVENT_RETENTION_DAYS must be at least 1.")
         retention = dt.timedelta(days=runtime.settings.event_retention_days)
         settings = AccountSuppressionSettings(
             runtime.sessions, runtime.clock, parse_reasons(runtime.settings.suppression_reasons)
