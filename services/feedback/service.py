@@ -26,7 +26,7 @@ from services.feedback.suppression_io.jobs import (
     ImportJobs,
     JobRunner,
 )
-from services.feedback.timeline.consumer import EventRecorder
+from services.feedback.timeline.consumer import record_events
 from services.feedback.timeline.store import EventStore
 
 # How often stored events past EVENT_RETENTION_DAYS, and finished jobs, are deleted.
@@ -50,7 +50,7 @@ class FeedbackService(Service):
         self.servicer.suppression = suppression
         events = EventStore(runtime.sessions, runtime.clock)
         self.servicer.events = events
-        runtime.spawn(EventRecorder(runtime.jetstream, events).run, "events-store")
+        runtime.spawn(lambda: record_events(runtime.jetstream, events), "events-store")
         if runtime.settings.event_retention_days < 1:
             raise ValueError("EVENT_RETENTION_DAYS must be at least 1.")
         retention = dt.timedelta(days=runtime.settings.event_retention_days)

@@ -15,6 +15,7 @@ import json
 import logging
 import secrets
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -43,6 +44,34 @@ JOB_RETENTION = dt.timedelta(days=7)
 
 def new_job_id(now: dt.datetime) -> str:
     return f"{int(now.timestamp() * 1000):013x}{secrets.token_hex(8)}"
+
+
+Job = TypeVar("Job", SuppressionImportJob, SuppressionExportJob)
+
+
+async def _get(
+    sessions: async_sessionmaker[AsyncSession], model: type[Job], account_id: str, job_id: str, what: str
+) -> Job:
+    async with sessions() as session:
+        job = await session.get(model, job_id)
+    if job is None or job.account_id != account_id:  # another account's job does not exist either
+        raise NotFound(f"{what} {job_id} does not exist.")
+    return job
+
+
+async def _unfinished(sessions: async_sessionmaker[AsyncSession], model: type[Job]) -> list[str]:
+    async with sessions() as session:
+        rows = await session.scalars(
+            select(model.id).where(model.status.in_([CREATED, PROCESSING])).order_by(model.id)
+        )
+        return list(rows.all())
+
+
+async def _expire(sessions: async_sessionmaker[AsyncSession], model: type[Job], cutoff: dt.datetime) -> None:
+    async with transaction(sessions) as session:
+        await session.execute(
+            delete(model).where(model.status.in_([COMPLETED, FAILED]), model.created_at < cutoff)
+        )
 
 
 class JobRunner:
@@ -127,11 +156,7 @@ class ImportJobs:
         return job.id
 
     async def get(self, account_id: str, job_id: str) -> SuppressionImportJob:
-        async with self._sessions() as session:
-            job = await session.get(SuppressionImportJob, job_id)
-        if job is None or job.account_id != account_id:
-            raise NotFound(f"Import job {job_id} does not exist.")
-        return job
+        return await _get(self._sessions, SuppressionImportJob, account_id, job_id, "Import job")
 
     async def page(
         self, account_id: str, page_size: int, page_token: str
@@ -143,13 +168,7 @@ class ImportJobs:
         return split_page(rows, size, lambda r: r.id)
 
     async def unfinished(self) -> list[str]:
-        async with self._sessions() as session:
-            rows = await session.scalars(
-                select(SuppressionImportJob.id)
-                .where(SuppressionImportJob.status.in_([CREATED, PROCESSING]))
-                .order_by(SuppressionImportJob.id)
-            )
-            return list(rows.all())
+        return await _unfinished(self._sessions, SuppressionImportJob)
 
     async def run(self, job_id: str) -> None:
         async with transaction(self._sessions) as session:
@@ -201,14 +220,7 @@ class ImportJobs:
             await self._suppression.delete_many(job.account_id, [r.address for r in records])
 
     async def expire(self) -> None:
-        cutoff = self._clock.now() - JOB_RETENTION
-        async with transaction(self._sessions) as session:
-            await session.execute(
-                delete(SuppressionImportJob).where(
-                    SuppressionImportJob.status.in_([COMPLETED, FAILED]),
-                    SuppressionImportJob.created_at < cutoff,
-                )
-            )
+        await _expire(self._sessions, SuppressionImportJob, self._clock.now() - JOB_RETENTION)
 
 
 def failed_records(job: SuppressionImportJob) -> list[tuple[int, str, str]]:
@@ -270,20 +282,10 @@ class ExportJobs:
         return job.id
 
     async def get(self, account_id: str, job_id: str) -> SuppressionExportJob:
-        async with self._sessions() as session:
-            job = await session.get(SuppressionExportJob, job_id)
-        if job is None or job.account_id != account_id:
-            raise NotFound(f"Export job {job_id} does not exist.")
-        return job
+        return await _get(self._sessions, SuppressionExportJob, account_id, job_id, "Export job")
 
     async def unfinished(self) -> list[str]:
-        async with self._sessions() as session:
-            rows = await session.scalars(
-                select(SuppressionExportJob.id)
-                .where(SuppressionExportJob.status.in_([CREATED, PROCESSING]))
-                .order_by(SuppressionExportJob.id)
-            )
-            return list(rows.all())
+        return await _unfinished(self._sessions, SuppressionExportJob)
 
     async def run(self, job_id: str) -> None:
         async with transaction(self._sessions) as session:
@@ -310,14 +312,7 @@ class ExportJobs:
             )
 
     async def expire(self) -> None:
-        cutoff = self._clock.now() - JOB_RETENTION
-        async with transaction(self._sessions) as session:
-            await session.execute(
-                delete(SuppressionExportJob).where(
-                    SuppressionExportJob.status.in_([COMPLETED, FAILED]),
-                    SuppressionExportJob.created_at < cutoff,
-                )
-            )
+        await _expire(self._sessions, SuppressionExportJob, self._clock.now() - JOB_RETENTION)
 
 
 def chunk(data: bytes, offset: int) -> tuple[bytes, int]:
