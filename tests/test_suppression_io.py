@@ -149,8 +149,10 @@ def test_export_files_read_back_as_imports() -> None:
 
 
 class Clock:
+    value = T0
+
     def now(self) -> dt.datetime:
-        return T0
+        return self.value
 
 
 @pytest.fixture
@@ -215,6 +217,18 @@ async def test_import_then_export_on_the_database(
     await imports.run(again)
     await imports.run(again)
     assert (await imports.get("acct-a", again)).processed_count == 1
+    # Finished jobs are forgotten after JOB_RETENTION; the suppressions they made stay.
+    Clock.value = T0 + jobs.JOB_RETENTION + dt.timedelta(seconds=1)
+    try:
+        await imports.expire()
+        await exports.expire()
+    finally:
+        Clock.value = T0
+    with pytest.raises(NotFound):
+        await imports.get("acct-a", again)
+    with pytest.raises(NotFound):
+        await exports.get("acct-a", export_id)
+    assert (await suppression.get("acct-a", "late@example.test")).reason == "BOUNCE"
 
 
 async def test_account_suppressed_reasons(database_url: str) -> None:
@@ -350,6 +364,14 @@ def test_import_export_and_reasons_through_rpcs_and_cli(
     capsys.readouterr()
     assert main(["suppression", "list"]) == 0
     assert "a@example.test" in capsys.readouterr().out
+    assert main(["suppression", "put", "c@example.test", "complaint"]) == 0
+    assert main(["suppression", "delete", "a@example.test"]) == 0
+    capsys.readouterr()
+    assert main(["suppression", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["suppressed_destination_summaries"]
+    assert [(d["email_address"], d["reason"]) for d in listed] == [
+        ("c@example.test", "SUPPRESSION_LIST_REASON_COMPLAINT")
+    ]
 
     # Per-account reasons: only complaints suppress for this account now.
     monkeypatch.setenv("POSTMESH_API_KEY", key)
