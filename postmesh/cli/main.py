@@ -17,6 +17,8 @@ COMMAND_MODULES = [
     "postmesh.cli.identities",
     "postmesh.cli.sending",
     "postmesh.cli.quota",
+    "postmesh.cli.events",
+    "postmesh.cli.suppression",
 ]
 
 

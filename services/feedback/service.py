@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from grpc import aio
@@ -21,8 +24,19 @@ from services.feedback.destinations.sns_keys import load_or_create
 from services.feedback.models import Base
 from services.feedback.servicer import FeedbackServicer
 from services.feedback.suppression import SuppressionList
+from services.feedback.suppression_io.jobs import (
+    AccountSuppressionSettings,
+    ExportJobs,
+    ImportJobs,
+    JobRunner,
+)
+from services.feedback.timeline.consumer import record_events
+from services.feedback.timeline.store import EventStore
 from services.feedback.tracking.http import TrackingServer
 from services.feedback.tracking.recorder import TrackingRecorder
+
+# How often stored events past EVENT_RETENTION_DAYS, and finished jobs, are deleted.
+HOUSEKEEPING_SECONDS = 3600.0
 
 
 class FeedbackService(Service):
@@ -45,21 +59,50 @@ class FeedbackService(Service):
         runtime = self.runtime
         suppression = SuppressionList(runtime.sessions, runtime.clock)
         self.servicer.suppression = suppression
-        reasons = parse_reasons(runtime.settings.suppression_reasons)
-        if reasons:
-            auto = AutoSuppression(suppression, reasons)
-            runtime.spawn(
-                lambda: consume_events(
-                    runtime.jetstream,
-                    durable="feedback-suppression",
-                    subjects=[
-                        email_event_subject(events_pb2.EMAIL_EVENT_TYPE_BOUNCE),
-                        email_event_subject(events_pb2.EMAIL_EVENT_TYPE_COMPLAINT),
-                    ],
-                    handle=auto.handle,
-                ),
-                "auto-suppression",
-            )
+        events = EventStore(runtime.sessions, runtime.clock)
+        self.servicer.events = events
+        runtime.spawn(lambda: record_events(runtime.jetstream, events), "events-store")
+        if runtime.settings.event_retention_days < 1:
+            raise ValueError("EVENT_RETENTION_DAYS must be at least 1.")
+        retention = dt.timedelta(days=runtime.settings.event_retention_days)
+        settings = AccountSuppressionSettings(
+            runtime.sessions, runtime.clock, parse_reasons(runtime.settings.suppression_reasons)
+        )
+        self.servicer.suppression_settings = settings
+        runner = JobRunner()
+        self.servicer.imports = ImportJobs(
+            runtime.sessions,
+            runtime.clock,
+            suppression,
+            runner,
+            max_bytes=runtime.settings.suppression_import_max_bytes,
+        )
+        self.servicer.exports = ExportJobs(runtime.sessions, runtime.clock, suppression, runner)
+        runtime.spawn(runner.run_forever, "suppression-jobs")
+        # Every account may choose its reasons, so the consumer runs even when the default is none.
+        auto = AutoSuppression(suppression, settings.reasons)
+        runtime.spawn(
+            lambda: consume_events(
+                runtime.jetstream,
+                durable="feedback-suppression",
+                subjects=[
+                    email_event_subject(events_pb2.EMAIL_EVENT_TYPE_BOUNCE),
+                    email_event_subject(events_pb2.EMAIL_EVENT_TYPE_COMPLAINT),
+                ],
+                handle=auto.handle,
+            ),
+            "auto-suppression",
+        )
+        runtime.spawn(
+            lambda: every(
+                HOUSEKEEPING_SECONDS,
+                lambda: events.expire(retention),
+                self.servicer.imports.expire,
+                self.servicer.exports.expire,
+            ),
+            "housekeeping",
+        )
+
         await self._start_tracking()
         await self._start_sns()
 
@@ -103,6 +146,14 @@ class FeedbackService(Service):
             await self.tracking.stop()
         if self.sns_endpoint is not None:
             await self.sns_endpoint.stop()
+
+
+async def every(seconds: float, *chores: Callable[[], Awaitable[object]]) -> None:
+    """Housekeeping: each chore now, then again every `seconds`."""
+    while True:
+        for chore in chores:
+            await chore()
+        await asyncio.sleep(seconds)
 
 
 SERVICE = FeedbackService

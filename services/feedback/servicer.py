@@ -10,6 +10,8 @@ from postmesh.feedback.v1 import feedback_pb2 as pb
 from postmesh.feedback.v1 import feedback_pb2_grpc
 from services.feedback.models import SuppressedDestination
 from services.feedback.suppression import SuppressionList
+from services.feedback.suppression_io.servicer import SuppressionJobRpcs
+from services.feedback.timeline.servicer import TimelineRpcs
 
 _REASON_PREFIX = "SUPPRESSION_LIST_REASON_"
 
@@ -28,7 +30,7 @@ def suppressed_message(row: SuppressedDestination) -> pb.SuppressedDestination:
     )
 
 
-class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
+class FeedbackServicer(TimelineRpcs, SuppressionJobRpcs, feedback_pb2_grpc.FeedbackServiceServicer):
     # Bound in FeedbackService.on_ready.
     suppression: SuppressionList
 

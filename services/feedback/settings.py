@@ -45,4 +45,16 @@ register(
     Setting(
         "SNS_REGION", str, "postmesh", "Region part of SNS-format TopicArns: arn:postmesh:sns:REGION:..."
     ),
+    Setting(
+        "EVENT_RETENTION_DAYS",
+        int,
+        14,
+        "Days the feedback service keeps email events for GetMessageInsights and ListEmailEvents.",
+    ),
+    Setting(
+        "SUPPRESSION_IMPORT_MAX_BYTES",
+        int,
+        16 * 1024 * 1024,
+        "Largest suppression list file one CreateImportJob accepts (the file travels in the request).",
+    ),
 )

@@ -6,6 +6,7 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 
 from sqlalchemy import delete, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from postmesh.common.addresses import address_key, normalize_address
@@ -17,12 +18,64 @@ from services.feedback.models import SuppressedDestination
 
 REASONS = ("BOUNCE", "COMPLAINT")
 MAX_CHECK = 1000
+# Rows per multi-row statement of a bulk change, well under SQLite's limit on bound parameters.
+_BULK_ROWS = 400
 
 
 class SuppressionList:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], clock: Clock) -> None:
         self._sessions = sessions
         self._clock = clock
+        self._insert = (
+            postgresql.insert if sessions.kw["bind"].dialect.name == "postgresql" else sqlite.insert
+        )
+
+    async def put_many(self, account_id: str, entries: Sequence[tuple[str, str]]) -> None:
+        """Adds or updates many (normalized address, reason) at once (an import); the last entry of
+        an address wins."""
+        now = self._clock.now()
+        rows = {
+            address_key(address): {
+                "account_id": account_id,
+                "address_key": address_key(address),
+                "email_address": address,
+                "reason": reason,
+                "message_id": "",
+                "feedback_id": "",
+                "updated_at": now,
+            }
+            for address, reason in entries
+        }
+        values = list(rows.values())
+        async with transaction(self._sessions) as session:
+            for start in range(0, len(values), _BULK_ROWS):
+                statement = self._insert(SuppressedDestination).values(values[start : start + _BULK_ROWS])
+                await session.execute(
+                    statement.on_conflict_do_update(
+                        index_elements=["account_id", "address_key"],
+                        set_={
+                            column: getattr(statement.excluded, column)
+                            for column in (
+                                "email_address",
+                                "reason",
+                                "message_id",
+                                "feedback_id",
+                                "updated_at",
+                            )
+                        },
+                    )
+                )
+
+    async def delete_many(self, account_id: str, addresses: Sequence[str]) -> None:
+        keys = list({address_key(a) for a in addresses})
+        async with transaction(self._sessions) as session:
+            for start in range(0, len(keys), _BULK_ROWS):
+                await session.execute(
+                    delete(SuppressedDestination).where(
+                        SuppressedDestination.account_id == account_id,
+                        SuppressedDestination.address_key.in_(keys[start : start + _BULK_ROWS]),
+                    )
+                )
 
     async def put(
         self, account_id: str, address: str, reason: str, *, message_id: str = "", feedback_id: str = ""

@@ -13,19 +13,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf.message import DecodeError
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from postmesh.common.bus import pull_forever
+from postmesh.common.addresses import address_key
+from postmesh.common.bus import consume_event_batches
 from postmesh.common.config import Settings
 from postmesh.common.db import transaction
 from postmesh.common.service import Clock
-from postmesh.common.streams import EMAIL_EVENTS_SUBJECT, EVENTS
+from postmesh.common.streams import EMAIL_EVENTS_SUBJECT
 from postmesh.events.v1 import events_pb2
 from services.quota.accounts import HEALTHY, PROBATION, SHUTDOWN, SYSTEM, QuotaAccounts, slot_start
 from services.quota.models import AccountQuota, ProcessedEvent, SendStatsSlot
@@ -55,7 +53,8 @@ def counted(event: events_pb2.Event) -> tuple[str, int] | None:
         return None
     email = event.email
     column = _COLUMN_BY_TYPE.get(email.event_type)
-    if column is None:
+    # The mailbox simulator's events count against the quota (at accept time), never reputation.
+    if column is None or email.simulated:
         return None
     if email.event_type == events_pb2.EMAIL_EVENT_TYPE_BOUNCE:
         # Not hard bounces from a receiver: soft ones, and the sender's own refusals to send to a
@@ -68,7 +67,21 @@ def counted(event: events_pb2.Event) -> tuple[str, int] | None:
         return column, len(email.bounce.bounced_recipients) or 1
     if email.event_type == events_pb2.EMAIL_EVENT_TYPE_COMPLAINT:
         return column, len(email.complaint.complained_recipients) or 1
+    if email.event_type == events_pb2.EMAIL_EVENT_TYPE_SEND:
+        return _attempts(email)
     return column, len(email.mail.destination) or 1
+
+
+def _attempts(send: events_pb2.EmailEvent) -> tuple[str, int] | None:
+    """Delivery attempts of a Send event: its recipients less those never attempted. As in SES, a
+    recipient on the suppression list is no delivery attempt (its quota was given back and its
+    OnAccountSuppressionList bounce is no bounce), or sending to suppressed addresses would dilute
+    the bounce rate for free; nor is a mailbox simulator address."""
+    if not send.mail.destination:
+        return "delivery_attempts", 1
+    skipped = {address_key(a) for a in [*send.suppressed_recipients, *send.simulated_recipients]}
+    attempts = sum(1 for a in send.mail.destination if address_key(a) not in skipped)
+    return ("delivery_attempts", attempts) if attempts else None
 
 
 @dataclass(frozen=True)
@@ -265,35 +278,17 @@ class EventConsumer:
         self._batch = batch
 
     async def run(self) -> None:
-        config = ConsumerConfig(
-            durable_name=CONSUMER,
-            filter_subjects=[EMAIL_EVENTS_SUBJECT],
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=30,
-            max_ack_pending=4096,
+        await consume_event_batches(
+            self._js,
+            durable=CONSUMER,
+            subjects=[EMAIL_EVENTS_SUBJECT],
+            handle=self._process,
+            batch=self._batch,
         )
-        await pull_forever(self._js, EVENTS.name, config, self._process, batch=self._batch, wait_seconds=1)
 
-    async def _process(self, messages: list[Msg]) -> None:
-        events, parsed = [], []
-        for message in messages:
-            try:
-                events.append(events_pb2.Event.FromString(message.data))
-            except DecodeError:
-                log.warning("not an Event; dropped", extra={"subject": message.subject})
-                await message.term()
-                continue
-            parsed.append(message)
-        try:
-            await self._statistics.record(events)
-            # Every account of the batch, not only those whose counts changed now: after a failure
-            # the redelivered events count nothing, but their account must still be judged.
-            for account_id in sorted({e.account_id for e in events if counted(e) is not None}):
-                await self._statistics.evaluate(account_id)
-        except Exception:
-            for message in parsed:
-                await message.nak(delay=1)
-            raise
-        for message in parsed:
-            await message.ack()
+    async def _process(self, events: list[events_pb2.Event]) -> None:
+        await self._statistics.record(events)
+        # Every account of the batch, not only those whose counts changed now: after a failure
+        # the redelivered events count nothing, but their account must still be judged.
+        for account_id in sorted({e.account_id for e in events if counted(e) is not None}):
+            await self._statistics.evaluate(account_id)

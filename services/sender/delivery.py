@@ -40,6 +40,7 @@ from postmesh.events.v1 import events_pb2 as ev
 from postmesh.sender.v1 import queue_pb2
 from services.sender.backoff import RetryPolicy
 from services.sender.dkim_signing import SigningConfigCache, SigningUnavailable, sign_message, to_crlf
+from services.sender.simulator import MailboxSimulator, SimulatedBounce
 from services.sender.tracking import MessageTracking
 from services.sender.transport import DELAY_INTERNAL, Envelope, Kind, Outcome, Transport
 
@@ -100,6 +101,7 @@ class DeliveryWorker:
         config: DeliveryConfig,
         clock: Clock,
         tracking: MessageTracking | None = None,
+        simulator: MailboxSimulator | None = None,
     ) -> None:
         self.js = js
         self.tracking = tracking
@@ -108,6 +110,7 @@ class DeliveryWorker:
         self.transport = transport
         self.config = config
         self.clock = clock
+        self.simulator = simulator or MailboxSimulator("")
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
 
@@ -203,6 +206,13 @@ class DeliveryWorker:
             await self._expire(queued, recipients, "message expired before it could be delivered")
             await forget_mime(self.js, queued)
             return
+        simulated = [r for r in recipients if self.simulator.handles(r)]
+        if simulated:
+            await self._simulate(queued, simulated)
+            recipients = [r for r in recipients if r not in simulated]
+            if not recipients:
+                await forget_mime(self.js, queued)
+                return
         try:
             outcomes = await self._attempt(queued, recipients)
         except Undeliverable as undeliverable:
@@ -305,6 +315,19 @@ class DeliveryWorker:
             return mime
         return await self.tracking.apply(queued, mime, self._mail(queued))
 
+    async def _simulate(self, queued: queue_pb2.QueuedMessage, recipients: list[str]) -> None:
+        """The mailbox simulator's answer for its addresses: their events, without any SMTP."""
+        for recipient in recipients:
+            simulation = self.simulator.simulation(recipient)
+            now = self.clock.now()
+            if simulation.delivered:
+                outcome = Outcome(Kind.DELIVERED, "250 2.0.0 Ok: delivered by the mailbox simulator", "2.0.0")
+                await self._publish_delivery(queued, recipient, outcome, now, simulated=True)
+            if simulation.bounce is not None:
+                await self._publish_simulated_bounce(queued, recipient, simulation.bounce, self.clock.now())
+            if simulation.complaint:
+                await self._publish_simulated_complaint(queued, recipient, self.clock.now())
+
     async def _expire(self, queued: queue_pb2.QueuedMessage, recipients: list[str], why: str) -> None:
         now = self.clock.now()
         outcome = Outcome(Kind.TRANSIENT, f"451 4.4.7 {why}", "4.4.7")
@@ -328,12 +351,26 @@ class DeliveryWorker:
             mail.timestamp.CopyFrom(queued.accepted_time)
         return mail
 
-    async def _publish(self, queued: queue_pb2.QueuedMessage, email: ev.EmailEvent, now: dt.datetime) -> None:
+    async def _publish(
+        self,
+        queued: queue_pb2.QueuedMessage,
+        email: ev.EmailEvent,
+        now: dt.datetime,
+        *,
+        simulated: bool = False,
+    ) -> None:
         email.mail.CopyFrom(self._mail(queued))
+        email.simulated = simulated
         await self.events.publish(new_event(queued.account_id, time=now, email=email))
 
     async def _publish_delivery(
-        self, queued: queue_pb2.QueuedMessage, recipient: str, outcome: Outcome, now: dt.datetime
+        self,
+        queued: queue_pb2.QueuedMessage,
+        recipient: str,
+        outcome: Outcome,
+        now: dt.datetime,
+        *,
+        simulated: bool = False,
     ) -> None:
         accepted = from_timestamp(queued.accepted_time) or now
         delivery = ev.Delivery(
@@ -345,8 +382,46 @@ class DeliveryWorker:
             remote_mta_ip=outcome.remote_ip,
         )
         await self._publish(
-            queued, ev.EmailEvent(event_type=ev.EMAIL_EVENT_TYPE_DELIVERY, delivery=delivery), now
+            queued,
+            ev.EmailEvent(event_type=ev.EMAIL_EVENT_TYPE_DELIVERY, delivery=delivery),
+            now,
+            simulated=simulated,
         )
+
+    async def _publish_simulated_bounce(
+        self, queued: queue_pb2.QueuedMessage, recipient: str, simulated: SimulatedBounce, now: dt.datetime
+    ) -> None:
+        bounce = ev.Bounce(
+            bounce_type=simulated.bounce_type,
+            bounce_sub_type=simulated.sub_type,
+            bounced_recipients=[
+                ev.BouncedRecipient(
+                    email_address=recipient,
+                    action="failed",
+                    status=simulated.status,
+                    diagnostic_code=simulated.diagnostic_code,
+                )
+            ],
+            timestamp=timestamp(now),
+            feedback_id=uuid.uuid4().hex,
+            reporting_mta=f"dns; {self.config.reporting_mta}",
+        )
+        email = ev.EmailEvent(event_type=ev.EMAIL_EVENT_TYPE_BOUNCE, bounce=bounce)
+        await self._publish(queued, email, now, simulated=True)
+
+    async def _publish_simulated_complaint(
+        self, queued: queue_pb2.QueuedMessage, recipient: str, now: dt.datetime
+    ) -> None:
+        complaint = ev.Complaint(
+            complained_recipients=[ev.ComplainedRecipient(email_address=recipient)],
+            timestamp=timestamp(now),
+            feedback_id=uuid.uuid4().hex,
+            complaint_feedback_type="abuse",
+            user_agent="postmesh mailbox simulator",
+            arrival_date=timestamp(now),
+        )
+        email = ev.EmailEvent(event_type=ev.EMAIL_EVENT_TYPE_COMPLAINT, complaint=complaint)
+        await self._publish(queued, email, now, simulated=True)
 
     async def _publish_bounce(
         self,

@@ -29,6 +29,7 @@ from services.sender.dkim_signing import (
     SigningUnavailable,
 )
 from services.sender.mx import MxResolver
+from services.sender.simulator import MailboxSimulator
 from services.sender.tracking import MessageTracking
 from services.sender.transport import SinkTransport, SmtpOptions, SmtpPool, SmtpTransport, Transport
 
@@ -139,6 +140,7 @@ class Delivery:
             ),
             clock=runtime.clock,
             tracking=build_tracking(runtime),
+            simulator=MailboxSimulator(settings.simulator_domain),
         )
         self._subscription: Any = None
 

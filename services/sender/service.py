@@ -17,6 +17,7 @@ from services.sender.idempotency import IdempotencyKeys
 from services.sender.mesh import MeshChecks
 from services.sender.models import Base
 from services.sender.servicer import SenderServicer
+from services.sender.simulator import MailboxSimulator
 from services.sender.templates import TemplateStore
 
 
@@ -48,6 +49,7 @@ class SenderService(Service):
             keys=keys,
             clock=runtime.clock,
             message_id_domain=runtime.settings.message_id_domain,
+            simulator=MailboxSimulator(runtime.settings.simulator_domain),
         )
         runtime.spawn(lambda: _purge_keys(keys), "purge-request-ids")
         # DELIVERY_WORKERS=0: an accept-only replica (delivery runs elsewhere).

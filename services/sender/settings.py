@@ -9,4 +9,10 @@ register(
         "",
         "Domain of the Message-ID header of sent mail (<id@domain>); empty: the From address's domain.",
     ),
+    Setting(
+        "SIMULATOR_DOMAIN",
+        str,
+        "simulator.postmesh.test",
+        "Domain of the mailbox simulator (success@, bounce@, ooto@, complaint@...); empty: no simulator.",
+    ),
 )

@@ -1,0 +1,1 @@
+"""Suppression list import and export jobs (SES's CreateImportJob, CreateExportJob) and their files."""
