@@ -1,0 +1,504 @@
+"""The SMTP submission interface, driven by real SMTP clients (smtplib, aiosmtplib, Debian's swaks)
+against a real mesh: a verified domain on a loopback DNS server, delivery through MX to a receiving
+aiosmtpd on 127.0.0.2, DKIM verified there, events read off JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import dkim
+import grpc
+import pytest
+
+from postmesh.common.natsserver import free_port
+from postmesh.events.v1 import events_pb2 as ev
+from postmesh.identity.v1 import smtp_credentials_pb2 as smtp_pb
+from postmesh.quota.v1 import quota_pb2
+from postmesh.testing import MeshThread
+from postmesh.testing_mail import LoopbackDns, Received, SmtpServer
+from services.sender.smtp.tls import write_self_signed
+from tests.dkim_verifiers import dkimpy_dns
+from tests.identity_helpers import create_verified_domain
+from tests.sending_helpers import email_events, of_type, own_nats_server, refusal, sent_last_24_hours
+
+SEND = ev.EMAIL_EVENT_TYPE_SEND
+DELIVERY = ev.EMAIL_EVENT_TYPE_DELIVERY
+MESSAGE_ID_DOMAIN = "mail.postmesh.test"
+
+
+def _client_tls() -> ssl.SSLContext:
+    # The server's certificate is self-signed, as under `make run`.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass
+class SmtpMesh:
+    mesh: MeshThread
+    zone: LoopbackDns
+    sink: SmtpServer
+    cert_dir: Path
+    nats_url: str
+
+    def unit(self, mesh: MeshThread | None = None) -> Any:
+        server = (mesh or self.mesh).server
+        assert server is not None
+        return server.services["smtp"]
+
+    @property
+    def starttls_port(self) -> int:
+        port: int = self.unit().server.starttls_ports[0]
+        return port
+
+    @property
+    def tls_port(self) -> int:
+        port: int = self.unit().server.tls_ports[0]
+        return port
+
+    def smtp_settings(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "smtp_starttls_listen": "127.0.0.1:0",
+            "smtp_tls_listen": "127.0.0.1:0",
+            "smtp_tls_cert_file": str(self.cert_dir / "cert.pem"),
+            "smtp_tls_key_file": str(self.cert_dir / "key.pem"),
+            **extra,
+        }
+
+
+@pytest.fixture(scope="module")
+def smtp_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmtpMesh]:
+    """One mesh for the module: SMTP listeners, delivery through MX to a sink on 127.0.0.2."""
+    base = tmp_path_factory.mktemp("smtp")
+    write_self_signed(base / "cert.pem", base / "key.pem")
+    port = free_port("127.0.0.2")
+    with (
+        own_nats_server(base / "nats") as nats_url,
+        LoopbackDns() as zone,
+        SmtpServer("127.0.0.2", port) as sink,
+    ):
+        for domain in ("example.test", "other.test"):
+            zone.add_mx(domain, "mx.example.test", 10)
+        zone.add_a("mx.example.test", "127.0.0.2")
+        setup = SmtpMesh(MeshThread(nats_url=nats_url, data_dir=base / "mesh"), zone, sink, base, nats_url)
+        mesh = MeshThread(
+            nats_url=nats_url,
+            data_dir=base / "mesh",
+            **setup.smtp_settings(
+                sandbox_max_send_rate=1000.0,
+                dns_resolver=zone.address,
+                dns_check_poll_seconds=3600,
+                dns_timeout_seconds=2,
+                message_id_domain=MESSAGE_ID_DOMAIN,
+                delivery_mode="mx",
+                delivery_workers=2,
+                smtp_port=port,
+                smtp_helo_name="out.postmesh.test",
+                default_bounce_domain="bounces.postmesh.test",
+                # Revocation must reach the SMTP servers through the event, not by the cache lapsing.
+                auth_cache_seconds=3600.0,
+            ),
+        )
+        setup.mesh = mesh
+        mesh.start()
+        try:
+            yield setup
+        finally:
+            mesh.stop()
+
+
+@dataclass
+class Sender:
+    account_id: str
+    api_key: str
+    username: str
+    password: str
+
+
+def _new_sender(setup: SmtpMesh, domain: str = "example.test") -> Sender:
+    account_id, api_key = setup.mesh.create_account()
+    with setup.mesh.client(api_key) as client:
+        create_verified_domain(client, setup.zone, domain)
+        created = client.identity.CreateSmtpCredential(smtp_pb.CreateSmtpCredentialRequest(description="app"))
+    return Sender(account_id, api_key, created.credential.username, created.password)
+
+
+@pytest.fixture
+def sender(smtp_mesh: SmtpMesh) -> Sender:
+    return _new_sender(smtp_mesh)
+
+
+def _message(
+    sender: str = "news@example.test", to: str = "a@example.test", subject: str = "Hello", extra: str = ""
+) -> bytes:
+    return (
+        f"From: News <{sender}>\r\nTo: {to}\r\nSubject: {subject}\r\n{extra}"
+        "Content-Type: text/plain; charset=utf-8\r\n\r\nHello over SMTP.\r\n"
+    ).encode()
+
+
+def _starttls_session(setup: SmtpMesh, sender: Sender) -> smtplib.SMTP:
+    smtp = smtplib.SMTP("127.0.0.1", setup.starttls_port, timeout=30)
+    smtp.starttls(context=_client_tls())
+    smtp.ehlo()
+    smtp.user, smtp.password = sender.username, sender.password
+    code, reply = smtp.auth("PLAIN", smtp.auth_plain, initial_response_ok=True)
+    assert code == 235, reply
+    return smtp
+
+
+def _send(smtp: smtplib.SMTP, mail_from: str, recipients: list[str], data: bytes) -> tuple[int, str]:
+    """MAIL, RCPT, DATA: the DATA reply (or the first refusal before it)."""
+    code, reply = smtp.mail(mail_from)
+    if code != 250:
+        smtp.rset()
+        return code, reply.decode()
+    for recipient in recipients:
+        code, reply = smtp.rcpt(recipient)
+        if code != 250:
+            smtp.rset()
+            return code, reply.decode()
+    code, reply = smtp.data(data)
+    return code, reply.decode()
+
+
+def _accepted_id(code: int, reply: str) -> str:
+    assert code == 250, reply
+    assert reply.startswith("Ok "), reply
+    return reply.removeprefix("Ok ").strip()
+
+
+def _arrived(sink: SmtpServer, message_id: str, within: float = 60.0) -> Received:
+    header = f"<{message_id}@{MESSAGE_ID_DOMAIN}>"
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        for received in sink.received:
+            if received.message_id == header:
+                return received
+        time.sleep(0.1)
+    raise AssertionError(f"{message_id} did not arrive")
+
+
+def _events_for(setup: SmtpMesh, account_id: str, message_id: str, *types: int) -> list[ev.Event]:
+    def complete(events: list[ev.Event]) -> bool:
+        seen = {e.email.event_type for e in events if e.email.mail.message_id == message_id}
+        return set(types) <= seen
+
+    events = email_events(setup.nats_url, account_id, until=complete, timeout=60)
+    return [e for e in events if e.email.mail.message_id == message_id]
+
+
+# --- The session: EHLO, TLS, AUTH.
+
+
+def test_ehlo_offers_auth_only_once_tls_is_up(smtp_mesh: SmtpMesh, sender: Sender) -> None:
+    with smtplib.SMTP("127.0.0.1", smtp_mesh.starttls_port, timeout=30) as smtp:
+        smtp.ehlo("client.test")
+        for extension in ("size", "8bitmime", "pipelining", "smtputf8", "starttls"):
+            assert smtp.has_extn(extension), smtp.esmtp_features
+        assert not smtp.has_extn("auth")
+        assert smtp.docmd("AUTH", "PLAIN") == (530, b"Must issue a STARTTLS command first")
+        assert smtp.docmd("MAIL", "FROM:<news@example.test>")[0] == 530
+        smtp.starttls(context=_client_tls())
+        smtp.ehlo("client.test")
+        assert set(smtp.esmtp_features["auth"].split()) == {"LOGIN", "PLAIN"}
+        assert not smtp.has_extn("starttls")
+        code, reply = smtp.docmd("MAIL", "FROM:<news@example.test>")
+        assert code == 530 and b"Authentication required" in reply
+        smtp.user, smtp.password = sender.username, "wrong"
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            smtp.auth("PLAIN", smtp.auth_plain)
+        assert refused.value.smtp_code == 535
+        assert b"Authentication Credentials Invalid" in refused.value.smtp_error
+        smtp.password = sender.password
+        assert smtp.auth("LOGIN", smtp.auth_login)[0] == 235
+
+
+def test_message_sent_over_starttls_arrives_dkim_signed_with_the_reply_message_id_in_its_events(
+    smtp_mesh: SmtpMesh, sender: Sender
+) -> None:
+    options = (
+        "X-SES-CONFIGURATION-SET: marketing\r\n"
+        "X-SES-MESSAGE-TAGS: campaign=spring, kind=news\r\n"
+        "X-Postmesh-Source-Arn: example.test\r\n"
+    )
+    with _starttls_session(smtp_mesh, sender) as smtp:
+        code, reply = _send(smtp, "news@example.test", ["a@example.test"], _message(extra=options))
+    message_id = _accepted_id(code, reply)
+    received = _arrived(smtp_mesh.sink, message_id)
+    assert dkim.verify(received.data, dnsfunc=dkimpy_dns(smtp_mesh.zone)), received.data[:400]
+    assert received.recipients == ["a@example.test"]
+    assert received.mail_from.endswith("@bounces.postmesh.test")
+    head = received.data.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"x-ses-" not in head and b"x-postmesh-" not in head
+    events = _events_for(smtp_mesh, sender.account_id, message_id, SEND, DELIVERY)
+    send = of_type(events, SEND)[0].email.mail
+    assert send.configuration_set_name == "marketing"
+    assert {(t.name, t.value) for t in send.tags} >= {("campaign", "spring"), ("kind", "news")}
+    assert send.source == "news@example.test" and list(send.destination) == ["a@example.test"]
+    assert of_type(events, DELIVERY)
+
+
+def test_implicit_tls_with_auth_login_through_aiosmtplib(smtp_mesh: SmtpMesh, sender: Sender) -> None:
+    async def send() -> str:
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=smtp_mesh.tls_port, use_tls=True, tls_context=_client_tls(), timeout=30
+        )
+        async with client:
+            await client.ehlo()
+            assert client.supports_extension("auth") and not client.supports_extension("starttls")
+            await client.auth_login(sender.username, sender.password)
+            errors, reply = await client.sendmail(
+                "news@example.test", ["b@example.test"], _message(to="b@example.test")
+            )
+            assert errors == {}
+            return reply
+
+    message_id = _accepted_id(250, asyncio.run(send()))
+    _arrived(smtp_mesh.sink, message_id)
+
+
+def test_pipelined_commands_get_their_replies_in_order(smtp_mesh: SmtpMesh, sender: Sender) -> None:
+    raw = socket.create_connection(("127.0.0.1", smtp_mesh.tls_port), timeout=30)
+    with _client_tls().wrap_socket(raw) as conn:
+        reader = conn.makefile("rb")
+
+        def replies(count: int) -> list[str]:
+            lines: list[str] = []
+            while len(lines) < count:
+                line = reader.readline().decode().rstrip("\r\n")
+                assert line, "connection closed"
+                if line[3:4] == " ":
+                    lines.append(line)
+            return lines
+
+        assert replies(1)[0].startswith("220")
+        plain = base64.b64encode(f"\0{sender.username}\0{sender.password}".encode()).decode()
+        conn.sendall(f"EHLO client.test\r\nAUTH PLAIN {plain}\r\n".encode())
+        assert [r[:3] for r in replies(2)] == ["250", "235"]
+        # RFC 2920: the whole transaction in one write, replies in order.
+        conn.sendall(
+            b"MAIL FROM:<news@example.test>\r\n"
+            b"RCPT TO:<c@example.test>\r\nRCPT TO:<d@example.test>\r\nDATA\r\n"
+        )
+        assert [r[:3] for r in replies(4)] == ["250", "250", "250", "354"]
+        conn.sendall(_message(to="c@example.test, d@example.test") + b".\r\nQUIT\r\n")
+        accepted, bye = replies(2)
+    message_id = _accepted_id(int(accepted[:3]), accepted[4:])
+    assert bye.startswith("221")
+    received = _arrived(smtp_mesh.sink, message_id)
+    assert sorted(received.recipients) in (["c@example.test", "d@example.test"], ["c@example.test"])
+
+
+# --- Refusals, each with SES's code.
+
+
+def test_every_refusal_has_its_code_and_leaves_nothing_queued(smtp_mesh: SmtpMesh, sender: Sender) -> None:
+    with _starttls_session(smtp_mesh, sender) as smtp:
+        code, reply = _send(smtp, "me@unverified.test", ["a@example.test"], _message("me@unverified.test"))
+        assert code == 554 and reply.startswith("5.7.1 Message rejected: Email address is not verified"), (
+            reply
+        )
+        # The header From must be verified too, not only the envelope sender.
+        code, reply = _send(smtp, "news@example.test", ["a@example.test"], _message("x@unverified.test"))
+        assert code == 554 and "x@unverified.test" in reply, reply
+        # The sandbox: every recipient must be verified.
+        code, reply = _send(smtp, "news@example.test", ["x@elsewhere.test"], _message(to="x@elsewhere.test"))
+        assert code == 554 and "x@elsewhere.test" in reply, reply
+        # At most 50 recipients: the 51st RCPT is refused.
+        assert smtp.mail("news@example.test")[0] == 250
+        for i in range(50):
+            assert smtp.rcpt(f"r{i}@example.test")[0] == 250
+        code, reply_bytes = smtp.rcpt("r50@example.test")
+        assert code == 452 and b"Too many recipients" in reply_bytes
+        smtp.rset()
+        # Over the size limit (announced with SIZE, refused before any data is sent).
+        code, reply_bytes = smtp.docmd("MAIL", "FROM:<news@example.test> SIZE=50000000")
+        assert code == 552, reply_bytes
+        smtp.rset()
+        # Malformed MIME, header injection, refused attachment types: 554 with the reason.
+        injected = (
+            b"From: news@example.test\r\nTo: a@example.test\r\nSubject: hi\r\nbcc a@evil.test\r\n\r\nx\r\n"
+        )
+        code, reply = _send(smtp, "news@example.test", ["a@example.test"], injected)
+        assert code == 554 and "Malformed header line" in reply, reply
+        code, reply = _send(smtp, "news@example.test", ["a@example.test"], b"no header block at all\r\n")
+        assert code == 554 and "Transaction failed" in reply, reply
+        exe = _message(extra='Content-Disposition: attachment; filename="run.exe"\r\n')
+        code, reply = _send(smtp, "news@example.test", ["a@example.test"], exe)
+        assert code == 554 and "Illegal filename" in reply, reply
+    with smtp_mesh.mesh.client(sender.api_key) as client:
+        assert sent_last_24_hours(client, 0) == 0
+    assert of_type(email_events(smtp_mesh.nats_url, sender.account_id, timeout=1), SEND) == []
+
+
+def test_paused_and_throttled_accounts_get_554_and_454(smtp_mesh: SmtpMesh, sender: Sender) -> None:
+    paused = _new_sender(smtp_mesh)
+    with smtp_mesh.mesh.admin() as admin:
+        admin.quota.PauseAccountSending(
+            quota_pb2.PauseAccountSendingRequest(account_id=paused.account_id, reason="abuse report")
+        )
+        admin.quota.SetAccountQuota(
+            quota_pb2.SetAccountQuotaRequest(
+                account_id=sender.account_id, max_24_hour_send=1, max_send_rate=10, reason="test"
+            )
+        )
+    with _starttls_session(smtp_mesh, paused) as smtp:
+        code, reply = _send(smtp, "news@example.test", ["a@example.test"], _message())
+        assert (code, reply) == (554, "5.7.1 Sending paused for this account")
+    with _starttls_session(smtp_mesh, sender) as smtp:
+        _accepted_id(*_send(smtp, "news@example.test", ["a@example.test"], _message()))
+        # Temporary, so clients keep the message and retry.
+        code, reply = _send(smtp, "news@example.test", ["a@example.test"], _message())
+        assert code == 454 and reply.startswith("4.7.0 Throttling failure"), reply
+
+
+def test_a_client_dropping_the_connection_during_data_leaves_nothing_queued(
+    smtp_mesh: SmtpMesh, sender: Sender
+) -> None:
+    smtp = _starttls_session(smtp_mesh, sender)
+    assert smtp.mail("news@example.test")[0] == 250
+    assert smtp.rcpt("a@example.test")[0] == 250
+    assert smtp.docmd("DATA")[0] == 354
+    smtp.send(_message()[:40])
+    smtp.close()
+    with smtp_mesh.mesh.client(sender.api_key) as client:
+        assert sent_last_24_hours(client, 0, within=3) == 0
+    assert of_type(email_events(smtp_mesh.nats_url, sender.account_id, timeout=1), SEND) == []
+
+
+# --- Credentials.
+
+
+def test_credentials_are_the_account_s_own_and_revocation_reaches_every_smtp_server_at_once(
+    smtp_mesh: SmtpMesh, sender: Sender
+) -> None:
+    mesh = smtp_mesh.mesh
+    other = _new_sender(smtp_mesh, "other.test")
+    with mesh.client(other.api_key) as client:
+        listed = client.identity.ListSmtpCredentials(smtp_pb.ListSmtpCredentialsRequest()).credentials
+        assert [c.username for c in listed] == [other.username]
+        code, *_ = refusal(
+            lambda: client.identity.RevokeSmtpCredential(
+                smtp_pb.RevokeSmtpCredentialRequest(username=sender.username)
+            )
+        )
+        assert code == grpc.StatusCode.NOT_FOUND
+    # Another replica of the SMTP server alone, in a process of its own.
+    replica = MeshThread(
+        nats_url=smtp_mesh.nats_url,
+        data_dir=smtp_mesh.cert_dir / "replica",
+        services=("smtp",),
+        admin_api_key=mesh.admin_key,
+        service_api_key=mesh.service_key,
+        identity_endpoint=mesh.address,
+        quota_endpoint=mesh.address,
+        feedback_endpoint=mesh.address,
+        message_id_domain=MESSAGE_ID_DOMAIN,
+        auth_cache_seconds=3600.0,
+        **smtp_mesh.smtp_settings(),
+    ).start()
+    try:
+        replica_port = smtp_mesh.unit(replica).server.starttls_ports[0]
+        sessions = []
+        for port in (smtp_mesh.starttls_port, replica_port):
+            smtp = smtplib.SMTP("127.0.0.1", port, timeout=30)
+            smtp.starttls(context=_client_tls())
+            smtp.ehlo()
+            smtp.login(sender.username, sender.password)  # the answer is now cached on both
+            sessions.append(smtp)
+        replica_id = _accepted_id(*_send(sessions[1], "news@example.test", ["a@example.test"], _message()))
+        _arrived(smtp_mesh.sink, replica_id)
+        with mesh.client(sender.api_key) as client:
+            client.identity.RevokeSmtpCredential(
+                smtp_pb.RevokeSmtpCredentialRequest(username=sender.username)
+            )
+        for smtp in sessions:
+            deadline = time.monotonic() + 30
+            while (reply_code := smtp.mail("news@example.test")[0]) == 250 and time.monotonic() < deadline:
+                smtp.rset()
+                time.sleep(0.2)
+            assert reply_code == 535
+            smtp.close()
+        for port in (smtp_mesh.starttls_port, replica_port):
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+                smtp.starttls(context=_client_tls())
+                with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+                    smtp.login(sender.username, sender.password)
+                assert refused.value.smtp_code == 535
+    finally:
+        replica.stop()
+    with mesh.client(sender.api_key) as client:
+        listed = client.identity.ListSmtpCredentials(
+            smtp_pb.ListSmtpCredentialsRequest(include_revoked=True)
+        ).credentials
+        assert [(c.username, c.revoked) for c in listed] == [(sender.username, True)]
+
+
+def test_smtp_credentials_through_the_cli(
+    smtp_mesh: SmtpMesh, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import re
+
+    from postmesh.cli.main import main
+
+    sender = _new_sender(smtp_mesh)
+    monkeypatch.setenv("POSTMESH_ENDPOINT", smtp_mesh.mesh.address)
+    monkeypatch.setenv("POSTMESH_API_KEY", sender.api_key)
+    assert main(["smtp-credentials", "create", "--description", "cms"]) == 0
+    out = capsys.readouterr().out
+    found = re.search(r"username: (PM\w+)\npassword: (\S+)", out)
+    assert found, out
+    username, password = found.groups()
+    with smtplib.SMTP("127.0.0.1", smtp_mesh.starttls_port, timeout=30) as smtp:
+        smtp.starttls(context=_client_tls())
+        assert smtp.login(username, password)[0] == 235
+    assert main(["smtp-credentials", "list"]) == 0
+    assert username in capsys.readouterr().out
+    assert main(["smtp-credentials", "revoke", username]) == 0
+    assert main(["smtp-credentials", "list", "--all", "--json"]) == 0
+    assert '"revoked": true' in capsys.readouterr().out
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="Debian's swaks is not installed")
+def test_swaks_sends_with_starttls_and_auth_plain(smtp_mesh: SmtpMesh, sender: Sender) -> None:
+    result = subprocess.run(
+        [
+            "swaks",
+            "--server",
+            f"127.0.0.1:{smtp_mesh.starttls_port}",
+            "--tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            sender.username,
+            "--auth-password",
+            sender.password,
+            "--from",
+            "news@example.test",
+            "--to",
+            "e@example.test",
+            "--header",
+            "From: news@example.test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    accepted = [line for line in result.stdout.splitlines() if "  250 Ok " in line]
+    assert accepted, result.stdout
+    _arrived(smtp_mesh.sink, accepted[-1].split("250 Ok ", 1)[1].strip())
