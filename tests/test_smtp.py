@@ -21,6 +21,8 @@ import aiosmtplib
 import dkim
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from postmesh.common.natsserver import free_port
 from postmesh.events.v1 import events_pb2 as ev
@@ -110,6 +112,7 @@ def smtp_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmtpMesh]:
                 default_bounce_domain="bounces.postmesh.test",
                 # Revocation must reach the SMTP servers through the event, not by the cache lapsing.
                 auth_cache_seconds=3600.0,
+                smtp_tls_reload_seconds=0.2,
             ),
         )
         setup.mesh = mesh
@@ -118,6 +121,23 @@ def smtp_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmtpMesh]:
             yield setup
         finally:
             mesh.stop()
+
+
+def _replica(setup: SmtpMesh, name: str, **settings: Any) -> MeshThread:
+    """Another SMTP server alone in a process of its own, using the module mesh's services."""
+    mesh = setup.mesh
+    return MeshThread(
+        nats_url=setup.nats_url,
+        data_dir=setup.cert_dir / name,
+        services=("smtp",),
+        admin_api_key=mesh.admin_key,
+        service_api_key=mesh.service_key,
+        identity_endpoint=mesh.address,
+        quota_endpoint=mesh.address,
+        feedback_endpoint=mesh.address,
+        message_id_domain=MESSAGE_ID_DOMAIN,
+        **setup.smtp_settings(**settings),
+    ).start()
 
 
 @dataclass
@@ -398,19 +418,7 @@ def test_credentials_are_the_account_s_own_and_revocation_reaches_every_smtp_ser
         )
         assert code == grpc.StatusCode.NOT_FOUND
     # Another replica of the SMTP server alone, in a process of its own.
-    replica = MeshThread(
-        nats_url=smtp_mesh.nats_url,
-        data_dir=smtp_mesh.cert_dir / "replica",
-        services=("smtp",),
-        admin_api_key=mesh.admin_key,
-        service_api_key=mesh.service_key,
-        identity_endpoint=mesh.address,
-        quota_endpoint=mesh.address,
-        feedback_endpoint=mesh.address,
-        message_id_domain=MESSAGE_ID_DOMAIN,
-        auth_cache_seconds=3600.0,
-        **smtp_mesh.smtp_settings(),
-    ).start()
+    replica = _replica(smtp_mesh, "replica", auth_cache_seconds=3600.0)
     try:
         replica_port = smtp_mesh.unit(replica).server.starttls_ports[0]
         sessions = []
@@ -502,3 +510,179 @@ def test_swaks_sends_with_starttls_and_auth_plain(smtp_mesh: SmtpMesh, sender: S
     accepted = [line for line in result.stdout.splitlines() if "  250 Ok " in line]
     assert accepted, result.stdout
     _arrived(smtp_mesh.sink, accepted[-1].split("250 Ok ", 1)[1].strip())
+
+
+# --- Limits.
+
+
+def _greeting(port: int, source: str = "127.0.0.1") -> tuple[socket.socket, str]:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+    return conn, conn.recv(1024).decode()
+
+
+def _closed_by_server(conn: socket.socket, within: float = 30.0) -> bool:
+    conn.settimeout(within)
+    try:
+        while conn.recv(1024):
+            pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_connections_are_limited_per_client_address_and_in_total(smtp_mesh: SmtpMesh) -> None:
+    replica = _replica(smtp_mesh, "connections", smtp_max_connections_per_client=2, smtp_max_connections=3)
+    port = smtp_mesh.unit(replica).server.starttls_ports[0]
+    opened: list[socket.socket] = []
+    try:
+        for _ in range(2):
+            conn, greeting = _greeting(port)
+            opened.append(conn)
+            assert greeting.startswith("220"), greeting
+        conn, greeting = _greeting(port)
+        assert greeting.startswith("421 4.7.0 Too many connections"), greeting
+        assert _closed_by_server(conn)
+        conn.close()
+        conn, greeting = _greeting(port, source="127.0.0.3")  # another client
+        opened.append(conn)
+        assert greeting.startswith("220"), greeting
+        conn, greeting = _greeting(port, source="127.0.0.4")  # over the total
+        assert greeting.startswith("421"), greeting
+        conn.close()
+        opened.pop(0).close()
+        deadline = time.monotonic() + 30
+        while True:
+            conn, greeting = _greeting(port)
+            opened.append(conn)
+            if greeting.startswith("220") or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert greeting.startswith("220"), greeting
+    finally:
+        for conn in opened:
+            conn.close()
+        replica.stop()
+
+
+def test_messages_and_recipients_per_connection_and_the_data_timeout(
+    smtp_mesh: SmtpMesh, sender: Sender
+) -> None:
+    replica = _replica(
+        smtp_mesh,
+        "per-connection",
+        smtp_max_messages_per_connection=1,
+        smtp_max_recipients_per_connection=2,
+        smtp_data_timeout_seconds=2.0,
+    )
+    port = smtp_mesh.unit(replica).server.starttls_ports[0]
+
+    def session() -> smtplib.SMTP:
+        smtp = smtplib.SMTP("127.0.0.1", port, timeout=30)
+        smtp.starttls(context=_client_tls())
+        smtp.ehlo()
+        smtp.login(sender.username, sender.password)
+        return smtp
+
+    try:
+        with session() as smtp:
+            _accepted_id(*_send(smtp, "news@example.test", ["a@example.test"], _message()))
+            code, reply = smtp.mail("news@example.test")
+            assert code == 452 and b"Too many messages on this connection" in reply
+        with session() as smtp:
+            assert smtp.mail("news@example.test")[0] == 250
+            assert [smtp.rcpt(f"r{i}@example.test")[0] for i in range(3)] == [250, 250, 452]
+        # DATA has a time limit of its own: a client trickling a line now and then is still cut.
+        smtp = session()
+        assert smtp.mail("news@example.test")[0] == 250
+        assert smtp.rcpt("a@example.test")[0] == 250
+        assert smtp.docmd("DATA")[0] == 354
+        deadline = time.monotonic() + 30
+        cut = False
+        while not cut and time.monotonic() < deadline:
+            try:
+                smtp.send(b"X-Slow: line\r\n")
+            except (OSError, smtplib.SMTPServerDisconnected):
+                cut = True
+            time.sleep(0.3)
+        assert cut
+        smtp.close()
+    finally:
+        replica.stop()
+    sends = of_type(email_events(smtp_mesh.nats_url, sender.account_id, timeout=2), SEND)
+    assert len(sends) == 1
+
+
+def test_an_idle_connection_is_closed_after_the_command_timeout(smtp_mesh: SmtpMesh) -> None:
+    replica = _replica(smtp_mesh, "idle", smtp_command_timeout_seconds=1.0)
+    try:
+        conn, greeting = _greeting(smtp_mesh.unit(replica).server.starttls_ports[0])
+        assert greeting.startswith("220")
+        assert _closed_by_server(conn)
+        conn.close()
+    finally:
+        replica.stop()
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(smtp_mesh: SmtpMesh) -> None:
+    def served() -> bytes:
+        with socket.create_connection(("127.0.0.1", smtp_mesh.tls_port), timeout=30) as raw:
+            with _client_tls().wrap_socket(raw) as conn:
+                certificate = conn.getpeercert(binary_form=True)
+                assert certificate is not None
+                return certificate
+
+    before = served()
+    write_self_signed(smtp_mesh.cert_dir / "cert.pem", smtp_mesh.cert_dir / "key.pem", "renewed.test")
+    deadline = time.monotonic() + 30
+    while (after := served()) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert after != before
+
+
+# --- Hostile input.
+
+_HEADER_NAMES = [
+    "From",
+    "To",
+    "Cc",
+    "Bcc",
+    "Subject",
+    "Content-Type",
+    "X-SES-MESSAGE-TAGS",
+    "X-SES-CONFIGURATION-SET",
+    "X-Postmesh-From-Arn",
+    "Content-Disposition",
+    "MIME-Version",
+]
+
+
+@st.composite
+def _raw_messages(draw: st.DrawFn) -> bytes:
+    text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=60)
+    headers = draw(
+        st.lists(
+            st.tuples(st.sampled_from(_HEADER_NAMES) | st.text(min_size=1, max_size=12), text), max_size=8
+        )
+    )
+    lines = [f"{name}: {value}" for name, value in headers]
+    if draw(st.booleans()):
+        lines.insert(0, "From: news@example.test")
+    body = draw(st.binary(max_size=300) | text.map(str.encode))
+    separator = draw(st.sampled_from(["\r\n", "\n"]))
+    return separator.join(lines).encode() + (separator * 2).encode() + body
+
+
+def test_hostile_raw_messages_get_a_reply_never_a_crash_or_a_local_error(smtp_mesh: SmtpMesh) -> None:
+    sender = _new_sender(smtp_mesh)
+    smtp = _starttls_session(smtp_mesh, sender)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(_raw_messages() | st.binary(max_size=500))
+    def check(data: bytes) -> None:
+        code, reply = _send(smtp, "news@example.test", ["a@example.test"], data)
+        assert code in (250, 552, 554), (code, reply, data)
+
+    try:
+        check()
+    finally:
+        smtp.close()

@@ -42,6 +42,9 @@ class ReloadingTls:
             stamp = self._files_stamp()
             if stamp == self._stamp:
                 return False
+            # Checked on a context of its own first: a pair that does not load (a key that does not
+            # match yet) must not reach the live context.
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert_file, self.key_file)
             self.context.load_cert_chain(self.cert_file, self.key_file)
         except (OSError, ssl.SSLError) as exc:
             # Half-written files (a renewal in progress): keep serving the old pair, try again later.
