@@ -31,6 +31,19 @@ from services.sender.smtp.options import split_options
 log = logging.getLogger(__name__)
 
 
+class _QuietAiosmtpd(logging.Filter):
+    """aiosmtpd logs every command at INFO and a deprecation warning at every AUTH (its own code sets
+    the deprecated attribute): postmesh logs one line per message instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.INFO:
+            return False
+        return not str(record.msg).startswith("Session.login_data is deprecated")
+
+
+logging.getLogger("mail.log").addFilter(_QuietAiosmtpd())
+
+
 @dataclass(frozen=True)
 class Limits:
     max_connections: int = 1000
@@ -201,12 +214,25 @@ class SubmissionHandler:
             return replies.CREDENTIALS_INVALID_REPLY
         session.messages = getattr(session, "messages", 0) + 1  # type: ignore[attr-defined]
         data = envelope.original_content or b""
+        message_id = ""
         try:
             request = submission_request(envelope.mail_from or "", envelope.rcpt_tos, data)
             message_id = await self._acceptor.send_email(login.account_id, request)
+            reply = replies.accepted_reply(message_id)
         except PostmeshError as error:
-            return replies.reply_for(error)
-        return replies.accepted_reply(message_id)
+            reply = replies.reply_for(error)
+        log.info(
+            "smtp message",
+            extra={
+                "account": login.account_id,
+                "username": login.username,
+                "message_id": message_id,
+                "reply": reply[:3],
+                "bytes": len(data),
+                "recipients": len(envelope.rcpt_tos),
+            },
+        )
+        return reply
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("SMTP session failed", exc_info=error)
