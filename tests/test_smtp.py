@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import shutil
 import smtplib
 import socket
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 
 from postmesh.common.natsserver import free_port
 from postmesh.events.v1 import events_pb2 as ev
+from postmesh.identity.v1 import identity_pb2
 from postmesh.identity.v1 import smtp_credentials_pb2 as smtp_pb
 from postmesh.quota.v1 import quota_pb2
 from postmesh.testing import MeshThread
@@ -400,6 +402,33 @@ def test_a_client_dropping_the_connection_during_data_leaves_nothing_queued(
     assert of_type(email_events(smtp_mesh.nats_url, sender.account_id, timeout=1), SEND) == []
 
 
+def test_sending_authorization_through_an_arn_header(smtp_mesh: SmtpMesh, sender: Sender) -> None:
+    owner_id, owner_key = smtp_mesh.mesh.create_account("owner")
+    arn = f"arn:aws:ses:local:{owner_id}:identity/brand.test"
+    message = _message("news@brand.test", extra=f"X-SES-FROM-ARN: {arn}\r\n")
+    with smtp_mesh.mesh.client(owner_key) as owner, _starttls_session(smtp_mesh, sender) as smtp:
+        create_verified_domain(owner, smtp_mesh.zone, "brand.test")
+        code, reply = _send(smtp, "news@brand.test", ["a@example.test"], message)
+        assert code == 554 and "Message rejected" in reply, reply
+        policy = {
+            "Statement": [{"Effect": "Allow", "Principal": {"AWS": sender.account_id}, "Action": "ses:*"}]
+        }
+        owner.identity.PutEmailIdentityPolicy(
+            identity_pb2.PutEmailIdentityPolicyRequest(
+                email_identity="brand.test", policy_name="smtp", policy=json.dumps(policy)
+            )
+        )
+        deadline = time.monotonic() + 30
+        # Identity's answers are kept until its IdentityChanged event reaches the SMTP server.
+        while code != 250 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            code, reply = _send(smtp, "news@brand.test", ["a@example.test"], message)
+    message_id = _accepted_id(code, reply)
+    assert b"X-SES-FROM-ARN" not in _arrived(smtp_mesh.sink, message_id).data
+    (send,) = of_type(_events_for(smtp_mesh, sender.account_id, message_id, SEND), SEND)
+    assert send.email.mail.source_identity == "brand.test"
+
+
 # --- Credentials.
 
 
@@ -454,6 +483,18 @@ def test_credentials_are_the_account_s_own_and_revocation_reaches_every_smtp_ser
             smtp_pb.ListSmtpCredentialsRequest(include_revoked=True)
         ).credentials
         assert [(c.username, c.revoked) for c in listed] == [(sender.username, True)]
+
+
+def test_repeated_authentication_failures_end_the_connection(smtp_mesh: SmtpMesh, sender: Sender) -> None:
+    with smtplib.SMTP("127.0.0.1", smtp_mesh.starttls_port, timeout=30) as smtp:
+        smtp.starttls(context=_client_tls())
+        smtp.ehlo()
+        plain = base64.b64encode(f"\0{sender.username}\0wrong".encode()).decode()
+        assert smtp.docmd("AUTH", f"PLAIN {plain}")[0] == 535
+        assert smtp.docmd("AUTH", f"PLAIN {plain}")[0] == 535
+        assert smtp.docmd("AUTH", f"PLAIN {plain}") == (421, b"4.7.0 Too many failed authentication attempts")
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            smtp.noop()
 
 
 def test_smtp_credentials_through_the_cli(

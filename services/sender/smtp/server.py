@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+from prometheus_client import Counter as MetricCounter
+from prometheus_client import Gauge
 
 from postmesh.common.errors import PostmeshError, Unauthenticated
 from services.sender.accept import MAX_RECIPIENTS, Acceptor, Destination, SendRequest
@@ -42,6 +44,15 @@ class _QuietAiosmtpd(logging.Filter):
 
 
 logging.getLogger("mail.log").addFilter(_QuietAiosmtpd())
+
+SMTP_MESSAGES = MetricCounter(
+    "postmesh_smtp_messages_total", "Messages received over SMTP, by reply code", ["code"]
+)
+SMTP_AUTH = MetricCounter("postmesh_smtp_auth_total", "SMTP AUTH attempts, by result", ["result"])
+SMTP_CONNECTIONS = Gauge("postmesh_smtp_connections", "SMTP connections open")
+SMTP_CONNECTIONS_REFUSED = MetricCounter(
+    "postmesh_smtp_connections_refused_total", "SMTP connections refused by the connection limits"
+)
 
 
 @dataclass(frozen=True)
@@ -67,14 +78,18 @@ class ConnectionGate:
         return sum(self._open.values())
 
     def enter(self, client: str) -> bool:
-        if self.open >= self._limits.max_connections:
-            return False
-        if self._open[client] >= self._limits.max_connections_per_client:
+        if (
+            self.open >= self._limits.max_connections
+            or self._open[client] >= self._limits.max_connections_per_client
+        ):
+            SMTP_CONNECTIONS_REFUSED.inc()
             return False
         self._open[client] += 1
+        SMTP_CONNECTIONS.inc()
         return True
 
     def leave(self, client: str) -> None:
+        SMTP_CONNECTIONS.dec()
         self._open[client] -= 1
         if self._open[client] <= 0:
             del self._open[client]
@@ -163,6 +178,7 @@ class SubmissionHandler:
                 username.decode("utf-8", "replace"), password.decode("utf-8", "replace")
             )
         except Unauthenticated:
+            SMTP_AUTH.labels("invalid").inc()
             failures = getattr(session, "auth_failures", 0) + 1
             session.auth_failures = failures  # type: ignore[attr-defined]
             if failures >= self._limits.max_auth_failures:
@@ -172,7 +188,9 @@ class SubmissionHandler:
                 return AuthResult(success=False, handled=True)
             return AuthResult(success=False, handled=False, message=replies.CREDENTIALS_INVALID_REPLY)
         except PostmeshError:
+            SMTP_AUTH.labels("unavailable").inc()
             return AuthResult(success=False, handled=False, message=replies.AUTH_UNAVAILABLE_REPLY)
+        SMTP_AUTH.labels("ok").inc()
         return AuthResult(success=True, auth_data=login)
 
     def _logged_in(self, session: Session) -> SmtpLogin | None:
@@ -221,6 +239,7 @@ class SubmissionHandler:
             reply = replies.accepted_reply(message_id)
         except PostmeshError as error:
             reply = replies.reply_for(error)
+        SMTP_MESSAGES.labels(reply[:3]).inc()
         log.info(
             "smtp message",
             extra={
