@@ -599,6 +599,30 @@ def test_connections_are_limited_per_client_address_and_in_total(smtp_mesh: Smtp
                 break
             time.sleep(0.2)
         assert greeting.startswith("220"), greeting
+        for conn in opened:
+            conn.close()
+        opened.clear()
+        # Connections that went through TLS are counted out as well when they end.
+        tls_port = smtp_mesh.unit(replica).server.tls_ports[0]
+        for _ in range(4):
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+                        smtp.starttls(context=_client_tls())
+                        assert smtp.noop()[0] == 250
+                    with smtplib.SMTP_SSL("127.0.0.1", tls_port, timeout=30, context=_client_tls()) as smtp:
+                        assert smtp.noop()[0] == 250
+                    break
+                except smtplib.SMTPException:
+                    # 421 while the previous connection is still being counted out.
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
+        gate = smtp_mesh.unit(replica).server.gate
+        deadline = time.monotonic() + 30
+        while gate.open and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert gate.open == 0
     finally:
         for conn in opened:
             conn.close()
