@@ -688,6 +688,19 @@ def test_an_idle_connection_is_closed_after_the_command_timeout(smtp_mesh: SmtpM
         replica.stop()
 
 
+def test_shutdown_tells_open_sessions_to_come_back(smtp_mesh: SmtpMesh, sender: Sender) -> None:
+    replica = _replica(smtp_mesh, "shutdown")
+    try:
+        smtp = smtplib.SMTP("127.0.0.1", smtp_mesh.unit(replica).server.starttls_ports[0], timeout=30)
+        smtp.starttls(context=_client_tls())
+        smtp.ehlo()
+        smtp.login(sender.username, sender.password)
+    finally:
+        replica.stop()
+    assert smtp.getreply() == (421, b"4.3.2 Service shutting down; try again")
+    smtp.close()
+
+
 def test_a_renewed_certificate_is_served_without_a_restart(smtp_mesh: SmtpMesh) -> None:
     def served() -> bytes:
         with socket.create_connection(("127.0.0.1", smtp_mesh.tls_port), timeout=30) as raw:

@@ -26,6 +26,7 @@ TOO_MANY_AUTH_FAILURES_REPLY = "421 4.7.0 Too many failed authentication attempt
 CREDENTIALS_INVALID_REPLY = "535 5.7.8 Authentication Credentials Invalid"
 AUTH_UNAVAILABLE_REPLY = "454 4.7.0 Temporary authentication failure; try again"
 LOCAL_ERROR_REPLY = "451 4.3.0 Local error in processing; try again"
+SHUTTING_DOWN_REPLY = "421 4.3.2 Service shutting down; try again"
 
 _SENDING_PAUSED = {"ACCOUNT_SENDING_PAUSED"}
 _REJECTED = {"MESSAGE_REJECTED", "MAIL_FROM_DOMAIN_NOT_VERIFIED"}

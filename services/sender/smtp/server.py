@@ -128,6 +128,11 @@ class SubmissionHandler:
         self._acceptor = acceptor
         self._credentials = credentials
         self._limits = limits
+        # Messages being accepted now: shutdown waits for them, so no client misses its 250.
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.closing = False
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
@@ -205,6 +210,8 @@ class SubmissionHandler:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
+        if self.closing:
+            return replies.SHUTTING_DOWN_REPLY
         if self._logged_in(session) is None:
             return replies.CREDENTIALS_INVALID_REPLY
         if getattr(session, "messages", 0) >= self._limits.max_messages_per_connection:
@@ -233,12 +240,18 @@ class SubmissionHandler:
         session.messages = getattr(session, "messages", 0) + 1  # type: ignore[attr-defined]
         data = envelope.original_content or b""
         message_id = ""
+        self.in_flight += 1
+        self.idle.clear()
         try:
             request = submission_request(envelope.mail_from or "", envelope.rcpt_tos, data)
             message_id = await self._acceptor.send_email(login.account_id, request)
             reply = replies.accepted_reply(message_id)
         except PostmeshError as error:
             reply = replies.reply_for(error)
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
         SMTP_MESSAGES.labels(reply[:3]).inc()
         log.info(
             "smtp message",
@@ -268,6 +281,7 @@ class SubmissionSMTP(SMTP):
         gate: ConnectionGate,
         limits: Limits,
         implicit_tls: bool,
+        sessions: set[SubmissionSMTP],
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, timeout=limits.command_timeout, auth_require_tls=True, **kwargs)
@@ -276,6 +290,7 @@ class SubmissionSMTP(SMTP):
             # AUTH is offered at once.
             self._auth_require_tls = False
         self._gate = gate
+        self._sessions = sessions
         self._data_timeout = limits.data_timeout
         self._client: str | None = None
         self._refused = False
@@ -291,6 +306,7 @@ class SubmissionSMTP(SMTP):
                 transport.close()
                 return
             self._client = client
+            self._sessions.add(self)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -299,7 +315,15 @@ class SubmissionSMTP(SMTP):
         if self._client is not None:
             self._gate.leave(self._client)
             self._client = None
+        self._sessions.discard(self)
         super().connection_lost(error)
+
+    def say_goodbye(self) -> None:
+        """At shutdown: tells the client to come back (421) and closes the connection."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"{replies.SHUTTING_DOWN_REPLY}\r\n".encode())
+            transport.close()
 
     def eof_received(self) -> bool | None:
         if self._refused:
@@ -332,6 +356,7 @@ class SubmissionServer:
         # aiosmtpd would look the name up for every connection.
         self._hostname = hostname or socket.getfqdn()
         self.gate = ConnectionGate(limits)
+        self._sessions: set[SubmissionSMTP] = set()
         self._servers: list[asyncio.Server] = []
         self.starttls_ports: list[int] = []
         self.tls_ports: list[int] = []
@@ -340,6 +365,7 @@ class SubmissionServer:
         return SubmissionSMTP(
             self._handler,
             gate=self.gate,
+            sessions=self._sessions,
             limits=self._limits,
             hostname=self._hostname,
             data_size_limit=MAX_MESSAGE_BYTES,
@@ -367,9 +393,21 @@ class SubmissionServer:
         log.info("SMTP listening", extra={"address": f"{host}:{bound}", "implicit_tls": implicit_tls})
         return bound
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 10.0) -> None:
+        """Stops listening, lets messages being accepted get their reply (up to `grace` seconds), then
+        answers every open session 421 and closes it: clients retry elsewhere, nothing is half-done."""
         for server in self._servers:
             server.close()
+        self._handler.closing = True
+        try:
+            async with asyncio.timeout(grace):
+                await self._handler.idle.wait()
+        except TimeoutError:
+            log.warning(
+                "SMTP messages still being accepted at shutdown", extra={"count": self._handler.in_flight}
+            )
+        for session in list(self._sessions):
+            session.say_goodbye()
         for server in self._servers:
             try:
                 async with asyncio.timeout(5):

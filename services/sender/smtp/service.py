@@ -125,7 +125,7 @@ class SmtpService(Service):
 
     async def on_stop(self) -> None:
         if self.server is not None:
-            await self.server.close()
+            await self.server.close(grace=self.runtime.settings.shutdown_grace_seconds)
         if self.checks is not None:
             await self.checks.close()
         if self.engine is not None:
