@@ -238,8 +238,7 @@ def test_ehlo_offers_auth_only_once_tls_is_up(smtp_mesh: SmtpMesh, sender: Sende
         smtp.ehlo("client.test")
         assert set(smtp.esmtp_features["auth"].split()) == {"LOGIN", "PLAIN"}
         assert not smtp.has_extn("starttls")
-        code, reply = smtp.docmd("MAIL", "FROM:<news@example.test>")
-        assert code == 530 and b"Authentication required" in reply
+        assert smtp.docmd("MAIL", "FROM:<news@example.test>") == (530, b"Authentication required")
         smtp.user, smtp.password = sender.username, "wrong"
         with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
             smtp.auth("PLAIN", smtp.auth_plain)
@@ -331,9 +330,7 @@ def test_pipelined_commands_get_their_replies_in_order(smtp_mesh: SmtpMesh, send
 def test_every_refusal_has_its_code_and_leaves_nothing_queued(smtp_mesh: SmtpMesh, sender: Sender) -> None:
     with _starttls_session(smtp_mesh, sender) as smtp:
         code, reply = _send(smtp, "me@unverified.test", ["a@example.test"], _message("me@unverified.test"))
-        assert code == 554 and reply.startswith("5.7.1 Message rejected: Email address is not verified"), (
-            reply
-        )
+        assert code == 554 and reply.startswith("Message rejected: Email address is not verified"), reply
         # The header From must be verified too, not only the envelope sender.
         code, reply = _send(smtp, "news@example.test", ["a@example.test"], _message("x@unverified.test"))
         assert code == 554 and "x@unverified.test" in reply, reply
@@ -380,12 +377,12 @@ def test_paused_and_throttled_accounts_get_554_and_454(smtp_mesh: SmtpMesh, send
         )
     with _starttls_session(smtp_mesh, paused) as smtp:
         code, reply = _send(smtp, "news@example.test", ["a@example.test"], _message())
-        assert (code, reply) == (554, "5.7.1 Sending paused for this account")
+        assert (code, reply) == (554, "Sending paused for this account")
     with _starttls_session(smtp_mesh, sender) as smtp:
         _accepted_id(*_send(smtp, "news@example.test", ["a@example.test"], _message()))
         # Temporary, so clients keep the message and retry.
         code, reply = _send(smtp, "news@example.test", ["a@example.test"], _message())
-        assert code == 454 and reply.startswith("4.7.0 Throttling failure"), reply
+        assert code == 454 and reply.startswith("Throttling failure"), reply
 
 
 def test_a_client_dropping_the_connection_during_data_leaves_nothing_queued(

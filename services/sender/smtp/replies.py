@@ -1,4 +1,5 @@
-"""The accept path's domain errors as SMTP replies, in one place (the codes SES's SMTP interface uses).
+"""The accept path's domain errors as SMTP replies, in one place (the codes and texts SES's SMTP
+interface uses, without enhanced status codes as SES answers them; postmesh's own limits add them).
 
 Temporary refusals (throttling, a service that cannot be reached) are 4xx so clients retry; a message
 that will never be accepted as it is gets 5xx with the reason.
@@ -23,7 +24,8 @@ CONNECTION_RECIPIENTS_REPLY = "452 4.5.3 Too many recipients on this connection;
 CONNECTION_MESSAGES_REPLY = "452 4.5.3 Too many messages on this connection; reconnect to send more"
 TOO_MANY_CONNECTIONS_REPLY = "421 4.7.0 Too many connections; try again later"
 TOO_MANY_AUTH_FAILURES_REPLY = "421 4.7.0 Too many failed authentication attempts"
-CREDENTIALS_INVALID_REPLY = "535 5.7.8 Authentication Credentials Invalid"
+CREDENTIALS_INVALID_REPLY = "535 Authentication Credentials Invalid"
+AUTHENTICATION_REQUIRED_REPLY = "530 Authentication required"
 AUTH_UNAVAILABLE_REPLY = "454 4.7.0 Temporary authentication failure; try again"
 LOCAL_ERROR_REPLY = "451 4.3.0 Local error in processing; try again"
 SHUTTING_DOWN_REPLY = "421 4.3.2 Service shutting down; try again"
@@ -47,19 +49,19 @@ def reply_for(error: PostmeshError) -> str:
     """The SMTP reply for a refusal of the accept path."""
     text = _text(error.message)
     if isinstance(error, ResourceExhausted):
-        return f"454 4.7.0 Throttling failure: {text}"
+        return f"454 Throttling failure: {text}"
     if isinstance(error, Unavailable):
         return f"451 4.3.0 {text}"
     if isinstance(error, Unauthenticated):
         return CREDENTIALS_INVALID_REPLY
     if error.reason in _SENDING_PAUSED:
-        return "554 5.7.1 Sending paused for this account"
+        return "554 Sending paused for this account"
     if (
         isinstance(error, InvalidArgument)
         and error.reason == "MESSAGE_REJECTED"
         and error.metadata.get("field") == "content"
     ):
-        return f"552 5.3.4 {text}"  # the size check
+        return f"552 {text}"  # the size check
     if error.reason in _REJECTED or isinstance(error, FailedPrecondition | PermissionDenied):
-        return f"554 5.7.1 Message rejected: {text}"
-    return f"554 5.6.0 Transaction failed: {text}"
+        return f"554 Message rejected: {text}"
+    return f"554 Transaction failed: {text}"

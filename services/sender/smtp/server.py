@@ -330,6 +330,14 @@ class SubmissionSMTP(SMTP):
             return False
         return super().eof_received()
 
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        # aiosmtpd's own text carries an enhanced status code SES's reply does not.
+        assert self.session is not None
+        if not self.session.authenticated:
+            await self.push(replies.AUTHENTICATION_REQUIRED_REPLY)
+            return True
+        return False
+
     async def smtp_DATA(self, arg: str) -> None:
         self._reset_timeout(self._data_timeout)
         try:
