@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import shutil
 import smtplib
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -761,3 +763,124 @@ def test_hostile_raw_messages_get_a_reply_never_a_crash_or_a_local_error(smtp_me
         check()
     finally:
         smtp.close()
+
+
+# --- Postfix as a client relaying through postmesh (the README's main.cf lines).
+
+_POSTFIX_SERVICES = """\
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+def _postfix_usable() -> bool:
+    postfix = shutil.which("postfix") or "/usr/sbin/postfix"
+    plain = list(Path("/usr/lib").glob("*/sasl2/libplain.so*"))
+    return Path(postfix).exists() and bool(plain) and os.geteuid() == 0
+
+
+@pytest.mark.skipif(
+    not _postfix_usable(), reason="Debian's postfix (with SASL PLAIN, run as root) is not here"
+)
+def test_postfix_relays_through_postmesh_with_the_documented_settings(
+    smtp_mesh: SmtpMesh, sender: Sender
+) -> None:
+    # Postfix's own user must reach its folders: pytest's tmp_path is private to root.
+    base = Path(tempfile.mkdtemp(prefix="postmesh-postfix-"))
+    base.chmod(0o755)
+    try:
+        _relay_through_postfix(smtp_mesh, sender, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _relay_through_postfix(smtp_mesh: SmtpMesh, sender: Sender, base: Path) -> None:
+    etc, queue, data = base / "etc", base / "queue", base / "data"
+    for folder in (etc, queue, data):
+        folder.mkdir(parents=True)
+    shutil.chown(data, "postfix", "postfix")
+    inject_port = free_port()
+    relay = f"[127.0.0.1]:{smtp_mesh.starttls_port}"
+    (etc / "sasl_passwd").write_text(f"{relay} {sender.username}:{sender.password}\n")
+    (etc / "sasl_passwd").chmod(0o600)
+    (etc / "main.cf").write_text(
+        f"""compatibility_level = 3.6
+queue_directory = {queue}
+data_directory = {data}
+mail_owner = postfix
+myhostname = client.postmesh.test
+mydestination =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+alias_maps =
+alias_database =
+maillog_file = {base}/maillog
+maillog_file_prefixes = {base}
+# As in the README:
+relayhost = {relay}
+smtp_sasl_auth_enable = yes
+smtp_sasl_password_maps = texthash:{etc}/sasl_passwd
+smtp_sasl_security_options = noanonymous
+smtp_sasl_tls_security_options = noanonymous
+smtp_tls_security_level = encrypt
+smtp_tls_note_starttls_offer = yes
+"""
+    )
+    (etc / "master.cf").write_text(f"127.0.0.1:{inject_port} inet n - n - - smtpd\n" + _POSTFIX_SERVICES)
+    postfix = shutil.which("postfix") or "/usr/sbin/postfix"
+
+    def control(command: str) -> None:
+        result = subprocess.run(
+            ["script", "-qc", f"{postfix} -c {etc} {command}", "/dev/null"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    control("start")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client = smtplib.SMTP("127.0.0.1", inject_port, timeout=30)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "postfix did not listen"
+                time.sleep(0.2)
+        with client:
+            client.sendmail(
+                "news@example.test", ["f@example.test"], _message(to="f@example.test", subject="via postfix")
+            )
+        deadline = time.monotonic() + 60
+        arrived: Received | None = None
+        while arrived is None and time.monotonic() < deadline:
+            arrived = next((r for r in smtp_mesh.sink.received if b"Subject: via postfix" in r.data), None)
+            time.sleep(0.2)
+        log = (base / "maillog").read_text() if (base / "maillog").exists() else ""
+        assert arrived is not None, log[-3000:]
+        # Postfix logs the relay's 250 reply, which names postmesh's MessageId.
+        message_id = arrived.message_id.strip("<>").split("@")[0]
+        assert f"250 Ok {message_id}" in log, log[-3000:]
+        assert dkim.verify(arrived.data, dnsfunc=dkimpy_dns(smtp_mesh.zone))
+    finally:
+        control("stop")
