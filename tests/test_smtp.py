@@ -76,13 +76,18 @@ class SmtpMesh:
         return port
 
     def smtp_settings(self, **extra: Any) -> dict[str, Any]:
-        return {
-            "smtp_starttls_listen": "127.0.0.1:0",
-            "smtp_tls_listen": "127.0.0.1:0",
-            "smtp_tls_cert_file": str(self.cert_dir / "cert.pem"),
-            "smtp_tls_key_file": str(self.cert_dir / "key.pem"),
-            **extra,
-        }
+        return _smtp_settings(self.cert_dir, **extra)
+
+
+def _smtp_settings(cert_dir: Path, **extra: Any) -> dict[str, Any]:
+    """SMTP listeners on free loopback ports with the module's certificate."""
+    return {
+        "smtp_starttls_listen": "127.0.0.1:0",
+        "smtp_tls_listen": "127.0.0.1:0",
+        "smtp_tls_cert_file": str(cert_dir / "cert.pem"),
+        "smtp_tls_key_file": str(cert_dir / "key.pem"),
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +104,11 @@ def smtp_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmtpMesh]:
         for domain in ("example.test", "other.test"):
             zone.add_mx(domain, "mx.example.test", 10)
         zone.add_a("mx.example.test", "127.0.0.2")
-        setup = SmtpMesh(MeshThread(nats_url=nats_url, data_dir=base / "mesh"), zone, sink, base, nats_url)
         mesh = MeshThread(
             nats_url=nats_url,
             data_dir=base / "mesh",
-            **setup.smtp_settings(
+            **_smtp_settings(
+                base,
                 sandbox_max_send_rate=1000.0,
                 dns_resolver=zone.address,
                 dns_check_poll_seconds=3600,
@@ -119,10 +124,9 @@ def smtp_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmtpMesh]:
                 smtp_tls_reload_seconds=0.2,
             ),
         )
-        setup.mesh = mesh
         mesh.start()
         try:
-            yield setup
+            yield SmtpMesh(mesh, zone, sink, base, nats_url)
         finally:
             mesh.stop()
 
