@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from postmesh.common.natsserver import free_port
 from postmesh.events.v1 import events_pb2 as ev
+from postmesh.feedback.v1 import feedback_pb2
 from postmesh.identity.v1 import identity_pb2
 from postmesh.identity.v1 import smtp_credentials_pb2 as smtp_pb
 from postmesh.quota.v1 import quota_pb2
@@ -403,6 +404,30 @@ def test_a_client_dropping_the_connection_during_data_leaves_nothing_queued(
     with smtp_mesh.mesh.client(sender.api_key) as client:
         assert sent_last_24_hours(client, 0, within=3) == 0
     assert of_type(email_events(smtp_mesh.nats_url, sender.account_id, timeout=1), SEND) == []
+
+
+def test_suppressed_recipients_get_a_bounce_event_and_no_delivery(
+    smtp_mesh: SmtpMesh, sender: Sender
+) -> None:
+    with smtp_mesh.mesh.client(sender.api_key) as client:
+        client.feedback.PutSuppressedDestination(
+            feedback_pb2.PutSuppressedDestinationRequest(
+                email_address="gone@example.test", reason=feedback_pb2.SUPPRESSION_LIST_REASON_BOUNCE
+            )
+        )
+    with _starttls_session(smtp_mesh, sender) as smtp:
+        code, reply = _send(
+            smtp,
+            "news@example.test",
+            ["kept@example.test", "gone@example.test"],
+            _message(to="kept@example.test"),
+        )
+    message_id = _accepted_id(code, reply)
+    assert _arrived(smtp_mesh.sink, message_id).recipients == ["kept@example.test"]
+    events = _events_for(smtp_mesh, sender.account_id, message_id, SEND, ev.EMAIL_EVENT_TYPE_BOUNCE)
+    (bounce,) = of_type(events, ev.EMAIL_EVENT_TYPE_BOUNCE)
+    assert bounce.email.bounce.bounce_sub_type == ev.BOUNCE_SUB_TYPE_ON_ACCOUNT_SUPPRESSION_LIST
+    assert [r.email_address for r in bounce.email.bounce.bounced_recipients] == ["gone@example.test"]
 
 
 def test_sending_authorization_through_an_arn_header(smtp_mesh: SmtpMesh, sender: Sender) -> None:
