@@ -24,6 +24,7 @@ ENV PATH=/opt/postmesh/bin:$PATH \
     GRPC_LISTEN=0.0.0.0:50051 \
     DATA_DIR=/var/lib/postmesh
 USER 10001:10001
-EXPOSE 50051 9464
+# gRPC, metrics, and SMTP submission when SMTP_STARTTLS_LISTEN / SMTP_TLS_LISTEN are set (unprivileged ports).
+EXPOSE 50051 9464 2587 2465
 ENTRYPOINT ["postmesh"]
 CMD ["serve", "all"]

@@ -62,7 +62,7 @@ def rendered(tmp_path: Path) -> list[dict[str, Any]]:
 
 def test_one_hardened_deployment_per_service_with_grpc_probes(rendered: list[dict[str, Any]]) -> None:
     deployments = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Deployment"}
-    assert set(deployments) == {f"pm-postmesh-{s}" for s in SERVICES}
+    assert set(deployments) == {f"pm-postmesh-{s}" for s in [*SERVICES, "smtp"]}
     for service, grpc_name in SERVICES.items():
         pod = deployments[f"pm-postmesh-{service}"]["spec"]["template"]["spec"]
         container = pod["containers"][0]
@@ -106,7 +106,26 @@ def test_identity_serves_verification_links_behind_an_ingress(rendered: list[dic
 
 def test_network_policy_and_service_per_component(rendered: list[dict[str, Any]]) -> None:
     kinds = [d["kind"] for d in rendered]
-    assert kinds.count("NetworkPolicy") == kinds.count("Service") == kinds.count("PodDisruptionBudget") == 4
+    assert kinds.count("NetworkPolicy") == kinds.count("Service") == kinds.count("PodDisruptionBudget") == 5
+
+
+def test_smtp_server_has_its_own_deployment_service_and_certificate(rendered: list[dict[str, Any]]) -> None:
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in rendered}
+    pod = by_name[("Deployment", "pm-postmesh-smtp")]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["args"] == ["serve", "smtp"]
+    assert container["readinessProbe"]["grpc"]["service"] == "postmesh.sender.v1.SmtpSubmission"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["SMTP_STARTTLS_LISTEN"] == "0.0.0.0:2587" and env["SMTP_TLS_LISTEN"] == "0.0.0.0:2465"
+    assert env["SMTP_TLS_CERT_FILE"] == "/etc/postmesh/smtp-tls/tls.crt"
+    assert {"name": "smtp-tls", "secret": {"secretName": "postmesh-smtp-tls"}} in pod["volumes"]
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    ports = {p["port"]: p["targetPort"] for p in by_name[("Service", "pm-postmesh-smtp")]["spec"]["ports"]}
+    assert ports[587] == ports[2587] == "smtp-starttls" and ports[465] == ports[2465] == "smtp-tls"
+    # The SMTP server is not a gRPC endpoint of the mesh.
+    for deployment in (d for d in rendered if d["kind"] == "Deployment"):
+        names = {e["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert "SMTP_ENDPOINT" not in names
 
 
 def test_chart_refuses_to_render_without_credentials(tmp_path: Path) -> None:

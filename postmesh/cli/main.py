@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "postmesh.cli.quota",
     "postmesh.cli.events",
     "postmesh.cli.suppression",
+    "postmesh.cli.smtp",
 ]
 
 

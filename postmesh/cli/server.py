@@ -9,11 +9,12 @@ import secrets
 import sys
 from pathlib import Path
 
-from postmesh.common.config import SERVICE_NAMES, load_settings, markdown_table
+from postmesh.common.config import Settings, load_settings, markdown_table
 from postmesh.common.logging import configure_logging
 from postmesh.common.natsserver import NatsServerProcess
-from postmesh.common.server import MeshServer, load_all_service_settings
+from postmesh.common.server import UNIT_NAMES, MeshServer, load_all_service_settings
 from services.identity.dkimkeys import MasterKeys
+from services.sender.smtp.tls import write_self_signed
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -55,6 +56,27 @@ def _dev_secrets(data_dir: Path) -> dict[str, str]:
     return values
 
 
+# High ports, so `make run` needs no privileges; production uses 587/2587 and 465/2465.
+DEV_SMTP_STARTTLS = "127.0.0.1:2587"
+DEV_SMTP_TLS = "127.0.0.1:2465"
+
+
+def _dev_smtp(base: Settings, data_dir: Path) -> dict[str, object]:
+    """SMTP listeners on high ports with a self-signed certificate made once in DATA_DIR, unless the
+    environment configures them."""
+    overrides: dict[str, object] = {}
+    if not os.environ.get("SMTP_STARTTLS_LISTEN") and not os.environ.get("SMTP_TLS_LISTEN"):
+        overrides["SMTP_STARTTLS_LISTEN"] = DEV_SMTP_STARTTLS
+        overrides["SMTP_TLS_LISTEN"] = DEV_SMTP_TLS
+    if not base.smtp_tls_cert_file and not base.smtp_tls_key_file:
+        cert, key = data_dir / "smtp-cert.pem", data_dir / "smtp-key.pem"
+        if not (cert.exists() and key.exists()):
+            write_self_signed(cert, key)
+        overrides["SMTP_TLS_CERT_FILE"] = str(cert)
+        overrides["SMTP_TLS_KEY_FILE"] = str(key)
+    return overrides
+
+
 def _dev(args: argparse.Namespace) -> int:
     load_all_service_settings()
     base = load_settings()
@@ -63,6 +85,7 @@ def _dev(args: argparse.Namespace) -> int:
     for name, value in _dev_secrets(data_dir).items():
         if not os.environ.get(name):
             overrides[name] = value
+    overrides.update(_dev_smtp(base, data_dir))
     nats_process = None
     if not base.nats_url:
         nats_process = NatsServerProcess(
@@ -80,6 +103,8 @@ postmesh is starting on {settings.grpc_listen} (identity, quota, sender, feedbac
   databases: SQLite files in {data_dir}
   metrics:   http://127.0.0.1:{settings.metrics_port}/metrics
   tracking:  http://{settings.tracking_http_listen} (tracked links and the open pixel)
+  SMTP:      STARTTLS {settings.smtp_starttls_listen or "off"}, TLS {settings.smtp_tls_listen or "off"}
+             certificate {settings.smtp_tls_cert_file}
 
 In another terminal:
   . .venv/bin/activate
@@ -87,6 +112,7 @@ In another terminal:
   postmesh health
   postmesh account create "My team"      # prints an API key: export POSTMESH_API_KEY=...
   postmesh account whoami
+  postmesh smtp-credentials create       # a user name and password for SMTP clients
 Stop with Ctrl-C.
 """,
         flush=True,
@@ -117,7 +143,7 @@ def _config(args: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser("serve", help="run some or all services in this process")
     serve.add_argument(
-        "services", nargs="*", default=["all"], help=f"all, or any of: {', '.join(SERVICE_NAMES)}"
+        "services", nargs="*", default=["all"], help=f"all, or any of: {', '.join(UNIT_NAMES)}"
     )
     serve.set_defaults(handler=_serve)
 

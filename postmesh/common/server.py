@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import nats.errors
+from google.protobuf import descriptor_pool
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
@@ -43,6 +44,10 @@ from postmesh.identity.v1 import identity_pb2
 log = logging.getLogger(__name__)
 
 SERVICE_MODULES = {name: f"services.{name}.service" for name in SERVICE_NAMES}
+# Units a process may host beside the four gRPC services: the SMTP submission server (part of the
+# sender, deployable apart from it). `all` includes them.
+SERVICE_MODULES["smtp"] = "services.sender.smtp.service"
+UNIT_NAMES = tuple(SERVICE_MODULES)
 
 # gRPC's 4 MB default would refuse raw messages SES accepts (up to 40 MB); some room for the envelope.
 MAX_REQUEST_BYTES = 48 * 1024 * 1024
@@ -66,16 +71,25 @@ def service_class(name: str) -> type[Service]:
 
 def load_all_service_settings() -> None:
     """Imports every service so the settings it registers are part of the schema."""
-    for name in SERVICE_NAMES:
+    for name in UNIT_NAMES:
         service_class(name)
+
+
+def _is_grpc_service(full_name: str) -> bool:
+    """False for units that only have a health name (the SMTP server)."""
+    try:
+        descriptor_pool.Default().FindServiceByName(full_name)
+    except KeyError:
+        return False
+    return True
 
 
 def resolve_service_names(names: Sequence[str]) -> list[str]:
     if not names or "all" in names:
-        return list(SERVICE_NAMES)
-    unknown = [n for n in names if n not in SERVICE_NAMES]
+        return list(UNIT_NAMES)
+    unknown = [n for n in names if n not in UNIT_NAMES]
     if unknown:
-        raise ValueError(f"unknown service(s) {unknown}; choose from {', '.join(SERVICE_NAMES)} or all")
+        raise ValueError(f"unknown service(s) {unknown}; choose from {', '.join(UNIT_NAMES)} or all")
     return list(dict.fromkeys(names))
 
 
@@ -244,7 +258,7 @@ class MeshServer:
         self.clock = clock or SystemClock()
         service_key = settings.service_api_key
         if not service_key:
-            if set(self.names) != set(SERVICE_NAMES):
+            if not set(SERVICE_NAMES) <= set(self.names):
                 raise ValueError("SERVICE_API_KEY must be set when the services run in separate processes")
             # All four services share this process: a per-process secret is enough for them.
             service_key = secrets.token_urlsafe(32)
@@ -309,8 +323,9 @@ class MeshServer:
 
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         full_names = [s.full_name for s in self.services.values()]
+        reflected = [n for n in full_names if _is_grpc_service(n)]
         reflection.enable_server_reflection(
-            [*full_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+            [*reflected, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         for full_name in ["", *full_names]:
             await self.health.set(full_name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -127,3 +127,18 @@ class IdentityPolicy(Base):
     policy_name: Mapped[str] = mapped_column(String(64), primary_key=True)
     policy: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class SmtpCredential(Base):
+    """A user name and password for the SMTP submission server, acting for one account."""
+
+    __tablename__ = "smtp_credentials"
+
+    username: Mapped[str] = mapped_column(String(32), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.account_id", ondelete="CASCADE"), index=True)
+    # sha256 of the password (256 random bits); the password itself is never stored.
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    description: Mapped[str] = mapped_column(String(256), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -19,6 +19,7 @@ from services.identity.identities import SYSTEM_ACCOUNT_ID, IdentityConfig, Iden
 from services.identity.mailer import VerificationMailer
 from services.identity.models import Base
 from services.identity.servicer import IdentityServicer
+from services.identity.smtp_credentials import SmtpCredentialStore
 from services.identity.verification import CheckSchedule, DomainVerifier
 
 
@@ -29,6 +30,7 @@ class IdentityService(Service):
         "CreateAccount": Access.ADMIN,
         "ListAccounts": Access.ADMIN,
         "AuthenticateApiKey": Access.INTERNAL,
+        "AuthenticateSmtpCredential": Access.INTERNAL,
         "AuthorizeSender": Access.INTERNAL,
         "CheckVerifiedRecipients": Access.INTERNAL,
         "GetSigningConfig": Access.INTERNAL,
@@ -61,6 +63,7 @@ class IdentityService(Service):
         runtime = self.runtime
         settings = runtime.settings
         self.servicer.accounts = AccountStore(runtime.sessions, runtime.clock, runtime.events)
+        self.servicer.smtp_credentials = SmtpCredentialStore(runtime.sessions, runtime.clock, runtime.events)
         config = IdentityConfig.from_settings(settings)
         self.verifier = DomainVerifier(
             runtime.sessions,

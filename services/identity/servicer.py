@@ -11,6 +11,7 @@ from postmesh.identity.v1 import identity_pb2_grpc
 from services.identity.accounts import AccountStore
 from services.identity.models import Account, ApiKey
 from services.identity.servicer_identities import IdentitiesServicer
+from services.identity.servicer_smtp import SmtpCredentialsServicer
 
 
 def account_message(account: Account) -> pb.Account:
@@ -33,7 +34,9 @@ def key_message(key: ApiKey) -> pb.ApiKey:
     )
 
 
-class IdentityServicer(IdentitiesServicer, identity_pb2_grpc.IdentityServiceServicer):
+class IdentityServicer(
+    IdentitiesServicer, SmtpCredentialsServicer, identity_pb2_grpc.IdentityServiceServicer
+):
     # Bound in IdentityService.on_ready; the interceptor lets no call through before that.
     accounts: AccountStore
 

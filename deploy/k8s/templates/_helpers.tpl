@@ -45,6 +45,6 @@ app.kubernetes.io/component: {{ .service }}
 
 {{/* The gRPC service name each postmesh service reports on the health check. */}}
 {{- define "postmesh.grpcServiceName" -}}
-{{- $names := dict "identity" "postmesh.identity.v1.IdentityService" "quota" "postmesh.quota.v1.QuotaService" "sender" "postmesh.sender.v1.SenderService" "feedback" "postmesh.feedback.v1.FeedbackService" -}}
+{{- $names := dict "identity" "postmesh.identity.v1.IdentityService" "quota" "postmesh.quota.v1.QuotaService" "sender" "postmesh.sender.v1.SenderService" "feedback" "postmesh.feedback.v1.FeedbackService" "smtp" "postmesh.sender.v1.SmtpSubmission" -}}
 {{- get $names . -}}
 {{- end -}}
