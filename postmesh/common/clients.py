@@ -75,7 +75,13 @@ class MeshClients:
             self._channels[service] = aio.insecure_channel(
                 self._endpoints[service],
                 interceptors=[_CredentialInterceptor(self._service_key)],
-                options=[("grpc.enable_retries", 1), ("grpc.keepalive_time_ms", 30_000)],
+                # round_robin: with a name that resolves to every replica (a headless Service), each
+                # call goes to the next one instead of pinning this caller to the first.
+                options=[
+                    ("grpc.enable_retries", 1),
+                    ("grpc.keepalive_time_ms", 30_000),
+                    ("grpc.lb_policy_name", "round_robin"),
+                ],
             )
         return self._channels[service]
 
