@@ -137,7 +137,6 @@ def test_production_values_one_database_per_service_autoscaling_and_one_grpc_end
     ingress = next(
         d for d in production if d["kind"] == "Ingress" and d["metadata"]["name"] == "pm-postmesh-grpc"
     )
-    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
     routes = {
         p["path"]: p["backend"]["service"]["name"] for p in ingress["spec"]["rules"][0]["http"]["paths"]
     }
@@ -146,6 +145,17 @@ def test_production_values_one_database_per_service_autoscaling_and_one_grpc_end
     assert {r["matches"][0]["method"]["service"] for r in grpc_route["spec"]["rules"]} == set(
         SERVICES.values()
     )
+    for deployment in deployments.values():
+        pod = deployment["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env["GRPC_TLS_CERT_FILE"] == "/etc/postmesh/tls/tls.crt"
+        assert env["GRPC_TLS_CLIENT_CA_FILE"] == env["GRPC_TLS_CA_FILE"] == "/etc/postmesh/tls/ca.crt"
+        assert env["GRPC_TLS_SERVER_NAME"] == "postmesh.internal"
+        # Probes speak plain text to the health-only port; the API port is TLS only.
+        assert env["HEALTH_LISTEN"] == "0.0.0.0:50052"
+        assert pod["containers"][0]["readinessProbe"]["grpc"]["port"] == 50052
+        assert {"name": "tls", "secret": {"secretName": "postmesh-grpc-tls"}} in pod["volumes"]
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPCS"
     monitor = next(d for d in production if d["kind"] == "ServiceMonitor")
     assert monitor["spec"]["selector"]["matchLabels"]["postmesh.dev/headless"] == "true"
     headless = [d for d in production if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None"]

@@ -90,6 +90,39 @@ SCHEMA: list[Setting] = [
         for name in SERVICE_NAMES
     ],
     Setting(
+        "GRPC_TLS_CERT_FILE",
+        str,
+        "",
+        "PEM certificate (chain) of the gRPC server; with GRPC_TLS_KEY_FILE, gRPC is served over TLS only.",
+    ),
+    Setting(
+        "GRPC_TLS_KEY_FILE", str, "", "PEM private key of GRPC_TLS_CERT_FILE; re-read when the files change."
+    ),
+    Setting(
+        "GRPC_TLS_CLIENT_CA_FILE",
+        str,
+        "",
+        "CA that signs client certificates: set, every gRPC client must present one (mutual TLS).",
+    ),
+    Setting(
+        "GRPC_TLS_CA_FILE",
+        str,
+        "",
+        "CA that checks the other services' certificates on calls between services (empty: system roots).",
+    ),
+    Setting(
+        "GRPC_TLS_SERVER_NAME",
+        str,
+        "",
+        "Name the other services' certificates must carry; empty: the host of each *_ENDPOINT.",
+    ),
+    Setting(
+        "HEALTH_LISTEN",
+        str,
+        "",
+        "Extra plain-text address serving only gRPC health (Kubernetes probes speak no TLS); empty: none.",
+    ),
+    Setting(
         "AUTH_CACHE_SECONDS",
         float,
         30.0,

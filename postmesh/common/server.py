@@ -35,6 +35,7 @@ from postmesh.common.errors import ERROR_DOMAIN, PostmeshError, Unauthenticated
 from postmesh.common.logging import request_id_var
 from postmesh.common.service import Clock, Runtime, Service, SystemClock
 from postmesh.common.streams import API_KEY_REVOKED_SUBJECT
+from postmesh.common.tls import ServerTlsFiles, channel_credentials
 from postmesh.events.v1 import events_pb2
 from postmesh.identity.v1 import identity_pb2
 
@@ -175,6 +176,8 @@ class MeshServer:
         self.service_key = service_key
         self.health = health.aio.HealthServicer()
         self.port = 0
+        self.health_server: aio.Server | None = None
+        self.health_port = 0
         self.services: dict[str, Service] = {}
         self.nats: NATS | None = None
         self._startup: asyncio.Task[None] | None = None
@@ -211,10 +214,14 @@ class MeshServer:
             interceptors=[MeshInterceptor(by_full_name, self.authenticator)],
             options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
         )
-        self.port = self.server.add_insecure_port(self.settings.grpc_listen)
+        tls = self._server_tls()
+        if tls is None:
+            self.port = self.server.add_insecure_port(self.settings.grpc_listen)
+        else:
+            self.port = self.server.add_secure_port(self.settings.grpc_listen, tls.credentials())
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.grpc_listen}")
-        self.clients = MeshClients(self._endpoints(), self.service_key)
+        self.clients = MeshClients(self._endpoints(), self.service_key, **self._client_tls(tls))
 
         for name in self.names:
             runtime = Runtime(
@@ -242,9 +249,48 @@ class MeshServer:
                 self.settings.metrics_port, addr=self.settings.grpc_listen.rpartition(":")[0] or ""
             )
         await self.server.start()
-        log.info("listening", extra={"address": self.address, "services": ",".join(self.names)})
+        await self._start_health_port()
+        log.info(
+            "listening",
+            extra={"address": self.address, "services": ",".join(self.names), "tls": tls is not None},
+        )
         self._startup = asyncio.create_task(self._bring_up(), name="startup")
         return self.port
+
+    def _server_tls(self) -> ServerTlsFiles | None:
+        cert, key = self.settings.grpc_tls_cert_file, self.settings.grpc_tls_key_file
+        if bool(cert) != bool(key):
+            raise ValueError("GRPC_TLS_CERT_FILE and GRPC_TLS_KEY_FILE go together")
+        if not cert:
+            if self.settings.grpc_tls_client_ca_file:
+                raise ValueError("GRPC_TLS_CLIENT_CA_FILE needs GRPC_TLS_CERT_FILE and GRPC_TLS_KEY_FILE")
+            return None
+        return ServerTlsFiles(cert, key, self.settings.grpc_tls_client_ca_file)
+
+    def _client_tls(self, tls: ServerTlsFiles | None) -> dict[str, Any]:
+        """How this process calls the services: over TLS when it serves TLS itself or has a CA for the
+        others, presenting its own certificate (for peers that require mutual TLS)."""
+        ca = self.settings.grpc_tls_ca_file
+        if tls is None and not ca:
+            return {}
+        cert, key = (tls.cert_file, tls.key_file) if tls else ("", "")
+        return {
+            "credentials": channel_credentials(ca, cert, key),
+            "server_name": self.settings.grpc_tls_server_name,
+        }
+
+    async def _start_health_port(self) -> None:
+        """Kubernetes' gRPC probes speak plain text only: under TLS they get a port of their own that
+        serves the health service and nothing else."""
+        listen = self.settings.health_listen
+        if not listen:
+            return
+        self.health_server = aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        self.health_port = self.health_server.add_insecure_port(listen)
+        if self.health_port == 0:
+            raise OSError(f"cannot listen on {listen}")
+        await self.health_server.start()
 
     async def _bring_up(self) -> None:
         max_delay = self.settings.startup_retry_max_seconds
@@ -293,6 +339,8 @@ class MeshServer:
         await self.health.enter_graceful_shutdown()
         log.debug("stopping gRPC server", extra={"grace": grace})
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(None)
         if self._startup and not self._startup.done():
             self._startup.cancel()
         for service in self.services.values():

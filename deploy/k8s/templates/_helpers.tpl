@@ -96,3 +96,8 @@ ClusterIP one; call with (dict "root" $ "service" "quota"). */}}
 {{- printf "%s:%v" (include "postmesh.serviceName" .) .root.Values.grpcPort -}}
 {{- end -}}
 {{- end -}}
+
+{{/* Kubernetes' gRPC probes speak plain text: under TLS they use the health-only port. */}}
+{{- define "postmesh.probePort" -}}
+{{- if .Values.tls.enabled -}}{{ .Values.tls.healthPort }}{{- else -}}{{ .Values.grpcPort }}{{- end -}}
+{{- end -}}
