@@ -33,6 +33,7 @@ from postmesh.common.clients import MeshClients
 from postmesh.common.config import SERVICE_NAMES, Settings
 from postmesh.common.errors import ERROR_DOMAIN, PostmeshError, Unauthenticated
 from postmesh.common.logging import request_id_var
+from postmesh.common.metrics import REFUSALS, collect_jetstream_forever
 from postmesh.common.service import Clock, Runtime, Service, SystemClock
 from postmesh.common.streams import API_KEY_REVOKED_SUBJECT
 from postmesh.common.tls import ServerTlsFiles, channel_credentials
@@ -120,6 +121,7 @@ class MeshInterceptor(aio.ServerInterceptor):
                 principal_var.set(principal)
                 return await behaviour(request, context)  # type: ignore[arg-type]
             except PostmeshError as exc:
+                REFUSALS.labels(full_method, exc.reason).inc()
                 code, trailers = _status_for(exc)
                 await context.abort(code, exc.message, trailing_metadata=trailers)
             except aio.AbortError:
@@ -178,6 +180,7 @@ class MeshServer:
         self.port = 0
         self.health_server: aio.Server | None = None
         self.health_port = 0
+        self._collector: asyncio.Task[None] | None = None
         self.services: dict[str, Service] = {}
         self.nats: NATS | None = None
         self._startup: asyncio.Task[None] | None = None
@@ -308,6 +311,8 @@ class MeshServer:
 
         # Core subscription: every replica sees every revocation (a JetStream publish is also a core message).
         await self.nats.subscribe(API_KEY_REVOKED_SUBJECT, cb=on_key_revoked)
+        if self.settings.metrics_port:
+            self._collector = asyncio.create_task(collect_jetstream_forever(js), name="jetstream-metrics")
         await asyncio.gather(*(self._bring_up_service(s, js, publisher) for s in self.services.values()))
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("all services serving", extra={"services": ",".join(self.names)})
@@ -343,6 +348,8 @@ class MeshServer:
             await self.health_server.stop(None)
         if self._startup and not self._startup.done():
             self._startup.cancel()
+        if self._collector is not None:
+            self._collector.cancel()
         for service in self.services.values():
             log.debug("stopping service", extra={"service": service.name})
             for task in service.runtime.tasks:

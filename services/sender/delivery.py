@@ -29,6 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from postmesh.common.bus import EventPublisher, fetch_batch, new_event
+from postmesh.common.metrics import DELIVERY_OUTCOMES, DELIVERY_RETRIES, DKIM_SIGNING_FAILURES
 from postmesh.common.outbound import enqueue, forget_mime, load_mime
 from postmesh.common.protoutil import from_timestamp, timestamp
 from postmesh.common.service import Clock
@@ -65,6 +66,20 @@ class DeliveryConfig:
     ack_wait_seconds: float = 60.0
     fetch_batch: int = 64
     shutdown_grace_seconds: float = 10.0
+
+
+def _outcome_label(email: ev.EmailEvent) -> str:
+    if email.event_type == ev.EMAIL_EVENT_TYPE_DELIVERY:
+        return "delivered"
+    if email.event_type == ev.EMAIL_EVENT_TYPE_DELIVERY_DELAY:
+        return "delayed"
+    if email.event_type == ev.EMAIL_EVENT_TYPE_BOUNCE:
+        return (
+            "bounced_permanent"
+            if email.bounce.bounce_type == ev.BOUNCE_TYPE_PERMANENT
+            else "bounced_transient"
+        )
+    return ev.EmailEventType.Name(email.event_type).removeprefix("EMAIL_EVENT_TYPE_").lower()
 
 
 def _domain(address: str) -> str:
@@ -211,6 +226,7 @@ class DeliveryWorker:
                 if not again.HasField("expire_time"):
                     again.expire_time.FromDatetime(expire)
                 await enqueue(self.js, again)
+                DELIVERY_RETRIES.inc()
                 for recipient in retry:
                     await self._publish_delay(queued, recipient, outcomes[recipient], expire, next_time, now)
                 return  # the body is still needed
@@ -222,6 +238,7 @@ class DeliveryWorker:
                 queued.identity_owner_account_id or queued.account_id, _domain(queued.from_address)
             )
         except SigningUnavailable as exc:
+            DKIM_SIGNING_FAILURES.labels("keys_unavailable").inc()
             failed = Outcome(
                 Kind.TRANSIENT, f"451 4.3.0 DKIM keys unavailable: {exc}", "4.3.0", delay_type=DELAY_INTERNAL
             )
@@ -283,6 +300,7 @@ class DeliveryWorker:
         return mail
 
     async def _publish(self, queued: queue_pb2.QueuedMessage, email: ev.EmailEvent, now: dt.datetime) -> None:
+        DELIVERY_OUTCOMES.labels(_outcome_label(email)).inc()
         email.mail.CopyFrom(self._mail(queued))
         await self.events.publish(new_event(queued.account_id, time=now, email=email))
 
