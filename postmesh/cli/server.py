@@ -9,11 +9,21 @@ import secrets
 import sys
 from pathlib import Path
 
-from postmesh.common.config import SERVICE_NAMES, load_settings, markdown_table
+from postmesh.common.config import SERVICE_NAMES, Settings, load_settings, markdown_table
 from postmesh.common.logging import configure_logging
 from postmesh.common.natsserver import NatsServerProcess
-from postmesh.common.server import MeshServer, load_all_service_settings
+from postmesh.common.server import MeshServer, load_all_service_settings, resolve_service_names
+from postmesh.common.tracing import configure_tracing, shutdown_tracing
 from services.identity.dkimkeys import MasterKeys
+
+
+def _start_tracing(settings: Settings, services: list[str]) -> None:
+    endpoint = settings.otel_exporter_otlp_endpoint
+    configure_tracing(
+        endpoint,
+        "postmesh-" + "-".join(resolve_service_names(services)),
+        insecure=not endpoint.startswith("https"),
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -21,11 +31,14 @@ def _serve(args: argparse.Namespace) -> int:
     settings = load_settings()
     configure_logging(settings.log_level)
     try:
+        _start_tracing(settings, args.services)
         server = MeshServer(settings, args.services)
         asyncio.run(server.serve_until_signalled())
     except ValueError as exc:  # a missing or malformed setting: say which, without a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_tracing()
     return 0
 
 
@@ -89,9 +102,11 @@ Stop with Ctrl-C.
 """,
         flush=True,
     )
+    _start_tracing(settings, ["all"])
     try:
         asyncio.run(MeshServer(settings, ["all"]).serve_until_signalled())
     finally:
+        shutdown_tracing()
         if nats_process:
             nats_process.stop()
     return 0

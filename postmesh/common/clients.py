@@ -13,6 +13,7 @@ import grpc
 from grpc import aio
 
 from postmesh.client import error_details
+from postmesh.common import tracing
 from postmesh.common.auth import ACCOUNT_HEADER
 from postmesh.common.errors import (
     AlreadyExists,
@@ -48,6 +49,11 @@ class _CredentialInterceptor(aio.UnaryUnaryClientInterceptor):
         metadata = list(client_call_details.metadata or [])
         if not any(key == "authorization" for key, _ in metadata):
             metadata.append(("authorization", f"Bearer {self._token}"))
+        if tracing.enabled():
+            # W3C trace context: the called service's span continues this call's trace.
+            carrier: dict[str, str] = {}
+            tracing.inject(carrier)
+            metadata.extend(carrier.items())
         details = aio.ClientCallDetails(
             client_call_details.method,
             client_call_details.timeout,

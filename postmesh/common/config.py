@@ -123,6 +123,12 @@ SCHEMA: list[Setting] = [
         "Extra plain-text address serving only gRPC health (Kubernetes probes speak no TLS); empty: none.",
     ),
     Setting(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        str,
+        "",
+        "OTLP/gRPC collector (http://host:4317) for traces of calls, queued messages and SMTP; empty: off.",
+    ),
+    Setting(
         "AUTH_CACHE_SECONDS",
         float,
         30.0,

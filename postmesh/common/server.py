@@ -24,9 +24,10 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NATS
+from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Histogram, start_http_server
 
-from postmesh.common import db
+from postmesh.common import db, tracing
 from postmesh.common.auth import Access, Authenticator, Principal, PrincipalKind, principal_var
 from postmesh.common.bus import EventPublisher, connect_nats, ensure_streams
 from postmesh.common.clients import MeshClients
@@ -110,6 +111,18 @@ class MeshInterceptor(aio.ServerInterceptor):
             metadata = {
                 key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
             }
+            if not tracing.enabled():
+                return await observed(request, context, metadata)
+            # A child of the caller's span when it sent a traceparent (another service, an SDK).
+            with tracing.span(
+                full_method,
+                kind=SpanKind.SERVER,
+                parent_carrier=metadata,
+                attributes={"rpc.system": "grpc", "rpc.service": service_name, "rpc.method": method},
+            ):
+                return await observed(request, context, metadata)
+
+        async def observed(request: Any, context: aio.ServicerContext, metadata: dict[str, str]) -> Any:
             request_id_var.set(metadata.get("x-request-id") or f"{random.getrandbits(64):016x}")
             started = time.perf_counter()
             code = grpc.StatusCode.OK

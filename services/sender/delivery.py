@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from opentelemetry.trace import SpanKind
 
+from postmesh.common import tracing
 from postmesh.common.bus import EventPublisher, fetch_batch, new_event
 from postmesh.common.metrics import DELIVERY_OUTCOMES, DELIVERY_RETRIES, DKIM_SIGNING_FAILURES
 from postmesh.common.outbound import enqueue, forget_mime, load_mime
@@ -164,7 +166,18 @@ class DeliveryWorker:
             return
         heartbeat = asyncio.create_task(self._keep_alive(msg))
         try:
-            await self.deliver(queued)
+            with tracing.span(
+                "deliver",
+                kind=SpanKind.CONSUMER,
+                parent_carrier=msg.headers or {},
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.message.id": queued.message_id,
+                    "postmesh.attempt": queued.attempt,
+                    "postmesh.recipients": len(queued.recipients),
+                },
+            ):
+                await self.deliver(queued)
         except Exception:
             # Unexpected (a bug, or NATS gone): leave it to JetStream to hand out again, a little later.
             log.exception("delivery failed; the message will be redelivered", extra={"id": queued.message_id})
@@ -258,6 +271,13 @@ class DeliveryWorker:
         bounce_domain = queued.mail_from_domain or self.config.bounce_domain
 
         async def one(domain: str, group: list[str]) -> dict[str, Outcome]:
+            with tracing.span("smtp", kind=SpanKind.CLIENT, attributes={"postmesh.domain": domain}) as span:
+                outcomes = await transaction(domain, group)
+                if span is not None:
+                    span.set_attribute("postmesh.results", sorted({o.kind.name for o in outcomes.values()}))
+                return outcomes
+
+        async def transaction(domain: str, group: list[str]) -> dict[str, Outcome]:
             envelope = Envelope(
                 message_id=queued.message_id,
                 # VERP names the recipient when the transaction has one (see postmesh.common.verp).
