@@ -3,6 +3,11 @@
 from postmesh.client import Client
 client = Client()                     # POSTMESH_ENDPOINT, POSTMESH_API_KEY
 client.identity.GetCallerIdentity(identity_pb2.GetCallerIdentityRequest())
+
+Over TLS: Client(tls=True) checks the server against the system's roots; ca_file= (or POSTMESH_CA_FILE)
+names a private CA, server_name= (POSTMESH_SERVER_NAME) the name its certificate must carry when it is
+not the endpoint's host, and cert_file=/key_file= (POSTMESH_CLIENT_CERT/POSTMESH_CLIENT_KEY) a client
+certificate for servers that require mutual TLS.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from postmesh.common.tls import channel_credentials, target_name_options
 from postmesh.feedback.v1 import feedback_pb2_grpc
 from postmesh.identity.v1 import identity_pb2_grpc
 from postmesh.quota.v1 import quota_pb2_grpc
@@ -65,11 +71,39 @@ def error_details(error: grpc.RpcError) -> ErrorDetails:
     return ErrorDetails(error.code(), error.details() or "", reason, metadata, retry)
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 class Client:
-    def __init__(self, endpoint: str | None = None, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        api_key: str | None = None,
+        *,
+        tls: bool | None = None,
+        ca_file: str | None = None,
+        server_name: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+    ) -> None:
         self.endpoint = endpoint or os.environ.get("POSTMESH_ENDPOINT") or DEFAULT_ENDPOINT
         self.api_key = api_key if api_key is not None else os.environ.get("POSTMESH_API_KEY", "")
-        raw = grpc.insecure_channel(self.endpoint)
+        ca_file = ca_file if ca_file is not None else os.environ.get("POSTMESH_CA_FILE", "")
+        server_name = server_name if server_name is not None else os.environ.get("POSTMESH_SERVER_NAME", "")
+        cert_file = cert_file if cert_file is not None else os.environ.get("POSTMESH_CLIENT_CERT", "")
+        key_file = key_file if key_file is not None else os.environ.get("POSTMESH_CLIENT_KEY", "")
+        if tls is None:
+            tls = _env_flag("POSTMESH_TLS") or bool(ca_file or server_name or cert_file)
+        raw = (
+            grpc.secure_channel(
+                self.endpoint,
+                channel_credentials(ca_file, cert_file, key_file),
+                options=target_name_options(server_name),
+            )
+            if tls
+            else grpc.insecure_channel(self.endpoint)
+        )
         self._raw_channel = raw
         self.channel = grpc.intercept_channel(raw, _ApiKeyInterceptor(self.api_key)) if self.api_key else raw
         self.identity = identity_pb2_grpc.IdentityServiceStub(self.channel)

@@ -90,10 +90,24 @@ class MeshThread:
         return self.server.address
 
     def client(self, api_key: str = "") -> Client:
-        return Client(self.address, api_key)
+        settings = self.settings
+        if not settings.grpc_tls_cert_file:
+            return Client(self.address, api_key)
+        # A mesh serving TLS is reached with its own CA, and with its own certificate as the client
+        # certificate when it requires one (mutual TLS).
+        mutual = bool(settings.grpc_tls_client_ca_file)
+        return Client(
+            self.address,
+            api_key,
+            tls=True,
+            ca_file=settings.grpc_tls_ca_file,
+            server_name=settings.grpc_tls_server_name,
+            cert_file=settings.grpc_tls_cert_file if mutual else "",
+            key_file=settings.grpc_tls_key_file if mutual else "",
+        )
 
     def admin(self) -> Client:
-        return Client(self.address, self.admin_key)
+        return self.client(self.admin_key)
 
     def create_account(self, name: str = "test account") -> tuple[str, str]:
         """A new account: (account id, API key)."""

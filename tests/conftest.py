@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
-from postmesh.common.natsserver import NatsServerProcess
+from postmesh.client import Client
+from postmesh.common.natsserver import NatsServerProcess, free_port
 from postmesh.testing import MeshThread
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -102,3 +107,52 @@ def start_mesh(nats_url: str, tmp_path: Path) -> Iterator[MeshFactory]:
 def mesh(start_mesh: MeshFactory) -> MeshThread:
     """The whole mesh in one process, on embedded SQLite and the suite's nats-server."""
     return start_mesh()
+
+
+def _wait_serving(address: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    with Client(address) as client:
+        while True:
+            try:
+                if client.health_status("", timeout=2) == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, "postmesh serve did not become SERVING"
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def serve_process(nats_url: str, tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """A real `postmesh serve all` process; parametrize indirectly with a dict to change its settings."""
+    port, metrics_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "GRPC_LISTEN": f"127.0.0.1:{port}",
+        "METRICS_PORT": str(metrics_port),
+        "DATA_DIR": str(tmp_path / "var"),
+        "NATS_URL": nats_url,
+        "ADMIN_API_KEY": "admin-secret",
+        "SHUTDOWN_GRACE_SECONDS": "30",
+        "LOG_LEVEL": "WARNING",
+        # Identity needs a DKIM master key; its link server and DNS checker stay on loopback.
+        "DKIM_MASTER_KEYS": "test:" + "A" * 43,
+        "IDENTITY_HTTP_LISTEN": "127.0.0.1:0",
+        "DNS_RESOLVER": "127.0.0.1:9",
+        # Delivery workers would hold the outbound work queue's consumer after the process is gone.
+        "DELIVERY_WORKERS": "0",
+        **getattr(request, "param", {}),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "postmesh.cli.main", "serve", "all"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_serving(f"127.0.0.1:{port}")
+        yield process, f"127.0.0.1:{port}", metrics_port, tmp_path / "var"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -52,3 +54,17 @@ def test_cli_reports_bad_credentials_clearly(
     code, _, err = _run(capsys, "account", "whoami")
     assert code == 1
     assert "UNAUTHENTICATED [INVALID_API_KEY]" in err
+
+
+def test_client_commands_do_not_load_the_server_stack() -> None:
+    """`postmesh <client command>` starts fast: building the CLI imports neither SQLAlchemy, Alembic
+    nor any service (only `serve`, `dev` and `config` do, when they run)."""
+    probe = (
+        "import sys, postmesh.cli.main as m; m.build_parser(); "
+        "names = ('sqlalchemy', 'alembic', 'postmesh.common.server', 'services'); "
+        "heavy = [n for n in names if n in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""

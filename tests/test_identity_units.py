@@ -140,3 +140,26 @@ def test_zone_snippet_is_a_valid_zone_with_long_txt_split() -> None:
     assert b"".join(next(iter(quoted)).strings) == b'postmesh-verification="x"'
     mx = next(iter(zone.find_rdataset("bounce.example.test.", dns_rdatatype.MX)))
     assert (mx.preference, mx.exchange.to_text()) == (10, "feedback-smtp.postmesh.test.")
+
+
+def test_verification_message_keeps_the_link_whole_for_text_viewers() -> None:
+    """The quick start opens the sink's .eml in any viewer and clicks the link: no quoted-printable."""
+    import datetime as dt
+
+    from services.identity.mailer import VerificationMailer, confirmation_link
+
+    class Clock:
+        def now(self) -> dt.datetime:
+            return dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+
+    mailer = VerificationMailer(
+        None,  # type: ignore[arg-type]  # building a message needs no JetStream
+        Clock(),
+        system_account_id="system",
+        system_address="no-reply@postmesh.test",
+        link_base=lambda: "http://127.0.0.1:8090",
+    )
+    token = "x" * 60
+    raw = mailer.build("you@example.com", token, Clock().now()).as_bytes()
+    assert confirmation_link("http://127.0.0.1:8090", token).encode() in raw
+    assert b"Content-Transfer-Encoding: 7bit" in raw

@@ -25,12 +25,25 @@ def client_for(args: argparse.Namespace, *, admin: bool = False) -> Client:
             raise SystemExit("error: this is an operator command: set POSTMESH_ADMIN_KEY or pass --admin-key")
     else:
         key = getattr(args, "api_key", None) or os.environ.get("POSTMESH_API_KEY", "")
-    return Client(endpoint=getattr(args, "endpoint", None), api_key=key)
+    return Client(
+        endpoint=getattr(args, "endpoint", None),
+        api_key=key,
+        tls=True if getattr(args, "tls", False) else None,
+        ca_file=getattr(args, "ca_file", None),
+        server_name=getattr(args, "server_name", None),
+    )
 
 
 def add_connection_flags(parser: argparse.ArgumentParser, *, admin: bool = False) -> None:
     parser.add_argument(
         "--endpoint", help="host:port of postmesh (default: $POSTMESH_ENDPOINT or localhost:50051)"
+    )
+    parser.add_argument("--tls", action="store_true", help="connect over TLS (default: $POSTMESH_TLS)")
+    parser.add_argument(
+        "--ca-file", help="CA that signed the server's certificate (default: $POSTMESH_CA_FILE)"
+    )
+    parser.add_argument(
+        "--server-name", help="name the server's certificate carries, if not the endpoint's host"
     )
     if admin:
         parser.add_argument("--admin-key", help="operator credential (default: $POSTMESH_ADMIN_KEY)")

@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError
 
+from postmesh.common import tracing
 from postmesh.common.streams import ALL_STREAMS, EVENTS, StreamSpec, event_subject
 from postmesh.events.v1 import events_pb2
 
@@ -73,9 +74,9 @@ class EventPublisher:
         self._js = js
 
     async def publish(self, event: events_pb2.Event) -> None:
-        await self._js.publish(
-            event_subject(event), event.SerializeToString(), headers={"Nats-Msg-Id": event.event_id}
-        )
+        headers = {"Nats-Msg-Id": event.event_id}
+        tracing.inject(headers)
+        await self._js.publish(event_subject(event), event.SerializeToString(), headers=headers)
 
 
 EventHandler = Callable[[events_pb2.Event], Awaitable[None]]

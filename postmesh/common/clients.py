@@ -13,6 +13,7 @@ import grpc
 from grpc import aio
 
 from postmesh.client import error_details
+from postmesh.common import tracing
 from postmesh.common.auth import ACCOUNT_HEADER
 from postmesh.common.errors import (
     AlreadyExists,
@@ -26,6 +27,7 @@ from postmesh.common.errors import (
     Unavailable,
 )
 from postmesh.common.logging import REQUEST_ID_HEADER, request_id_var
+from postmesh.common.tls import target_name_options
 from postmesh.feedback.v1 import feedback_pb2_grpc
 from postmesh.identity.v1 import identity_pb2_grpc
 from postmesh.quota.v1 import quota_pb2_grpc
@@ -53,6 +55,11 @@ class _CredentialInterceptor(aio.UnaryUnaryClientInterceptor):
         request_id = request_id_var.get()
         if request_id and not any(key == REQUEST_ID_HEADER for key, _ in metadata):
             metadata.append((REQUEST_ID_HEADER, request_id))
+        if tracing.enabled():
+            # W3C trace context: the called service's span continues this call's trace.
+            carrier: dict[str, str] = {}
+            tracing.inject(carrier)
+            metadata.extend(carrier.items())
         details = aio.ClientCallDetails(
             client_call_details.method,
             client_call_details.timeout,
@@ -71,18 +78,40 @@ def for_account(account_id: str) -> tuple[tuple[str, str], ...]:
 class MeshClients:
     """Lazily opened channels to the other services (or this process's own port)."""
 
-    def __init__(self, endpoints: dict[str, str], service_key: str) -> None:
+    def __init__(
+        self,
+        endpoints: dict[str, str],
+        service_key: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str = "",
+    ) -> None:
         self._endpoints = endpoints
         self._service_key = service_key
+        # Set: the other services are reached over TLS (postmesh.common.tls), checked for server_name.
+        self._credentials = credentials
+        self._server_name = server_name
         self._channels: dict[str, aio.Channel] = {}
 
     def channel(self, service: str) -> aio.Channel:
         if service not in self._channels:
-            self._channels[service] = aio.insecure_channel(
-                self._endpoints[service],
-                interceptors=[_CredentialInterceptor(self._service_key)],
-                options=[("grpc.enable_retries", 1), ("grpc.keepalive_time_ms", 30_000)],
-            )
+            # round_robin: with a name that resolves to every replica (a headless Service), each
+            # call goes to the next one instead of pinning this caller to the first.
+            options: list[tuple[str, Any]] = [
+                ("grpc.enable_retries", 1),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.lb_policy_name", "round_robin"),
+            ]
+            interceptors = [_CredentialInterceptor(self._service_key)]
+            target = self._endpoints[service]
+            if self._credentials is None:
+                channel = aio.insecure_channel(target, options=options, interceptors=interceptors)
+            else:
+                options += target_name_options(self._server_name)
+                channel = aio.secure_channel(
+                    target, self._credentials, options=options, interceptors=interceptors
+                )
+            self._channels[service] = channel
         return self._channels[service]
 
     @property

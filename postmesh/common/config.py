@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SERVICE_NAMES = ("identity", "quota", "sender", "feedback")
+# What `postmesh serve` can host: the four gRPC services and the SMTP submission server (part of the
+# sender, deployable apart from it).
+UNIT_NAMES = (*SERVICE_NAMES, "smtp")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,45 @@ SCHEMA: list[Setting] = [
         )
         for name in SERVICE_NAMES
     ],
+    Setting(
+        "GRPC_TLS_CERT_FILE",
+        str,
+        "",
+        "PEM certificate (chain) of the gRPC server; with GRPC_TLS_KEY_FILE, gRPC is served over TLS only.",
+    ),
+    Setting(
+        "GRPC_TLS_KEY_FILE", str, "", "PEM private key of GRPC_TLS_CERT_FILE; re-read when the files change."
+    ),
+    Setting(
+        "GRPC_TLS_CLIENT_CA_FILE",
+        str,
+        "",
+        "CA that signs client certificates: set, every gRPC client must present one (mutual TLS).",
+    ),
+    Setting(
+        "GRPC_TLS_CA_FILE",
+        str,
+        "",
+        "CA that checks the other services' certificates on calls between services (empty: system roots).",
+    ),
+    Setting(
+        "GRPC_TLS_SERVER_NAME",
+        str,
+        "",
+        "Name the other services' certificates must carry; empty: the host of each *_ENDPOINT.",
+    ),
+    Setting(
+        "HEALTH_LISTEN",
+        str,
+        "",
+        "Extra plain-text address serving only gRPC health (Kubernetes probes speak no TLS); empty: none.",
+    ),
+    Setting(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        str,
+        "",
+        "OTLP/gRPC collector (http://host:4317) for traces of calls, queued messages and SMTP; empty: off.",
+    ),
     Setting(
         "AUTH_CACHE_SECONDS",
         float,

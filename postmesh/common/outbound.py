@@ -11,6 +11,7 @@ from nats.js.api import ObjectStoreConfig, StorageType
 from nats.js.errors import BucketNotFoundError
 from nats.js.object_store import ObjectStore
 
+from postmesh.common import tracing
 from postmesh.common.streams import DAY, MESSAGE_STORE_BUCKET, outbound_subject
 from postmesh.sender.v1 import queue_pb2
 
@@ -39,11 +40,10 @@ async def enqueue(js: JetStreamContext, message: queue_pb2.QueuedMessage) -> Non
         await store.put(message.message_id, bytes(message.mime))
         message.mime_object = message.message_id
         message.mime = b""
-    await js.publish(
-        outbound_subject(message.account_id),
-        message.SerializeToString(),
-        headers={"Nats-Msg-Id": f"{message.message_id}:{message.attempt}"},
-    )
+    headers = {"Nats-Msg-Id": f"{message.message_id}:{message.attempt}"}
+    # The delivery worker's span continues the trace of the call that queued the message.
+    tracing.inject(headers)
+    await js.publish(outbound_subject(message.account_id), message.SerializeToString(), headers=headers)
 
 
 async def load_mime(js: JetStreamContext, message: queue_pb2.QueuedMessage) -> bytes:

@@ -26,28 +26,30 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NATS
+from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Histogram, start_http_server
 
 from postmesh.client import error_details
-from postmesh.common import db
+from postmesh.common import db, tracing
 from postmesh.common.auth import Access, Authenticator, Principal, PrincipalKind, principal_var
 from postmesh.common.bus import EventPublisher, connect_nats, ensure_streams
 from postmesh.common.clients import MeshClients
-from postmesh.common.config import SERVICE_NAMES, Settings
+from postmesh.common.config import SERVICE_NAMES, UNIT_NAMES, Settings
 from postmesh.common.errors import ERROR_DOMAIN, InvalidArgument, PostmeshError, Unauthenticated
 from postmesh.common.logging import REQUEST_ID_HEADER, request_id_var
+from postmesh.common.metrics import REFUSALS, collect_jetstream_forever
 from postmesh.common.service import Clock, Runtime, Service, SystemClock
 from postmesh.common.streams import API_KEY_REVOKED_SUBJECT
+from postmesh.common.tls import ServerTlsFiles, channel_credentials
 from postmesh.events.v1 import events_pb2
 from postmesh.identity.v1 import identity_pb2
 
 log = logging.getLogger(__name__)
 
+# `all` includes every unit (postmesh.common.config.UNIT_NAMES), the SMTP submission server too.
 SERVICE_MODULES = {name: f"services.{name}.service" for name in SERVICE_NAMES}
-# Units a process may host beside the four gRPC services: the SMTP submission server (part of the
-# sender, deployable apart from it). `all` includes them.
 SERVICE_MODULES["smtp"] = "services.sender.smtp.service"
-UNIT_NAMES = tuple(SERVICE_MODULES)
+
 
 # gRPC's 4 MB default would refuse raw messages SES accepts (up to 40 MB); some room for the envelope.
 MAX_REQUEST_BYTES = 48 * 1024 * 1024
@@ -195,6 +197,18 @@ class MeshInterceptor(aio.ServerInterceptor):
             metadata = {
                 key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
             }
+            if not tracing.enabled():
+                return await observed(request, context, metadata)
+            # A child of the caller's span when it sent a traceparent (another service, an SDK).
+            with tracing.span(
+                full_method,
+                kind=SpanKind.SERVER,
+                parent_carrier=metadata,
+                attributes={"rpc.system": "grpc", "rpc.service": service_name, "rpc.method": method},
+            ):
+                return await observed(request, context, metadata)
+
+        async def observed(request: Any, context: aio.ServicerContext, metadata: dict[str, str]) -> Any:
             given = metadata.get(REQUEST_ID_HEADER, "")[:128]
             request_id_var.set(given or f"{random.getrandbits(64):016x}")
             started = time.perf_counter()
@@ -209,6 +223,7 @@ class MeshInterceptor(aio.ServerInterceptor):
                     raise request.error
                 return await behaviour(request, context)  # type: ignore[arg-type]
             except PostmeshError as exc:
+                REFUSALS.labels(full_method, exc.reason).inc()
                 code, message, trailers = _status_for(exc)
                 await context.abort(code, message, trailing_metadata=trailers)
             except aio.AbortError:
@@ -265,6 +280,9 @@ class MeshServer:
         self.service_key = service_key
         self.health = health.aio.HealthServicer()
         self.port = 0
+        self.health_server: aio.Server | None = None
+        self.health_port = 0
+        self._collector: asyncio.Task[None] | None = None
         self.services: dict[str, Service] = {}
         self.nats: NATS | None = None
         self._startup: asyncio.Task[None] | None = None
@@ -303,10 +321,14 @@ class MeshServer:
             interceptors=[MeshInterceptor(by_full_name, self.authenticator)],
             options=[("grpc.max_receive_message_length", GRPC_RECEIVE_LIMIT_BYTES)],
         )
-        self.port = self.server.add_insecure_port(self.settings.grpc_listen)
+        tls = self._server_tls()
+        if tls is None:
+            self.port = self.server.add_insecure_port(self.settings.grpc_listen)
+        else:
+            self.port = self.server.add_secure_port(self.settings.grpc_listen, tls.credentials())
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.grpc_listen}")
-        self.clients = MeshClients(self._endpoints(), self.service_key)
+        self.clients = MeshClients(self._endpoints(), self.service_key, **self._client_tls(tls))
 
         for name in self.names:
             runtime = Runtime(
@@ -335,9 +357,48 @@ class MeshServer:
                 self.settings.metrics_port, addr=self.settings.grpc_listen.rpartition(":")[0] or ""
             )
         await self.server.start()
-        log.info("listening", extra={"address": self.address, "services": ",".join(self.names)})
+        await self._start_health_port()
+        log.info(
+            "listening",
+            extra={"address": self.address, "services": ",".join(self.names), "tls": tls is not None},
+        )
         self._startup = asyncio.create_task(self._bring_up(), name="startup")
         return self.port
+
+    def _server_tls(self) -> ServerTlsFiles | None:
+        cert, key = self.settings.grpc_tls_cert_file, self.settings.grpc_tls_key_file
+        if bool(cert) != bool(key):
+            raise ValueError("GRPC_TLS_CERT_FILE and GRPC_TLS_KEY_FILE go together")
+        if not cert:
+            if self.settings.grpc_tls_client_ca_file:
+                raise ValueError("GRPC_TLS_CLIENT_CA_FILE needs GRPC_TLS_CERT_FILE and GRPC_TLS_KEY_FILE")
+            return None
+        return ServerTlsFiles(cert, key, self.settings.grpc_tls_client_ca_file)
+
+    def _client_tls(self, tls: ServerTlsFiles | None) -> dict[str, Any]:
+        """How this process calls the services: over TLS when it serves TLS itself or has a CA for the
+        others, presenting its own certificate (for peers that require mutual TLS)."""
+        ca = self.settings.grpc_tls_ca_file
+        if tls is None and not ca:
+            return {}
+        cert, key = (tls.cert_file, tls.key_file) if tls else ("", "")
+        return {
+            "credentials": channel_credentials(ca, cert, key),
+            "server_name": self.settings.grpc_tls_server_name,
+        }
+
+    async def _start_health_port(self) -> None:
+        """Kubernetes' gRPC probes speak plain text only: under TLS they get a port of their own that
+        serves the health service and nothing else."""
+        listen = self.settings.health_listen
+        if not listen:
+            return
+        self.health_server = aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        self.health_port = self.health_server.add_insecure_port(listen)
+        if self.health_port == 0:
+            raise OSError(f"cannot listen on {listen}")
+        await self.health_server.start()
 
     async def _bring_up(self) -> None:
         max_delay = self.settings.startup_retry_max_seconds
@@ -355,6 +416,8 @@ class MeshServer:
 
         # Core subscription: every replica sees every revocation (a JetStream publish is also a core message).
         await self.nats.subscribe(API_KEY_REVOKED_SUBJECT, cb=on_key_revoked)
+        if self.settings.metrics_port:
+            self._collector = asyncio.create_task(collect_jetstream_forever(js), name="jetstream-metrics")
         await asyncio.gather(*(self._bring_up_service(s, js, publisher) for s in self.services.values()))
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("all services serving", extra={"services": ",".join(self.names)})
@@ -386,8 +449,12 @@ class MeshServer:
         await self.health.enter_graceful_shutdown()
         log.debug("stopping gRPC server", extra={"grace": grace})
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(None)
         if self._startup and not self._startup.done():
             self._startup.cancel()
+        if self._collector is not None:
+            self._collector.cancel()
         for service in self.services.values():
             log.debug("stopping service", extra={"service": service.name})
             for task in service.runtime.tasks:

@@ -51,13 +51,17 @@ class VerificationMailer:
         message["Subject"] = SUBJECT
         message["Date"] = format_datetime(self._clock.now())
         message["Auto-Submitted"] = "auto-generated"
-        message.set_content(
+        text = (
             "Someone asked to send email from this address with postmesh.\n\n"
             f"To confirm that you own {address}, open this link:\n\n{link}\n\n"
             f"or run:  postmesh identity confirm {token}\n\n"
             f"The link expires at {expires_at:%Y-%m-%d %H:%M} UTC and works once.\n"
             "If you did not ask for this, ignore this message: nothing is sent from your address.\n"
         )
+        # 7bit when it can be (an ASCII address): the link stays whole and clickable in a text viewer,
+        # where quoted-printable would break it with soft line breaks and =3D.
+        cte = "7bit" if text.isascii() and max(map(len, text.splitlines())) <= 998 else None
+        message.set_content(text, cte=cte)
         return message
 
     async def send_verification(self, address: str, token: str, expires_at: dt.datetime) -> None:

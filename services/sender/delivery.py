@@ -29,8 +29,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError, ObjectNotFoundError
+from opentelemetry.trace import SpanKind
 
+from postmesh.common import tracing
 from postmesh.common.bus import EventPublisher, fetch_batch, new_event
+from postmesh.common.metrics import DELIVERY_OUTCOMES, DELIVERY_RETRIES, DKIM_SIGNING_FAILURES
 from postmesh.common.outbound import enqueue, forget_mime, load_mime
 from postmesh.common.protoutil import from_timestamp, timestamp
 from postmesh.common.service import Clock
@@ -69,6 +72,20 @@ class DeliveryConfig:
     ack_wait_seconds: float = 60.0
     fetch_batch: int = 64
     shutdown_grace_seconds: float = 10.0
+
+
+def _outcome_label(email: ev.EmailEvent) -> str:
+    if email.event_type == ev.EMAIL_EVENT_TYPE_DELIVERY:
+        return "delivered"
+    if email.event_type == ev.EMAIL_EVENT_TYPE_DELIVERY_DELAY:
+        return "delayed"
+    if email.event_type == ev.EMAIL_EVENT_TYPE_BOUNCE:
+        return (
+            "bounced_permanent"
+            if email.bounce.bounce_type == ev.BOUNCE_TYPE_PERMANENT
+            else "bounced_transient"
+        )
+    return ev.EmailEventType.Name(email.event_type).removeprefix("EMAIL_EVENT_TYPE_").lower()
 
 
 def _domain(address: str) -> str:
@@ -172,7 +189,18 @@ class DeliveryWorker:
             return
         heartbeat = asyncio.create_task(self._keep_alive(msg))
         try:
-            await self.deliver(queued)
+            with tracing.span(
+                "deliver",
+                kind=SpanKind.CONSUMER,
+                parent_carrier=msg.headers or {},
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.message.id": queued.message_id,
+                    "postmesh.attempt": queued.attempt,
+                    "postmesh.recipients": len(queued.recipients),
+                },
+            ):
+                await self.deliver(queued)
         except Exception:
             # Unexpected (a bug, or NATS gone): leave it to JetStream to hand out again, a little later.
             log.exception("delivery failed; the message will be redelivered", extra={"id": queued.message_id})
@@ -250,6 +278,7 @@ class DeliveryWorker:
                 if not again.HasField("expire_time"):
                     again.expire_time.FromDatetime(expire)
                 await enqueue(self.js, again)
+                DELIVERY_RETRIES.inc()
                 for recipient in retry:
                     await self._publish_delay(queued, recipient, outcomes[recipient], expire, next_time, now)
                 return  # the body is still needed
@@ -261,6 +290,7 @@ class DeliveryWorker:
                 queued.identity_owner_account_id or queued.account_id, _domain(queued.from_address)
             )
         except SigningUnavailable as exc:
+            DKIM_SIGNING_FAILURES.labels("keys_unavailable").inc()
             failed = Outcome(
                 Kind.TRANSIENT, f"451 4.3.0 DKIM keys unavailable: {exc}", "4.3.0", delay_type=DELAY_INTERNAL
             )
@@ -290,6 +320,13 @@ class DeliveryWorker:
         bounce_domain = queued.mail_from_domain or self.config.bounce_domain
 
         async def one(domain: str, group: list[str]) -> dict[str, Outcome]:
+            with tracing.span("smtp", kind=SpanKind.CLIENT, attributes={"postmesh.domain": domain}) as span:
+                outcomes = await transaction(domain, group)
+                if span is not None:
+                    span.set_attribute("postmesh.results", sorted({o.kind.name for o in outcomes.values()}))
+                return outcomes
+
+        async def transaction(domain: str, group: list[str]) -> dict[str, Outcome]:
             envelope = Envelope(
                 message_id=queued.message_id,
                 # VERP names the recipient when the transaction has one (see postmesh.common.verp).
@@ -359,6 +396,7 @@ class DeliveryWorker:
         *,
         simulated: bool = False,
     ) -> None:
+        DELIVERY_OUTCOMES.labels(_outcome_label(email)).inc()
         email.mail.CopyFrom(self._mail(queued))
         email.simulated = simulated
         await self.events.publish(new_event(queued.account_id, time=now, email=email))

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import aiosmtplib
 
+from postmesh.common.metrics import SMTP_CONNECTIONS, destination_label
 from services.sender.mx import MxResolver, RouteError
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ class SmtpPool:
             tls_context=self._tls_context,
             validate_certs=opts.tls_verify,
         )
+        secured = opts.tls_mode == "tls"
         try:
             await smtp.connect()
             await smtp.ehlo()
@@ -198,17 +200,21 @@ class SmtpPool:
                         # Opportunistic: a broken TLS set-up must not stop the mail; go plain.
                         smtp.close()
                         return await self._open(dest, require_tls, try_tls=False)
+                    secured = True
                     await smtp.ehlo()
                 elif require_tls or opts.tls_mode == "starttls":
                     raise ConnectError(f"{dest.host} does not offer STARTTLS, and TLS is required")
             if opts.username:
                 await smtp.login(opts.username, opts.password)
         except ConnectError:
+            SMTP_CONNECTIONS.labels(destination_label(dest.host), "failed").inc()
             smtp.close()
             raise
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            SMTP_CONNECTIONS.labels(destination_label(dest.host), "failed").inc()
             smtp.close()
             raise ConnectError(f"{dest.host} [{dest.address}]:{dest.port}: {exc}") from exc
+        SMTP_CONNECTIONS.labels(destination_label(dest.host), "tls" if secured else "plain").inc()
         return _Connection(smtp)
 
     def _take_idle(self, dest: Destination, require_tls: bool) -> _Connection | None:
