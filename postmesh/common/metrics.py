@@ -22,7 +22,7 @@ DELIVERY_OUTCOMES = Counter(
 # Messages put back on the queue for a later attempt (a transient failure of some recipient).
 DELIVERY_RETRIES = Counter("postmesh_delivery_retries_scheduled_total", "Messages re-queued for a retry")
 SMTP_CONNECTIONS = Counter(
-    "postmesh_smtp_connections_total",
+    "postmesh_delivery_smtp_connections_total",
     "SMTP connections opened to receiving servers, by destination host and outcome",
     ["destination", "result"],
 )
