@@ -71,6 +71,14 @@ def _dev(args: argparse.Namespace) -> int:
     settings = base.with_overrides(**overrides)
     configure_logging(settings.log_level)
     admin_key = settings.admin_api_key
+    filters = [
+        *([f"virus scanning (clamd {settings.clamd_url})"] if settings.clamd_url else []),
+        *(
+            [f"spam scoring (rspamd {settings.rspamd_url}, policy {settings.spam_policy})"]
+            if settings.rspamd_url
+            else []
+        ),
+    ]
     started_here = f"  (started here, store in {data_dir / 'nats'})" if nats_process else ""
     print(
         f"""
@@ -78,6 +86,7 @@ postmesh is starting on {settings.grpc_listen} (identity, quota, sender, feedbac
   NATS:      {settings.nats_url}{started_here}
   databases: SQLite files in {data_dir}
   metrics:   http://127.0.0.1:{settings.metrics_port}/metrics
+  filters:   {", ".join(filters) or "none (set CLAMD_URL and/or RSPAMD_URL to scan outgoing mail)"}
 
 In another terminal:
   . .venv/bin/activate

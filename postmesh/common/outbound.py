@@ -42,8 +42,14 @@ async def enqueue(js: JetStreamContext, message: queue_pb2.QueuedMessage) -> Non
     await js.publish(
         outbound_subject(message.account_id),
         message.SerializeToString(),
-        headers={"Nats-Msg-Id": f"{message.message_id}:{message.attempt}"},
+        headers={"Nats-Msg-Id": _queue_id(message)},
     )
+
+
+def _queue_id(message: queue_pb2.QueuedMessage) -> str:
+    # A wait for an unreachable content scanner re-queues without a delivery attempt: its own count.
+    scan = f":s{message.scan_attempt}" if message.scan_attempt else ""
+    return f"{message.message_id}:{message.attempt}{scan}"
 
 
 async def load_mime(js: JetStreamContext, message: queue_pb2.QueuedMessage) -> bytes:

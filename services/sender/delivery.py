@@ -22,7 +22,8 @@ import asyncio
 import datetime as dt
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -38,6 +39,8 @@ from postmesh.events.v1 import events_pb2 as ev
 from postmesh.sender.v1 import queue_pb2
 from services.sender.backoff import RetryPolicy
 from services.sender.dkim_signing import SigningConfigCache, SigningUnavailable, sign_message, to_crlf
+from services.sender.filtration.stage import ContentFilters, Verdict
+from services.sender.filtration.stage import Kind as ScanKind
 from services.sender.transport import DELAY_INTERNAL, Envelope, Kind, Outcome, Transport
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,14 @@ class DeliveryConfig:
     ack_wait_seconds: float = 60.0
     fetch_batch: int = 64
     shutdown_grace_seconds: float = 10.0
+    # Waits between scans while a content scanner is unreachable (attempts counted apart).
+    scan_policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(base_minutes=0.5, max_minutes=10.0))
+
+
+class HeldMessages(Protocol):
+    """Where messages held by the spam policy wait for an operator (services.sender.filtration.held)."""
+
+    async def hold(self, queued: queue_pb2.QueuedMessage, mime: bytes, details: str) -> None: ...
 
 
 def _domain(address: str) -> str:
@@ -81,8 +92,12 @@ class DeliveryWorker:
         transport: Transport,
         config: DeliveryConfig,
         clock: Clock,
+        filters: ContentFilters | None = None,
+        held: HeldMessages | None = None,
     ) -> None:
         self.js = js
+        self.filters = filters
+        self.held = held
         self.events = events
         self.signing = signing
         self.transport = transport
@@ -183,7 +198,12 @@ class DeliveryWorker:
             await self._expire(queued, recipients, "message expired before it could be delivered")
             await forget_mime(self.js, queued)
             return
-        outcomes = await self._attempt(queued, recipients)
+        mime: bytes | None = None
+        if self.filters is not None and self.filters.pending(queued):
+            mime = await load_mime(self.js, queued)
+            if not await self._filter(queued, recipients, mime, expire):
+                return
+        outcomes = await self._attempt(queued, recipients, mime)
         now = self.clock.now()
         retry: list[str] = []
         for recipient in recipients:
@@ -216,7 +236,57 @@ class DeliveryWorker:
                 return  # the body is still needed
         await forget_mime(self.js, queued)
 
-    async def _attempt(self, queued: queue_pb2.QueuedMessage, recipients: list[str]) -> dict[str, Outcome]:
+    async def _filter(
+        self, queued: queue_pb2.QueuedMessage, recipients: list[str], mime: bytes, expire: dt.datetime
+    ) -> bool:
+        """Scans the message (before it is signed); True when it may go on to delivery. Otherwise it
+        has ended here (rejected, held) or been put back to wait for an unreachable scanner."""
+        assert self.filters is not None
+        verdict = await self.filters.check(queued, mime)
+        queued.filtration.CopyFrom(verdict.filtration)
+        now = self.clock.now()
+        if verdict.kind is ScanKind.PASS:
+            return True
+        if verdict.kind is ScanKind.DEFER:
+            await self._defer_scan(queued, recipients, verdict, expire, now)
+            return False
+        if verdict.kind is ScanKind.HOLD and self.held is not None:
+            await self.held.hold(queued, mime, verdict.details)
+        else:
+            await self._publish_reject(queued, recipients, verdict, now)
+        await forget_mime(self.js, queued)
+        return False
+
+    async def _defer_scan(
+        self,
+        queued: queue_pb2.QueuedMessage,
+        recipients: list[str],
+        verdict: Verdict,
+        expire: dt.datetime,
+        now: dt.datetime,
+    ) -> None:
+        """Fail-closed: never sent unscanned. The message goes back on the queue (durable, so a
+        restart loses nothing) and waits with its own backoff; each wait is a DeliveryDelay."""
+        outcome = Outcome(Kind.TRANSIENT, f"451 4.3.0 {verdict.details}", "4.3.0", delay_type=DELAY_INTERNAL)
+        next_time = self.config.scan_policy.next_attempt(queued.scan_attempt, now, expire)
+        if next_time is None:
+            for recipient in recipients:
+                await self._publish_bounce(queued, recipient, outcome, ev.BOUNCE_TYPE_TRANSIENT, now)
+            await forget_mime(self.js, queued)
+            return
+        again = queue_pb2.QueuedMessage()
+        again.CopyFrom(queued)
+        again.scan_attempt = queued.scan_attempt + 1
+        again.not_before.FromDatetime(next_time)
+        if not again.HasField("expire_time"):
+            again.expire_time.FromDatetime(expire)
+        await enqueue(self.js, again)
+        for recipient in recipients:
+            await self._publish_delay(queued, recipient, outcome, expire, next_time, now)
+
+    async def _attempt(
+        self, queued: queue_pb2.QueuedMessage, recipients: list[str], mime: bytes | None = None
+    ) -> dict[str, Outcome]:
         try:
             config = await self.signing.get(
                 queued.identity_owner_account_id or queued.account_id, _domain(queued.from_address)
@@ -226,7 +296,7 @@ class DeliveryWorker:
                 Kind.TRANSIENT, f"451 4.3.0 DKIM keys unavailable: {exc}", "4.3.0", delay_type=DELAY_INTERNAL
             )
             return dict.fromkeys(recipients, failed)
-        mime = to_crlf(await load_mime(self.js, queued))
+        mime = to_crlf(mime if mime is not None else await load_mime(self.js, queued))
         # Signed once per message: a DKIM signature does not depend on the envelope.
         signed = (
             sign_message(mime, config)
@@ -284,6 +354,8 @@ class DeliveryWorker:
 
     async def _publish(self, queued: queue_pb2.QueuedMessage, email: ev.EmailEvent, now: dt.datetime) -> None:
         email.mail.CopyFrom(self._mail(queued))
+        if queued.HasField("filtration"):
+            email.filtration.CopyFrom(queued.filtration)
         await self.events.publish(new_event(queued.account_id, time=now, email=email))
 
     async def _publish_delivery(
@@ -328,6 +400,25 @@ class DeliveryWorker:
             remote_mta_ip=outcome.remote_ip,
         )
         await self._publish(queued, ev.EmailEvent(event_type=ev.EMAIL_EVENT_TYPE_BOUNCE, bounce=bounce), now)
+
+    async def _publish_reject(
+        self, queued: queue_pb2.QueuedMessage, recipients: list[str], verdict: Verdict, now: dt.datetime
+    ) -> None:
+        """One Reject for the message (SES's shape: reason "Bad content"), naming every recipient
+        it was not sent to; the finding is in the details."""
+        email = ev.EmailEvent(
+            event_type=ev.EMAIL_EVENT_TYPE_REJECT,
+            reject=ev.Reject(reason="Bad content", details=verdict.details, filter=verdict.filter),
+        )
+        email.mail.CopyFrom(self._mail(queued))
+        del email.mail.destination[:]
+        email.mail.destination.extend(recipients)
+        email.filtration.CopyFrom(queued.filtration)
+        log.warning(
+            "message rejected as Bad content",
+            extra={"id": queued.message_id, "account_id": queued.account_id, "details": verdict.details},
+        )
+        await self.events.publish(new_event(queued.account_id, time=now, email=email))
 
     async def _publish_delay(
         self,

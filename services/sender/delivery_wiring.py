@@ -4,6 +4,7 @@ gRPC and NATS subscriptions; the delivery code itself takes its parts through co
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import socket
 from pathlib import Path
@@ -27,6 +28,8 @@ from services.sender.dkim_signing import (
     SigningKey,
     SigningUnavailable,
 )
+from services.sender.filtration import settings as _filtration_settings  # noqa: F401 (registers them)
+from services.sender.filtration.stage import ContentFilters
 from services.sender.mx import MxResolver
 from services.sender.transport import SinkTransport, SmtpOptions, SmtpPool, SmtpTransport, Transport
 
@@ -110,6 +113,9 @@ class Delivery:
         self.runtime = runtime
         self.transport = build_transport(settings)
         self.signing = SigningConfigCache(identity_fetcher(runtime))
+        self.filters = ContentFilters.from_settings(settings)
+        if self.filters is not None:
+            log.info("content filters active", extra={"filters": self.filters.describe()})
         self.worker = DeliveryWorker(
             js=runtime.jetstream,
             events=runtime.events,
@@ -122,8 +128,14 @@ class Delivery:
                 policy=RetryPolicy.from_settings(settings),
                 ack_wait_seconds=settings.delivery_ack_wait_seconds,
                 shutdown_grace_seconds=settings.shutdown_grace_seconds,
+                scan_policy=RetryPolicy(
+                    base_minutes=settings.scan_retry_base_seconds / 60,
+                    max_minutes=settings.scan_retry_max_seconds / 60,
+                    max_age=dt.timedelta(hours=settings.delivery_max_age_hours),
+                ),
             ),
             clock=runtime.clock,
+            filters=self.filters,
         )
         self._subscription: Any = None
 
