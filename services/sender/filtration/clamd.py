@@ -64,9 +64,13 @@ def parse_reply(reply: bytes) -> str | None:
 
 
 class ClamdClient:
-    def __init__(self, url: str, *, timeout: float) -> None:
+    def __init__(self, url: str, *, timeout: float, max_stream_bytes: int = 0) -> None:
         self.endpoint = Endpoint.parse(url, 3310)
         self.timeout = timeout
+        # clamd's StreamMaxLength: a longer stream is cut off by clamd (which then closes the
+        # connection, its answer often lost to the broken pipe), so it is judged here without
+        # sending it: the same finding clamd would report. 0: no limit of our own.
+        self.max_stream_bytes = max_stream_bytes
 
     async def ping(self) -> bool:
         try:
@@ -83,6 +87,8 @@ class ClamdClient:
 
     async def scan(self, data: bytes) -> str | None:
         """The signature of what clamd found in `data`, or None when it found nothing."""
+        if self.max_stream_bytes and len(data) > self.max_stream_bytes:
+            return SIZE_LIMIT_SIGNATURE
         try:
             async with asyncio.timeout(self.timeout):
                 reader, writer = await self.endpoint.connect()

@@ -13,6 +13,12 @@ register(
     ),
     Setting("CLAMD_TIMEOUT_SECONDS", float, 60.0, "Longest wait for clamd's verdict on one message."),
     Setting(
+        "CLAMD_STREAM_MAX_BYTES",
+        int,
+        50 * 1024 * 1024,
+        "clamd's StreamMaxLength: a longer message is rejected as Heuristics.Limits.Exceeded unscanned.",
+    ),
+    Setting(
         "RSPAMD_URL",
         str,
         "",

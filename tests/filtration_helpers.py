@@ -1,0 +1,150 @@
+"""Real content scanners for tests: clamd with a signature database the test writes (the EICAR test
+file's MD5, since freshclam cannot reach its mirrors here) and rspamd with its packaged rules, each
+on a free loopback port; and hostile content to feed them."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import socket
+import subprocess
+import time
+import zipfile
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from postmesh.common.natsserver import free_port
+
+# The EICAR anti-virus test file, spelt in two halves so no scanner flags this source file.
+EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+EICAR_MD5 = "44d88612fea8a8f36de82e1278abb02f"
+EICAR_SIGNATURE = "Eicar-Test-Signature.UNOFFICIAL"
+# Small limits, so the hostile-content cases stay small.
+STREAM_MAX_BYTES = 1024 * 1024
+
+
+def require(binary: str) -> str:
+    path = shutil.which(binary) or (f"/usr/sbin/{binary}" if Path(f"/usr/sbin/{binary}").exists() else None)
+    if path is None:
+        pytest.skip(f"{binary} is not installed (Debian package clamav-daemon / rspamd)")
+    return path
+
+
+def _wait_port(port: int, process: subprocess.Popen[bytes], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{what} did not listen on {port} within {within}s")
+
+
+class Clamd:
+    """A private clamd: start(), stop() (killed, as a crash), start() again on the same port."""
+
+    def __init__(self, folder: Path) -> None:
+        self.binary = require("clamd")
+        self.folder = folder
+        self.port = free_port("127.0.0.1")
+        self.process: subprocess.Popen[bytes] | None = None
+        database = folder / "db"
+        database.mkdir(parents=True, exist_ok=True)
+        (database / "local.hdb").write_text(f"{EICAR_MD5}:{len(EICAR)}:{EICAR_SIGNATURE.split('.')[0]}\n")
+        self.config = folder / "clamd.conf"
+        self.config.write_text(
+            "\n".join(
+                [
+                    f"DatabaseDirectory {database}",
+                    f"TCPSocket {self.port}",
+                    "TCPAddr 127.0.0.1",
+                    "Foreground yes",
+                    f"LogFile {folder / 'clamd.log'}",
+                    f"PidFile {folder / 'clamd.pid'}",
+                    f"StreamMaxLength {STREAM_MAX_BYTES}",
+                    "AlertExceedsMax yes",
+                    "AlertEncrypted yes",
+                    "MaxRecursion 5",
+                    "MaxFiles 100",
+                    "MaxScanSize 5M",
+                    "MaxFileSize 2M",
+                    "SelfCheck 0",
+                    "",
+                ]
+            )
+        )
+
+    @property
+    def url(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def start(self) -> Clamd:
+        self.process = subprocess.Popen(
+            [self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        _wait_port(self.port, self.process, 60, "clamd")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self.process = None
+
+
+def mail(attachment: bytes | None = None, filename: str = "file.bin", *, body: str = "Hello.") -> bytes:
+    message = EmailMessage()
+    message["From"] = "news@example.test"
+    message["To"] = "someone@ok.test"
+    message["Subject"] = "Files"
+    message.set_content(body)
+    if attachment is not None:
+        message.add_attachment(attachment, maintype="application", subtype="octet-stream", filename=filename)
+    return message.as_bytes()
+
+
+def raw_base64_part(payload: bytes) -> bytes:
+    """A hand-written raw MIME message whose second part is `payload`, base64 with no file name."""
+    import base64
+
+    encoded = base64.encodebytes(payload)
+    return (
+        b"From: news@example.test\r\nTo: someone@ok.test\r\nSubject: raw\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\n'
+        b"Hi\r\n--b1\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + encoded.replace(b"\n", b"\r\n")
+        + b"--b1--\r\n"
+    )
+
+
+def zipped(*members: tuple[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members:
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def encrypted_zip() -> bytes:
+    """A zip whose member is flagged encrypted (general purpose bit 0), as a password-protected one is."""
+    data = bytearray(zipped(("secret.txt", b"not for scanners " * 20)))
+    data[data.find(b"PK\x03\x04") + 6] |= 1
+    data[data.find(b"PK\x01\x02") + 8] |= 1
+    return bytes(data)
+
+
+def nested_zip(depth: int) -> bytes:
+    data = b"innermost"
+    for level in range(depth):
+        data = zipped((f"level{level}.zip", data))
+    return data
+
+
+def zip_bomb() -> bytes:
+    """22 KB of zip that expands to 15 MB, past clamd's MaxScanSize."""
+    return zipped(*((f"zeros{i}", bytes(1536 * 1024)) for i in range(10)))
