@@ -49,7 +49,8 @@ async def enqueue(js: JetStreamContext, message: queue_pb2.QueuedMessage) -> Non
 def _queue_id(message: queue_pb2.QueuedMessage) -> str:
     # A wait for an unreachable content scanner re-queues without a delivery attempt: its own count.
     scan = f":s{message.scan_attempt}" if message.scan_attempt else ""
-    return f"{message.message_id}:{message.attempt}{scan}"
+    released = ":released" if message.released else ""
+    return f"{message.message_id}:{message.attempt}{scan}{released}"
 
 
 async def load_mime(js: JetStreamContext, message: queue_pb2.QueuedMessage) -> bytes:

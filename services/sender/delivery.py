@@ -59,6 +59,39 @@ def bounce_sub_type(status: str) -> ev.BounceSubType.ValueType:
     return _BOUNCE_SUB_TYPES.get(status, ev.BOUNCE_SUB_TYPE_GENERAL)
 
 
+def mail_object(queued: queue_pb2.QueuedMessage) -> ev.Mail:
+    """SES's "mail" object of a queued message's events."""
+    mail = ev.Mail(
+        message_id=queued.message_id,
+        source=queued.from_address,
+        sending_account_id=queued.account_id,
+        destination=list(queued.recipients),
+        tags=list(queued.tags),
+        configuration_set_name=queued.configuration_set_name,
+        subject=queued.subject,
+        source_identity=queued.from_identity,
+    )
+    if queued.HasField("accepted_time"):
+        mail.timestamp.CopyFrom(queued.accepted_time)
+    return mail
+
+
+def reject_event(
+    queued: queue_pb2.QueuedMessage, recipients: list[str], filter_name: str, details: str, now: dt.datetime
+) -> ev.Event:
+    """One Reject for the message (SES's shape: reason "Bad content"), naming every recipient it was
+    not sent to; what the filter found is in the details."""
+    email = ev.EmailEvent(
+        event_type=ev.EMAIL_EVENT_TYPE_REJECT,
+        reject=ev.Reject(reason="Bad content", details=details, filter=filter_name),
+    )
+    email.mail.CopyFrom(mail_object(queued))
+    del email.mail.destination[:]
+    email.mail.destination.extend(recipients)
+    email.filtration.CopyFrom(queued.filtration)
+    return new_event(queued.account_id, time=now, email=email)
+
+
 @dataclass(frozen=True)
 class DeliveryConfig:
     concurrency: int
@@ -338,19 +371,7 @@ class DeliveryWorker:
     # ---- events ------------------------------------------------------------------------------
 
     def _mail(self, queued: queue_pb2.QueuedMessage) -> ev.Mail:
-        mail = ev.Mail(
-            message_id=queued.message_id,
-            source=queued.from_address,
-            sending_account_id=queued.account_id,
-            destination=list(queued.recipients),
-            tags=list(queued.tags),
-            configuration_set_name=queued.configuration_set_name,
-            subject=queued.subject,
-            source_identity=queued.from_identity,
-        )
-        if queued.HasField("accepted_time"):
-            mail.timestamp.CopyFrom(queued.accepted_time)
-        return mail
+        return mail_object(queued)
 
     async def _publish(self, queued: queue_pb2.QueuedMessage, email: ev.EmailEvent, now: dt.datetime) -> None:
         email.mail.CopyFrom(self._mail(queued))
@@ -404,21 +425,11 @@ class DeliveryWorker:
     async def _publish_reject(
         self, queued: queue_pb2.QueuedMessage, recipients: list[str], verdict: Verdict, now: dt.datetime
     ) -> None:
-        """One Reject for the message (SES's shape: reason "Bad content"), naming every recipient
-        it was not sent to; the finding is in the details."""
-        email = ev.EmailEvent(
-            event_type=ev.EMAIL_EVENT_TYPE_REJECT,
-            reject=ev.Reject(reason="Bad content", details=verdict.details, filter=verdict.filter),
-        )
-        email.mail.CopyFrom(self._mail(queued))
-        del email.mail.destination[:]
-        email.mail.destination.extend(recipients)
-        email.filtration.CopyFrom(queued.filtration)
         log.warning(
             "message rejected as Bad content",
             extra={"id": queued.message_id, "account_id": queued.account_id, "details": verdict.details},
         )
-        await self.events.publish(new_event(queued.account_id, time=now, email=email))
+        await self.events.publish(reject_event(queued, recipients, verdict.filter, verdict.details, now))
 
     async def _publish_delay(
         self,

@@ -19,7 +19,7 @@ from postmesh.common.streams import IDENTITY_CHANGED_SUBJECT
 from postmesh.events.v1 import events_pb2
 from postmesh.identity.v1 import identity_pb2
 from services.sender.backoff import RetryPolicy
-from services.sender.delivery import DeliveryConfig, DeliveryWorker
+from services.sender.delivery import DeliveryConfig, DeliveryWorker, HeldMessages
 from services.sender.delivery_settings import DELIVERY_MODES, SMARTHOST_TLS_MODES
 from services.sender.dkim_signing import (
     FetchConfig,
@@ -29,6 +29,7 @@ from services.sender.dkim_signing import (
     SigningUnavailable,
 )
 from services.sender.filtration import settings as _filtration_settings  # noqa: F401 (registers them)
+from services.sender.filtration.policy import PolicySource
 from services.sender.filtration.stage import ContentFilters
 from services.sender.mx import MxResolver
 from services.sender.transport import SinkTransport, SmtpOptions, SmtpPool, SmtpTransport, Transport
@@ -108,12 +109,14 @@ def reporting_mta(settings: Settings) -> str:
 class Delivery:
     """The workers of one sender replica, and what they hold (signing cache, SMTP pool)."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(
+        self, runtime: Runtime, *, held: HeldMessages | None = None, policies: PolicySource | None = None
+    ) -> None:
         settings = runtime.settings
         self.runtime = runtime
         self.transport = build_transport(settings)
         self.signing = SigningConfigCache(identity_fetcher(runtime))
-        self.filters = ContentFilters.from_settings(settings)
+        self.filters = ContentFilters.from_settings(settings, policies)
         if self.filters is not None:
             log.info("content filters active", extra={"filters": self.filters.describe()})
         self.worker = DeliveryWorker(
@@ -136,6 +139,7 @@ class Delivery:
             ),
             clock=runtime.clock,
             filters=self.filters,
+            held=held,
         )
         self._subscription: Any = None
 
