@@ -10,6 +10,7 @@ import grpc
 import nats
 import pytest
 
+from postmesh.cli.main import main
 from postmesh.common.natsserver import free_port
 from postmesh.common.outbound import enqueue
 from postmesh.events.v1 import events_pb2 as ev
@@ -164,3 +165,51 @@ async def test_scores_are_recorded_and_policies_tag_hold_or_reject(
     assert sum(spam.message_id in m for m in received) == 1  # released: sent once
     assert not any(second_held.message_id in m for m in received)
     assert not any(messages[rejected][1].message_id in m for m in received)
+
+
+async def test_operator_cli_sets_policies_and_handles_held_mail(
+    start_mesh: MeshFactory,
+    nats_url: str,
+    receiver: tuple[SmtpServer, LoopbackDns],
+    rspamd: Rspamd,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    smtp, dns = receiver
+    mesh = start_mesh(
+        ("sender",),
+        delivery_mode="mx",
+        delivery_workers=4,
+        dns_resolver=dns.address,
+        smtp_port=smtp.port,
+        rspamd_url=rspamd.url,
+    )
+    monkeypatch.setenv("POSTMESH_ENDPOINT", mesh.address)
+    monkeypatch.setenv("POSTMESH_ADMIN_KEY", mesh.admin_key)
+
+    def run(*argv: str) -> str:
+        assert main(list(argv)) == 0
+        return capsys.readouterr().out
+
+    account = new_account_id()
+    assert "tag above 15 (the default)" in run("admin", "spam-policy", account)
+    out = run("admin", "spam-policy", account, "--mode", "hold", "--threshold", "6")
+    assert "hold above 6 (the account's own)" in out
+    spam = queued_message(account, ["someone@ok.test"])
+    spam.mime = spammy_mail(spam.message_id)
+    nc = await nats.connect(nats_url)
+    await enqueue(nc.jetstream(), spam)
+    await nc.close()
+    deadline = asyncio.get_running_loop().time() + 60
+    while spam.message_id not in (listed := run("admin", "held", "list", "--account", account)):
+        assert asyncio.get_running_loop().time() < deadline, (listed, [r.message_id for r in smtp.received])
+        await asyncio.sleep(0.3)
+    assert "1 held message(s)" in listed
+    shown = run("admin", "held", "show", spam.message_id)
+    assert "spam: score" in shown and "someone@ok.test" in shown
+    assert "VIAGRA" in run("admin", "held", "show", spam.message_id, "--raw")
+    async with EmailEvents(nats_url, account) as events:
+        assert "dropped" in run("admin", "held", "drop", spam.message_id)
+        await events.wait_for(lambda es: bool(events.of(spam.message_id, REJECT)))
+    assert "0 held message(s)" in run("admin", "held", "list", "--account", account)
+    assert "the default" in run("admin", "spam-policy", account, "--mode", "default")
