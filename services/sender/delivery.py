@@ -110,6 +110,8 @@ class HeldMessages(Protocol):
 
     async def hold(self, queued: queue_pb2.QueuedMessage, mime: bytes, details: str) -> None: ...
 
+    async def count(self) -> int: ...
+
 
 def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()

@@ -30,7 +30,7 @@ from services.sender.dkim_signing import (
 )
 from services.sender.filtration import settings as _filtration_settings  # noqa: F401 (registers them)
 from services.sender.filtration.policy import PolicySource
-from services.sender.filtration.stage import ContentFilters
+from services.sender.filtration.stage import HELD_WAITING, ContentFilters
 from services.sender.mx import MxResolver
 from services.sender.transport import SinkTransport, SmtpOptions, SmtpPool, SmtpTransport, Transport
 
@@ -141,6 +141,7 @@ class Delivery:
             filters=self.filters,
             held=held,
         )
+        self.held = held
         self._subscription: Any = None
 
     async def start(self) -> None:
@@ -156,6 +157,17 @@ class Delivery:
         )
         self.runtime.spawn(self.worker.run, "delivery")
         self.runtime.spawn(self._close_idle_connections, "smtp-idle")
+        if self.filters is not None:
+            self.runtime.spawn(self._watch_filters, "filtration-watch")
+
+    async def _watch_filters(self) -> None:
+        """Keeps the scanner-up and held-messages gauges current even when no mail flows."""
+        assert self.filters is not None
+        while True:
+            await self.filters.probe()
+            if self.held is not None:
+                HELD_WAITING.set(await self.held.count())
+            await asyncio.sleep(30)
 
     async def _close_idle_connections(self) -> None:
         pool = getattr(self.transport, "pool", None)

@@ -10,12 +10,14 @@ then applies the down-scanner rule, it never takes silence for a clean result.
 from __future__ import annotations
 
 import asyncio
+import re
 import struct
 from dataclasses import dataclass
 
 # clamd's own answer when the stream passes its StreamMaxLength; reported as a finding (see verdict).
 SIZE_LIMIT_SIGNATURE = "Heuristics.Limits.Exceeded.StreamMaxLength"
 _CHUNK = 64 * 1024
+_FOUND = re.compile(r"stream: (\S+(?: \S+)*?) FOUND")
 
 
 class ScannerUnavailable(Exception):
@@ -54,10 +56,9 @@ def parse_reply(reply: bytes) -> str | None:
     text = reply.rstrip(b"\0\n").decode("utf-8", "replace").strip()
     if text == "stream: OK":
         return None
-    if text.startswith("stream: ") and text.endswith(" FOUND"):
-        signature = text.removeprefix("stream: ").removesuffix(" FOUND").strip()
-        if signature:
-            return signature
+    found = _FOUND.fullmatch(text)
+    if found:
+        return found.group(1)
     if text.startswith("INSTREAM size limit exceeded"):
         return SIZE_LIMIT_SIGNATURE
     raise ScannerUnavailable(f"clamd answered {text[:200]!r}")

@@ -36,6 +36,7 @@ DEFERRED = Counter(
 SCANNER_UP = Gauge(
     "postmesh_filtration_scanner_up", "1 when the last call to the scanner got an answer", ["filter"]
 )
+HELD_WAITING = Gauge("postmesh_filtration_held_messages", "Messages held for an operator, waiting now")
 SPAM_SCORE = Gauge("postmesh_filtration_last_spam_score", "Spam score of the last message scored")
 
 VIRUS = "virus"
@@ -103,6 +104,17 @@ class ContentFilters:
         if self.rspamd is not None:
             active.append(f"spam scoring with rspamd at {self.rspamd.endpoint}")
         return active
+
+    async def probe(self) -> dict[str, bool]:
+        """Asks each scanner whether it is up (for the metrics, between messages)."""
+        states = {}
+        for name, client in ((VIRUS, self.clamd), (SPAM, self.rspamd)):
+            if client is not None:
+                states[name] = await client.ping()
+                SCANNER_UP.labels(name).set(1 if states[name] else 0)
+                if not states[name]:
+                    log.warning("content scanner unreachable", extra={"filter": name})
+        return states
 
     def pending(self, queued: queue_pb2.QueuedMessage) -> bool:
         """Whether the message still has a scan to go through."""
