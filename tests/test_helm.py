@@ -118,3 +118,19 @@ def test_chart_refuses_to_render_without_credentials(tmp_path: Path) -> None:
         env={**os.environ, "HOME": str(tmp_path)},
     )
     assert result.returncode != 0 and "secrets.adminApiKey is required" in result.stderr
+
+
+def test_content_scanners_are_wired_into_the_sender_only(rendered: list[dict[str, Any]]) -> None:
+    def env(service: str) -> dict[str, str]:
+        (deployment,) = [
+            d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["name"].endswith(service)
+        ]
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value", "") for e in container["env"]}
+
+    sender = env("sender")
+    assert sender["CLAMD_URL"] == "tcp://clamav.clamav.svc:3310"
+    assert (
+        sender["RSPAMD_URL"] == "" and sender["SPAM_POLICY"] == "tag" and sender["SPAM_FAIL_OPEN"] == "false"
+    )
+    assert "CLAMD_URL" not in env("identity")
