@@ -5,10 +5,7 @@ on a free loopback port; and hostile content to feed them."""
 from __future__ import annotations
 
 import io
-import shutil
-import socket
 import subprocess
-import time
 import zipfile
 from email.message import EmailMessage
 from pathlib import Path
@@ -16,85 +13,22 @@ from pathlib import Path
 import pytest
 
 from postmesh.common.natsserver import free_port
+from postmesh.testing_scanners import ClamdProcess, find_binary, wait_port
 
-# The EICAR anti-virus test file, spelt in two halves so no scanner flags this source file.
-EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
-EICAR_MD5 = "44d88612fea8a8f36de82e1278abb02f"
-EICAR_SIGNATURE = "Eicar-Test-Signature.UNOFFICIAL"
 # Small limits, so the hostile-content cases stay small.
 STREAM_MAX_BYTES = 1024 * 1024
 
 
 def require(binary: str) -> str:
-    path = shutil.which(binary) or (f"/usr/sbin/{binary}" if Path(f"/usr/sbin/{binary}").exists() else None)
+    path = find_binary(binary)
     if path is None:
         pytest.skip(f"{binary} is not installed (Debian package clamav-daemon / rspamd)")
     return path
 
 
-def _wait_port(port: int, process: subprocess.Popen[bytes], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{what} did not listen on {port} within {within}s")
-
-
-class Clamd:
-    """A private clamd: start(), stop() (killed, as a crash), start() again on the same port."""
-
+class Clamd(ClamdProcess):
     def __init__(self, folder: Path) -> None:
-        self.binary = require("clamd")
-        self.folder = folder
-        self.port = free_port("127.0.0.1")
-        self.process: subprocess.Popen[bytes] | None = None
-        database = folder / "db"
-        database.mkdir(parents=True, exist_ok=True)
-        (database / "local.hdb").write_text(f"{EICAR_MD5}:{len(EICAR)}:{EICAR_SIGNATURE.split('.')[0]}\n")
-        self.config = folder / "clamd.conf"
-        self.config.write_text(
-            "\n".join(
-                [
-                    f"DatabaseDirectory {database}",
-                    f"TCPSocket {self.port}",
-                    "TCPAddr 127.0.0.1",
-                    "Foreground yes",
-                    f"LogFile {folder / 'clamd.log'}",
-                    f"PidFile {folder / 'clamd.pid'}",
-                    f"StreamMaxLength {STREAM_MAX_BYTES}",
-                    "AlertExceedsMax yes",
-                    "AlertEncrypted yes",
-                    "MaxRecursion 5",
-                    "MaxFiles 100",
-                    "MaxScanSize 5M",
-                    "MaxFileSize 2M",
-                    "SelfCheck 0",
-                    "",
-                ]
-            )
-        )
-
-    @property
-    def url(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
-
-    def start(self) -> Clamd:
-        self.process = subprocess.Popen(
-            [self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        _wait_port(self.port, self.process, 60, "clamd")
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)
-        self.process = None
+        super().__init__(folder, binary=require("clamd"), stream_max_bytes=STREAM_MAX_BYTES)
 
 
 def mail(attachment: bytes | None = None, filename: str = "file.bin", *, body: str = "Hello.") -> bytes:
@@ -196,7 +130,7 @@ class Rspamd:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _wait_port(self.port, self.process, 90, "rspamd")
+        wait_port(self.port, self.process, 90, "rspamd")
         return self
 
     def stop(self) -> None:

@@ -16,12 +16,11 @@ from postmesh.common.outbound import enqueue
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.sender.v1 import queue_pb2
 from postmesh.testing_mail import LoopbackDns, SmtpServer
+from postmesh.testing_scanners import EICAR, EICAR_SIGNATURE
 from tests.conftest import MeshFactory
 from tests.delivery_helpers import EmailEvents, forget_delivery_consumer, new_account_id, queued_message
 from tests.dkim_verifiers import dkimpy_dns
 from tests.filtration_helpers import (
-    EICAR,
-    EICAR_SIGNATURE,
     STREAM_MAX_BYTES,
     Clamd,
     encrypted_zip,
@@ -41,7 +40,8 @@ DELAY = ev.EMAIL_EVENT_TYPE_DELIVERY_DELAY
 @pytest.fixture(scope="module")
 def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clamd]:
     """One clamd per module: it takes a few seconds to load its database."""
-    server = Clamd(tmp_path_factory.mktemp("clamd")).start()
+    server = Clamd(tmp_path_factory.mktemp("clamd"))
+    server.start()
     yield server
     server.stop()
 
