@@ -15,6 +15,7 @@ from postmesh.common.natsserver import free_port
 from postmesh.common.outbound import enqueue
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.sender.v1 import queue_pb2
+from postmesh.sender.v1 import sender_pb2 as pb
 from postmesh.testing_mail import LoopbackDns, SmtpServer
 from postmesh.testing_scanners import EICAR, EICAR_SIGNATURE
 from tests.conftest import MeshFactory
@@ -92,6 +93,7 @@ async def test_findings_are_rejected_and_clean_mail_goes_out_signed(
     account, key = mesh.create_account()
     with mesh.client(key) as client:
         create_verified_domain(client, dns, "example.test")
+        create_verified_domain(client, dns, "ok.test")  # the sandbox sends to verified identities
     findings = {
         "attachment": (mail(EICAR, "eicar.com"), EICAR_SIGNATURE),
         "zip": (mail(zipped(("eicar.com", EICAR)), "files.zip"), EICAR_SIGNATURE),
@@ -112,6 +114,16 @@ async def test_findings_are_rejected_and_clean_mail_goes_out_signed(
     }
     clean = _with_mime(account, mail(zipped(("notes.txt", b"quarterly figures")), "notes.zip"))
     async with EmailEvents(nats_url, account) as events:
+        with mesh.client(key) as client:
+            # Through the API: accepted at once (SES rejects asynchronously), then refused by the scan.
+            raw = mail(EICAR, "readme.txt").replace(b"someone@ok.test", b"api@ok.test")
+            via_api = client.sender.SendEmail(
+                pb.SendEmailRequest(
+                    from_email_address="news@example.test",
+                    destination=pb.Destination(to_addresses=["api@ok.test"]),
+                    content=pb.EmailContent(raw=pb.RawMessage(data=raw)),
+                )
+            ).message_id
         nc = await nats.connect(nats_url)
         for queued in [*bad.values(), clean]:
             await enqueue(nc.jetstream(), queued)
@@ -120,6 +132,7 @@ async def test_findings_are_rejected_and_clean_mail_goes_out_signed(
             lambda es: (
                 all(events.of(q.message_id, REJECT) for q in bad.values())
                 and bool(events.of(clean.message_id, DELIVERY))
+                and bool(events.of(via_api, REJECT))
             ),
             within=90,
         )
@@ -133,6 +146,9 @@ async def test_findings_are_rejected_and_clean_mail_goes_out_signed(
         assert not events.of(queued.message_id, DELIVERY), name
     arrived = list(smtp.received)
     assert [clean.message_id in r.message_id for r in arrived] == [True]  # no finding reached it
+    (api_reject,) = events.of(via_api, REJECT)
+    assert api_reject.reject.details == f"virus: {EICAR_SIGNATURE}"
+    assert list(api_reject.mail.destination) == ["api@ok.test"]
     (delivery,) = events.of(clean.message_id, DELIVERY)
     assert delivery.filtration.virus_scanned
     verifier = dkim.DKIM(arrived[0].data)
