@@ -159,7 +159,16 @@ async def test_clamd_killed_mid_burst_delays_mail_and_loses_none(
     start_mesh: MeshFactory, nats_url: str, receiver: tuple[SmtpServer, LoopbackDns], clamd: Clamd
 ) -> None:
     smtp, dns = receiver
-    start_mesh(("sender",), **_settings(smtp, dns, clamd))
+    mesh = start_mesh(("sender",), **_settings(smtp, dns, clamd))
+
+    async def virus_health(expected: str) -> None:
+        deadline = asyncio.get_running_loop().time() + 60
+        with mesh.client() as client:
+            while (status := client.health_status("postmesh.filtration.virus")) != expected:
+                assert asyncio.get_running_loop().time() < deadline, status
+                await asyncio.sleep(0.2)
+
+    await virus_health("SERVING")
     account = new_account_id()
     burst = [queued_message(account, [f"r{i}@ok.test"]) for i in range(12)]
     infected = _with_mime(account, mail(EICAR, "eicar.com"))
@@ -182,6 +191,9 @@ async def test_clamd_killed_mid_burst_delays_mail_and_loses_none(
                 for r in e.email.delivery_delay.delayed_recipients
             )
             sent_while_down = {r.message_id for r in smtp.received}
+            await virus_health("NOT_SERVING")  # health says so, the sender itself still serves
+            with mesh.client() as client:
+                assert client.health_status("postmesh.sender.v1.SenderService") == "SERVING"
         finally:
             clamd.start()
         await nc.close()
@@ -192,6 +204,7 @@ async def test_clamd_killed_mid_burst_delays_mail_and_loses_none(
             ),
             within=120,
         )
+    await virus_health("SERVING")
     delayed_ids = {e.email.mail.message_id for e in events.events if e.email.event_type == DELAY}
     assert delayed_ids and not any(i in m for i in delayed_ids for m in sent_while_down)
     received = [r.message_id for r in smtp.received]

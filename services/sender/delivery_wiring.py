@@ -30,7 +30,7 @@ from services.sender.dkim_signing import (
 )
 from services.sender.filtration import settings as _filtration_settings  # noqa: F401 (registers them)
 from services.sender.filtration.policy import PolicySource
-from services.sender.filtration.stage import HELD_WAITING, ContentFilters
+from services.sender.filtration.stage import HEALTH_NAMES, HELD_WAITING, ContentFilters
 from services.sender.mx import MxResolver
 from services.sender.transport import SinkTransport, SmtpOptions, SmtpPool, SmtpTransport, Transport
 
@@ -162,12 +162,22 @@ class Delivery:
 
     async def _watch_filters(self) -> None:
         """Keeps the scanner-up and held-messages gauges current even when no mail flows."""
-        assert self.filters is not None
+        filters = self.filters
+        assert filters is not None
         while True:
-            await self.filters.probe()
+            filters.changed.clear()
+            await filters.probe()
+            if self.runtime.report_health is not None:
+                for name, up in filters.up.items():
+                    await self.runtime.report_health(HEALTH_NAMES[name], up)
             if self.held is not None:
                 HELD_WAITING.set(await self.held.count())
-            await asyncio.sleep(30)
+            try:
+                # A scan that finds a scanner down (or back) reports it at once.
+                async with asyncio.timeout(30):
+                    await filters.changed.wait()
+            except TimeoutError:
+                pass
 
     async def _close_idle_connections(self) -> None:
         pool = getattr(self.transport, "pool", None)

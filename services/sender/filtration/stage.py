@@ -8,6 +8,7 @@ message back on the queue to wait (fail-closed); for spam only, SPAM_FAIL_OPEN l
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ SPAM_SCORE = Gauge("postmesh_filtration_last_spam_score", "Spam score of the las
 
 VIRUS = "virus"
 SPAM = "spam"
+# Names in the standard gRPC health service while a filter is configured.
+HEALTH_NAMES = {VIRUS: "postmesh.filtration.virus", SPAM: "postmesh.filtration.spam"}
 
 
 class Kind(enum.Enum):
@@ -71,9 +74,18 @@ class ContentFilters:
         self.rspamd = rspamd
         self.policies = policies
         self.spam_fail_open = spam_fail_open
+        # Last known state of each scanner; `changed` wakes whoever reports it (health).
+        self.up: dict[str, bool] = {}
+        self.changed = asyncio.Event()
         for name, client in ((VIRUS, clamd), (SPAM, rspamd)):
             if client is not None:
-                SCANNER_UP.labels(name).set(1)
+                self._set_up(name, True)
+
+    def _set_up(self, name: str, up: bool) -> None:
+        SCANNER_UP.labels(name).set(1 if up else 0)
+        if self.up.get(name) != up:
+            self.up[name] = up
+            self.changed.set()
 
     @classmethod
     def from_settings(cls, settings: Settings, policies: PolicySource | None = None) -> ContentFilters | None:
@@ -111,7 +123,7 @@ class ContentFilters:
         for name, client in ((VIRUS, self.clamd), (SPAM, self.rspamd)):
             if client is not None:
                 states[name] = await client.ping()
-                SCANNER_UP.labels(name).set(1 if states[name] else 0)
+                self._set_up(name, states[name])
                 if not states[name]:
                     log.warning("content scanner unreachable", extra={"filter": name})
         return states
@@ -131,7 +143,7 @@ class ContentFilters:
                 signature = await self.clamd.scan(mime)
             except ScannerUnavailable as exc:
                 return self._unavailable(VIRUS, found, str(exc))
-            SCANNER_UP.labels(VIRUS).set(1)
+            self._set_up(VIRUS, True)
             found.virus_scanned = True
             SCANS.labels(VIRUS, "found" if signature else "clean").inc()
             if signature:
@@ -150,14 +162,14 @@ class ContentFilters:
                 except ScannerUnavailable as exc:
                     if not self.spam_fail_open:
                         return self._unavailable(SPAM, found, str(exc))
-                    SCANNER_UP.labels(SPAM).set(0)
+                    self._set_up(SPAM, False)
                     SCANS.labels(SPAM, "skipped").inc()
                     log.warning(
                         "rspamd unreachable; sending unscored (SPAM_FAIL_OPEN)", extra={"error": str(exc)}
                     )
                     found.spam_unscanned = True
                     return Verdict(Kind.PASS, found)
-                SCANNER_UP.labels(SPAM).set(1)
+                self._set_up(SPAM, True)
                 SPAM_SCORE.set(result.score)
                 found.spam_scored = True
                 found.spam_score = result.score
@@ -176,7 +188,7 @@ class ContentFilters:
         return Verdict(Kind.PASS, found)
 
     def _unavailable(self, name: str, found: ev.Filtration, why: str) -> Verdict:
-        SCANNER_UP.labels(name).set(0)
+        self._set_up(name, False)
         DEFERRED.labels(name).inc()
         SCANS.labels(name, "unavailable").inc()
         log.warning(
