@@ -89,7 +89,11 @@ def reject_event(
     del email.mail.destination[:]
     email.mail.destination.extend(recipients)
     email.filtration.CopyFrom(queued.filtration)
-    return new_event(queued.account_id, time=now, email=email)
+    event = new_event(queued.account_id, time=now, email=email)
+    # A message is rejected at most once: a worker that dies after publishing and rejects it again
+    # on redelivery publishes the same event id, which JetStream and the statistics count once.
+    event.event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"postmesh:reject:{queued.message_id}").hex
+    return event
 
 
 @dataclass(frozen=True)
