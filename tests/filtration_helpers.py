@@ -7,12 +7,15 @@ from __future__ import annotations
 import io
 import subprocess
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
 from postmesh.common.natsserver import free_port
+from postmesh.testing_mail import LoopbackDns, SmtpServer
 from postmesh.testing_scanners import ClamdProcess, find_binary, wait_port
 
 # Small limits, so the hostile-content cases stay small.
@@ -150,3 +153,13 @@ def spammy_mail(message_id: str) -> bytes:
         f"Message-ID: <{message_id}@example.test>\r\nFrom: news@example.test\r\nTo: someone@ok.test\r\n"
         "Subject: VIAGRA CHEAP!!! FREE MONEY\r\n\r\nBuy now, click http://bit.ly/xyz\r\n"
     ).encode()
+
+
+@contextmanager
+def receiving_server() -> Iterator[tuple[SmtpServer, LoopbackDns]]:
+    """An SMTP server on 127.0.0.2, the MX of ok.test in a DNS server of its own."""
+    port = free_port("127.0.0.2")
+    with SmtpServer("127.0.0.2", port) as smtp, LoopbackDns() as dns:
+        dns.add_mx("ok.test", "mx.ok.test", 10)
+        dns.add_a("mx.ok.test", "127.0.0.2")
+        yield smtp, dns

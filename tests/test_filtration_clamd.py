@@ -11,7 +11,6 @@ import dkim
 import nats
 import pytest
 
-from postmesh.common.natsserver import free_port
 from postmesh.common.outbound import enqueue
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.sender.v1 import queue_pb2
@@ -28,6 +27,7 @@ from tests.filtration_helpers import (
     mail,
     nested_zip,
     raw_base64_part,
+    receiving_server,
     zip_bomb,
     zipped,
 )
@@ -49,11 +49,8 @@ def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clamd]:
 
 @pytest.fixture
 def receiver() -> Iterator[tuple[SmtpServer, LoopbackDns]]:
-    port = free_port("127.0.0.2")
-    with SmtpServer("127.0.0.2", port) as smtp, LoopbackDns() as dns:
-        dns.add_mx("ok.test", "mx.ok.test", 10)
-        dns.add_a("mx.ok.test", "127.0.0.2")
-        yield smtp, dns
+    with receiving_server() as parts:
+        yield parts
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,6 @@ import nats
 import pytest
 
 from postmesh.cli.main import main
-from postmesh.common.natsserver import free_port
 from postmesh.common.outbound import enqueue
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.sender.v1 import filtration_pb2 as fpb
@@ -19,7 +18,7 @@ from postmesh.testing import MeshThread
 from postmesh.testing_mail import LoopbackDns, SmtpServer
 from tests.conftest import MeshFactory
 from tests.delivery_helpers import EmailEvents, forget_delivery_consumer, new_account_id, queued_message
-from tests.filtration_helpers import Rspamd, spammy_mail
+from tests.filtration_helpers import Rspamd, receiving_server, spammy_mail
 
 DELIVERY = ev.EMAIL_EVENT_TYPE_DELIVERY
 REJECT = ev.EMAIL_EVENT_TYPE_REJECT
@@ -34,17 +33,29 @@ def rspamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rspamd]:
 
 @pytest.fixture
 def receiver() -> Iterator[tuple[SmtpServer, LoopbackDns]]:
-    port = free_port("127.0.0.2")
-    with SmtpServer("127.0.0.2", port) as smtp, LoopbackDns() as dns:
-        dns.add_mx("ok.test", "mx.ok.test", 10)
-        dns.add_a("mx.ok.test", "127.0.0.2")
-        yield smtp, dns
+    with receiving_server() as parts:
+        yield parts
 
 
 @pytest.fixture(autouse=True)
 def _no_lingering_consumer(nats_url: str) -> Iterator[None]:
     yield
     asyncio.run(forget_delivery_consumer(nats_url))
+
+
+def _mesh(
+    start_mesh: MeshFactory, smtp: SmtpServer, dns: LoopbackDns, rspamd: Rspamd, **extra: object
+) -> MeshThread:
+    """A sender that delivers to `smtp` and scores every message with `rspamd`."""
+    return start_mesh(
+        ("sender",),
+        delivery_mode="mx",
+        delivery_workers=4,
+        dns_resolver=dns.address,
+        smtp_port=smtp.port,
+        rspamd_url=rspamd.url,
+        **extra,
+    )
 
 
 def _policy(mesh: MeshThread, account: str, mode: int, threshold: float = 0.0) -> None:
@@ -61,15 +72,7 @@ async def test_scores_are_recorded_and_policies_tag_hold_or_reject(
     start_mesh: MeshFactory, nats_url: str, receiver: tuple[SmtpServer, LoopbackDns], rspamd: Rspamd
 ) -> None:
     smtp, dns = receiver
-    mesh = start_mesh(
-        ("sender",),
-        delivery_mode="mx",
-        delivery_workers=4,
-        dns_resolver=dns.address,
-        smtp_port=smtp.port,
-        rspamd_url=rspamd.url,
-        spam_threshold=6.0,
-    )
+    mesh = _mesh(start_mesh, smtp, dns, rspamd, spam_threshold=6.0)
     tagged, held, rejected = new_account_id(), new_account_id(), new_account_id()
     _policy(mesh, held, fpb.SPAM_POLICY_MODE_HOLD)
     _policy(mesh, rejected, fpb.SPAM_POLICY_MODE_REJECT, threshold=6.5)
@@ -176,14 +179,7 @@ async def test_operator_cli_sets_policies_and_handles_held_mail(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     smtp, dns = receiver
-    mesh = start_mesh(
-        ("sender",),
-        delivery_mode="mx",
-        delivery_workers=4,
-        dns_resolver=dns.address,
-        smtp_port=smtp.port,
-        rspamd_url=rspamd.url,
-    )
+    mesh = _mesh(start_mesh, smtp, dns, rspamd)
     monkeypatch.setenv("POSTMESH_ENDPOINT", mesh.address)
     monkeypatch.setenv("POSTMESH_ADMIN_KEY", mesh.admin_key)
 
