@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
+
+from postmesh.cli.main import main
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.quota.v1 import quota_pb2 as pb
+from postmesh.testing import MeshThread
 from tests.conftest import MeshFactory
 from tests.quota_helpers import ManualClock, email_event, publish, wait_for
 
@@ -44,3 +48,24 @@ def test_a_reject_leaves_the_delivery_attempts_of_its_send(start_mesh: MeshFacto
 
     expected = [("10:00", 3, 0), ("10:15", 0, 2)]
     assert wait_for(points, lambda p: p == expected) == expected
+
+
+def test_postmesh_stats_totals_the_rejects(
+    mesh: MeshThread, nats_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    account_id, key = mesh.create_account()
+    monkeypatch.setenv("POSTMESH_ENDPOINT", mesh.address)
+    monkeypatch.setenv("POSTMESH_API_KEY", key)
+    now = dt.datetime.now(dt.UTC)
+    reject = email_event(
+        account_id, ev.EMAIL_EVENT_TYPE_REJECT, now, recipients=3, reject=ev.Reject(reason="Bad content")
+    )
+    publish(nats_url, [email_event(account_id, ev.EMAIL_EVENT_TYPE_SEND, now, recipients=5), reject])
+    with mesh.client(key) as client:
+        wait_for(
+            lambda: client.quota.GetSendStatistics(pb.GetSendStatisticsRequest()).send_data_points,
+            lambda points: sum(p.rejects for p in points) == 3,
+        )
+    assert main(["stats", "--hours", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "3 message(s) rejected as Bad content (virus or spam) in the last 2h" in out
