@@ -292,6 +292,8 @@ class DeliveryWorker:
         if verdict.kind is ScanKind.HOLD and self.held is not None:
             await self.held.hold(queued, mime, verdict.details)
         else:
+            # A Reject, or a hold by a worker built without a place to keep held mail (the service
+            # always gives one): never sending is the safe side of "hold".
             await self._publish_reject(queued, recipients, verdict, now)
         await forget_mime(self.js, queued)
         return False
