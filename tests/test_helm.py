@@ -319,3 +319,19 @@ def test_feedback_serves_tracking_behind_an_ingress_and_the_sns_endpoint(
     assert backend["service"] == {"name": "pm-postmesh-feedback", "port": {"name": "tracking"}}
     secret = next(d for d in rendered if d["kind"] == "Secret")
     assert secret["stringData"]["TRACKING_SECRET"] == "ci-tracking-secret"
+
+
+def test_content_scanners_are_wired_into_the_sender_only(rendered: list[dict[str, Any]]) -> None:
+    def env(service: str) -> dict[str, str]:
+        (deployment,) = [
+            d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["name"].endswith(service)
+        ]
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value", "") for e in container["env"]}
+
+    sender = env("delivery")
+    assert sender["CLAMD_URL"] == "tcp://clamav.clamav.svc:3310"
+    assert (
+        sender["RSPAMD_URL"] == "" and sender["SPAM_POLICY"] == "tag" and sender["SPAM_FAIL_OPEN"] == "false"
+    )
+    assert "CLAMD_URL" not in env("identity")

@@ -8,6 +8,7 @@ import datetime as dt
 from collections.abc import Sequence
 
 from postmesh.cli.common import add_connection_flags, client_for, emit, table
+from postmesh.cli.filtration import register_admin as register_filtration_admin
 from postmesh.quota.v1 import quota_pb2 as pb
 
 BARS = " ▁▂▃▄▅▆▇█"
@@ -117,6 +118,9 @@ def _stats(args: argparse.Namespace) -> int:
         for p in points
     ]
     text = table(rows, ["INTERVAL", "ATTEMPTS", "BOUNCES", "COMPLAINTS", "REJECTS"])
+    rejects = sum(p.rejects for p in points)
+    if rejects:
+        text += f"\n\n{rejects} message(s) rejected as Bad content (virus or spam) in the last {args.hours}h"
     text += "\n\n" + stats_chart(points, args.hours, now)
     emit(args, reply, text)
     return 0
@@ -407,3 +411,5 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     set_quota.add_argument("--reason", default="")
     add_connection_flags(set_quota, admin=True)
     set_quota.set_defaults(handler=_admin_set_quota)
+
+    register_filtration_admin(sub)

@@ -125,6 +125,14 @@ def _dev(args: argparse.Namespace) -> int:
     settings = base.with_overrides(**overrides)
     configure_logging(settings.log_level)
     admin_key = settings.admin_api_key
+    filters = [
+        *([f"virus scanning (clamd {settings.clamd_url})"] if settings.clamd_url else []),
+        *(
+            [f"spam scoring (rspamd {settings.rspamd_url}, policy {settings.spam_policy})"]
+            if settings.rspamd_url
+            else []
+        ),
+    ]
     started_here = f"  (started here, store in {data_dir / 'nats'})" if nats_process else ""
     print(
         f"""
@@ -135,6 +143,7 @@ postmesh is starting on {settings.grpc_listen} (identity, quota, sender, feedbac
   tracking:  http://{settings.tracking_http_listen} (tracked links and the open pixel)
   SMTP:      STARTTLS {settings.smtp_starttls_listen or "off"}, TLS {settings.smtp_tls_listen or "off"}
              certificate {settings.smtp_tls_cert_file}
+  filters:   {", ".join(filters) or "none (set CLAMD_URL and/or RSPAMD_URL to scan outgoing mail)"}
 
 In another terminal:
   . .venv/bin/activate

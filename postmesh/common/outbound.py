@@ -40,10 +40,17 @@ async def enqueue(js: JetStreamContext, message: queue_pb2.QueuedMessage) -> Non
         await store.put(message.message_id, bytes(message.mime))
         message.mime_object = message.message_id
         message.mime = b""
-    headers = {"Nats-Msg-Id": f"{message.message_id}:{message.attempt}"}
+    headers = {"Nats-Msg-Id": _queue_id(message)}
     # The delivery worker's span continues the trace of the call that queued the message.
     tracing.inject(headers)
     await js.publish(outbound_subject(message.account_id), message.SerializeToString(), headers=headers)
+
+
+def _queue_id(message: queue_pb2.QueuedMessage) -> str:
+    # A wait for an unreachable content scanner re-queues without a delivery attempt: its own count.
+    scan = f":s{message.scan_attempt}" if message.scan_attempt else ""
+    released = ":released" if message.released else ""
+    return f"{message.message_id}:{message.attempt}{scan}{released}"
 
 
 async def load_mime(js: JetStreamContext, message: queue_pb2.QueuedMessage) -> bytes:

@@ -425,6 +425,7 @@ class MeshServer:
     async def _bring_up_service(self, service: Service, js: Any, publisher: EventPublisher) -> None:
         runtime = service.runtime
         runtime.nats, runtime.js, runtime._events = self.nats, js, publisher
+        runtime.report_health = self._report_health
         if service.metadata is not None and service.migrations_dir is not None:
             engine = db.create_engine(self.settings.database_url(service.name))
             await db.connect_with_retry(engine, max_delay=self.settings.startup_retry_max_seconds)
@@ -437,6 +438,12 @@ class MeshServer:
         runtime.ready.set()
         await self.health.set(service.full_name, health_pb2.HealthCheckResponse.SERVING)
         log.info("service serving", extra={"service": service.name})
+
+    async def _report_health(self, name: str, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set(name, status)
 
     async def wait_ready(self) -> None:
         """Returns once every hosted service is SERVING (wrap in asyncio.timeout to bound it)."""

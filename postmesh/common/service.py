@@ -57,6 +57,9 @@ class Runtime:
     _events: EventPublisher | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Set by the bootstrap: reports a component of a service (e.g. a content scanner) as SERVING or
+    # NOT_SERVING under its own name in the standard health service, apart from the service itself.
+    report_health: Callable[[str, bool], Awaitable[None]] | None = None
 
     @property
     def sessions(self) -> async_sessionmaker[AsyncSession]:

@@ -188,6 +188,15 @@ class SendStatistics:
                 key = (event.account_id, slot_start(event.time.ToDatetime(tzinfo=dt.UTC)))
                 slot = counts.setdefault(key, dict.fromkeys(COLUMNS, 0))
                 slot[column] += messages
+                if column == "rejects" and event.email.mail.HasField("timestamp"):
+                    # Counted as a delivery attempt by its Send event when accepted; SES never tried
+                    # to deliver a rejected message, so it leaves the attempts (and the bounce rate's
+                    # denominator) of the interval it was sent in.
+                    sent = (
+                        event.account_id,
+                        slot_start(event.email.mail.timestamp.ToDatetime(tzinfo=dt.UTC)),
+                    )
+                    counts.setdefault(sent, dict.fromkeys(COLUMNS, 0))["delivery_attempts"] -= messages
             rows = [{"account_id": a, "slot_start": s, **c} for (a, s), c in counts.items()]
             for start in range(0, len(rows), _ROWS_PER_STATEMENT):
                 statement = self._insert(SendStatsSlot).values(rows[start : start + _ROWS_PER_STATEMENT])

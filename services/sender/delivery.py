@@ -22,7 +22,8 @@ import asyncio
 import datetime as dt
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import dkim
 from nats.aio.msg import Msg
@@ -43,6 +44,8 @@ from postmesh.events.v1 import events_pb2 as ev
 from postmesh.sender.v1 import queue_pb2
 from services.sender.backoff import RetryPolicy
 from services.sender.dkim_signing import SigningConfigCache, SigningUnavailable, sign_message, to_crlf
+from services.sender.filtration.stage import ContentFilters, Verdict
+from services.sender.filtration.stage import Kind as ScanKind
 from services.sender.simulator import MailboxSimulator, SimulatedBounce
 from services.sender.tracking import MessageTracking
 from services.sender.transport import DELAY_INTERNAL, Envelope, Kind, Outcome, Transport
@@ -63,6 +66,43 @@ def bounce_sub_type(status: str) -> ev.BounceSubType.ValueType:
     return _BOUNCE_SUB_TYPES.get(status, ev.BOUNCE_SUB_TYPE_GENERAL)
 
 
+def mail_object(queued: queue_pb2.QueuedMessage) -> ev.Mail:
+    """SES's "mail" object of a queued message's events."""
+    mail = ev.Mail(
+        message_id=queued.message_id,
+        source=queued.from_address,
+        sending_account_id=queued.account_id,
+        destination=list(queued.recipients),
+        tags=list(queued.tags),
+        configuration_set_name=queued.configuration_set_name,
+        subject=queued.subject,
+        source_identity=queued.from_identity,
+    )
+    if queued.HasField("accepted_time"):
+        mail.timestamp.CopyFrom(queued.accepted_time)
+    return mail
+
+
+def reject_event(
+    queued: queue_pb2.QueuedMessage, recipients: list[str], filter_name: str, details: str, now: dt.datetime
+) -> ev.Event:
+    """One Reject for the message (SES's shape: reason "Bad content"), naming every recipient it was
+    not sent to; what the filter found is in the details."""
+    email = ev.EmailEvent(
+        event_type=ev.EMAIL_EVENT_TYPE_REJECT,
+        reject=ev.Reject(reason="Bad content", details=details, filter=filter_name),
+    )
+    email.mail.CopyFrom(mail_object(queued))
+    del email.mail.destination[:]
+    email.mail.destination.extend(recipients)
+    email.filtration.CopyFrom(queued.filtration)
+    event = new_event(queued.account_id, time=now, email=email)
+    # A message is rejected at most once: a worker that dies after publishing and rejects it again
+    # on redelivery publishes the same event id, which JetStream and the statistics count once.
+    event.event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"postmesh:reject:{queued.message_id}").hex
+    return event
+
+
 @dataclass(frozen=True)
 class DeliveryConfig:
     concurrency: int
@@ -72,6 +112,16 @@ class DeliveryConfig:
     ack_wait_seconds: float = 60.0
     fetch_batch: int = 64
     shutdown_grace_seconds: float = 10.0
+    # Waits between scans while a content scanner is unreachable (attempts counted apart).
+    scan_policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(base_minutes=0.5, max_minutes=10.0))
+
+
+class HeldMessages(Protocol):
+    """Where messages held by the spam policy wait for an operator (services.sender.filtration.held)."""
+
+    async def hold(self, queued: queue_pb2.QueuedMessage, mime: bytes, details: str) -> None: ...
+
+    async def count(self) -> int: ...
 
 
 def _outcome_label(email: ev.EmailEvent) -> str:
@@ -119,9 +169,13 @@ class DeliveryWorker:
         clock: Clock,
         tracking: MessageTracking | None = None,
         simulator: MailboxSimulator | None = None,
+        filters: ContentFilters | None = None,
+        held: HeldMessages | None = None,
     ) -> None:
         self.js = js
         self.tracking = tracking
+        self.filters = filters
+        self.held = held
         self.events = events
         self.signing = signing
         self.transport = transport
@@ -241,14 +295,19 @@ class DeliveryWorker:
             if not recipients:
                 await forget_mime(self.js, queued)
                 return
+        mime: bytes | None = None
+        if self.filters is not None and self.filters.pending(queued):
+            mime = await self._load(queued)
+            if not await self._filter(queued, recipients, mime, expire):
+                return
         try:
-            outcomes = await self._attempt(queued, recipients)
+            outcomes = await self._attempt(queued, recipients, mime)
         except Undeliverable as undeliverable:
             log.warning(
                 "undeliverable message rejected",
                 extra={"id": queued.message_id, "reason": undeliverable.reason},
             )
-            await self._publish_reject(queued, undeliverable.reason, self.clock.now())
+            await self._publish_undeliverable(queued, undeliverable.reason, self.clock.now())
             await forget_mime(self.js, queued)
             return
         now = self.clock.now()
@@ -284,7 +343,66 @@ class DeliveryWorker:
                 return  # the body is still needed
         await forget_mime(self.js, queued)
 
-    async def _attempt(self, queued: queue_pb2.QueuedMessage, recipients: list[str]) -> dict[str, Outcome]:
+    async def _filter(
+        self, queued: queue_pb2.QueuedMessage, recipients: list[str], mime: bytes, expire: dt.datetime
+    ) -> bool:
+        """Scans the message (before it is signed); True when it may go on to delivery. Otherwise it
+        has ended here (rejected, held) or been put back to wait for an unreachable scanner."""
+        assert self.filters is not None
+        verdict = await self.filters.check(queued, mime)
+        queued.filtration.CopyFrom(verdict.filtration)
+        now = self.clock.now()
+        if verdict.kind is ScanKind.PASS:
+            return True
+        if verdict.kind is ScanKind.DEFER:
+            await self._defer_scan(queued, recipients, verdict, expire, now)
+            return False
+        if verdict.kind is ScanKind.HOLD and self.held is not None:
+            await self.held.hold(queued, mime, verdict.details)
+        else:
+            # A Reject, or a hold by a worker built without a place to keep held mail (the service
+            # always gives one): never sending is the safe side of "hold".
+            await self._publish_reject(queued, recipients, verdict, now)
+        await forget_mime(self.js, queued)
+        return False
+
+    async def _defer_scan(
+        self,
+        queued: queue_pb2.QueuedMessage,
+        recipients: list[str],
+        verdict: Verdict,
+        expire: dt.datetime,
+        now: dt.datetime,
+    ) -> None:
+        """Fail-closed: never sent unscanned. The message goes back on the queue (durable, so a
+        restart loses nothing) and waits with its own backoff; each wait is a DeliveryDelay."""
+        outcome = Outcome(Kind.TRANSIENT, f"451 4.3.0 {verdict.details}", "4.3.0", delay_type=DELAY_INTERNAL)
+        next_time = self.config.scan_policy.next_attempt(queued.scan_attempt, now, expire)
+        if next_time is None:
+            for recipient in recipients:
+                await self._publish_bounce(queued, recipient, outcome, ev.BOUNCE_TYPE_TRANSIENT, now)
+            await forget_mime(self.js, queued)
+            return
+        again = queue_pb2.QueuedMessage()
+        again.CopyFrom(queued)
+        again.scan_attempt = queued.scan_attempt + 1
+        again.not_before.FromDatetime(next_time)
+        if not again.HasField("expire_time"):
+            again.expire_time.FromDatetime(expire)
+        await enqueue(self.js, again)
+        for recipient in recipients:
+            await self._publish_delay(queued, recipient, outcome, expire, next_time, now)
+
+    async def _load(self, queued: queue_pb2.QueuedMessage) -> bytes:
+        """The message's body; empty when its stored copy has disappeared (then it is undeliverable)."""
+        try:
+            return await load_mime(self.js, queued)
+        except (ObjectNotFoundError, NotFoundError):
+            return b""
+
+    async def _attempt(
+        self, queued: queue_pb2.QueuedMessage, recipients: list[str], mime: bytes | None = None
+    ) -> dict[str, Outcome]:
         try:
             config = await self.signing.get(
                 queued.identity_owner_account_id or queued.account_id, _domain(queued.from_address)
@@ -295,10 +413,9 @@ class DeliveryWorker:
                 Kind.TRANSIENT, f"451 4.3.0 DKIM keys unavailable: {exc}", "4.3.0", delay_type=DELAY_INTERNAL
             )
             return dict.fromkeys(recipients, failed)
-        try:
-            mime = to_crlf(await load_mime(self.js, queued))
-        except (ObjectNotFoundError, NotFoundError):
-            mime = b""
+        if mime is None:
+            mime = await self._load(queued)
+        mime = to_crlf(mime)
         if not mime.strip():
             raise Undeliverable("Message content lost: the stored body of the message no longer exists.")
         if queued.HasField("tracking"):
@@ -374,19 +491,7 @@ class DeliveryWorker:
     # ---- events ------------------------------------------------------------------------------
 
     def _mail(self, queued: queue_pb2.QueuedMessage) -> ev.Mail:
-        mail = ev.Mail(
-            message_id=queued.message_id,
-            source=queued.from_address,
-            sending_account_id=queued.account_id,
-            destination=list(queued.recipients),
-            tags=list(queued.tags),
-            configuration_set_name=queued.configuration_set_name,
-            subject=queued.subject,
-            source_identity=queued.from_identity,
-        )
-        if queued.HasField("accepted_time"):
-            mail.timestamp.CopyFrom(queued.accepted_time)
-        return mail
+        return mail_object(queued)
 
     async def _publish(
         self,
@@ -399,6 +504,8 @@ class DeliveryWorker:
         DELIVERY_OUTCOMES.labels(_outcome_label(email)).inc()
         email.mail.CopyFrom(self._mail(queued))
         email.simulated = simulated
+        if queued.HasField("filtration"):
+            email.filtration.CopyFrom(queued.filtration)
         await self.events.publish(new_event(queued.account_id, time=now, email=email))
 
     async def _publish_delivery(
@@ -488,9 +595,20 @@ class DeliveryWorker:
         )
         await self._publish(queued, ev.EmailEvent(event_type=ev.EMAIL_EVENT_TYPE_BOUNCE, bounce=bounce), now)
 
-    async def _publish_reject(self, queued: queue_pb2.QueuedMessage, reason: str, now: dt.datetime) -> None:
+    async def _publish_undeliverable(
+        self, queued: queue_pb2.QueuedMessage, reason: str, now: dt.datetime
+    ) -> None:
         reject = ev.Reject(reason=reason)
         await self._publish(queued, ev.EmailEvent(event_type=ev.EMAIL_EVENT_TYPE_REJECT, reject=reject), now)
+
+    async def _publish_reject(
+        self, queued: queue_pb2.QueuedMessage, recipients: list[str], verdict: Verdict, now: dt.datetime
+    ) -> None:
+        log.warning(
+            "message rejected as Bad content",
+            extra={"id": queued.message_id, "account_id": queued.account_id, "details": verdict.details},
+        )
+        await self.events.publish(reject_event(queued, recipients, verdict.filter, verdict.details, now))
 
     async def _publish_delay(
         self,

@@ -4,6 +4,7 @@ gRPC and NATS subscriptions; the delivery code itself takes its parts through co
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import socket
 from pathlib import Path
@@ -19,7 +20,7 @@ from postmesh.common.tracking import TokenSigner, TrackedMail
 from postmesh.events.v1 import events_pb2
 from postmesh.identity.v1 import identity_pb2
 from services.sender.backoff import RetryPolicy
-from services.sender.delivery import DeliveryConfig, DeliveryWorker
+from services.sender.delivery import DeliveryConfig, DeliveryWorker, HeldMessages
 from services.sender.delivery_settings import DELIVERY_MODES, SMARTHOST_TLS_MODES
 from services.sender.dkim_signing import (
     FetchConfig,
@@ -28,6 +29,9 @@ from services.sender.dkim_signing import (
     SigningKey,
     SigningUnavailable,
 )
+from services.sender.filtration import settings as _filtration_settings  # noqa: F401 (registers them)
+from services.sender.filtration.policy import PolicySource
+from services.sender.filtration.stage import HEALTH_NAMES, HELD_WAITING, ContentFilters
 from services.sender.mx import MxResolver
 from services.sender.simulator import MailboxSimulator
 from services.sender.tracking import MessageTracking
@@ -120,11 +124,16 @@ def reporting_mta(settings: Settings) -> str:
 class Delivery:
     """The workers of one sender replica, and what they hold (signing cache, SMTP pool)."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(
+        self, runtime: Runtime, *, held: HeldMessages | None = None, policies: PolicySource | None = None
+    ) -> None:
         settings = runtime.settings
         self.runtime = runtime
         self.transport = build_transport(settings)
         self.signing = SigningConfigCache(identity_fetcher(runtime))
+        self.filters = ContentFilters.from_settings(settings, policies)
+        if self.filters is not None:
+            log.info("content filters active", extra={"filters": self.filters.describe()})
         self.worker = DeliveryWorker(
             js=runtime.jetstream,
             events=runtime.events,
@@ -137,11 +146,19 @@ class Delivery:
                 policy=RetryPolicy.from_settings(settings),
                 ack_wait_seconds=settings.delivery_ack_wait_seconds,
                 shutdown_grace_seconds=settings.shutdown_grace_seconds,
+                scan_policy=RetryPolicy(
+                    base_minutes=settings.scan_retry_base_seconds / 60,
+                    max_minutes=settings.scan_retry_max_seconds / 60,
+                    max_age=dt.timedelta(hours=settings.delivery_max_age_hours),
+                ),
             ),
             clock=runtime.clock,
             tracking=build_tracking(runtime),
             simulator=MailboxSimulator(settings.simulator_domain),
+            filters=self.filters,
+            held=held,
         )
+        self.held = held
         self._subscription: Any = None
 
     async def start(self) -> None:
@@ -157,6 +174,27 @@ class Delivery:
         )
         self.runtime.spawn(self.worker.run, "delivery")
         self.runtime.spawn(self._close_idle_connections, "smtp-idle")
+        if self.filters is not None:
+            self.runtime.spawn(self._watch_filters, "filtration-watch")
+
+    async def _watch_filters(self) -> None:
+        """Keeps the scanner-up and held-messages gauges current even when no mail flows."""
+        filters = self.filters
+        assert filters is not None
+        while True:
+            filters.changed.clear()
+            await filters.probe()
+            if self.runtime.report_health is not None:
+                for name, up in filters.up.items():
+                    await self.runtime.report_health(HEALTH_NAMES[name], up)
+            if self.held is not None:
+                HELD_WAITING.set(await self.held.count())
+            try:
+                # A scan that finds a scanner down (or back) reports it at once.
+                async with asyncio.timeout(30):
+                    await filters.changed.wait()
+            except TimeoutError:
+                pass
 
     async def _close_idle_connections(self) -> None:
         pool = getattr(self.transport, "pool", None)

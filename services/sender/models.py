@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import String, Text, UniqueConstraint
+from sqlalchemy import Float, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from postmesh.common.db import UTCDateTime, service_metadata
@@ -46,4 +46,32 @@ class SendRequest(Base):
     message_ids: Mapped[str] = mapped_column(Text)
     result: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class HeldMessage(Base):
+    """A message the spam policy held for an operator: the queued message itself, body inline."""
+
+    __tablename__ = "held_messages"
+
+    message_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(32), index=True)
+    from_address: Mapped[str] = mapped_column(Text)
+    subject: Mapped[str] = mapped_column(Text, default="")
+    spam_score: Mapped[float] = mapped_column(Float)
+    details: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column()
+    # A serialized postmesh.sender.v1.QueuedMessage with the MIME inline.
+    queued: Mapped[bytes] = mapped_column(LargeBinary)
+    held_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class SpamPolicyOverride(Base):
+    """An account's own spam policy; accounts without one follow SPAM_POLICY / SPAM_THRESHOLD."""
+
+    __tablename__ = "spam_policies"
+
+    account_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    mode: Mapped[str] = mapped_column(String(16))
+    threshold: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())

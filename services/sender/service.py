@@ -8,11 +8,14 @@ from pathlib import Path
 from grpc import aio
 
 import services.sender.settings  # noqa: F401 - registers the accept path's settings
+from postmesh.common.auth import Access
 from postmesh.common.service import Service
 from postmesh.sender.v1 import sender_pb2, sender_pb2_grpc
 from services.sender import delivery_settings  # noqa: F401  (registers the delivery settings)
 from services.sender.accept import Acceptor
 from services.sender.delivery_wiring import Delivery
+from services.sender.filtration.held import HeldStore, StoredPolicies
+from services.sender.filtration.policy import DefaultPolicy
 from services.sender.idempotency import IdempotencyKeys
 from services.sender.mesh import MeshChecks
 from services.sender.models import Base
@@ -24,6 +27,14 @@ from services.sender.templates import TemplateStore
 class SenderService(Service):
     name = "sender"
     full_name = sender_pb2.DESCRIPTOR.services_by_name["SenderService"].full_name
+    access = {
+        "ListHeldMessages": Access.ADMIN,
+        "GetHeldMessage": Access.ADMIN,
+        "ReleaseHeldMessage": Access.ADMIN,
+        "DropHeldMessage": Access.ADMIN,
+        "PutAccountSpamPolicy": Access.ADMIN,
+        "GetAccountSpamPolicy": Access.ADMIN,
+    }
     metadata = Base.metadata
     migrations_dir = Path(__file__).parent / "migrations"
 
@@ -52,9 +63,15 @@ class SenderService(Service):
             simulator=MailboxSimulator(runtime.settings.simulator_domain),
         )
         runtime.spawn(lambda: _purge_keys(keys), "purge-request-ids")
+        self.servicer.held = HeldStore(
+            sessions=runtime.sessions, js=runtime.jetstream, events=runtime.events, clock=runtime.clock
+        )
+        self.servicer.policies = StoredPolicies(
+            runtime.sessions, DefaultPolicy.from_settings(runtime.settings), runtime.clock
+        )
         # DELIVERY_WORKERS=0: an accept-only replica (delivery runs elsewhere).
         if runtime.settings.delivery_workers > 0:
-            self.delivery = Delivery(runtime)
+            self.delivery = Delivery(runtime, held=self.servicer.held, policies=self.servicer.policies)
             await self.delivery.start()
 
     async def on_stop(self) -> None:

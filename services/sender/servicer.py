@@ -20,6 +20,7 @@ from services.sender.accept import (
     TemplateRef,
     fingerprint,
 )
+from services.sender.filtration.servicer import FiltrationServicer
 from services.sender.mime import Body, Header
 from services.sender.templates import TemplateContent, TemplateStore
 
@@ -111,7 +112,7 @@ def _bulk_request(request: pb.SendBulkEmailRequest) -> BulkRequest:
     )
 
 
-class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
+class SenderServicer(FiltrationServicer, sender_pb2_grpc.SenderServiceServicer):
     # Bound in SenderService.on_ready.
     templates: TemplateStore
     acceptor: Acceptor
