@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import uuid
@@ -45,10 +46,16 @@ async def connect_nats(url: str, *, max_delay: float, name: str = "postmesh") ->
 
 
 async def ensure_streams(
-    js: JetStreamContext, specs: Iterable[StreamSpec] = ALL_STREAMS, *, replicas: int = 1
+    js: JetStreamContext,
+    specs: Iterable[StreamSpec] = ALL_STREAMS,
+    *,
+    replicas: int = 1,
+    duplicate_window_seconds: float | None = None,
 ) -> None:
     """Creates each stream, or updates it to the declared configuration; safe to run on every start."""
     for spec in specs:
+        if duplicate_window_seconds is not None:
+            spec = dataclasses.replace(spec, duplicate_window_seconds=duplicate_window_seconds)
         config = spec.config(replicas)
         try:
             await js.add_stream(config)

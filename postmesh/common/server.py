@@ -253,7 +253,11 @@ class MeshServer:
             raise ValueError("NATS_URL is not set")
         self.nats = await connect_nats(nats_url, max_delay=max_delay, name=f"postmesh-{'-'.join(self.names)}")
         js = self.nats.jetstream()
-        await ensure_streams(js, replicas=self.settings.nats_stream_replicas)
+        await ensure_streams(
+            js,
+            replicas=self.settings.nats_stream_replicas,
+            duplicate_window_seconds=self.settings.nats_duplicate_window_seconds,
+        )
         publisher = EventPublisher(js)
 
         async def on_key_revoked(msg: Any) -> None:

@@ -59,6 +59,9 @@ ALL_STREAMS = (EVENTS, OUTBOUND)
 # JetStream object store bucket for message bodies too large to ride inside a queued message.
 MESSAGE_STORE_BUCKET = "POSTMESH_MESSAGES"
 
+# JetStream key-value bucket: message id -> the outbound stream sequence of its first queued copy.
+QUEUED_LEDGER_BUCKET = "POSTMESH_QUEUED"
+
 
 def outbound_subject(account_id: str) -> str:
     """Where an accepted message waits for delivery: one subject per account, one work queue for all."""

@@ -21,7 +21,7 @@ import functools
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -196,6 +196,18 @@ class Outgoing:
         return list(seen.values())
 
 
+class QueueOutcomeUnknown(Unavailable):
+    """JetStream did not confirm a publish: the message may or may not be stored."""
+
+
+async def _quietly(step: Awaitable[None], what: str) -> None:
+    """Settling a claim is best effort once the caller's answer is decided (the lease covers it)."""
+    try:
+        await asyncio.shield(step)
+    except Exception as exc:
+        log.warning("could not settle a request_id claim", extra={"step": what, "error": repr(exc)})
+
+
 class RenderFailure(Exception):
     def __init__(self, template_name: str, message: str) -> None:
         super().__init__(message)
@@ -300,14 +312,42 @@ class Acceptor:
         claim = await self._keys.claim(account_id, envelope.request_id, envelope.fingerprint, 1, self._new_id)
         if claim.result is not None:
             return str(claim.result["message_id"])
-        try:
+
+        async def accept() -> dict[str, Any]:
             message = await self._compose(account_id, request, claim.message_ids[0])
             await self._accept(account_id, message)
-        except BaseException:
-            await self._keys.abandon(account_id, claim)
-            raise
-        await self._keys.finish(account_id, claim, {"message_id": message.message_id})
-        return message.message_id
+            return {"message_id": message.message_id}
+
+        result = await self._claimed(account_id, claim, accept)
+        return str(result["message_id"])
+
+    async def _claimed(self, account_id: str, claim: Claim, work: Callable[[], Awaitable[Any]]) -> Any:
+        """Runs a claimed call to its end, even when the caller goes away, and settles the claim:
+        finished with the result, given up on a refusal (nothing was queued), or released when the
+        outcome is unknown (a retry takes it over with the same message ids)."""
+
+        async def settle() -> Any:
+            try:
+                result = await work()
+            except PostmeshError as error:
+                if isinstance(error, QueueOutcomeUnknown):
+                    await _quietly(self._keys.release(account_id, claim), "release")
+                else:
+                    await _quietly(self._keys.abandon(account_id, claim), "abandon")
+                raise
+            except BaseException:
+                await _quietly(self._keys.release(account_id, claim), "release")
+                raise
+            # The messages are queued: a failure to record the result must not be reported as a
+            # failed send. A retry finds the claim unfinished and resolves it with the same ids.
+            await _quietly(self._keys.finish(account_id, claim, result), "finish")
+            return result
+
+        task = asyncio.ensure_future(settle())
+        # A deadline or cancellation from the client does not cut the call short: the outcome must be
+        # known (and recorded) for the retry that will follow.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(task)
 
     async def _compose(self, account_id: str, request: SendRequest, message_id: str) -> Outgoing:
         envelope = request.envelope
@@ -521,10 +561,25 @@ class Acceptor:
             feedback_forwarding_address=message.feedback.address if message.feedback else "",
             subject=message.subject,
         )
+        if not self._queue_connected():
+            # Known before anything is sent: the outage is answered at once, and nothing was queued.
+            raise Unavailable(
+                "The message queue (NATS) is unreachable; try again.",
+                reason="QUEUE_UNAVAILABLE",
+                retry_after_seconds=1.0,
+            )
         try:
             await enqueue(self._js, queued)
         except Exception as exc:
-            raise Unavailable("The message could not be queued; try again.") from exc
+            raise QueueOutcomeUnknown(
+                "The message queue did not confirm the message; retry with the same request_id.",
+                reason="QUEUE_UNAVAILABLE",
+                retry_after_seconds=1.0,
+            ) from exc
+
+    def _queue_connected(self) -> bool:
+        connection = getattr(self._js, "_nc", None)
+        return connection is None or bool(connection.is_connected)
 
     # --- Events
 
@@ -659,7 +714,8 @@ class Acceptor:
         )
         if claim.result is not None:
             return [BulkResult(**r) for r in claim.result]
-        try:
+
+        async def accept() -> list[dict[str, str]]:
             probe = Outgoing(
                 claim.message_ids[0],
                 sender,
@@ -694,11 +750,9 @@ class Acceptor:
                         authorization=authorization,
                     )
                 )
-        except BaseException:
-            await self._keys.abandon(account_id, claim)
-            raise
-        await self._keys.finish(account_id, claim, [r.__dict__ for r in results])
-        return results
+            return [r.__dict__ for r in results]
+
+        return [BulkResult(**r) for r in await self._claimed(account_id, claim, accept)]
 
     async def _bulk_entry(
         self,
@@ -768,6 +822,8 @@ class Acceptor:
                 envelope.feedback_identity,
             )
             await self._accept(account_id, message, authorization)
+        except QueueOutcomeUnknown:
+            raise  # the whole call is retried with the same message ids, not this entry alone
         except PostmeshError as error:
             return BulkResult(_bulk_status(error), error.message)
         return BulkResult("SUCCESS", message_id=message_id)

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.kv import KeyValue
 
 from postmesh.common.bus import EventPublisher, fetch_batch, new_event
-from postmesh.common.outbound import enqueue, forget_mime, load_mime
+from postmesh.common.outbound import enqueue, first_copy, forget_mime, load_mime, queued_ledger
 from postmesh.common.protoutil import from_timestamp, timestamp
 from postmesh.common.service import Clock
 from postmesh.common.streams import OUTBOUND, OUTBOUND_SUBJECT_PREFIX
@@ -90,6 +91,7 @@ class DeliveryWorker:
         self.clock = clock
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
+        self._ledger: KeyValue | None = None
 
     def consumer_config(self) -> ConsumerConfig:
         return ConsumerConfig(
@@ -147,6 +149,20 @@ class DeliveryWorker:
         if not_before is not None and not_before > now:
             await msg.nak(delay=(not_before - now).total_seconds())
             return
+        if queued.attempt == 0:
+            try:
+                if self._ledger is None:
+                    self._ledger = await queued_ledger(self.js)
+                first = await first_copy(self._ledger, queued.message_id, msg.metadata.sequence.stream)
+            except Exception:
+                log.warning("queued-copy ledger unreachable; retrying later", extra={"id": queued.message_id})
+                await msg.nak(delay=min(self.config.ack_wait_seconds, 5.0))
+                return
+            if not first:
+                # A SendEmail retry queued this message again after its first copy was taken.
+                log.warning("second queued copy of a message dropped", extra={"id": queued.message_id})
+                await msg.ack()
+                return
         heartbeat = asyncio.create_task(self._keep_alive(msg))
         try:
             await self.deliver(queued)

@@ -9,4 +9,10 @@ register(
         "",
         "Domain of the Message-ID header of sent mail (<id@domain>); empty: the From address's domain.",
     ),
+    Setting(
+        "SEND_REQUEST_CLAIM_SECONDS",
+        float,
+        60.0,
+        "How long a retry with the same request_id waits for a first call that never finished.",
+    ),
 )
