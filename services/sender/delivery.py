@@ -14,14 +14,21 @@ Crash safety. Messages are acked only after their outcome is published; a worker
 leaves its messages unacked, and JetStream hands them to another worker after the ack wait (a
 delivering worker reports progress meanwhile). The MIME, Message-ID included, comes from the queue,
 so a redelivered message is the same message; at worst a recipient gets it twice, never zero times.
+A worker that sent a message but could not publish its events or have its ack confirmed (NATS went
+away) remembers the SMTP outcomes by stream sequence, and finishes the copy JetStream hands back
+without sending it again. A second queued copy of a message id (a SendEmail retry that could not tell
+whether its first try was stored) is dropped: the first copy a worker takes is recorded in a
+key-value bucket (postmesh.common.outbound.first_copy).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nats.aio.msg import Msg
@@ -44,6 +51,8 @@ from services.sender.transport import DELAY_INTERNAL, Envelope, Kind, Outcome, T
 log = logging.getLogger(__name__)
 
 DURABLE = "sender-delivery"
+# Queued copies whose SMTP outcome is known but whose ack is not confirmed, remembered per worker.
+_ATTEMPTED_MEMORY = 100_000
 
 _BOUNCE_SUB_TYPES = {
     "5.1.1": ev.BOUNCE_SUB_TYPE_NO_EMAIL,
@@ -92,6 +101,7 @@ class DeliveryWorker:
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
         self._ledger: KeyValue | None = None
+        self._attempted: collections.OrderedDict[int, dict[str, Outcome]] = collections.OrderedDict()
 
     def consumer_config(self) -> ConsumerConfig:
         return ConsumerConfig(
@@ -163,9 +173,14 @@ class DeliveryWorker:
                 log.warning("second queued copy of a message dropped", extra={"id": queued.message_id})
                 await msg.ack()
                 return
+        sequence = msg.metadata.sequence.stream
         heartbeat = asyncio.create_task(self._keep_alive(msg))
         try:
-            await self.deliver(queued)
+            await self.deliver(
+                queued,
+                attempted=self._attempted.get(sequence),
+                on_attempted=lambda outcomes: self._remember(sequence, outcomes),
+            )
         except Exception:
             # Unexpected (a bug, or NATS gone): leave it to JetStream to hand out again, a little later.
             log.exception("delivery failed; the message will be redelivered", extra={"id": queued.message_id})
@@ -174,7 +189,20 @@ class DeliveryWorker:
             return
         finally:
             heartbeat.cancel()
-        await msg.ack()
+        try:
+            await msg.ack_sync(timeout=5.0)
+        except Exception:
+            # NATS went away: the copy comes back, and is then finished without sending it again.
+            log.warning("ack not confirmed; kept as attempted", extra={"id": queued.message_id})
+            return
+        self._attempted.pop(sequence, None)
+
+    def _remember(self, sequence: int, outcomes: dict[str, Outcome]) -> None:
+        """SMTP outcomes of a queued copy not yet acked: a copy handed out again after NATS failed
+        (events, re-queue or ack) is finished from these, not sent a second time."""
+        self._attempted[sequence] = outcomes
+        while len(self._attempted) > _ATTEMPTED_MEMORY:
+            self._attempted.popitem(last=False)
 
     async def _keep_alive(self, msg: Msg) -> None:
         while True:
@@ -189,9 +217,16 @@ class DeliveryWorker:
             return expire
         return (from_timestamp(queued.accepted_time) or now) + self.config.policy.max_age
 
-    async def deliver(self, queued: queue_pb2.QueuedMessage) -> None:
+    async def deliver(
+        self,
+        queued: queue_pb2.QueuedMessage,
+        *,
+        attempted: dict[str, Outcome] | None = None,
+        on_attempted: Callable[[dict[str, Outcome]], None] | None = None,
+    ) -> None:
         """One attempt at every remaining recipient; publishes one event per recipient outcome and
-        re-queues those to retry. Returns once the message needs nothing more from this worker."""
+        re-queues those to retry. Returns once the message needs nothing more from this worker.
+        `attempted`: the outcomes of an attempt already made (only what follows it is done again)."""
         started = self.clock.now()
         expire = self._expire_time(queued, started)
         recipients = list(dict.fromkeys(queued.recipients))
@@ -199,7 +234,12 @@ class DeliveryWorker:
             await self._expire(queued, recipients, "message expired before it could be delivered")
             await forget_mime(self.js, queued)
             return
-        outcomes = await self._attempt(queued, recipients)
+        if attempted is not None and set(recipients) <= set(attempted):
+            outcomes = attempted
+        else:
+            outcomes = await self._attempt(queued, recipients)
+            if on_attempted is not None:
+                on_attempted(outcomes)
         now = self.clock.now()
         retry: list[str] = []
         for recipient in recipients:

@@ -1,0 +1,241 @@
+"""Fault tests' parts: a mesh of real `postmesh serve` processes that can be killed and restarted, a
+burst of SendEmail calls from clients that retry every non-final answer with the same request_id,
+and the count of what arrived at the SMTP sink by message id."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from postmesh.client import Client
+from postmesh.common.natsserver import free_port
+from postmesh.identity.v1 import identity_pb2
+from postmesh.sender.v1 import sender_pb2 as pb
+from postmesh.testing_mail import LoopbackDns, SmtpServer
+from tests.identity_helpers import create_verified_domain
+
+ADMIN_KEY = "faults-admin-key"
+MESSAGE_ID_DOMAIN = "mail.faults.test"
+# Short, so that the tests' retries land after JetStream's duplicate window has closed.
+DUPLICATE_WINDOW = 1.0
+CLAIM_SECONDS = 3.0
+# What a client may see during an outage before its final answer: retryable codes only.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def wait_serving(address: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    with Client(address) as client:
+        while True:
+            try:
+                if client.health_status("", timeout=2) == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, f"{address} did not become SERVING"
+            time.sleep(0.2)
+
+
+@dataclass
+class Mesh:
+    """core (identity, quota, feedback), accept (sender without delivery) and deliver (sender's
+    delivery workers), each a `postmesh serve` process on a fixed port, so one can be restarted."""
+
+    root: Path
+    nats_url: str
+    dns: LoopbackDns
+    sink: SmtpServer
+    extra_env: dict[str, str] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    SERVICES = {"core": "identity quota feedback", "accept": "sender", "deliver": "sender"}
+
+    def __post_init__(self) -> None:
+        self.ports = {name: free_port() for name in self.SERVICES}
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    def env(self, name: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "GRPC_LISTEN": self.address(name),
+            "METRICS_PORT": "0",
+            "DATA_DIR": str(self.root / name),
+            "NATS_URL": self.nats_url,
+            "ADMIN_API_KEY": ADMIN_KEY,
+            "SERVICE_API_KEY": "faults-service-key",
+            "LOG_LEVEL": "WARNING",
+            "DKIM_MASTER_KEYS": "test:" + "A" * 43,
+            "IDENTITY_HTTP_LISTEN": "127.0.0.1:0",
+            "DNS_RESOLVER": self.dns.address,
+            "DNS_CHECK_POLL_SECONDS": "3600",
+            "DNS_TIMEOUT_SECONDS": "2",
+            "IDENTITY_ENDPOINT": self.address("core"),
+            "QUOTA_ENDPOINT": self.address("core"),
+            "FEEDBACK_ENDPOINT": self.address("core"),
+            "SENDER_ENDPOINT": self.address("accept"),
+            "SANDBOX_MAX_SEND_RATE": "1000",
+            "SANDBOX_MAX_24_HOUR_SEND": "100000",
+            "MESSAGE_ID_DOMAIN": MESSAGE_ID_DOMAIN,
+            "NATS_DUPLICATE_WINDOW_SECONDS": str(DUPLICATE_WINDOW),
+            "SEND_REQUEST_CLAIM_SECONDS": str(CLAIM_SECONDS),
+            "STARTUP_RETRY_MAX_SECONDS": "1",
+            "DELIVERY_MODE": "smarthost",
+            "SMARTHOST": f"127.0.0.1:{self.sink.port}",
+            "SMARTHOST_TLS": "none",
+            "DELIVERY_WORKERS": "16" if name == "deliver" else "0",
+            "DELIVERY_ACK_WAIT_SECONDS": "4",
+            **self.extra_env,
+        }
+
+    def start(self, name: str, *, wait: bool = True) -> None:
+        log = (self.root / f"{name}.log").open("ab")
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "postmesh.cli.main", "serve", *self.SERVICES[name].split()],
+            env=self.env(name),
+            stdout=log,
+            stderr=log,
+        )
+        if wait:
+            wait_serving(self.address(name))
+
+    def kill(self, name: str) -> None:
+        process = self.processes[name]
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    def sending_account(self, domain: str = "faults.test") -> str:
+        """A new account with `domain` verified; returns its API key."""
+        with Client(self.address("core"), ADMIN_KEY) as admin:
+            reply = admin.identity.CreateAccount(identity_pb2.CreateAccountRequest(name="faults"))
+        with Client(self.address("core"), reply.api_key_secret) as client:
+            create_verified_domain(client, self.dns, domain)
+        return reply.api_key_secret
+
+
+def request(n: int, domain: str = "faults.test") -> pb.SendEmailRequest:
+    return pb.SendEmailRequest(
+        from_email_address=f"sender@{domain}",
+        destination=pb.Destination(to_addresses=[f"user{n}@{domain}"]),
+        content=pb.EmailContent(
+            simple=pb.Message(
+                subject=pb.Content(data=f"fault burst {n}"), body=pb.Body(text=pb.Content(data=f"body {n}"))
+            )
+        ),
+        request_id=f"fault-burst-{n}",
+    )
+
+
+@dataclass
+class Burst:
+    """`count` SendEmail calls from `threads` clients; every non-final answer is retried with the same
+    request_id, each retry after JetStream's duplicate window, until the answer is final."""
+
+    address: str
+    api_key: str
+    count: int
+    threads: int = 8
+    deadline: float = 240.0
+    message_ids: dict[int, str] = field(default_factory=dict)
+    codes: collections.Counter[grpc.StatusCode] = field(default_factory=collections.Counter)
+    final_errors: dict[int, str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _one(self, client: Client, n: int) -> None:
+        give_up = time.monotonic() + self.deadline
+        while time.monotonic() < give_up:
+            try:
+                reply = client.sender.SendEmail(request(n), timeout=10)
+            except grpc.RpcError as error:
+                with self._lock:
+                    self.codes[error.code()] += 1
+                if error.code() not in RETRYABLE:
+                    self.final_errors[n] = f"{error.code().name}: {error.details()}"
+                    return
+                time.sleep(DUPLICATE_WINDOW + 0.5)
+                continue
+            with self._lock:
+                self.codes[grpc.StatusCode.OK] += 1
+                self.message_ids[n] = reply.message_id
+            return
+        self.final_errors[n] = "no final answer before the deadline"
+
+    def run(self, during: Callable[[Burst], None] | None = None) -> None:
+        """Sends the burst; `during` runs beside it (it kills and restarts something)."""
+        with Client(self.address, self.api_key) as client, ThreadPoolExecutor(self.threads) as pool:
+            futures = [pool.submit(self._one, client, n) for n in range(self.count)]
+            if during is not None:
+                during(self)
+            for future in futures:
+                future.result()
+
+    def accepted(self) -> int:
+        with self._lock:
+            return len(self.message_ids)
+
+    def replay(self) -> dict[int, str]:
+        """Every request again, after the duplicate window: the ids first answered, nothing new."""
+        time.sleep(DUPLICATE_WINDOW + 0.5)
+        again = Burst(self.address, self.api_key, self.count, self.threads, self.deadline)
+        again.run()
+        assert not again.final_errors, again.final_errors
+        return again.message_ids
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def arrivals(sink: SmtpServer) -> collections.Counter[str]:
+    """Messages received, by postmesh message id (the local part of the Message-ID header)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for received in sink.received:
+        local, _, domain = received.message_id.strip("<>").partition("@")
+        if domain == MESSAGE_ID_DOMAIN:
+            counts[local] += 1
+    return counts
+
+
+def assert_delivered_once(burst: Burst, sink: SmtpServer, *, settle: float = 8.0) -> None:
+    """Every accepted message arrived, none twice, and nothing arrived that was not accepted."""
+    assert not burst.final_errors, burst.final_errors
+    assert len(burst.message_ids) == burst.count
+    assert len(set(burst.message_ids.values())) == burst.count
+    expected = set(burst.message_ids.values())
+    wait_for(lambda: expected <= set(arrivals(sink)), 120, "every accepted message to arrive")
+    # Long enough for a second copy to show up: past the duplicate window, the claim lease and the
+    # delivery workers' ack wait.
+    time.sleep(settle)
+    counts = arrivals(sink)
+    assert set(counts) == expected, set(counts) ^ expected
+    duplicates = {mid: c for mid, c in counts.items() if c > 1}
+    assert not duplicates, duplicates
+
+
+@contextmanager
+def loopback_mail() -> Iterator[tuple[LoopbackDns, SmtpServer]]:
+    with LoopbackDns() as dns, SmtpServer() as sink:
+        yield dns, sink

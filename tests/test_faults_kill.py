@@ -1,0 +1,73 @@
+"""SIGKILL of nats-server, of the accepting process and of the delivery process in the middle of a
+burst, with clients that retry every non-final answer with the same request_id (each retry after
+JetStream's duplicate window): every request ends accepted, every accepted message arrives exactly
+once, the clients see only UNAVAILABLE or a deadline before their final answer, and asking again
+with the same request_id returns the same message id."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from postmesh.common.natsserver import NatsServerProcess
+from tests.faults_helpers import Burst, Mesh, assert_delivered_once, loopback_mail, wait_for
+
+BURST = 200
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServerProcess]:
+    """The test's own nats-server: it is killed and restarted on the same port and store."""
+    server = NatsServerProcess(tmp_path / "nats").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mesh(tmp_path: Path, nats_server: NatsServerProcess) -> Iterator[Mesh]:
+    with loopback_mail() as (dns, sink):
+        mesh = Mesh(tmp_path, nats_server.url, dns, sink)
+        try:
+            for name in ("core", "accept", "deliver"):
+                mesh.start(name)
+            yield mesh
+        finally:
+            mesh.stop_all()
+
+
+def _kill_when(burst: Burst, accepted: int) -> None:
+    wait_for(lambda: burst.accepted() >= accepted, 120, f"{accepted} accepted messages")
+
+
+@pytest.mark.parametrize("victim", ["nats-server", "accept", "deliver"])
+def test_sigkill_mid_burst_loses_and_duplicates_nothing(
+    mesh: Mesh, nats_server: NatsServerProcess, victim: str
+) -> None:
+    key = mesh.sending_account()
+    burst = Burst(mesh.address("accept"), key, BURST)
+
+    def fault(running: Burst) -> None:
+        _kill_when(running, BURST // 4)
+        if victim == "nats-server":
+            assert nats_server.process is not None
+            nats_server.process.kill()
+            nats_server.process.wait()
+            time.sleep(3)  # calls meanwhile hear UNAVAILABLE, at once
+            nats_server.start()
+        else:
+            mesh.kill(victim)
+            time.sleep(1)
+            mesh.start(victim)
+
+    burst.run(fault)
+    assert set(burst.codes) - {grpc.StatusCode.OK} <= {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }, burst.codes
+    assert_delivered_once(burst, mesh.sink)
+    assert burst.replay() == burst.message_ids
+    assert_delivered_once(burst, mesh.sink, settle=2.0)
