@@ -5,8 +5,10 @@ and the count of what arrived at the SMTP sink by message id."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import grpc
 
-from postmesh.client import Client
+from postmesh.client import Client, error_details
 from postmesh.common.natsserver import free_port
 from postmesh.identity.v1 import identity_pb2
 from postmesh.sender.v1 import sender_pb2 as pb
@@ -158,6 +160,7 @@ class Burst:
     deadline: float = 240.0
     message_ids: dict[int, str] = field(default_factory=dict)
     codes: collections.Counter[grpc.StatusCode] = field(default_factory=collections.Counter)
+    reasons: collections.Counter[str] = field(default_factory=collections.Counter)
     final_errors: dict[int, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -169,6 +172,7 @@ class Burst:
             except grpc.RpcError as error:
                 with self._lock:
                     self.codes[error.code()] += 1
+                    self.reasons[error_details(error).reason] += 1
                 if error.code() not in RETRYABLE:
                     self.final_errors[n] = f"{error.code().name}: {error.details()}"
                     return
@@ -239,3 +243,67 @@ def assert_delivered_once(burst: Burst, sink: SmtpServer, *, settle: float = 8.0
 def loopback_mail() -> Iterator[tuple[LoopbackDns, SmtpServer]]:
     with LoopbackDns() as dns, SmtpServer() as sink:
         yield dns, sink
+
+
+class TcpProxy:
+    """A TCP proxy on loopback in front of `target` that the test can cut (every connection closed,
+    new ones refused) and restore on the same port: a database made unreachable and back."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+
+    def start(self) -> TcpProxy:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(128)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets.update((client, upstream))
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+        with self._lock:
+            self._sockets.difference_update((source, sink))
+
+    def cut(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            sockets = list(self._sockets)
+        for end in sockets:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        self.cut()

@@ -1,0 +1,85 @@
+"""The database made unreachable in the middle of a burst (a TCP proxy the test owns in front of
+PostgreSQL, cut then restored), with clients that retry every non-final answer with the same
+request_id, each retry after JetStream's duplicate window: callers hear UNAVAILABLE with RetryInfo
+(never INTERNAL), health is NOT_SERVING while it lasts and SERVING again without a restart, every
+request ends accepted and every accepted message arrives exactly once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlalchemy.engine import make_url
+
+from postmesh.client import Client
+from postmesh.common.natsserver import NatsServerProcess
+from tests.faults_helpers import Burst, Mesh, TcpProxy, assert_delivered_once, loopback_mail, wait_for
+
+BURST = 200
+SENDER = "postmesh.sender.v1.SenderService"
+
+
+@pytest.fixture
+def proxied_database(postgres_database: str) -> Iterator[tuple[str, TcpProxy]]:
+    url = make_url(postgres_database)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432)).start()
+    try:
+        yield url.set(port=proxy.port).render_as_string(hide_password=False), proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture
+def mesh(tmp_path: Path, proxied_database: tuple[str, TcpProxy]) -> Iterator[Mesh]:
+    server = NatsServerProcess(tmp_path / "nats").start()
+    with loopback_mail() as (dns, sink):
+        mesh = Mesh(tmp_path, server.url, dns, sink, extra_env={"DATABASE_URL": proxied_database[0]})
+        try:
+            for name in ("core", "accept", "deliver"):
+                mesh.start(name)
+            yield mesh
+        finally:
+            mesh.stop_all()
+            server.stop()
+
+
+def _health(address: str, service: str) -> str:
+    with Client(address) as client:
+        try:
+            return client.health_status(service, timeout=5)
+        except grpc.RpcError as error:
+            return error.code().name
+
+
+def test_database_cut_mid_burst_answers_unavailable_and_duplicates_nothing(
+    mesh: Mesh, proxied_database: tuple[str, TcpProxy]
+) -> None:
+    _, proxy = proxied_database
+    key = mesh.sending_account()
+    burst = Burst(mesh.address("accept"), key, BURST)
+    seen_not_serving: list[str] = []
+
+    def outage(running: Burst) -> None:
+        wait_for(lambda: running.accepted() >= BURST // 4, 120, "a quarter of the burst accepted")
+        proxy.cut()
+        wait_for(lambda: _health(mesh.address("accept"), SENDER) == "NOT_SERVING", 60, "sender NOT_SERVING")
+        seen_not_serving.append(SENDER)
+        time.sleep(3)
+        proxy.start()
+        wait_for(lambda: _health(mesh.address("accept"), SENDER) == "SERVING", 60, "sender SERVING again")
+
+    burst.run(outage)
+    assert seen_not_serving == [SENDER]
+    assert set(burst.codes) - {grpc.StatusCode.OK} <= {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }, burst.codes
+    assert burst.reasons["DATABASE_UNAVAILABLE"] > 0, burst.reasons
+    assert_delivered_once(burst, mesh.sink)
+    assert burst.replay() == burst.message_ids
+    assert_delivered_once(burst, mesh.sink, settle=2.0)
+    for name, service in (("core", ""), ("accept", SENDER)):
+        assert _health(mesh.address(name), service) == "SERVING"
