@@ -175,10 +175,25 @@ _LOOP_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] 
 _THREAD_LOCK = threading.Lock()
 
 
+# Key of the PostgreSQL advisory lock every postmesh process takes to migrate (any service).
+MIGRATION_LOCK_KEY = 0x706F73746D657368  # "postmesh"
+
+
+def _take_migration_lock(connection: Connection) -> None:
+    """Serializes migrations across processes: two starting at once on a fresh database would both
+    create the version table. The lock is held until the migration's transaction ends."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
+    elif connection.dialect.name == "sqlite":
+        # The database's write lock, taken before anything is read (waits up to busy_timeout).
+        connection.exec_driver_sql("BEGIN EXCLUSIVE")
+
+
 def _upgrade_locked(
     connection: Connection, migrations_dir: Path, version_table: str, target: MetaData
 ) -> None:
     with _THREAD_LOCK:
+        _take_migration_lock(connection)
         _upgrade(connection, migrations_dir, version_table, target)
 
 

@@ -70,6 +70,23 @@ def resolve_service_names(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+async def migrate_services(settings: Settings, names: Sequence[str]) -> list[str]:
+    """Applies each named service's migrations to its database (`postmesh migrate`); returns the
+    services migrated. Safe beside other processes migrating or starting (see db.migrate)."""
+    done = []
+    for name in resolve_service_names(names):
+        cls = service_class(name)
+        if cls.metadata is None or cls.migrations_dir is None:
+            continue
+        engine = db.create_engine(settings.database_url(name))
+        try:
+            await db.migrate(engine, cls.migrations_dir, f"alembic_version_{name}", cls.metadata)
+        finally:
+            await engine.dispose()
+        done.append(name)
+    return done
+
+
 def _status_for(exc: PostmeshError) -> tuple[grpc.StatusCode, tuple[tuple[str, bytes], ...]]:
     code = getattr(grpc.StatusCode, exc.code.value)
     info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata)
