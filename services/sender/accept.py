@@ -23,7 +23,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from nats.js import JetStreamContext
 
@@ -69,6 +69,7 @@ MAX_TAGS = 50
 _TAG = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 _TAG_VALUE = re.compile(r"^[A-Za-z0-9_.@-]{0,256}$")
 _CONFIGURATION_SET = re.compile(r"^[A-Za-z0-9_-]{0,64}$")
+T = TypeVar("T")
 
 
 # --- What the accept path asks the other services (see services/sender/mesh.py).
@@ -208,6 +209,14 @@ async def _quietly(step: Awaitable[None], what: str) -> None:
         log.warning("could not settle a request_id claim", extra={"step": what, "error": repr(exc)})
 
 
+async def _to_the_end(call: Awaitable[T]) -> T:
+    """Runs a send to its end even when the caller goes away (a client deadline or cancellation):
+    the claim on its request_id must be settled for the retry that follows, never left half-done."""
+    task = asyncio.ensure_future(call)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return await asyncio.shield(task)
+
+
 class RenderFailure(Exception):
     def __init__(self, template_name: str, message: str) -> None:
         super().__init__(message)
@@ -306,6 +315,9 @@ class Acceptor:
     # --- SendEmail
 
     async def send_email(self, account_id: str, request: SendRequest) -> str:
+        return await _to_the_end(self._send_email(account_id, request))
+
+    async def _send_email(self, account_id: str, request: SendRequest) -> str:
         envelope = request.envelope
         if request.simple is None and request.raw is None and request.template is None:
             raise InvalidArgument("The message needs content: simple, raw or template.", field="content")
@@ -322,32 +334,24 @@ class Acceptor:
         return str(result["message_id"])
 
     async def _claimed(self, account_id: str, claim: Claim, work: Callable[[], Awaitable[Any]]) -> Any:
-        """Runs a claimed call to its end, even when the caller goes away, and settles the claim:
-        finished with the result, given up on a refusal (nothing was queued), or released when the
-        outcome is unknown (a retry takes it over with the same message ids)."""
-
-        async def settle() -> Any:
-            try:
-                result = await work()
-            except PostmeshError as error:
-                if isinstance(error, QueueOutcomeUnknown):
-                    await _quietly(self._keys.release(account_id, claim), "release")
-                else:
-                    await _quietly(self._keys.abandon(account_id, claim), "abandon")
-                raise
-            except BaseException:
+        """Settles the claim once the call's work ends: finished with the result, given up on a
+        refusal (nothing was queued), or released when the outcome is unknown (a retry takes it over
+        with the same message ids)."""
+        try:
+            result = await work()
+        except PostmeshError as error:
+            if isinstance(error, QueueOutcomeUnknown):
                 await _quietly(self._keys.release(account_id, claim), "release")
-                raise
-            # The messages are queued: a failure to record the result must not be reported as a
-            # failed send. A retry finds the claim unfinished and resolves it with the same ids.
-            await _quietly(self._keys.finish(account_id, claim, result), "finish")
-            return result
-
-        task = asyncio.ensure_future(settle())
-        # A deadline or cancellation from the client does not cut the call short: the outcome must be
-        # known (and recorded) for the retry that will follow.
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return await asyncio.shield(task)
+            else:
+                await _quietly(self._keys.abandon(account_id, claim), "abandon")
+            raise
+        except BaseException:
+            await _quietly(self._keys.release(account_id, claim), "release")
+            raise
+        # The messages are queued: a failure to record the result must not be reported as a failed
+        # send. A retry finds the claim unfinished and resolves it with the same ids.
+        await _quietly(self._keys.finish(account_id, claim, result), "finish")
+        return result
 
     async def _compose(self, account_id: str, request: SendRequest, message_id: str) -> Outgoing:
         envelope = request.envelope
@@ -692,6 +696,9 @@ class Acceptor:
     # --- SendBulkEmail
 
     async def send_bulk(self, account_id: str, request: BulkRequest) -> list[BulkResult]:
+        return await _to_the_end(self._send_bulk(account_id, request))
+
+    async def _send_bulk(self, account_id: str, request: BulkRequest) -> list[BulkResult]:
         envelope = request.envelope
         if not request.entries:
             raise InvalidArgument("At least one bulk email entry is needed.", field="bulk_email_entries")
