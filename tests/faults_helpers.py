@@ -33,6 +33,7 @@ MESSAGE_ID_DOMAIN = "mail.faults.test"
 # Short, so that the tests' retries land after JetStream's duplicate window has closed.
 DUPLICATE_WINDOW = 1.0
 CLAIM_SECONDS = 3.0
+DELIVERY_WORKERS = 16
 # What a client may see during an outage before its final answer: retryable codes only.
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
@@ -99,7 +100,7 @@ class Mesh:
             "DELIVERY_MODE": "smarthost",
             "SMARTHOST": f"127.0.0.1:{self.sink.port}",
             "SMARTHOST_TLS": "none",
-            "DELIVERY_WORKERS": "16" if name == "deliver" else "0",
+            "DELIVERY_WORKERS": str(DELIVERY_WORKERS) if name == "deliver" else "0",
             "DELIVERY_ACK_WAIT_SECONDS": "4",
             **self.extra_env,
         }
@@ -223,8 +224,13 @@ def arrivals(sink: SmtpServer) -> collections.Counter[str]:
     return counts
 
 
-def assert_delivered_once(burst: Burst, sink: SmtpServer, *, settle: float = 8.0) -> None:
-    """Every accepted message arrived, none twice, and nothing arrived that was not accepted."""
+def assert_delivered_once(
+    burst: Burst, sink: SmtpServer, *, settle: float = 8.0, in_hand_at_kill: int = 0
+) -> None:
+    """Every accepted message arrived, none twice, and nothing arrived that was not accepted.
+
+    `in_hand_at_kill`: how many messages a killed delivery process may have had between the SMTP
+    server's 250 and its acknowledgement (SMTP's own window, see the README): those may arrive twice."""
     assert not burst.final_errors, burst.final_errors
     assert len(burst.message_ids) == burst.count
     assert len(set(burst.message_ids.values())) == burst.count
@@ -236,7 +242,7 @@ def assert_delivered_once(burst: Burst, sink: SmtpServer, *, settle: float = 8.0
     counts = arrivals(sink)
     assert set(counts) == expected, set(counts) ^ expected
     duplicates = {mid: c for mid, c in counts.items() if c > 1}
-    assert not duplicates, duplicates
+    assert len(duplicates) <= in_hand_at_kill and all(c == 2 for c in duplicates.values()), duplicates
 
 
 @contextmanager

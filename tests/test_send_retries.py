@@ -20,6 +20,7 @@ from postmesh.testing import MeshThread
 from postmesh.testing_mail import LoopbackDns
 from services.sender import accept
 from services.sender.mime import Body
+from services.sender.service import SenderService
 from tests.conftest import MeshFactory
 from tests.identity_helpers import create_verified_domain
 from tests.sending_helpers import own_nats_server, queued_messages
@@ -66,7 +67,10 @@ def test_a_call_cancelled_once_its_message_is_stored_keeps_its_key(
     sending: tuple[MeshThread, str, str],
 ) -> None:
     mesh, account_id, _ = sending
-    acceptor = mesh.server.services["sender"].servicer.acceptor  # type: ignore[attr-defined]
+    assert mesh.server is not None
+    sender = mesh.server.services["sender"]
+    assert isinstance(sender, SenderService)
+    acceptor = sender.servicer.acceptor
 
     def request(n: int) -> accept.SendRequest:
         return accept.SendRequest(
