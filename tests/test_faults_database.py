@@ -1,8 +1,8 @@
-"""The database made unreachable in the middle of a burst (a TCP proxy the test owns in front of
-PostgreSQL, cut then restored), with clients that retry every non-final answer with the same
-request_id, each retry after JetStream's duplicate window: callers hear UNAVAILABLE with RetryInfo
-(never INTERNAL), health is NOT_SERVING while it lasts and SERVING again without a restart, every
-request ends accepted and every accepted message arrives exactly once."""
+"""The database made unreachable (a TCP proxy the test owns in front of PostgreSQL, cut then restored,
+in the middle of a burst; for SQLite, the file made unavailable): callers hear UNAVAILABLE with
+RetryInfo (never INTERNAL), health is NOT_SERVING while it lasts and SERVING again without a restart;
+with clients that retry every non-final answer with the same request_id, each retry after JetStream's
+duplicate window, every request ends accepted and every accepted message arrives exactly once."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import grpc
 import pytest
 from sqlalchemy.engine import make_url
 
-from postmesh.client import Client
+from postmesh.client import Client, error_details
 from postmesh.common.natsserver import NatsServerProcess
+from postmesh.sender.v1 import sender_pb2 as pb
+from tests.conftest import MeshFactory
 from tests.faults_helpers import Burst, Mesh, TcpProxy, assert_delivered_once, loopback_mail, wait_for
 
 BURST = 200
@@ -83,3 +85,44 @@ def test_database_cut_mid_burst_answers_unavailable_and_duplicates_nothing(
     assert_delivered_once(burst, mesh.sink, settle=2.0)
     for name, service in (("core", ""), ("accept", SENDER)):
         assert _health(mesh.address(name), service) == "SERVING"
+
+
+def test_sqlite_file_unavailable_answers_unavailable_until_it_is_back(
+    start_mesh: MeshFactory, tmp_path: Path
+) -> None:
+    """SQLite: the sender's database file made unavailable (its directory moved away, the pool's open
+    connections closed) and brought back, in a mesh that keeps running."""
+    directory = tmp_path / "sender-db"
+    mesh = start_mesh(sender_database_url=f"sqlite+aiosqlite:///{directory / 'sender.db'}")
+    _, key = mesh.create_account()
+    assert mesh.server is not None
+    engine = mesh.server.services["sender"].runtime.engine
+    assert engine is not None
+    send = pb.SendEmailRequest(
+        from_email_address="me@not-verified.test",
+        destination=pb.Destination(to_addresses=["to@not-verified.test"]),
+        content=pb.EmailContent(
+            simple=pb.Message(subject=pb.Content(data="s"), body=pb.Body(text=pb.Content(data="b")))
+        ),
+        request_id="sqlite-outage",
+    )
+    with mesh.client(key) as client:
+        directory.rename(tmp_path / "moved-away")
+        mesh.run(engine.dispose())
+        for call in (
+            lambda: client.sender.SendEmail(send, timeout=30),
+            lambda: client.sender.ListEmailTemplates(pb.ListEmailTemplatesRequest(), timeout=30),
+        ):
+            with pytest.raises(grpc.RpcError) as excinfo:
+                call()
+            details = error_details(excinfo.value)
+            assert (details.code, details.reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
+            assert details.retry_after_seconds
+        wait_for(lambda: _health(mesh.address, SENDER) == "NOT_SERVING", 30, "sender NOT_SERVING")
+        (tmp_path / "moved-away").rename(directory)
+        wait_for(lambda: _health(mesh.address, SENDER) == "SERVING", 30, "sender SERVING again")
+        client.sender.ListEmailTemplates(pb.ListEmailTemplatesRequest(), timeout=30)
+        # The send path works again: this one is refused for its unverified sender, as it should be.
+        with pytest.raises(grpc.RpcError) as refused:
+            client.sender.SendEmail(send, timeout=30)
+        assert error_details(refused.value).reason == "MESSAGE_REJECTED"
