@@ -14,8 +14,17 @@ from pathlib import Path
 import grpc
 import pytest
 
+from postmesh.client import Client, error_details
 from postmesh.common.natsserver import NatsServerProcess
-from tests.faults_helpers import DELIVERY_WORKERS, Burst, Mesh, assert_delivered_once, loopback_mail, wait_for
+from tests.faults_helpers import (
+    DELIVERY_WORKERS,
+    Burst,
+    Mesh,
+    assert_delivered_once,
+    loopback_mail,
+    request,
+    wait_for,
+)
 
 BURST = 200
 
@@ -40,6 +49,14 @@ def mesh(tmp_path: Path, nats_server: NatsServerProcess) -> Iterator[Mesh]:
             mesh.stop_all()
 
 
+def _health(address: str) -> str:
+    with Client(address) as client:
+        try:
+            return client.health_status("postmesh.sender.v1.SenderService", timeout=5)
+        except grpc.RpcError as error:
+            return error.code().name
+
+
 def _kill_when(burst: Burst, accepted: int) -> None:
     wait_for(lambda: burst.accepted() >= accepted, 120, f"{accepted} accepted messages")
 
@@ -57,8 +74,16 @@ def test_sigkill_mid_burst_loses_and_duplicates_nothing(
             assert nats_server.process is not None
             nats_server.process.kill()
             nats_server.process.wait()
-            time.sleep(3)  # calls meanwhile hear UNAVAILABLE, at once
+            # Once the outage is known: NOT_SERVING, and a send answers UNAVAILABLE at once.
+            wait_for(lambda: _health(mesh.address("accept")) == "NOT_SERVING", 30, "accept NOT_SERVING")
+            with Client(mesh.address("accept"), key) as client:
+                with pytest.raises(grpc.RpcError) as excinfo:
+                    client.sender.SendEmail(request(BURST + 1), timeout=10)
+            details = error_details(excinfo.value)
+            assert (details.code, details.reason) == (grpc.StatusCode.UNAVAILABLE, "QUEUE_UNAVAILABLE")
+            assert details.retry_after_seconds
             nats_server.start()
+            wait_for(lambda: _health(mesh.address("accept")) == "SERVING", 60, "accept SERVING again")
         else:
             mesh.kill(victim)
             time.sleep(1)
