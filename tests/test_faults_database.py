@@ -6,6 +6,7 @@ duplicate window, every request ends accepted and every accepted message arrives
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,19 @@ from postmesh.client import Client, error_details
 from postmesh.common.natsserver import NatsServerProcess
 from postmesh.sender.v1 import sender_pb2 as pb
 from tests.conftest import MeshFactory
-from tests.faults_helpers import Burst, Mesh, TcpProxy, assert_delivered_once, loopback_mail, wait_for
+from tests.faults_helpers import (
+    DUPLICATE_WINDOW,
+    MESSAGE_ID_DOMAIN,
+    Burst,
+    Mesh,
+    TcpProxy,
+    arrivals,
+    assert_delivered_once,
+    loopback_mail,
+    request,
+    wait_for,
+)
+from tests.identity_helpers import create_verified_domain
 
 BURST = 200
 SENDER = "postmesh.sender.v1.SenderService"
@@ -126,3 +139,52 @@ def test_sqlite_file_unavailable_answers_unavailable_until_it_is_back(
         with pytest.raises(grpc.RpcError) as refused:
             client.sender.SendEmail(send, timeout=30)
         assert error_details(refused.value).reason == "MESSAGE_REJECTED"
+
+
+def test_a_result_never_recorded_is_resolved_after_the_duplicate_window(
+    start_mesh: MeshFactory, tmp_path: Path
+) -> None:
+    """The database went away after the message was queued, so the call's result was never recorded
+    (the claim is left as the failed call leaves it). A retry after JetStream's duplicate window
+    answers the same message id, and the message still arrives once."""
+    server = NatsServerProcess(tmp_path / "nats").start()
+    try:
+        with loopback_mail() as (dns, sink):
+            mesh = start_mesh(
+                nats_url=server.url,
+                delivery_workers=2,
+                delivery_mode="smarthost",
+                smarthost=f"127.0.0.1:{sink.port}",
+                smarthost_tls="none",
+                message_id_domain=MESSAGE_ID_DOMAIN,
+                nats_duplicate_window_seconds=DUPLICATE_WINDOW,
+                send_request_claim_seconds=1.0,
+                sandbox_max_send_rate=1000.0,
+                dns_resolver=dns.address,
+                dns_check_poll_seconds=3600,
+                dns_timeout_seconds=2,
+            )
+            _, key = mesh.create_account()
+            with mesh.client(key) as client:
+                create_verified_domain(client, dns, "faults.test")
+                first = client.sender.SendEmail(request(1), timeout=30).message_id
+                wait_for(lambda: arrivals(sink)[first] == 1, 60, "the message to arrive")
+                # What a failed finish leaves: the claim without a result, its lease run out.
+                with sqlite3.connect(tmp_path / "mesh0" / "sender.db") as database:
+                    changed = database.execute(
+                        "UPDATE send_requests SET result = '' WHERE request_id = ?",
+                        (request(1).request_id,),
+                    ).rowcount
+                assert changed == 1
+                time.sleep(max(DUPLICATE_WINDOW, 1.0) + 0.5)
+                assert client.sender.SendEmail(request(1), timeout=30).message_id == first
+                assert client.sender.SendEmail(request(1), timeout=30).message_id == first
+            # The second copy was queued (past the window, JetStream stored it) and dropped by the
+            # delivery workers; a later message shows they have moved past it.
+            with mesh.client(key) as client:
+                later = client.sender.SendEmail(request(2), timeout=30).message_id
+            wait_for(lambda: arrivals(sink)[later] == 1, 60, "a later message to arrive")
+            time.sleep(2)
+            assert arrivals(sink)[first] == 1
+    finally:
+        server.stop()
