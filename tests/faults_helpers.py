@@ -246,6 +246,28 @@ def assert_delivered_once(
 
 
 @contextmanager
+def running_mesh(root: Path, nats_url: str, extra_env: dict[str, str] | None = None) -> Iterator[Mesh]:
+    """The three processes of a Mesh, up and SERVING, with their own DNS server and SMTP sink."""
+    with loopback_mail() as (dns, sink):
+        mesh = Mesh(root, nats_url, dns, sink, extra_env=extra_env or {})
+        try:
+            for name in Mesh.SERVICES:
+                mesh.start(name)
+            yield mesh
+        finally:
+            mesh.stop_all()
+
+
+def health(address: str, service: str) -> str:
+    """The health status of `service` at `address`, or the error code when it cannot be asked."""
+    with Client(address) as client:
+        try:
+            return client.health_status(service, timeout=5)
+        except grpc.RpcError as error:
+            return error.code().name
+
+
+@contextmanager
 def loopback_mail() -> Iterator[tuple[LoopbackDns, SmtpServer]]:
     with LoopbackDns() as dns, SmtpServer() as sink:
         yield dns, sink

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from sqlalchemy.engine import make_url
 
-from postmesh.client import Client, error_details
+from postmesh.client import error_details
 from postmesh.common.natsserver import NatsServerProcess
 from postmesh.sender.v1 import sender_pb2 as pb
 from tests.conftest import MeshFactory
@@ -27,8 +27,10 @@ from tests.faults_helpers import (
     TcpProxy,
     arrivals,
     assert_delivered_once,
+    health,
     loopback_mail,
     request,
+    running_mesh,
     wait_for,
 )
 from tests.identity_helpers import create_verified_domain
@@ -50,23 +52,11 @@ def proxied_database(postgres_database: str) -> Iterator[tuple[str, TcpProxy]]:
 @pytest.fixture
 def mesh(tmp_path: Path, proxied_database: tuple[str, TcpProxy]) -> Iterator[Mesh]:
     server = NatsServerProcess(tmp_path / "nats").start()
-    with loopback_mail() as (dns, sink):
-        mesh = Mesh(tmp_path, server.url, dns, sink, extra_env={"DATABASE_URL": proxied_database[0]})
-        try:
-            for name in ("core", "accept", "deliver"):
-                mesh.start(name)
+    try:
+        with running_mesh(tmp_path, server.url, {"DATABASE_URL": proxied_database[0]}) as mesh:
             yield mesh
-        finally:
-            mesh.stop_all()
-            server.stop()
-
-
-def _health(address: str, service: str) -> str:
-    with Client(address) as client:
-        try:
-            return client.health_status(service, timeout=5)
-        except grpc.RpcError as error:
-            return error.code().name
+    finally:
+        server.stop()
 
 
 def test_database_cut_mid_burst_answers_unavailable_and_duplicates_nothing(
@@ -80,11 +70,11 @@ def test_database_cut_mid_burst_answers_unavailable_and_duplicates_nothing(
     def outage(running: Burst) -> None:
         wait_for(lambda: running.accepted() >= BURST // 4, 120, "a quarter of the burst accepted")
         proxy.cut()
-        wait_for(lambda: _health(mesh.address("accept"), SENDER) == "NOT_SERVING", 60, "sender NOT_SERVING")
+        wait_for(lambda: health(mesh.address("accept"), SENDER) == "NOT_SERVING", 60, "sender NOT_SERVING")
         seen_not_serving.append(SENDER)
         time.sleep(3)
         proxy.start()
-        wait_for(lambda: _health(mesh.address("accept"), SENDER) == "SERVING", 60, "sender SERVING again")
+        wait_for(lambda: health(mesh.address("accept"), SENDER) == "SERVING", 60, "sender SERVING again")
 
     burst.run(outage)
     assert seen_not_serving == [SENDER]
@@ -97,7 +87,7 @@ def test_database_cut_mid_burst_answers_unavailable_and_duplicates_nothing(
     assert burst.replay() == burst.message_ids
     assert_delivered_once(burst, mesh.sink, settle=2.0)
     for name, service in (("core", ""), ("accept", SENDER)):
-        assert _health(mesh.address(name), service) == "SERVING"
+        assert health(mesh.address(name), service) == "SERVING"
 
 
 def test_sqlite_file_unavailable_answers_unavailable_until_it_is_back(
@@ -131,9 +121,9 @@ def test_sqlite_file_unavailable_answers_unavailable_until_it_is_back(
             details = error_details(excinfo.value)
             assert (details.code, details.reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
             assert details.retry_after_seconds
-        wait_for(lambda: _health(mesh.address, SENDER) == "NOT_SERVING", 30, "sender NOT_SERVING")
+        wait_for(lambda: health(mesh.address, SENDER) == "NOT_SERVING", 30, "sender NOT_SERVING")
         (tmp_path / "moved-away").rename(directory)
-        wait_for(lambda: _health(mesh.address, SENDER) == "SERVING", 30, "sender SERVING again")
+        wait_for(lambda: health(mesh.address, SENDER) == "SERVING", 30, "sender SERVING again")
         client.sender.ListEmailTemplates(pb.ListEmailTemplatesRequest(), timeout=30)
         # The send path works again: this one is refused for its unverified sender, as it should be.
         with pytest.raises(grpc.RpcError) as refused:

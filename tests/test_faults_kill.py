@@ -21,12 +21,14 @@ from tests.faults_helpers import (
     Burst,
     Mesh,
     assert_delivered_once,
-    loopback_mail,
+    health,
     request,
+    running_mesh,
     wait_for,
 )
 
 BURST = 200
+SENDER = "postmesh.sender.v1.SenderService"
 
 
 @pytest.fixture
@@ -39,22 +41,8 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServerProcess]:
 
 @pytest.fixture
 def mesh(tmp_path: Path, nats_server: NatsServerProcess) -> Iterator[Mesh]:
-    with loopback_mail() as (dns, sink):
-        mesh = Mesh(tmp_path, nats_server.url, dns, sink)
-        try:
-            for name in ("core", "accept", "deliver"):
-                mesh.start(name)
-            yield mesh
-        finally:
-            mesh.stop_all()
-
-
-def _health(address: str) -> str:
-    with Client(address) as client:
-        try:
-            return client.health_status("postmesh.sender.v1.SenderService", timeout=5)
-        except grpc.RpcError as error:
-            return error.code().name
+    with running_mesh(tmp_path, nats_server.url) as mesh:
+        yield mesh
 
 
 def _kill_when(burst: Burst, accepted: int) -> None:
@@ -75,15 +63,16 @@ def test_sigkill_mid_burst_loses_and_duplicates_nothing(
             nats_server.process.kill()
             nats_server.process.wait()
             # Once the outage is known: NOT_SERVING, and a send answers UNAVAILABLE at once.
-            wait_for(lambda: _health(mesh.address("accept")) == "NOT_SERVING", 30, "accept NOT_SERVING")
-            with Client(mesh.address("accept"), key) as client:
+            accept = mesh.address("accept")
+            wait_for(lambda: health(accept, SENDER) == "NOT_SERVING", 30, "accept NOT_SERVING")
+            with Client(accept, key) as client:
                 with pytest.raises(grpc.RpcError) as excinfo:
                     client.sender.SendEmail(request(BURST + 1), timeout=10)
             details = error_details(excinfo.value)
             assert (details.code, details.reason) == (grpc.StatusCode.UNAVAILABLE, "QUEUE_UNAVAILABLE")
             assert details.retry_after_seconds
             nats_server.start()
-            wait_for(lambda: _health(mesh.address("accept")) == "SERVING", 60, "accept SERVING again")
+            wait_for(lambda: health(accept, SENDER) == "SERVING", 60, "accept SERVING again")
         else:
             mesh.kill(victim)
             time.sleep(1)
