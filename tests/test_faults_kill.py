@@ -40,8 +40,12 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServerProcess]:
 
 
 @pytest.fixture
-def mesh(tmp_path: Path, nats_server: NatsServerProcess) -> Iterator[Mesh]:
-    with running_mesh(tmp_path, nats_server.url) as mesh:
+def mesh(request: pytest.FixtureRequest, tmp_path: Path, nats_server: NatsServerProcess) -> Iterator[Mesh]:
+    """On SQLite (a file per process and service), or on one PostgreSQL database for all."""
+    env = {}
+    if request.node.callspec.params["database"] == "postgres":
+        env["DATABASE_URL"] = request.getfixturevalue("postgres_database")
+    with running_mesh(tmp_path, nats_server.url, env) as mesh:
         yield mesh
 
 
@@ -49,9 +53,18 @@ def _kill_when(burst: Burst, accepted: int) -> None:
     wait_for(lambda: burst.accepted() >= accepted, 120, f"{accepted} accepted messages")
 
 
-@pytest.mark.parametrize("victim", ["nats-server", "accept", "deliver"])
+@pytest.mark.parametrize(
+    ("victim", "database"),
+    [
+        ("nats-server", "sqlite"),
+        ("accept", "sqlite"),
+        ("deliver", "sqlite"),
+        ("nats-server", "postgres"),
+        ("accept", "postgres"),
+    ],
+)
 def test_sigkill_mid_burst_loses_and_duplicates_nothing(
-    mesh: Mesh, nats_server: NatsServerProcess, victim: str
+    mesh: Mesh, nats_server: NatsServerProcess, victim: str, database: str
 ) -> None:
     key = mesh.sending_account()
     burst = Burst(mesh.address("accept"), key, BURST)
