@@ -14,6 +14,7 @@ import grpc
 import nats
 import pytest
 
+from postmesh.common.natsserver import NatsServerProcess
 from postmesh.common.streams import outbound_subject
 from postmesh.sender.v1 import sender_pb2 as pb
 from postmesh.testing import MeshThread
@@ -23,16 +24,23 @@ from services.sender.mime import Body
 from services.sender.service import SenderService
 from tests.conftest import MeshFactory
 from tests.identity_helpers import create_verified_domain
-from tests.sending_helpers import own_nats_server, queued_messages
+from tests.sending_helpers import queued_messages
 
 REQUESTS = 40
 
 
 @pytest.fixture
-def nats_url(tmp_path: Path) -> Iterator[str]:
-    """The test's own server: it reads what was queued off the work queue (see own_nats_server)."""
-    with own_nats_server(tmp_path / "nats") as url:
-        yield url
+def nats_server(tmp_path: Path) -> Iterator[NatsServerProcess]:
+    """The test's own server: it reads what was queued off the work queue (see own_nats_server), and
+    stops and starts it."""
+    server = NatsServerProcess(tmp_path / "nats").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nats_url(nats_server: NatsServerProcess) -> str:
+    return nats_server.url
 
 
 @pytest.fixture
@@ -148,3 +156,66 @@ def test_calls_cut_short_by_their_deadline_queue_once(sending: tuple[MeshThread,
     queued = queued_messages(mesh.settings.nats_url, account_id, wait_for=REQUESTS + 1)
     mine = sorted(q.message_id for q in queued if q.subject != f"n{REQUESTS}")
     assert mine == sorted(next(iter(ids)) for ids in answers.values())
+
+
+def test_a_bulk_send_with_transient_failures_can_be_retried_with_its_request_id(
+    sending: tuple[MeshThread, str, str], nats_server: NatsServerProcess
+) -> None:
+    """Entries that could not be queued (NATS down) answer TRANSIENT_FAILURE; the same request_id
+    later runs the call again instead of replaying those failures, with the same message ids."""
+    mesh, account_id, key = sending
+    sender_service = "postmesh.sender.v1.SenderService"
+    with mesh.client(key) as client:
+        client.sender.CreateEmailTemplate(
+            pb.CreateEmailTemplateRequest(
+                template_name="bulk",
+                template_content=pb.EmailTemplateContent(subject="Hi {{n}}", text="n={{n}}", html=""),
+            )
+        )
+        bulk = pb.SendBulkEmailRequest(
+            from_email_address="me@retries.test",
+            default_content=pb.BulkEmailContent(
+                template=pb.Template(template_name="bulk", template_data='{"n": 0}')
+            ),
+            bulk_email_entries=[
+                pb.BulkEmailEntry(
+                    destination=pb.Destination(to_addresses=[f"b{n}@retries.test"]),
+                    replacement_email_content=pb.ReplacementEmailContent(
+                        replacement_template=pb.ReplacementTemplate(replacement_template_data=f'{{"n": {n}}}')
+                    ),
+                )
+                for n in range(3)
+            ],
+            request_id="bulk-during-outage",
+        )
+
+        def statuses(reply: pb.SendBulkEmailResponse) -> list[str]:
+            return [
+                pb.BulkEmailStatus.Name(r.status).removeprefix("BULK_EMAIL_STATUS_")
+                for r in reply.bulk_email_entry_results
+            ]
+
+        def health() -> str:
+            return client.health_status(sender_service, timeout=5)
+
+        nats_server.stop()
+        deadline = time.monotonic() + 60
+        while health() != "NOT_SERVING":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        during = client.sender.SendBulkEmail(bulk, timeout=30)
+        assert statuses(during) == ["TRANSIENT_FAILURE"] * 3
+        nats_server.start()
+        while health() != "SERVING":
+            assert time.monotonic() < deadline + 60
+            time.sleep(0.2)
+        after = client.sender.SendBulkEmail(bulk, timeout=30)
+        assert statuses(after) == ["SUCCESS"] * 3
+        again = client.sender.SendBulkEmail(bulk, timeout=30)
+        assert [r.message_id for r in again.bulk_email_entry_results] == [
+            r.message_id for r in after.bulk_email_entry_results
+        ]
+    queued = queued_messages(mesh.settings.nats_url, account_id, wait_for=3)
+    assert sorted(q.message_id for q in queued) == sorted(
+        r.message_id for r in after.bulk_email_entry_results
+    )

@@ -333,7 +333,13 @@ class Acceptor:
         result = await self._claimed(account_id, claim, accept)
         return str(result["message_id"])
 
-    async def _claimed(self, account_id: str, claim: Claim, work: Callable[[], Awaitable[Any]]) -> Any:
+    async def _claimed(
+        self,
+        account_id: str,
+        claim: Claim,
+        work: Callable[[], Awaitable[Any]],
+        final: Callable[[Any], bool] = lambda _result: True,
+    ) -> Any:
         """Settles the claim once the call's work ends: finished with the result, given up on a
         refusal (nothing was queued), or released when the outcome is unknown (a retry takes it over
         with the same message ids)."""
@@ -348,6 +354,11 @@ class Acceptor:
         except BaseException:
             await _quietly(self._keys.release(account_id, claim), "release")
             raise
+        if not final(result):
+            # Some of it may go through on a retry: the same request_id runs it again, with the same
+            # message ids (what was queued is not queued twice).
+            await _quietly(self._keys.release(account_id, claim), "release")
+            return result
         # The messages are queued: a failure to record the result must not be reported as a failed
         # send. A retry finds the claim unfinished and resolves it with the same ids.
         await _quietly(self._keys.finish(account_id, claim, result), "finish")
@@ -759,7 +770,10 @@ class Acceptor:
                 )
             return [r.__dict__ for r in results]
 
-        return [BulkResult(**r) for r in await self._claimed(account_id, claim, accept)]
+        def final(results: list[dict[str, str]]) -> bool:
+            return all(r["status"] != "TRANSIENT_FAILURE" for r in results)
+
+        return [BulkResult(**r) for r in await self._claimed(account_id, claim, accept, final)]
 
     async def _bulk_entry(
         self,
