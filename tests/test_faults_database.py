@@ -178,3 +178,22 @@ def test_a_result_never_recorded_is_resolved_after_the_duplicate_window(
             assert arrivals(sink)[first] == 1
     finally:
         server.stop()
+
+
+def test_health_follows_the_database_while_no_call_needs_it(start_mesh: MeshFactory, tmp_path: Path) -> None:
+    directory = tmp_path / "feedback-db"
+    mesh = start_mesh(
+        feedback_database_url=f"sqlite+aiosqlite:///{directory / 'feedback.db'}", database_probe_seconds=0.5
+    )
+    assert mesh.server is not None
+    engine = mesh.server.services["feedback"].runtime.engine
+    assert engine is not None
+    feedback = "postmesh.feedback.v1.FeedbackService"
+    directory.rename(tmp_path / "moved-away")
+    mesh.run(engine.dispose())
+    wait_for(lambda: health(mesh.address, feedback) == "NOT_SERVING", 30, "feedback NOT_SERVING")
+    assert health(mesh.address, SENDER) == "SERVING"
+    assert health(mesh.address, "") == "NOT_SERVING"
+    (tmp_path / "moved-away").rename(directory)
+    wait_for(lambda: health(mesh.address, feedback) == "SERVING", 30, "feedback SERVING again")
+    assert health(mesh.address, "") == "SERVING"

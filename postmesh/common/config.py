@@ -105,6 +105,12 @@ SCHEMA: list[Setting] = [
         "STARTUP_RETRY_MAX_SECONDS", float, 30.0, "Longest wait between retries to reach NATS or a database."
     ),
     Setting(
+        "DATABASE_PROBE_SECONDS",
+        float,
+        10.0,
+        "How often each service checks its database, to report NOT_SERVING while it is out; 0: never.",
+    ),
+    Setting(
         "SHUTDOWN_GRACE_SECONDS",
         float,
         10.0,

@@ -103,6 +103,9 @@ DATABASE_RETRY_SECONDS = 2.0
 QUEUE_RETRY_SECONDS = 1.0
 
 
+_DATABASE_PROBE_FAILED = Unavailable("The database did not answer a probe.", reason="DATABASE_UNAVAILABLE")
+
+
 def outage_error(exc: BaseException) -> PostmeshError | None:
     """What a caller should hear when `exc` means a dependency is out (retryable), else None."""
     if isinstance(exc, aio.AioRpcError):
@@ -353,6 +356,8 @@ class MeshServer:
         await service.on_ready()
         runtime.ready.set()
         await self._refresh_health()
+        if runtime.engine is not None and self.settings.database_probe_seconds > 0:
+            runtime.spawn(lambda: self._probe_database(service), f"database-probe-{service.name}")
         log.info("service serving", extra={"service": service.name})
 
     # --- Health while a dependency is out: NOT_SERVING for what it affects, SERVING once it is back.
@@ -389,6 +394,15 @@ class MeshServer:
             self._probes[service.name] = asyncio.create_task(
                 self._watch_database(service), name=f"database-probe-{service.name}"
             )
+
+    async def _probe_database(self, service: Service) -> None:
+        """Health follows the database even while no call needs it."""
+        while True:
+            await asyncio.sleep(self.settings.database_probe_seconds)
+            engine = service.runtime.engine
+            if service.name not in self._databases_down and engine is not None:
+                if not await db.reachable(engine):
+                    self._on_outage(service, _DATABASE_PROBE_FAILED)
 
     async def _watch_database(self, service: Service) -> None:
         engine = service.runtime.engine
