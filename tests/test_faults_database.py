@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from postmesh.client import error_details
 from postmesh.common.natsserver import NatsServerProcess
+from postmesh.events.v1 import events_pb2
 from postmesh.sender.v1 import sender_pb2 as pb
 from tests.conftest import MeshFactory
 from tests.faults_helpers import (
@@ -34,6 +35,7 @@ from tests.faults_helpers import (
     wait_for,
 )
 from tests.identity_helpers import create_verified_domain
+from tests.sending_helpers import email_events
 
 BURST = 200
 SENDER = "postmesh.sender.v1.SenderService"
@@ -154,7 +156,7 @@ def test_a_result_never_recorded_is_resolved_after_the_duplicate_window(
                 dns_check_poll_seconds=3600,
                 dns_timeout_seconds=2,
             )
-            _, key = mesh.create_account()
+            account_id, key = mesh.create_account()
             with mesh.client(key) as client:
                 create_verified_domain(client, dns, "faults.test")
                 first = client.sender.SendEmail(request(1), timeout=30).message_id
@@ -176,6 +178,13 @@ def test_a_result_never_recorded_is_resolved_after_the_duplicate_window(
             wait_for(lambda: arrivals(sink)[later] == 1, 60, "a later message to arrive")
             time.sleep(2)
             assert arrivals(sink)[first] == 1
+            # Its Send event was published again, under the same event id: counted once.
+            sends = [
+                e
+                for e in email_events(server.url, account_id)
+                if e.email.event_type == events_pb2.EMAIL_EVENT_TYPE_SEND and e.email.mail.message_id == first
+            ]
+            assert len(sends) == 2 and len({e.event_id for e in sends}) == 1
     finally:
         server.stop()
 

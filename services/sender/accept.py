@@ -21,6 +21,7 @@ import functools
 import hashlib
 import logging
 import re
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -195,6 +196,15 @@ class Outgoing:
         for mailbox in [*self.to, *self.cc, *self.bcc]:
             seen.setdefault(address_key(mailbox.address), mailbox.address)
         return list(seen.values())
+
+
+_EVENT_IDS = uuid.UUID("8f0d3c51-6a43-4b5e-9a57-2f1c0e6b7d11")
+
+
+def _event_id(message_id: str, what: str) -> str:
+    """The same event of the same message always has the same id: a send run again for its
+    request_id publishes events that JetStream and the consumers (by event id) take once."""
+    return uuid.uuid5(_EVENT_IDS, f"{message_id}:{what}").hex
 
 
 class QueueOutcomeUnknown(Unavailable):
@@ -640,6 +650,7 @@ class Acceptor:
                 email=events_pb2.EmailEvent(event_type=events_pb2.EMAIL_EVENT_TYPE_SEND, mail=mail),
             )
         ]
+        events[0].event_id = _event_id(message.message_id, "send")
         for address in suppressed:
             bounce = events_pb2.Bounce(
                 bounce_type=events_pb2.BOUNCE_TYPE_PERMANENT,
@@ -664,6 +675,7 @@ class Acceptor:
                     ),
                 )
             )
+            events[-1].event_id = _event_id(message.message_id, f"suppressed:{address_key(address)}")
         await self._publish(events)
 
     async def _publish_rendering_failure(
