@@ -90,7 +90,6 @@ def create_engine(url: str) -> AsyncEngine:
         pool_pre_ping=True,
         pool_size=10,
         max_overflow=20,
-        pool_timeout=10,
         connect_args={"timeout": 10},
     )
 
