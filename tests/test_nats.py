@@ -12,6 +12,7 @@ import pytest
 
 from postmesh.common.bus import ensure_streams, fetch_batch
 from postmesh.common.natsserver import NatsServerProcess, free_port
+from postmesh.common.outbound import first_copy, queued_ledger
 from postmesh.common.streams import ALL_STREAMS, EVENTS, OUTBOUND
 from postmesh.quota.v1 import quota_pb2
 from postmesh.testing import MeshThread
@@ -139,3 +140,18 @@ def test_fetch_batch_returns_nothing_on_a_plain_timeout() -> None:
         return len(await fetch_batch(_SwallowingSubscription(), 10, wait_seconds=0.01))  # type: ignore[arg-type]
 
     assert asyncio.run(main()) == 0
+
+
+async def test_the_queued_ledger_keeps_the_first_copy_of_a_message_id(nats_url: str) -> None:
+    """A message queued twice under one id (a retry after the duplicate window) is delivered once:
+    the copy a worker took first wins; that same copy handed out again is still the first."""
+    connection = await nats.connect(nats_url)
+    try:
+        ledger = await queued_ledger(connection.jetstream())
+        message_id = f"ledger-{time.monotonic_ns()}"
+        assert await first_copy(ledger, message_id, 17)
+        assert await first_copy(ledger, message_id, 17)  # redelivered after a worker died
+        assert not await first_copy(ledger, message_id, 42)  # a second copy
+        assert await first_copy(await queued_ledger(connection.jetstream()), f"{message_id}-2", 42)
+    finally:
+        await connection.close()

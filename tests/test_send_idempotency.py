@@ -84,3 +84,21 @@ async def test_keys_replay_refuse_reuse_and_take_over(keys: tuple[IdempotencyKey
     clock.value += KEY_RETENTION
     assert await store.purge() == 3  # acct key-1, acct key-2, other-acct key-1
     assert (await store.claim("acct", "key-1", "fp", 1, _new_id)).result is None
+
+
+async def test_a_released_claim_is_taken_over_at_once_with_the_same_ids(
+    keys: tuple[IdempotencyKeys, StepClock],
+) -> None:
+    """A call whose outcome is unknown (the queue did not answer) releases its claim: the retry does
+    not wait for the lease and queues the same message ids again; a finished claim is not released."""
+    store, _ = keys
+    claim = await store.claim("acct", "unknown-outcome", "fp", 3, _new_id)
+    await store.release("acct", claim)
+    retry = await store.claim("acct", "unknown-outcome", "fp", 3, _new_id)
+    assert retry.message_ids == claim.message_ids and retry.result is None
+    # The retry holds it now: a third call is told to come back.
+    with pytest.raises(Unavailable):
+        await store.claim("acct", "unknown-outcome", "fp", 3, _new_id)
+    await store.finish("acct", retry, {"ok": True})
+    await store.release("acct", retry)
+    assert (await store.claim("acct", "unknown-outcome", "fp", 3, _new_id)).result == {"ok": True}

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from postmesh.common.config import UNIT_NAMES, load_settings, markdown_table
+from postmesh.common.config import SERVICE_NAMES, UNIT_NAMES, load_settings, markdown_table
 
 if TYPE_CHECKING:
     from postmesh.common.config import Settings
@@ -48,6 +48,26 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     finally:
         shutdown_tracing()
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from postmesh.common.logging import configure_logging
+    from postmesh.common.server import load_all_service_settings, migrate_services
+
+    load_all_service_settings()
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    try:
+        migrated = asyncio.run(migrate_services(settings, args.services))
+    except ValueError as exc:  # an unknown service name
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the database refused or is unreachable: say so, exit non-zero
+        print(f"error: migration failed: {exc!r}", file=sys.stderr)
+        return 1
+    for name in migrated:
+        print(f"{name}: migrated to head")
     return 0
 
 
@@ -189,6 +209,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "services", nargs="*", default=["all"], help=f"all, or any of: {', '.join(UNIT_NAMES)}"
     )
     serve.set_defaults(handler=_serve)
+
+    migrate = commands.add_parser(
+        "migrate", help="apply the database migrations of some or all services, then exit"
+    )
+    migrate.add_argument(
+        "services", nargs="*", default=["all"], help=f"all, or any of: {', '.join(SERVICE_NAMES)}"
+    )
+    migrate.set_defaults(handler=_migrate)
 
     dev = commands.add_parser("dev", help="run the whole mesh locally on embedded defaults (make run)")
     dev.set_defaults(handler=_dev)

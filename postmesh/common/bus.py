@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
 
 import nats
 from google.protobuf.message import DecodeError
@@ -24,14 +26,28 @@ from postmesh.events.v1 import events_pb2
 log = logging.getLogger(__name__)
 
 
-async def connect_nats(url: str, *, max_delay: float, name: str = "postmesh") -> NATS:
-    """Connects, retrying with exponential backoff until the server answers."""
+async def connect_nats(
+    url: str,
+    *,
+    max_delay: float,
+    name: str = "postmesh",
+    disconnected_cb: Callable[[], Awaitable[None]] | None = None,
+    reconnected_cb: Callable[[], Awaitable[None]] | None = None,
+) -> NATS:
+    """Connects, retrying with exponential backoff until the server answers. The callbacks hear when
+    the connection is lost and when it is back (the client reconnects by itself)."""
     delay = 0.2
+    callbacks: dict[str, Any] = {}
+    if disconnected_cb is not None:
+        callbacks["disconnected_cb"] = disconnected_cb
+    if reconnected_cb is not None:
+        callbacks["reconnected_cb"] = reconnected_cb
     while True:
         try:
             return await nats.connect(
                 url,
                 name=name,
+                **callbacks,
                 connect_timeout=2,
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
@@ -46,10 +62,16 @@ async def connect_nats(url: str, *, max_delay: float, name: str = "postmesh") ->
 
 
 async def ensure_streams(
-    js: JetStreamContext, specs: Iterable[StreamSpec] = ALL_STREAMS, *, replicas: int = 1
+    js: JetStreamContext,
+    specs: Iterable[StreamSpec] = ALL_STREAMS,
+    *,
+    replicas: int = 1,
+    duplicate_window_seconds: float | None = None,
 ) -> None:
     """Creates each stream, or updates it to the declared configuration; safe to run on every start."""
     for spec in specs:
+        if duplicate_window_seconds is not None:
+            spec = dataclasses.replace(spec, duplicate_window_seconds=duplicate_window_seconds)
         config = spec.config(replicas)
         try:
             await js.add_stream(config)
@@ -74,6 +96,10 @@ class EventPublisher:
         self._js = js
 
     async def publish(self, event: events_pb2.Event) -> None:
+        connection = getattr(self._js, "_nc", None)
+        if connection is not None and not connection.is_connected:
+            # Known to be out: fail now rather than wait for the publish to time out.
+            raise nats.errors.ConnectionClosedError
         headers = {"Nats-Msg-Id": event.event_id}
         tracing.inject(headers)
         await self._js.publish(event_subject(event), event.SerializeToString(), headers=headers)

@@ -74,6 +74,12 @@ SCHEMA: list[Setting] = [
     Setting("NATS_URL", str, "", "NATS server with JetStream; empty: `postmesh dev` starts one in DATA_DIR."),
     Setting("NATS_STREAM_REPLICAS", int, 1, "Replicas of each JetStream stream (3 on a NATS cluster)."),
     Setting(
+        "NATS_DUPLICATE_WINDOW_SECONDS",
+        float,
+        120.0,
+        "JetStream's duplicate window on each stream (publishes with the same Nats-Msg-Id are stored once).",
+    ),
+    Setting(
         "ADMIN_API_KEY", str, "", "Operator credential for admin-only RPCs; empty disables them.", secret=True
     ),
     Setting(
@@ -139,6 +145,12 @@ SCHEMA: list[Setting] = [
     ),
     Setting(
         "STARTUP_RETRY_MAX_SECONDS", float, 30.0, "Longest wait between retries to reach NATS or a database."
+    ),
+    Setting(
+        "DATABASE_PROBE_SECONDS",
+        float,
+        10.0,
+        "How often each service checks its database, to report NOT_SERVING while it is out; 0: never.",
     ),
     Setting(
         "SHUTDOWN_GRACE_SECONDS",

@@ -23,6 +23,7 @@ from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import DateTime, MetaData, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.types import TypeDecorator
@@ -83,7 +84,64 @@ def create_engine(url: str) -> AsyncEngine:
             cursor.close()
 
         return engine
-    return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # A connection attempt to an unreachable server fails in seconds, not asyncpg's default minute.
+    return create_async_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=20,
+        connect_args={"timeout": 10},
+    )
+
+
+# SQLite errors that mean "not now" (the file cannot be opened, written or locked), not a bug.
+_SQLITE_UNAVAILABLE = ("unable to open", "disk i/o", "locked", "readonly", "busy", "no such file")
+
+
+def unreachable(exc: BaseException) -> bool:
+    """True when `exc`, or what caused it, says the database cannot be reached or used right now."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (OSError, sa_exc.TimeoutError, sa_exc.DisconnectionError)):
+            return True
+        if isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(current, sa_exc.InterfaceError):
+            return True
+        if isinstance(current, sa_exc.OperationalError):
+            text = str(current.orig or current).lower()
+            is_sqlite = type(current.orig).__module__.startswith("sqlite3")
+            if not is_sqlite or any(s in text for s in _SQLITE_UNAVAILABLE):
+                return True
+        if type(current).__module__.startswith("asyncpg") and type(current).__name__ in _ASYNCPG_UNAVAILABLE:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+_ASYNCPG_UNAVAILABLE = {
+    "ConnectionDoesNotExistError",
+    "ConnectionFailureError",
+    "CannotConnectNowError",
+    "ConnectionRejectionError",
+    "TooManyConnectionsError",
+    "AdminShutdownError",
+    "CrashShutdownError",
+    "InterfaceError",
+    "InternalClientError",
+}
+
+
+async def reachable(engine: AsyncEngine, seconds: float = 5.0) -> bool:
+    """One `SELECT 1`: does the database answer now?"""
+    try:
+        async with asyncio.timeout(seconds), engine.connect() as connection:
+            await connection.exec_driver_sql("SELECT 1")
+    except Exception:
+        return False
+    return True
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -116,10 +174,25 @@ _LOOP_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] 
 _THREAD_LOCK = threading.Lock()
 
 
+# Key of the PostgreSQL advisory lock every postmesh process takes to migrate (any service).
+MIGRATION_LOCK_KEY = 0x706F73746D657368  # "postmesh"
+
+
+def _take_migration_lock(connection: Connection) -> None:
+    """Serializes migrations across processes: two starting at once on a fresh database would both
+    create the version table. The lock is held until the migration's transaction ends."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
+    elif connection.dialect.name == "sqlite":
+        # The database's write lock, taken before anything is read (waits up to busy_timeout).
+        connection.exec_driver_sql("BEGIN EXCLUSIVE")
+
+
 def _upgrade_locked(
     connection: Connection, migrations_dir: Path, version_table: str, target: MetaData
 ) -> None:
     with _THREAD_LOCK:
+        _take_migration_lock(connection)
         _upgrade(connection, migrations_dir, version_table, target)
 
 

@@ -7,12 +7,13 @@ takes the same path: DKIM signing, retries, bounce and delivery events.
 from __future__ import annotations
 
 from nats.js import JetStreamContext
-from nats.js.api import ObjectStoreConfig, StorageType
-from nats.js.errors import BucketNotFoundError
+from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from postmesh.common import tracing
-from postmesh.common.streams import DAY, MESSAGE_STORE_BUCKET, outbound_subject
+from postmesh.common.streams import DAY, MESSAGE_STORE_BUCKET, QUEUED_LEDGER_BUCKET, outbound_subject
 from postmesh.sender.v1 import queue_pb2
 
 # A NATS message is at most 1 MiB by default; larger bodies go to the object store.
@@ -31,6 +32,37 @@ async def message_store(js: JetStreamContext) -> ObjectStore:
                 ttl=8 * DAY,
             ),
         )
+
+
+async def queued_ledger(js: JetStreamContext) -> KeyValue:
+    try:
+        return await js.key_value(QUEUED_LEDGER_BUCKET)
+    except BucketNotFoundError:
+        return await js.create_key_value(
+            KeyValueConfig(
+                bucket=QUEUED_LEDGER_BUCKET,
+                description="the queue copy of each message id that a delivery worker took first",
+                storage=StorageType.FILE,
+                # Longer than a queued message lives (7 days) plus the request_id retention (1 day).
+                ttl=9 * DAY,
+            )
+        )
+
+
+async def first_copy(ledger: KeyValue, message_id: str, stream_sequence: int) -> bool:
+    """True unless another copy of this message id (another stream sequence) was taken before.
+
+    A message is queued again under the same id only when a SendEmail retry could not tell whether
+    its first try was stored (see the README's retry section); after JetStream's duplicate window
+    only this ledger still knows. A copy handed out again (a worker died) has the same sequence.
+    """
+    mine = str(stream_sequence).encode()
+    try:
+        await ledger.create(message_id, mine)
+        return True
+    except KeyWrongLastSequenceError:
+        entry = await ledger.get(message_id)
+        return entry.value == mine
 
 
 async def enqueue(js: JetStreamContext, message: queue_pb2.QueuedMessage) -> None:

@@ -33,9 +33,9 @@ from postmesh.client import error_details
 from postmesh.common import db, tracing
 from postmesh.common.auth import Access, Authenticator, Principal, PrincipalKind, principal_var
 from postmesh.common.bus import EventPublisher, connect_nats, ensure_streams
-from postmesh.common.clients import MeshClients
+from postmesh.common.clients import MeshClients, domain_error_from
 from postmesh.common.config import SERVICE_NAMES, UNIT_NAMES, Settings
-from postmesh.common.errors import ERROR_DOMAIN, InvalidArgument, PostmeshError, Unauthenticated
+from postmesh.common.errors import ERROR_DOMAIN, InvalidArgument, PostmeshError, Unauthenticated, Unavailable
 from postmesh.common.logging import REQUEST_ID_HEADER, request_id_var
 from postmesh.common.metrics import REFUSALS, collect_jetstream_forever
 from postmesh.common.service import Clock, Runtime, Service, SystemClock
@@ -93,6 +93,23 @@ def resolve_service_names(names: Sequence[str]) -> list[str]:
     if unknown:
         raise ValueError(f"unknown service(s) {unknown}; choose from {', '.join(UNIT_NAMES)} or all")
     return list(dict.fromkeys(names))
+
+
+async def migrate_services(settings: Settings, names: Sequence[str]) -> list[str]:
+    """Applies each named service's migrations to its database (`postmesh migrate`); returns the
+    services migrated. Safe beside other processes migrating or starting (see db.migrate)."""
+    done = []
+    for name in resolve_service_names(names):
+        cls = service_class(name)
+        if cls.metadata is None or cls.migrations_dir is None:
+            continue
+        engine = db.create_engine(settings.database_url(name))
+        try:
+            await db.migrate(engine, cls.migrations_dir, f"alembic_version_{name}", cls.metadata)
+        finally:
+            await engine.dispose()
+        done.append(name)
+    return done
 
 
 def _capped(text: str, limit: int) -> str:
@@ -171,12 +188,46 @@ def _unknown_enum_value(message: Message, prefix: str = "") -> InvalidArgument |
     return None
 
 
+DATABASE_RETRY_SECONDS = 2.0
+QUEUE_RETRY_SECONDS = 1.0
+
+
+_DATABASE_PROBE_FAILED = Unavailable("The database did not answer a probe.", reason="DATABASE_UNAVAILABLE")
+
+
+def outage_error(exc: BaseException) -> PostmeshError | None:
+    """What a caller should hear when `exc` means a dependency is out (retryable), else None."""
+    if isinstance(exc, aio.AioRpcError):
+        # Another service's answer (its own outage, or a refusal): passed on as it was given.
+        return domain_error_from(exc)
+    if db.unreachable(exc):
+        return Unavailable(
+            "The database is unreachable; retry with backoff (a send retried with the same "
+            "request_id is never sent twice).",
+            reason="DATABASE_UNAVAILABLE",
+            retry_after_seconds=DATABASE_RETRY_SECONDS,
+        )
+    if isinstance(exc, nats.errors.Error):
+        return Unavailable(
+            "The message bus (NATS) is unreachable; retry with backoff.",
+            reason="QUEUE_UNAVAILABLE",
+            retry_after_seconds=QUEUE_RETRY_SECONDS,
+        )
+    return None
+
+
 class MeshInterceptor(aio.ServerInterceptor):
     """Authenticates, scopes, times and logs every postmesh RPC, and maps domain errors to statuses."""
 
-    def __init__(self, services: dict[str, Service], authenticator: Authenticator) -> None:
+    def __init__(
+        self,
+        services: dict[str, Service],
+        authenticator: Authenticator,
+        on_outage: Callable[[Service, PostmeshError], None] | None = None,
+    ) -> None:
         self._services = services  # by full gRPC service name
         self._authenticator = authenticator
+        self._on_outage = on_outage
 
     async def intercept_service(
         self,
@@ -229,10 +280,22 @@ class MeshInterceptor(aio.ServerInterceptor):
             except aio.AbortError:
                 code = context.code() or code
                 raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("unhandled error", extra={"method": full_method})
-                await context.abort(code, "Internal failure; the request id is in the server log.")
+            except Exception as exc:
+                outage = outage_error(exc)
+                if outage is None:
+                    code = grpc.StatusCode.INTERNAL
+                    log.exception("unhandled error", extra={"method": full_method})
+                    await context.abort(code, "Internal failure; the request id is in the server log.")
+                else:
+                    log.warning(
+                        "dependency unavailable",
+                        extra={"method": full_method, "reason": outage.reason, "error": repr(exc)},
+                    )
+                    if self._on_outage is not None:
+                        self._on_outage(service, outage)
+                    REFUSALS.labels(full_method, outage.reason).inc()
+                    code, message, trailers = _status_for(outage)
+                    await context.abort(code, message, trailing_metadata=trailers)
             finally:
                 elapsed = time.perf_counter() - started
                 RPC_COUNT.labels(full_method, code.name).inc()
@@ -287,6 +350,10 @@ class MeshServer:
         self.nats: NATS | None = None
         self._startup: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        # Dependencies out right now: NATS (for every service), a service's database (by name).
+        self._nats_down = False
+        self._databases_down: set[str] = set()
+        self._probes: dict[str, asyncio.Task[None]] = {}
 
     @property
     def address(self) -> str:
@@ -318,7 +385,7 @@ class MeshServer:
         )
         by_full_name: dict[str, Service] = {}
         self.server = aio.server(
-            interceptors=[MeshInterceptor(by_full_name, self.authenticator)],
+            interceptors=[MeshInterceptor(by_full_name, self.authenticator, self._on_outage)],
             options=[("grpc.max_receive_message_length", GRPC_RECEIVE_LIMIT_BYTES)],
         )
         tls = self._server_tls()
@@ -405,9 +472,19 @@ class MeshServer:
         nats_url = self.settings.nats_url
         if not nats_url:
             raise ValueError("NATS_URL is not set")
-        self.nats = await connect_nats(nats_url, max_delay=max_delay, name=f"postmesh-{'-'.join(self.names)}")
+        self.nats = await connect_nats(
+            nats_url,
+            max_delay=max_delay,
+            name=f"postmesh-{'-'.join(self.names)}",
+            disconnected_cb=self._on_nats_disconnected,
+            reconnected_cb=self._on_nats_reconnected,
+        )
         js = self.nats.jetstream()
-        await ensure_streams(js, replicas=self.settings.nats_stream_replicas)
+        await ensure_streams(
+            js,
+            replicas=self.settings.nats_stream_replicas,
+            duplicate_window_seconds=self.settings.nats_duplicate_window_seconds,
+        )
         publisher = EventPublisher(js)
 
         async def on_key_revoked(msg: Any) -> None:
@@ -419,7 +496,7 @@ class MeshServer:
         if self.settings.metrics_port:
             self._collector = asyncio.create_task(collect_jetstream_forever(js), name="jetstream-metrics")
         await asyncio.gather(*(self._bring_up_service(s, js, publisher) for s in self.services.values()))
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._refresh_health()
         log.info("all services serving", extra={"services": ",".join(self.names)})
 
     async def _bring_up_service(self, service: Service, js: Any, publisher: EventPublisher) -> None:
@@ -436,7 +513,9 @@ class MeshServer:
             runtime._sessions = db.session_factory(engine)
         await service.on_ready()
         runtime.ready.set()
-        await self.health.set(service.full_name, health_pb2.HealthCheckResponse.SERVING)
+        await self._refresh_health()
+        if runtime.engine is not None and self.settings.database_probe_seconds > 0:
+            runtime.spawn(lambda: self._probe_database(service), f"database-probe-{service.name}")
         log.info("service serving", extra={"service": service.name})
 
     async def _report_health(self, name: str, serving: bool) -> None:
@@ -444,6 +523,68 @@ class MeshServer:
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         await self.health.set(name, status)
+
+    # --- Health while a dependency is out: NOT_SERVING for what it affects, SERVING once it is back.
+
+    async def _refresh_health(self) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        everything = True
+        for service in self.services.values():
+            up = service.runtime.ready.is_set() and not self._nats_down
+            up = up and service.name not in self._databases_down
+            everything = everything and up
+            await self.health.set(service.full_name, serving if up else not_serving)
+        started = self._startup is not None and (self._startup.done() or everything)
+        await self.health.set("", serving if everything and started else not_serving)
+
+    async def _on_nats_disconnected(self) -> None:
+        log.warning("NATS disconnected: services NOT_SERVING until it is back")
+        self._nats_down = True
+        await self._refresh_health()
+
+    async def _on_nats_reconnected(self) -> None:
+        log.info("NATS reconnected")
+        self._nats_down = False
+        await self._refresh_health()
+
+    def _on_outage(self, service: Service, error: PostmeshError) -> None:
+        """A call failed on an unreachable database: probe it, and report the service NOT_SERVING
+        until it answers again (no restart needed: the pool reconnects by itself)."""
+        if error.reason != "DATABASE_UNAVAILABLE" or service.runtime.engine is None:
+            return
+        probe = self._probes.get(service.name)
+        if probe is None or probe.done():
+            self._probes[service.name] = asyncio.create_task(
+                self._watch_database(service), name=f"database-probe-{service.name}"
+            )
+
+    async def _probe_database(self, service: Service) -> None:
+        """Health follows the database even while no call needs it."""
+        while True:
+            await asyncio.sleep(self.settings.database_probe_seconds)
+            engine = service.runtime.engine
+            if service.name not in self._databases_down and engine is not None:
+                if not await db.reachable(engine):
+                    self._on_outage(service, _DATABASE_PROBE_FAILED)
+
+    async def _watch_database(self, service: Service) -> None:
+        engine = service.runtime.engine
+        assert engine is not None
+        if await db.reachable(engine):
+            return  # a blip
+        log.warning("database unreachable: service NOT_SERVING", extra={"service": service.name})
+        self._databases_down.add(service.name)
+        await self._refresh_health()
+        delay = 0.5
+        try:
+            while not await db.reachable(engine):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        finally:
+            self._databases_down.discard(service.name)
+        log.info("database reachable again: service SERVING", extra={"service": service.name})
+        await self._refresh_health()
 
     async def wait_ready(self) -> None:
         """Returns once every hosted service is SERVING (wrap in asyncio.timeout to bound it)."""
@@ -462,6 +603,8 @@ class MeshServer:
             self._startup.cancel()
         if self._collector is not None:
             self._collector.cancel()
+        for probe in self._probes.values():
+            probe.cancel()
         for service in self.services.values():
             log.debug("stopping service", extra={"service": service.name})
             for task in service.runtime.tasks:

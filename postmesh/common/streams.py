@@ -61,6 +61,8 @@ MESSAGE_STORE_BUCKET = "POSTMESH_MESSAGES"
 
 # JetStream key-value bucket of tracked messages' mail objects, for their open and click events.
 TRACKING_BUCKET = "POSTMESH_TRACKING"
+# JetStream key-value bucket: message id -> the outbound stream sequence of its first queued copy.
+QUEUED_LEDGER_BUCKET = "POSTMESH_QUEUED"
 
 
 def outbound_subject(account_id: str) -> str:

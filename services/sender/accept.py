@@ -22,10 +22,11 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from nats.js import JetStreamContext
 
@@ -72,6 +73,7 @@ MAX_TAGS = 50
 _TAG = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 _TAG_VALUE = re.compile(r"^[A-Za-z0-9_.@-]{0,256}$")
 _CONFIGURATION_SET = re.compile(r"^[A-Za-z0-9_-]{0,64}$")
+T = TypeVar("T")
 
 
 # --- What the accept path asks the other services (see services/sender/mesh.py).
@@ -199,6 +201,35 @@ class Outgoing:
         return list(seen.values())
 
 
+_EVENT_IDS = uuid.UUID("8f0d3c51-6a43-4b5e-9a57-2f1c0e6b7d11")
+
+
+def _event_id(message_id: str, what: str) -> str:
+    """The same event of the same message always has the same id: a send run again for its
+    request_id publishes events that JetStream and the consumers (by event id) take once."""
+    return uuid.uuid5(_EVENT_IDS, f"{message_id}:{what}").hex
+
+
+class QueueOutcomeUnknown(Unavailable):
+    """JetStream did not confirm a publish: the message may or may not be stored."""
+
+
+async def _quietly(step: Awaitable[None], what: str) -> None:
+    """Settling a claim is best effort once the caller's answer is decided (the lease covers it)."""
+    try:
+        await asyncio.shield(step)
+    except Exception as exc:
+        log.warning("could not settle a request_id claim", extra={"step": what, "error": repr(exc)})
+
+
+async def _to_the_end(call: Awaitable[T]) -> T:
+    """Runs a send to its end even when the caller goes away (a client deadline or cancellation):
+    the claim on its request_id must be settled for the retry that follows, never left half-done."""
+    task = asyncio.ensure_future(call)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return await asyncio.shield(task)
+
+
 class RenderFailure(Exception):
     def __init__(self, template_name: str, message: str) -> None:
         super().__init__(message)
@@ -321,20 +352,54 @@ class Acceptor:
     # --- SendEmail
 
     async def send_email(self, account_id: str, request: SendRequest) -> str:
+        return await _to_the_end(self._send_email(account_id, request))
+
+    async def _send_email(self, account_id: str, request: SendRequest) -> str:
         envelope = request.envelope
         if request.simple is None and request.raw is None and request.template is None:
             raise InvalidArgument("The message needs content: simple, raw or template.", field="content")
         claim = await self._keys.claim(account_id, envelope.request_id, envelope.fingerprint, 1, self._new_id)
         if claim.result is not None:
             return str(claim.result["message_id"])
-        try:
+
+        async def accept() -> dict[str, Any]:
             message = await self._compose(account_id, request, claim.message_ids[0])
             await self._accept(account_id, message)
-        except BaseException:
-            await self._keys.abandon(account_id, claim)
+            return {"message_id": message.message_id}
+
+        result = await self._claimed(account_id, claim, accept)
+        return str(result["message_id"])
+
+    async def _claimed(
+        self,
+        account_id: str,
+        claim: Claim,
+        work: Callable[[], Awaitable[Any]],
+        final: Callable[[Any], bool] = lambda _result: True,
+    ) -> Any:
+        """Settles the claim once the call's work ends: finished with the result, given up on a
+        refusal (nothing was queued), or released when the outcome is unknown (a retry takes it over
+        with the same message ids)."""
+        try:
+            result = await work()
+        except PostmeshError as error:
+            if isinstance(error, QueueOutcomeUnknown):
+                await _quietly(self._keys.release(account_id, claim), "release")
+            else:
+                await _quietly(self._keys.abandon(account_id, claim), "abandon")
             raise
-        await self._keys.finish(account_id, claim, {"message_id": message.message_id})
-        return message.message_id
+        except BaseException:
+            await _quietly(self._keys.release(account_id, claim), "release")
+            raise
+        if not final(result):
+            # Some of it may go through on a retry: the same request_id runs it again, with the same
+            # message ids (what was queued is not queued twice).
+            await _quietly(self._keys.release(account_id, claim), "release")
+            return result
+        # The messages are queued: a failure to record the result must not be reported as a failed
+        # send. A retry finds the claim unfinished and resolves it with the same ids.
+        await _quietly(self._keys.finish(account_id, claim, result), "finish")
+        return result
 
     async def _compose(self, account_id: str, request: SendRequest, message_id: str) -> Outgoing:
         envelope = request.envelope
@@ -560,10 +625,25 @@ class Acceptor:
             feedback_forwarding_address=message.feedback.address if message.feedback else "",
             subject=message.subject,
         )
+        if not self._queue_connected():
+            # Known before anything is sent: the outage is answered at once, and nothing was queued.
+            raise Unavailable(
+                "The message queue (NATS) is unreachable; try again.",
+                reason="QUEUE_UNAVAILABLE",
+                retry_after_seconds=1.0,
+            )
         try:
             await enqueue(self._js, queued)
         except Exception as exc:
-            raise Unavailable("The message could not be queued; try again.") from exc
+            raise QueueOutcomeUnknown(
+                "The message queue did not confirm the message; retry with the same request_id.",
+                reason="QUEUE_UNAVAILABLE",
+                retry_after_seconds=1.0,
+            ) from exc
+
+    def _queue_connected(self) -> bool:
+        connection = getattr(self._js, "_nc", None)
+        return connection is None or bool(connection.is_connected)
 
     # --- Events
 
@@ -611,6 +691,7 @@ class Acceptor:
             simulated_recipients=[r for r in message.recipients if self._simulator.handles(r)],
         )
         events = [new_event(account_id, email=send)]
+        events[0].event_id = _event_id(message.message_id, "send")
         for address in suppressed:
             bounce = events_pb2.Bounce(
                 bounce_type=events_pb2.BOUNCE_TYPE_PERMANENT,
@@ -635,6 +716,7 @@ class Acceptor:
                     ),
                 )
             )
+            events[-1].event_id = _event_id(message.message_id, f"suppressed:{address_key(address)}")
         await self._publish(events)
 
     async def _publish_rendering_failure(
@@ -678,6 +760,9 @@ class Acceptor:
     # --- SendBulkEmail
 
     async def send_bulk(self, account_id: str, request: BulkRequest) -> list[BulkResult]:
+        return await _to_the_end(self._send_bulk(account_id, request))
+
+    async def _send_bulk(self, account_id: str, request: BulkRequest) -> list[BulkResult]:
         envelope = request.envelope
         if not request.entries:
             raise InvalidArgument("At least one bulk email entry is needed.", field="bulk_email_entries")
@@ -700,7 +785,8 @@ class Acceptor:
         )
         if claim.result is not None:
             return [BulkResult(**r) for r in claim.result]
-        try:
+
+        async def accept() -> list[dict[str, str]]:
             probe = Outgoing(
                 claim.message_ids[0],
                 sender,
@@ -735,11 +821,12 @@ class Acceptor:
                         authorization=authorization,
                     )
                 )
-        except BaseException:
-            await self._keys.abandon(account_id, claim)
-            raise
-        await self._keys.finish(account_id, claim, [r.__dict__ for r in results])
-        return results
+            return [r.__dict__ for r in results]
+
+        def final(results: list[dict[str, str]]) -> bool:
+            return all(r["status"] != "TRANSIENT_FAILURE" for r in results)
+
+        return [BulkResult(**r) for r in await self._claimed(account_id, claim, accept, final)]
 
     async def _bulk_entry(
         self,
@@ -809,6 +896,8 @@ class Acceptor:
                 envelope.feedback_identity,
             )
             await self._accept(account_id, message, authorization)
+        except QueueOutcomeUnknown:
+            raise  # the whole call is retried with the same message ids, not this entry alone
         except PostmeshError as error:
             return BulkResult(_bulk_status(error), error.message)
         return BulkResult("SUCCESS", message_id=message_id)

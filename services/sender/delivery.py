@@ -14,14 +14,21 @@ Crash safety. Messages are acked only after their outcome is published; a worker
 leaves its messages unacked, and JetStream hands them to another worker after the ack wait (a
 delivering worker reports progress meanwhile). The MIME, Message-ID included, comes from the queue,
 so a redelivered message is the same message; at worst a recipient gets it twice, never zero times.
+A worker that sent a message but could not publish its events or have its ack confirmed (NATS went
+away) remembers the SMTP outcomes by stream sequence, and finishes the copy JetStream hands back
+without sending it again. A second queued copy of a message id (a SendEmail retry that could not tell
+whether its first try was stored) is dropped: the first copy a worker takes is recorded in a
+key-value bucket (postmesh.common.outbound.first_copy).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,12 +37,13 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.kv import KeyValue
 from opentelemetry.trace import SpanKind
 
 from postmesh.common import tracing
 from postmesh.common.bus import EventPublisher, fetch_batch, new_event
 from postmesh.common.metrics import DELIVERY_OUTCOMES, DELIVERY_RETRIES, DKIM_SIGNING_FAILURES
-from postmesh.common.outbound import enqueue, forget_mime, load_mime
+from postmesh.common.outbound import enqueue, first_copy, forget_mime, load_mime, queued_ledger
 from postmesh.common.protoutil import from_timestamp, timestamp
 from postmesh.common.service import Clock
 from postmesh.common.streams import OUTBOUND, OUTBOUND_SUBJECT_PREFIX
@@ -53,6 +61,8 @@ from services.sender.transport import DELAY_INTERNAL, Envelope, Kind, Outcome, T
 log = logging.getLogger(__name__)
 
 DURABLE = "sender-delivery"
+# Queued copies whose SMTP outcome is known but whose ack is not confirmed, remembered per worker.
+_ATTEMPTED_MEMORY = 100_000
 
 _BOUNCE_SUB_TYPES = {
     "5.1.1": ev.BOUNCE_SUB_TYPE_NO_EMAIL,
@@ -184,6 +194,8 @@ class DeliveryWorker:
         self.simulator = simulator or MailboxSimulator("")
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
+        self._ledger: KeyValue | None = None
+        self._attempted: collections.OrderedDict[int, dict[str, Outcome]] = collections.OrderedDict()
 
     def consumer_config(self) -> ConsumerConfig:
         return ConsumerConfig(
@@ -241,6 +253,21 @@ class DeliveryWorker:
         if not_before is not None and not_before > now:
             await msg.nak(delay=(not_before - now).total_seconds())
             return
+        if queued.attempt == 0:
+            try:
+                if self._ledger is None:
+                    self._ledger = await queued_ledger(self.js)
+                first = await first_copy(self._ledger, queued.message_id, msg.metadata.sequence.stream)
+            except Exception:
+                log.warning("queued-copy ledger unreachable; retrying later", extra={"id": queued.message_id})
+                await msg.nak(delay=min(self.config.ack_wait_seconds, 5.0))
+                return
+            if not first:
+                # A SendEmail retry queued this message again after its first copy was taken.
+                log.warning("second queued copy of a message dropped", extra={"id": queued.message_id})
+                await msg.ack()
+                return
+        sequence = msg.metadata.sequence.stream
         heartbeat = asyncio.create_task(self._keep_alive(msg))
         try:
             with tracing.span(
@@ -254,7 +281,11 @@ class DeliveryWorker:
                     "postmesh.recipients": len(queued.recipients),
                 },
             ):
-                await self.deliver(queued)
+                await self.deliver(
+                    queued,
+                    attempted=self._attempted.get(sequence),
+                    on_attempted=lambda outcomes: self._remember(sequence, outcomes),
+                )
         except Exception:
             # Unexpected (a bug, or NATS gone): leave it to JetStream to hand out again, a little later.
             log.exception("delivery failed; the message will be redelivered", extra={"id": queued.message_id})
@@ -263,7 +294,20 @@ class DeliveryWorker:
             return
         finally:
             heartbeat.cancel()
-        await msg.ack()
+        try:
+            await msg.ack_sync(timeout=5.0)
+        except Exception:
+            # NATS went away: the copy comes back, and is then finished without sending it again.
+            log.warning("ack not confirmed; kept as attempted", extra={"id": queued.message_id})
+            return
+        self._attempted.pop(sequence, None)
+
+    def _remember(self, sequence: int, outcomes: dict[str, Outcome]) -> None:
+        """SMTP outcomes of a queued copy not yet acked: a copy handed out again after NATS failed
+        (events, re-queue or ack) is finished from these, not sent a second time."""
+        self._attempted[sequence] = outcomes
+        while len(self._attempted) > _ATTEMPTED_MEMORY:
+            self._attempted.popitem(last=False)
 
     async def _keep_alive(self, msg: Msg) -> None:
         while True:
@@ -278,9 +322,16 @@ class DeliveryWorker:
             return expire
         return (from_timestamp(queued.accepted_time) or now) + self.config.policy.max_age
 
-    async def deliver(self, queued: queue_pb2.QueuedMessage) -> None:
+    async def deliver(
+        self,
+        queued: queue_pb2.QueuedMessage,
+        *,
+        attempted: dict[str, Outcome] | None = None,
+        on_attempted: Callable[[dict[str, Outcome]], None] | None = None,
+    ) -> None:
         """One attempt at every remaining recipient; publishes one event per recipient outcome and
-        re-queues those to retry. Returns once the message needs nothing more from this worker."""
+        re-queues those to retry. Returns once the message needs nothing more from this worker.
+        `attempted`: the outcomes of an attempt already made (only what follows it is done again)."""
         started = self.clock.now()
         expire = self._expire_time(queued, started)
         recipients = list(dict.fromkeys(queued.recipients))
@@ -301,7 +352,13 @@ class DeliveryWorker:
             if not await self._filter(queued, recipients, mime, expire):
                 return
         try:
-            outcomes = await self._attempt(queued, recipients, mime)
+            if attempted is not None and set(recipients) <= set(attempted):
+                # This copy was already attempted by this worker before NATS lost its acknowledgement.
+                outcomes = attempted
+            else:
+                outcomes = await self._attempt(queued, recipients, mime)
+                if on_attempted is not None:
+                    on_attempted(outcomes)
         except Undeliverable as undeliverable:
             log.warning(
                 "undeliverable message rejected",

@@ -1,9 +1,14 @@
 """Client idempotency keys (request_id) for the send RPCs (domain code: no gRPC here).
 
-The first call with a key claims it (a row with freshly drawn message ids and no result); the call
-records its result once the messages are queued, or gives the key up when it is refused. A retry
-returns the recorded result; one that arrives while the first call still runs is told to retry; one
-that finds a claim abandoned by a process that died takes it over with the same message ids.
+The first call with a key claims it (a row with freshly drawn message ids and no result): the
+request id -> message ids intent is durable before anything is queued. The call records its result
+once the messages are queued, or gives the key up when it is refused before anything was queued. A
+call whose outcome is unknown (the queue did not answer, the call failed or was cancelled after it
+began queueing) releases its claim instead: a retry takes it over at once with the same message ids
+and queues them again, which JetStream (Nats-Msg-Id) or the delivery workers' ledger of queued
+copies (postmesh.common.outbound.first_copy) make harmless. A retry that arrives while the first
+call still runs is told to retry; one that finds a claim left by a process that died takes it over
+once the claim's lease has run out.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 # An accept takes seconds; a claim untouched for this long belongs to a process that died.
 CLAIM_LEASE = dt.timedelta(seconds=60)
 KEY_RETENTION = dt.timedelta(hours=24)
+# updated_at of a released claim: older than any lease.
+_RELEASED = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -39,9 +46,12 @@ class Claim:
 
 
 class IdempotencyKeys:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], clock: Clock) -> None:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], clock: Clock, *, lease: dt.timedelta = CLAIM_LEASE
+    ) -> None:
         self._sessions = sessions
         self._clock = clock
+        self._lease = lease
 
     async def claim(
         self,
@@ -91,7 +101,7 @@ class IdempotencyKeys:
                 )
             if row.result:
                 return Claim(request_id, json.loads(row.message_ids), json.loads(row.result))
-            if now - row.updated_at < CLAIM_LEASE:
+            if now - row.updated_at < self._lease:
                 raise Unavailable(
                     "A request with this request_id is still being processed; retry shortly.",
                     reason="REQUEST_IN_PROGRESS",
@@ -132,6 +142,21 @@ class IdempotencyKeys:
                     SendRequest.request_id == claim.request_id,
                     SendRequest.result == "",
                 )
+            )
+
+    async def release(self, account_id: str, claim: Claim) -> None:
+        """The call's outcome is unknown: a retry may take the claim over now (same message ids)."""
+        if not claim.request_id:
+            return
+        async with transaction(self._sessions) as session:
+            await session.execute(
+                update(SendRequest)
+                .where(
+                    SendRequest.account_id == account_id,
+                    SendRequest.request_id == claim.request_id,
+                    SendRequest.result == "",
+                )
+                .values(updated_at=_RELEASED)
             )
 
     async def purge(self) -> int:

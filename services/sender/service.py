@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from pathlib import Path
 
 from grpc import aio
@@ -48,7 +49,11 @@ class SenderService(Service):
     async def on_ready(self) -> None:
         runtime = self.runtime
         self.servicer.templates = TemplateStore(runtime.sessions, runtime.clock)
-        keys = IdempotencyKeys(runtime.sessions, runtime.clock)
+        keys = IdempotencyKeys(
+            runtime.sessions,
+            runtime.clock,
+            lease=dt.timedelta(seconds=runtime.settings.send_request_claim_seconds),
+        )
         self.checks = MeshChecks(runtime.clients)
         assert runtime.nats is not None
         await self.checks.watch(runtime.nats)

@@ -15,4 +15,10 @@ register(
         "simulator.postmesh.test",
         "Domain of the mailbox simulator (success@, bounce@, ooto@, complaint@...); empty: no simulator.",
     ),
+    Setting(
+        "SEND_REQUEST_CLAIM_SECONDS",
+        float,
+        60.0,
+        "How long a retry with the same request_id waits for a first call that never finished.",
+    ),
 )
