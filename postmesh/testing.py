@@ -40,6 +40,10 @@ class MeshThread:
             "dkim_master_keys", f"test:{base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()}"
         )
         settings.setdefault("identity_http_listen", "127.0.0.1:0")
+        # Bounce addresses carry a tag under this key (see postmesh.common.verp).
+        settings.setdefault("verp_secret", secrets.token_urlsafe(24))
+        # The feedback service's inbound SMTP listener, on a port of its own per mesh.
+        settings.setdefault("inbound_smtp_listen", "127.0.0.1:0")
         # Tests never reach a real resolver: nothing answers on the discard port.
         settings.setdefault("dns_resolver", "127.0.0.1:9")
         # Delivery workers take every message off the outbound work queue: a test that wants

@@ -39,7 +39,7 @@ def _dev_secrets(data_dir: Path) -> dict[str, str]:
             if value:
                 values[name] = value
     changed = False
-    for name in ("ADMIN_API_KEY", "SERVICE_API_KEY"):
+    for name in ("ADMIN_API_KEY", "SERVICE_API_KEY", "VERP_SECRET"):
         if not values.get(name):
             values[name] = secrets.token_urlsafe(32)
             changed = True

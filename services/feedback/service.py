@@ -14,6 +14,7 @@ from postmesh.common.streams import email_event_subject
 from postmesh.events.v1 import events_pb2
 from postmesh.feedback.v1 import feedback_pb2, feedback_pb2_grpc
 from services.feedback.auto_suppression import AutoSuppression, parse_reasons
+from services.feedback.inbound.wiring import Inbound
 from services.feedback.models import Base
 from services.feedback.servicer import FeedbackServicer
 from services.feedback.suppression import SuppressionList
@@ -25,6 +26,8 @@ class FeedbackService(Service):
     access = {"CheckSuppressedDestinations": Access.INTERNAL}
     metadata = Base.metadata
     migrations_dir = Path(__file__).parent / "migrations"
+
+    inbound: Inbound | None = None
 
     def register(self, server: aio.Server) -> None:
         self.servicer = FeedbackServicer()
@@ -49,6 +52,12 @@ class FeedbackService(Service):
                 ),
                 "auto-suppression",
             )
+        self.inbound = Inbound(runtime)
+        await self.inbound.start()
+
+    async def on_stop(self) -> None:
+        if self.inbound is not None:
+            await self.inbound.stop()
 
 
 SERVICE = FeedbackService

@@ -36,6 +36,7 @@ from postmesh.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from postmesh.common.mailheaders import top_headers
 from postmesh.common.outbound import enqueue
 from postmesh.common.protoutil import timestamp
 from postmesh.common.sendquota import Reservation
@@ -186,6 +187,11 @@ class Outgoing:
     feedback_identity: str = ""
     # Extra addresses the account must be allowed to send as (a raw message's header From).
     also_from: list[Mailbox] = field(default_factory=list)
+
+    @functools.cached_property
+    def headers(self) -> tuple[list[events_pb2.Header], bool]:
+        """The top-level headers events carry (Mail.headers) and whether they were cut short."""
+        return top_headers(self.mime)
 
     @property
     def recipients(self) -> list[str]:
@@ -520,6 +526,8 @@ class Acceptor:
             accepted_time=timestamp(self._clock.now()),
             feedback_forwarding_address=message.feedback.address if message.feedback else "",
             subject=message.subject,
+            headers=message.headers[0],
+            headers_truncated=message.headers[1],
         )
         try:
             await enqueue(self._js, queued)
@@ -564,6 +572,9 @@ class Acceptor:
             message.subject,
             authorization.identity,
         )
+        headers, truncated = message.headers
+        mail.headers.extend(headers)
+        mail.headers_truncated = truncated
         events = [
             new_event(
                 account_id,

@@ -1,0 +1,94 @@
+"""The inbound side of one feedback replica: the index of sent messages fed from Send events, the
+SMTP listener, and the processor between them, built from the settings."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import socket
+
+from postmesh.common.bus import consume_events
+from postmesh.common.config import Settings
+from postmesh.common.service import Runtime
+from postmesh.common.streams import email_event_subject
+from postmesh.common.verp import VerpKey
+from postmesh.events.v1 import events_pb2 as ev
+from services.feedback.inbound.listener import InboundListener, ListenerConfig
+from services.feedback.inbound.processing import InboundProcessor
+from services.feedback.inbound.storage import KeptReports, SentMessages
+
+log = logging.getLogger(__name__)
+
+
+def feedback_loop_address(settings: Settings) -> str:
+    return str(settings.feedback_loop_address or f"fbl@{settings.default_bounce_domain}")
+
+
+def _host_port(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Inbound:
+    def __init__(self, runtime: Runtime) -> None:
+        settings = runtime.settings
+        self.runtime = runtime
+        self.verp_key = VerpKey.from_settings(settings)
+        self.messages = SentMessages(runtime.sessions, runtime.clock)
+        self.kept = KeptReports(runtime.sessions, runtime.clock)
+        self.processor = InboundProcessor(
+            messages=self.messages,
+            kept=self.kept,
+            events=runtime.events,
+            verp_key=self.verp_key,
+            clock=runtime.clock,
+            feedback_loop_address=feedback_loop_address(settings),
+        )
+        self.listener: InboundListener | None = None
+        if settings.inbound_smtp_listen.strip():
+            host, port = _host_port(settings.inbound_smtp_listen.strip())
+            self.listener = InboundListener(
+                self.processor,
+                ListenerConfig(
+                    host=host,
+                    port=port,
+                    hostname=settings.inbound_hostname or socket.getfqdn(),
+                    bounce_domain=settings.default_bounce_domain,
+                    feedback_loop_address=feedback_loop_address(settings),
+                    max_message_bytes=settings.inbound_max_message_bytes,
+                    max_connections=settings.inbound_max_connections,
+                    tls_cert_file=settings.inbound_tls_cert_file,
+                    tls_key_file=settings.inbound_tls_key_file,
+                ),
+                self.verp_key,
+            )
+
+    async def _index(self, event: ev.Event) -> None:
+        if event.WhichOneof("payload") == "email" and event.email.event_type == ev.EMAIL_EVENT_TYPE_SEND:
+            await self.messages.record(event.account_id, event.email.mail)
+
+    async def _prune(self) -> None:
+        keep = dt.timedelta(days=self.runtime.settings.sent_message_index_days)
+        while True:
+            await self.messages.forget_before(self.runtime.clock.now() - keep)
+            await asyncio.sleep(3600)
+
+    async def start(self) -> None:
+        runtime = self.runtime
+        runtime.spawn(
+            lambda: consume_events(
+                runtime.jetstream,
+                durable="feedback-sent-index",
+                subjects=[email_event_subject(ev.EMAIL_EVENT_TYPE_SEND)],
+                handle=self._index,
+            ),
+            "sent-index",
+        )
+        runtime.spawn(self._prune, "sent-index-prune")
+        if self.listener is not None:
+            await self.listener.start()
+
+    async def stop(self) -> None:
+        if self.listener is not None:
+            await self.listener.stop()
