@@ -23,7 +23,13 @@ from services.feedback.suppression import SuppressionList
 class FeedbackService(Service):
     name = "feedback"
     full_name = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name
-    access = {"CheckSuppressedDestinations": Access.INTERNAL}
+    access = {
+        "CheckSuppressedDestinations": Access.INTERNAL,
+        "ClassifyInboundMessage": Access.ADMIN,
+        "ListInboundReports": Access.ADMIN,
+        "GetInboundReport": Access.ADMIN,
+        "RetryInboundReport": Access.ADMIN,
+    }
     metadata = Base.metadata
     migrations_dir = Path(__file__).parent / "migrations"
 
@@ -53,6 +59,7 @@ class FeedbackService(Service):
                 "auto-suppression",
             )
         self.inbound = Inbound(runtime)
+        self.servicer.inbound = self.inbound
         await self.inbound.start()
 
     async def on_stop(self) -> None:

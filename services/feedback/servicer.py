@@ -8,6 +8,7 @@ from postmesh.common.auth import account_for_internal_call, caller_account_id
 from postmesh.common.protoutil import from_timestamp, timestamp
 from postmesh.feedback.v1 import feedback_pb2 as pb
 from postmesh.feedback.v1 import feedback_pb2_grpc
+from services.feedback.inbound.servicer import InboundAdminServicer
 from services.feedback.models import SuppressedDestination
 from services.feedback.suppression import SuppressionList
 
@@ -28,7 +29,7 @@ def suppressed_message(row: SuppressedDestination) -> pb.SuppressedDestination:
     )
 
 
-class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
+class FeedbackServicer(InboundAdminServicer, feedback_pb2_grpc.FeedbackServiceServicer):
     # Bound in FeedbackService.on_ready.
     suppression: SuppressionList
 
