@@ -18,6 +18,7 @@ from postmesh.quota.v1 import quota_pb2
 from postmesh.sender.v1 import sender_pb2 as pb
 from postmesh.testing import MeshThread
 from postmesh.testing_mail import LoopbackDns, SmtpServer
+from services.feedback.inbound.parsing import parse_report
 from tests.conftest import MeshFactory
 from tests.identity_helpers import create_verified_domain, mail_to
 from tests.inbound_helpers import arf_report, deliver, eventually, inbound_port, postfix_dsn
@@ -222,3 +223,40 @@ def test_arf_complaints_suppress_move_the_complaint_rate_and_pause_the_account(
 def _status(client: object, name: str) -> quota_pb2.GetAccountResponse | None:
     reply = client.quota.GetAccount(quota_pb2.GetAccountRequest())  # type: ignore[attr-defined]
     return reply if quota_pb2.EnforcementStatus.Name(reply.enforcement_status).endswith(name) else None
+
+
+def test_bounces_are_forwarded_to_the_feedback_forwarding_address(
+    world: MeshThread, zone: LoopbackDns, mx: SmtpServer
+) -> None:
+    _, key = world.create_account()
+    with world.client(key) as client:
+        create_verified_domain(client, zone, "example.test")
+        request = pb.SendEmailRequest(
+            from_email_address="news@example.test",
+            destination=pb.Destination(to_addresses=["moved@example.test"]),
+            feedback_forwarding_email_address="feedback@example.test",
+            content=pb.EmailContent(
+                simple=pb.Message(subject=pb.Content(data="Hello"), body=pb.Body(text=pb.Content(data="Hi")))
+            ),
+        )
+        message_id = client.sender.SendEmail(request).message_id
+        arrived = mail_to(mx, "moved@example.test")
+        _indexed(world, message_id)
+        dsn = postfix_dsn(
+            return_path=arrived.mail_from,
+            recipient="moved@example.test",
+            status="5.1.6",
+            diagnostic="550 5.1.6 Recipient no longer on server",
+            original=arrived.data,
+        )
+        assert deliver(inbound_port(world), "", [arrived.mail_from], dsn)[0] == 250
+        notice = mail_to(mx, "feedback@example.test")
+    # A DSN of its own, from the system identity's domain, that postmesh itself would read back.
+    assert notice.mail_from.startswith("bounce+") and notice.recipients == ["feedback@example.test"]
+    parsed = parse_report(notice.data, null_sender=False)
+    assert parsed.format == "dsn" and [r.address for r in parsed.recipients] == ["moved@example.test"]
+    assert parsed.recipients[0].status == "5.1.6"
+    assert parsed.original_message_id == f"{message_id}@mail.postmesh.test"
+    assert b"From: MAILER-DAEMON@postmesh.test" in notice.data
+    # Only the one notice: nothing about the notice itself, nothing to the bounced address.
+    assert [r.recipients for r in mx.received] == [["moved@example.test"], ["feedback@example.test"]]

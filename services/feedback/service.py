@@ -14,7 +14,8 @@ from postmesh.common.streams import email_event_subject
 from postmesh.events.v1 import events_pb2
 from postmesh.feedback.v1 import feedback_pb2, feedback_pb2_grpc
 from services.feedback.auto_suppression import AutoSuppression, parse_reasons
-from services.feedback.inbound.wiring import Inbound
+from services.feedback.forwarding import FeedbackForwarder, notice_sender
+from services.feedback.inbound.wiring import Inbound, feedback_loop_address
 from services.feedback.models import Base
 from services.feedback.servicer import FeedbackServicer
 from services.feedback.suppression import SuppressionList
@@ -58,6 +59,25 @@ class FeedbackService(Service):
                 ),
                 "auto-suppression",
             )
+        forwarder = FeedbackForwarder(
+            js=runtime.jetstream,
+            suppression=suppression,
+            clock=runtime.clock,
+            sender=notice_sender(runtime.settings),
+            own_addresses={feedback_loop_address(runtime.settings)},
+        )
+        runtime.spawn(
+            lambda: consume_events(
+                runtime.jetstream,
+                durable="feedback-forwarding",
+                subjects=[
+                    email_event_subject(events_pb2.EMAIL_EVENT_TYPE_BOUNCE),
+                    email_event_subject(events_pb2.EMAIL_EVENT_TYPE_COMPLAINT),
+                ],
+                handle=forwarder.handle,
+            ),
+            "feedback-forwarding",
+        )
         self.inbound = Inbound(runtime)
         self.servicer.inbound = self.inbound
         await self.inbound.start()

@@ -37,6 +37,12 @@ register(
     ),
     Setting("INBOUND_TLS_KEY_FILE", str, "", "PEM private key of INBOUND_TLS_CERT_FILE (if not in it)."),
     Setting(
+        "FEEDBACK_NOTICE_FROM",
+        str,
+        "",
+        "From address of forwarded bounce and complaint notices; empty: MAILER-DAEMON@ the system identity.",
+    ),
+    Setting(
         "SENT_MESSAGE_INDEX_DAYS",
         float,
         30.0,

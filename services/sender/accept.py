@@ -575,6 +575,7 @@ class Acceptor:
         headers, truncated = message.headers
         mail.headers.extend(headers)
         mail.headers_truncated = truncated
+        mail.feedback_forwarding_address = message.feedback.address if message.feedback else ""
         events = [
             new_event(
                 account_id,

@@ -273,6 +273,7 @@ class DeliveryWorker:
             source_identity=queued.from_identity,
             headers=list(queued.headers),
             headers_truncated=queued.headers_truncated,
+            feedback_forwarding_address=queued.feedback_forwarding_address,
         )
         if queued.HasField("accepted_time"):
             mail.timestamp.CopyFrom(queued.accepted_time)
