@@ -106,7 +106,12 @@ def test_identity_serves_verification_links_behind_an_ingress(rendered: list[dic
 
 def test_network_policy_and_service_per_component(rendered: list[dict[str, Any]]) -> None:
     kinds = [d["kind"] for d in rendered]
-    assert kinds.count("NetworkPolicy") == kinds.count("Service") == kinds.count("PodDisruptionBudget") == 4
+    assert kinds.count("NetworkPolicy") == kinds.count("PodDisruptionBudget") == 4
+    # One per component, and the feedback service's SMTP listener on port 25 for the bounce domains' MX.
+    services = {d["metadata"]["name"]: d["spec"] for d in rendered if d["kind"] == "Service"}
+    assert len(services) == 5
+    [smtp] = [spec for name, spec in services.items() if name.endswith("-smtp")]
+    assert smtp["type"] == "LoadBalancer" and smtp["ports"][0]["port"] == 25
 
 
 def test_chart_refuses_to_render_without_credentials(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from postmesh.common.verp import VerpKey, bounce_address
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.feedback.v1 import inbound_pb2 as pb
 from tests.conftest import MeshFactory
+from tests.delivery_helpers import new_account_id
 from tests.inbound_helpers import deliver, inbound_port
 from tests.sending_helpers import email_events
 
@@ -30,11 +31,12 @@ def test_classify_and_kept_reports_through_rpc_and_cli(
     start_mesh: MeshFactory, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     mesh = start_mesh(default_bounce_domain=DOMAIN)
+    acct_admin, acct_late = new_account_id(), new_account_id()
     assert mesh.server is not None
     inbound = mesh.server.services["feedback"].inbound  # type: ignore[attr-defined]
     key = VerpKey.from_settings(mesh.settings)
     mail = ev.Mail(message_id="m-admin", destination=["full@remote.test"])
-    mesh.run(inbound.messages.record("acctadmin", mail))
+    mesh.run(inbound.messages.record(acct_admin, mail))
     sample = CORPUS / "04-postfix-dsn-mailbox-full.eml"
     verp = bounce_address("m-admin", "full@remote.test", DOMAIN, key)
 
@@ -50,7 +52,7 @@ def test_classify_and_kept_reports_through_rpc_and_cli(
         pb.INBOUND_KIND_BOUNCE,
         "dsn",
         "m-admin",
-        "acctadmin",
+        acct_admin,
     )
     [recipient] = reply.recipients
     assert (recipient.bounce_type, recipient.bounce_sub_type, recipient.status) == (
@@ -59,7 +61,7 @@ def test_classify_and_kept_reports_through_rpc_and_cli(
         "5.2.2",
     )
     assert "VERP" in reply.mapping and len(reply.events) == 1
-    assert email_events(mesh.settings.nats_url, "acctadmin", timeout=1) == []
+    assert email_events(mesh.settings.nats_url, acct_admin, timeout=1) == []
     _, account_key = mesh.create_account()
     with mesh.client(account_key) as user, pytest.raises(grpc.RpcError) as refused:
         user.feedback.ClassifyInboundMessage(pb.ClassifyInboundMessageRequest(raw=sample.read_bytes()))
@@ -69,7 +71,7 @@ def test_classify_and_kept_reports_through_rpc_and_cli(
     monkeypatch.setenv("POSTMESH_ADMIN_KEY", mesh.admin_key)
     code, out = _run(capsys, "admin", "classify", str(sample), "--rcpt-to", verp)
     assert code == 0 and "full@remote.test" in out and "Transient" in out and "MailboxFull" in out
-    assert "m-admin of account acctadmin" in out
+    assert f"m-admin of account {acct_admin}" in out
     code, out = _run(capsys, "admin", "classify", str(CORPUS / "33-arf-abuse.eml"), "--json")
     parsed = json.loads(out)["classification"]
     assert parsed["kind"] == "INBOUND_KIND_COMPLAINT" and parsed["feedback_type"] == "abuse"
@@ -87,11 +89,11 @@ def test_classify_and_kept_reports_through_rpc_and_cli(
     code, out = _run(capsys, "admin", "inbound", "retry", kept["report_id"])
     assert code == 0 and out.startswith("still kept")
     mesh.run(
-        inbound.messages.record("acctlate", ev.Mail(message_id="m-late", destination=["late@remote.test"]))
+        inbound.messages.record(acct_late, ev.Mail(message_id="m-late", destination=["late@remote.test"]))
     )
     code, out = _run(capsys, "admin", "inbound", "retry", kept["report_id"])
     assert code == 0 and out.startswith("recorded")
-    [event] = email_events(mesh.settings.nats_url, "acctlate", until=lambda e: len(e) >= 1)
+    [event] = email_events(mesh.settings.nats_url, acct_late, until=lambda e: len(e) >= 1)
     assert event.email.bounce.bounce_sub_type == ev.BOUNCE_SUB_TYPE_MAILBOX_FULL
     code, out = _run(capsys, "admin", "inbound", "list")
     assert out.strip() == "no kept reports"

@@ -17,6 +17,7 @@ from postmesh.testing import MeshThread
 from services.feedback.inbound.parsing import parse_report
 from services.feedback.inbound.report import Kind, Report
 from tests.conftest import MeshFactory
+from tests.delivery_helpers import new_account_id
 from tests.inbound_helpers import deliver, inbound_port, postfix_dsn
 from tests.sending_helpers import email_events
 
@@ -73,11 +74,12 @@ def test_only_bounce_and_feedback_addresses_are_accepted(start_mesh: MeshFactory
 
 
 def test_forged_or_tampered_bounce_addresses_map_to_nothing(start_mesh: MeshFactory) -> None:
+    acct_a, acct_b = new_account_id(), new_account_id()
     mesh = _mesh(start_mesh)
     port = inbound_port(mesh)
     key = VerpKey.from_settings(mesh.settings)
-    _index(mesh, "accta", "m-a", "alice@remote.test")
-    _index(mesh, "acctb", "m-b", "bob@remote.test")
+    _index(mesh, acct_a, "m-a", "alice@remote.test")
+    _index(mesh, acct_b, "m-b", "bob@remote.test")
     forged = bounce_address("m-a", "alice@remote.test", DOMAIN, VerpKey(b"guessed"))
     code, reply = deliver(port, "", [forged], _dsn(forged, "alice@remote.test"))
     assert code == 250 and "no valid tag" in _kept(mesh, reply)
@@ -90,13 +92,14 @@ def test_forged_or_tampered_bounce_addresses_map_to_nothing(start_mesh: MeshFact
     genuine_a = bounce_address("m-a", None, DOMAIN, key)
     code, reply = deliver(port, "", [genuine_a], _dsn(genuine_a, "bob@remote.test"))
     assert code == 250 and "names none of its recipients" in _kept(mesh, reply)
-    for account in ("accta", "acctb"):
+    for account in (acct_a, acct_b):
         assert email_events(mesh.settings.nats_url, account, timeout=1) == []
 
 
 def test_a_report_about_another_accounts_message_goes_to_that_account(start_mesh: MeshFactory) -> None:
+    acct_a, acct_b = new_account_id(), new_account_id()
     mesh = _mesh(start_mesh)
-    _index(mesh, "acctb", "m-b", "bob@remote.test")
+    _index(mesh, acct_b, "m-b", "bob@remote.test")
     arf = (
         b"From: abuse@provider.test\r\nTo: fbl@bounces.postmesh.test\r\nSubject: report\r\n"
         b"MIME-Version: 1.0\r\n"
@@ -106,23 +109,24 @@ def test_a_report_about_another_accounts_message_goes_to_that_account(start_mesh
         b"Message-ID: <m-b@mail.postmesh.test>\r\nX-Account: accta\r\n\r\n--x--\r\n"
     )
     assert deliver(inbound_port(mesh), "abuse@provider.test", [f"fbl@{DOMAIN}"], arf)[0] == 250
-    [event] = email_events(mesh.settings.nats_url, "acctb", until=lambda e: len(e) >= 1)
-    assert event.email.event_type == ev.EMAIL_EVENT_TYPE_COMPLAINT and event.account_id == "acctb"
-    assert email_events(mesh.settings.nats_url, "accta", timeout=1) == []
+    [event] = email_events(mesh.settings.nats_url, acct_b, until=lambda e: len(e) >= 1)
+    assert event.email.event_type == ev.EMAIL_EVENT_TYPE_COMPLAINT and event.account_id == acct_b
+    assert email_events(mesh.settings.nats_url, acct_a, timeout=1) == []
 
 
 def test_an_unknown_message_is_kept_and_maps_on_retry_once_known(start_mesh: MeshFactory) -> None:
+    acct_late = new_account_id()
     mesh = _mesh(start_mesh)
     key = VerpKey.from_settings(mesh.settings)
     to = bounce_address("m-late", "late@remote.test", DOMAIN, key)
     code, reply = deliver(inbound_port(mesh), "", [to], _dsn(to, "late@remote.test"))
     assert code == 250 and "not known" in _kept(mesh, reply)
-    _index(mesh, "acctlate", "m-late", "late@remote.test")
+    _index(mesh, acct_late, "m-late", "late@remote.test")
     assert mesh.server is not None
     inbound = mesh.server.services["feedback"].inbound  # type: ignore[attr-defined]
     outcome = mesh.run(inbound.processor.retry(reply.decode().rpartition(" ")[2]))
     assert outcome.events and not outcome.kept_id
-    [event] = email_events(mesh.settings.nats_url, "acctlate", until=lambda e: len(e) >= 1)
+    [event] = email_events(mesh.settings.nats_url, acct_late, until=lambda e: len(e) >= 1)
     assert event.email.bounce.bounce_type == ev.BOUNCE_TYPE_PERMANENT
 
 

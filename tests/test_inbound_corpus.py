@@ -16,6 +16,7 @@ from services.feedback.inbound.parsing import parse_report
 from services.feedback.inbound.processing import recipient_class
 from services.feedback.inbound.report import Kind
 from tests.conftest import MeshFactory
+from tests.delivery_helpers import new_account_id
 from tests.inbound_helpers import deliver, inbound_port
 from tests.sending_helpers import email_events
 
@@ -181,7 +182,7 @@ def test_every_sample_through_the_smtp_listener_records_its_events(start_mesh: M
     assert mesh.server is not None
     inbound = mesh.server.services["feedback"].inbound  # type: ignore[attr-defined]
     key = VerpKey.from_settings(mesh.settings)
-    account = "acctcorpus0001"
+    account = new_account_id()
     port = inbound_port(mesh)
     for name in [*BOUNCES, *COMPLAINTS, *NOTHING]:
         recipients = list(BOUNCES.get(name, {})) or (

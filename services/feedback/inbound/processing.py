@@ -104,7 +104,9 @@ class InboundProcessor:
         assert mapping.mail is not None
         now = self._clock.now()
         # The same report delivered twice publishes the same event ids: JetStream drops the copy.
-        digest = hashlib.sha256(raw).hexdigest()[:24]
+        digest = hashlib.sha256(
+            b"%s\0%s\0%s" % (mapping.account_id.encode(), mapping.mail.message_id.encode(), raw)
+        ).hexdigest()[:24]
         if report.kind is Kind.COMPLAINT:
             complaint = ev.Complaint(
                 complained_recipients=[
