@@ -172,7 +172,10 @@ def test_the_shared_classification_files_what_ses_files_as_transient() -> None:
     assert _pair(classify("5.7.1", "554 5.7.1 rejected as spam")) == (T, CONTENT)
     assert _pair(classify("5.7.1", "550 5.7.1 relaying denied")) == (P, GENERAL)
     assert _pair(classify("", "550 Requested action not taken: mailbox unavailable")) == (P, NO_EMAIL)
-    assert _pair(classify("", "no code at all")) == (ev.BOUNCE_TYPE_UNDETERMINED, GENERAL)
+    assert _pair(classify("", "no code at all")) == (
+        ev.BOUNCE_TYPE_UNDETERMINED,
+        ev.BOUNCE_SUB_TYPE_UNDETERMINED,
+    )
 
 
 def test_every_sample_through_the_smtp_listener_records_its_events(start_mesh: MeshFactory) -> None:

@@ -78,6 +78,7 @@ postmesh is starting on {settings.grpc_listen} (identity, quota, sender, feedbac
   NATS:      {settings.nats_url}{started_here}
   databases: SQLite files in {data_dir}
   metrics:   http://127.0.0.1:{settings.metrics_port}/metrics
+  bounces:   SMTP on {settings.inbound_smtp_listen or "(off)"} (the bounce domains' MX; see README "Feedback")
 
 In another terminal:
   . .venv/bin/activate

@@ -65,7 +65,7 @@ def classify(status: str, diagnostic: str = "") -> Classification:
     if klass not in ("4", "5"):
         klass = _class_from_reply(diagnostic) or klass
     if klass not in ("4", "5"):
-        return Classification(ev.BOUNCE_TYPE_UNDETERMINED, ev.BOUNCE_SUB_TYPE_GENERAL)
+        return Classification(ev.BOUNCE_TYPE_UNDETERMINED, ev.BOUNCE_SUB_TYPE_UNDETERMINED)
     text = diagnostic or ""
     transient = ev.BOUNCE_TYPE_TRANSIENT
     if detail in _MAILBOX_FULL or _FULL_WORDS.search(text):

@@ -48,4 +48,10 @@ register(
         30.0,
         "How long the feedback service remembers a sent message, to map reports about it.",
     ),
+    Setting(
+        "KEPT_REPORT_DAYS",
+        float,
+        30.0,
+        "How long returned mail that mapped to nothing is kept for operators.",
+    ),
 )

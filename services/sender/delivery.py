@@ -313,7 +313,7 @@ class DeliveryWorker:
             classified = classify(outcome.status, outcome.response)
             bounce_type, sub_type = classified.bounce_type, classified.bounce_sub_type
             if bounce_type == ev.BOUNCE_TYPE_UNDETERMINED:
-                bounce_type = ev.BOUNCE_TYPE_PERMANENT
+                bounce_type, sub_type = ev.BOUNCE_TYPE_PERMANENT, ev.BOUNCE_SUB_TYPE_GENERAL
         bounce = ev.Bounce(
             bounce_type=bounce_type,
             bounce_sub_type=sub_type,

@@ -106,6 +106,11 @@ class KeptReports:
             if row is not None:
                 row.reason = reason
 
+    async def forget_before(self, cutoff: dt.datetime) -> int:
+        async with transaction(self._sessions) as session:
+            result = await session.execute(delete(KeptReport).where(KeptReport.received_at < cutoff))
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
     async def remove(self, report_id: str) -> None:
         async with transaction(self._sessions) as session:
             await session.execute(delete(KeptReport).where(KeptReport.id == report_id))

@@ -69,9 +69,11 @@ class Inbound:
             await self.messages.record(event.account_id, event.email.mail)
 
     async def _prune(self) -> None:
-        keep = dt.timedelta(days=self.runtime.settings.sent_message_index_days)
+        settings = self.runtime.settings
         while True:
-            await self.messages.forget_before(self.runtime.clock.now() - keep)
+            now = self.runtime.clock.now()
+            await self.messages.forget_before(now - dt.timedelta(days=settings.sent_message_index_days))
+            await self.kept.forget_before(now - dt.timedelta(days=settings.kept_report_days))
             await asyncio.sleep(3600)
 
     async def start(self) -> None:
