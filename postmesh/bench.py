@@ -179,6 +179,7 @@ class Bench:
             "SERVICE_API_KEY": self.service_key,
             "DKIM_MASTER_KEYS": f"bench:{base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()}",
             "IDENTITY_HTTP_LISTEN": "127.0.0.1:0",
+            "INBOUND_SMTP_LISTEN": "127.0.0.1:0",
             "DNS_RESOLVER": self.dns.address,
             "DNS_CHECK_POLL_SECONDS": "3600",
             # With --sandbox, the bench account stays there: every recipient is then checked.

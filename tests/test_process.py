@@ -51,6 +51,8 @@ def serve_process(nats_url: str, tmp_path: Path):  # type: ignore[no-untyped-def
         "DNS_RESOLVER": "127.0.0.1:9",
         # Delivery workers would hold the outbound work queue's consumer after the process is gone.
         "DELIVERY_WORKERS": "0",
+        # The inbound SMTP listener on a port of its own.
+        "INBOUND_SMTP_LISTEN": "127.0.0.1:0",
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "postmesh.cli.main", "serve", "all"],

@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from postmesh.common.verp import VerpKey, parse_bounce_address
 from services.feedback.inbound.processing import InboundProcessor
@@ -105,11 +109,6 @@ class _CountedSMTP(SMTP):
 def self_signed_context(hostname: str) -> ssl.SSLContext:
     """A TLS context with a certificate made now: MTAs delivering bounces do not verify it, and
     STARTTLS still keeps reports (recipient addresses) off the wire in clear text."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64] or "postmesh")])
     now = dt.datetime.now(dt.UTC)
