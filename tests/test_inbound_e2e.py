@@ -14,6 +14,7 @@ import pytest
 from postmesh.common.natsserver import free_port
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.feedback.v1 import feedback_pb2
+from postmesh.identity.v1 import identity_pb2
 from postmesh.quota.v1 import quota_pb2
 from postmesh.sender.v1 import sender_pb2 as pb
 from postmesh.testing import MeshThread
@@ -260,3 +261,33 @@ def test_bounces_are_forwarded_to_the_feedback_forwarding_address(
     assert b"From: MAILER-DAEMON@postmesh.test" in notice.data
     # Only the one notice: nothing about the notice itself, nothing to the bounced address.
     assert [r.recipients for r in mx.received] == [["moved@example.test"], ["feedback@example.test"]]
+
+
+def test_an_identity_with_feedback_forwarding_gets_notices_at_the_sender_address(
+    world: MeshThread, zone: LoopbackDns, mx: SmtpServer
+) -> None:
+    _, key = world.create_account()
+    with world.client(key) as client:
+        create_verified_domain(client, zone, "example.test")
+        get = identity_pb2.GetEmailIdentityRequest(email_identity="example.test")
+        # Off here (MeshThread's FEEDBACK_FORWARDING_DEFAULT), as an operator may choose; SES's default is on.
+        assert not client.identity.GetEmailIdentity(get).feedback_forwarding_status
+        client.identity.PutEmailIdentityFeedbackAttributes(
+            identity_pb2.PutEmailIdentityFeedbackAttributesRequest(
+                email_identity="example.test", email_forwarding_enabled=True
+            )
+        )
+        assert client.identity.GetEmailIdentity(get).feedback_forwarding_status
+        message_id = _send(client, "gone2@example.test")
+        arrived = mail_to(mx, "gone2@example.test")
+        _indexed(world, message_id)
+        dsn = postfix_dsn(
+            return_path=arrived.mail_from,
+            recipient="gone2@example.test",
+            status="5.1.1",
+            diagnostic="550 5.1.1 User unknown",
+            original=arrived.data,
+        )
+        assert deliver(inbound_port(world), "", [arrived.mail_from], dsn)[0] == 250
+        notice = mail_to(mx, "news@example.test")
+    assert parse_report(notice.data, null_sender=False).recipients[0].address == "gone2@example.test"

@@ -72,6 +72,8 @@ class EmailIdentity(Base):
     mail_from_domain: Mapped[str] = mapped_column(String(255), default="")
     mail_from_status: Mapped[str] = mapped_column(String(24), default="")
     mail_from_behavior: Mapped[str] = mapped_column(String(24), default="USE_DEFAULT_VALUE")
+    # Email feedback forwarding; None: FEEDBACK_FORWARDING_DEFAULT (on, as SES has it).
+    feedback_forwarding: Mapped[bool | None] = mapped_column(Boolean, nullable=True, default=None)
     # Addresses: when the last verification message was queued (resend rate limit).
     last_email_sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 

@@ -80,6 +80,8 @@ class Authorization:
     identity: str
     owner_account_id: str
     mail_from_domain: str
+    # The identity's email feedback forwarding: notices go to the sender when the send names no address.
+    feedback_forwarding: bool = False
 
 
 class Checks(Protocol):
@@ -524,7 +526,7 @@ class Acceptor:
             configuration_set_name=message.configuration_set,
             tags=[events_pb2.EmailTag(name=n, value=v) for n, v in message.tags],
             accepted_time=timestamp(self._clock.now()),
-            feedback_forwarding_address=message.feedback.address if message.feedback else "",
+            feedback_forwarding_address=_forward_to(message, authorization),
             subject=message.subject,
             headers=message.headers[0],
             headers_truncated=message.headers[1],
@@ -575,7 +577,7 @@ class Acceptor:
         headers, truncated = message.headers
         mail.headers.extend(headers)
         mail.headers_truncated = truncated
-        mail.feedback_forwarding_address = message.feedback.address if message.feedback else ""
+        mail.feedback_forwarding_address = _forward_to(message, authorization)
         events = [
             new_event(
                 account_id,
@@ -808,6 +810,14 @@ def _feedback(envelope: Envelope) -> Mailbox | None:
     if not envelope.feedback_address:
         return None
     return parse_mailbox(envelope.feedback_address, field="feedback_forwarding_email_address")
+
+
+def _forward_to(message: Outgoing, authorization: Authorization) -> str:
+    """Where bounce and complaint notices about the message go (SES): the send's
+    FeedbackForwardingEmailAddress, else the sender when its identity forwards feedback, else nowhere."""
+    if message.feedback is not None:
+        return message.feedback.address
+    return message.sender.address if authorization.feedback_forwarding else ""
 
 
 def _check_configuration_set(name: str) -> None:

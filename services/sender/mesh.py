@@ -177,7 +177,12 @@ class MeshChecks:
                 ),
                 timeout=TIMEOUT,
             )
-        authorization = Authorization(reply.identity, reply.identity_owner_account_id, reply.mail_from_domain)
+        authorization = Authorization(
+            reply.identity,
+            reply.identity_owner_account_id,
+            reply.mail_from_domain,
+            reply.feedback_forwarding_enabled,
+        )
         self._authorized.put(key, authorization)
         return authorization
 
