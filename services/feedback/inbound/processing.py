@@ -4,6 +4,8 @@ ever sent in reply (a bounce of a bounce would loop)."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import logging
 import re
@@ -71,9 +73,15 @@ class InboundProcessor:
     async def classify(self, raw: bytes, mail_from: str = "", rcpt_to: Sequence[str] = ()) -> Outcome:
         """What `raw` would record, without recording it (the operator's dry run, and step one)."""
         to_fbl = any(r.lower() == self._fbl for r in rcpt_to)
-        report = parse_report(
-            raw, null_sender=not mail_from, to_feedback_loop=to_fbl, own_addresses={self._fbl, *rcpt_to}
+        parse = functools.partial(
+            parse_report,
+            raw,
+            null_sender=not mail_from,
+            to_feedback_loop=to_fbl,
+            own_addresses={self._fbl, *rcpt_to},
         )
+        # A large report is parsed off the event loop, which serves gRPC and the other consumers.
+        report = parse() if len(raw) < 1 << 18 else await asyncio.to_thread(parse)
         if report.kind is Kind.NONE:
             return Outcome(report, Mapping(how=report.reason))
         mapping = await map_report(report, rcpt_to, self._messages, self._verp_key)
