@@ -13,12 +13,15 @@ from hypothesis import strategies as st
 
 from postmesh.common.verp import VerpKey, bounce_address
 from postmesh.events.v1 import events_pb2 as ev
+from postmesh.identity.v1 import identity_pb2
 from postmesh.testing import MeshThread
+from postmesh.testing_mail import LoopbackDns
 from services.feedback.inbound.parsing import parse_report
 from services.feedback.inbound.report import Kind, Report
 from tests.conftest import MeshFactory
 from tests.delivery_helpers import new_account_id
-from tests.inbound_helpers import deliver, inbound_port, postfix_dsn
+from tests.identity_helpers import create_verified_domain
+from tests.inbound_helpers import deliver, eventually, inbound_port, postfix_dsn
 from tests.sending_helpers import email_events
 
 DOMAIN = "bounces.postmesh.test"
@@ -58,19 +61,49 @@ def _dsn(to: str, recipient: str) -> bytes:
 
 
 def test_only_bounce_and_feedback_addresses_are_accepted(start_mesh: MeshFactory) -> None:
-    mesh = _mesh(start_mesh)
-    port = inbound_port(mesh)
-    key = VerpKey.from_settings(mesh.settings)
+    with LoopbackDns() as zone:
+        mesh = start_mesh(
+            default_bounce_domain=DOMAIN,
+            dns_resolver=zone.address,
+            dns_check_poll_seconds=3600,
+            dns_timeout_seconds=2,
+        )
+        _, key = mesh.create_account()
+        with mesh.client(key) as client:
+            create_verified_domain(client, zone, "customer.test")
+            client.identity.PutEmailIdentityMailFromAttributes(
+                identity_pb2.PutEmailIdentityMailFromAttributesRequest(
+                    email_identity="customer.test", mail_from_domain="mail.customer.test"
+                )
+            )
+            port = inbound_port(mesh)
+            verp_key = VerpKey.from_settings(mesh.settings)
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+                smtp.ehlo("mx.remote.test")
+                assert smtp.has_extn("starttls") and smtp.has_extn("size")
+                smtp.mail("")
+                assert smtp.rcpt("someone@elsewhere.test")[0] == 550
+                assert smtp.rcpt("postmaster@[127.0.0.1]")[0] == 550
+                # Even a genuine bounce address, at a domain that is not a bounce domain.
+                assert smtp.rcpt(bounce_address("m", "a@b.test", "elsewhere.test", verp_key))[0] == 550
+                # The custom MAIL FROM domain, the feedback loop, the bounce domain.
+                assert smtp.rcpt(bounce_address("m", "a@b.test", "mail.customer.test", verp_key))[0] == 250
+                assert smtp.rcpt(f"fbl@{DOMAIN}")[0] == 250
+                assert smtp.rcpt(f"postmaster@{DOMAIN}")[0] == 250
+            # Once the identity is gone, so is its MAIL FROM domain (the cached answer is dropped).
+            client.identity.DeleteEmailIdentity(
+                identity_pb2.DeleteEmailIdentityRequest(email_identity="customer.test")
+            )
+            eventually(
+                lambda: _rcpt_code(port, "anyone@mail.customer.test") == 550, what="MAIL FROM domain dropped"
+            )
+
+
+def _rcpt_code(port: int, address: str) -> int:
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
         smtp.ehlo("mx.remote.test")
-        assert smtp.has_extn("starttls") and smtp.has_extn("size")
         smtp.mail("")
-        assert smtp.rcpt("someone@elsewhere.test")[0] == 550
-        assert smtp.rcpt("bounce+m-0-aaaaaaaaaaaaaaaa@custom-mail-from.test")[0] == 550
-        # A real bounce address at a custom MAIL FROM domain, the feedback loop, the bounce domain.
-        assert smtp.rcpt(bounce_address("m", "a@b.test", "mail.customer.test", key))[0] == 250
-        assert smtp.rcpt(f"fbl@{DOMAIN}")[0] == 250
-        assert smtp.rcpt(f"postmaster@{DOMAIN}")[0] == 250
+        return int(smtp.rcpt(address)[0])
 
 
 def test_forged_or_tampered_bounce_addresses_map_to_nothing(start_mesh: MeshFactory) -> None:

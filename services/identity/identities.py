@@ -745,6 +745,22 @@ class IdentityStore:
         )
         return view
 
+    async def mail_from_domain_in_use(self, domain: str) -> bool:
+        """Whether a verified domain identity (of any account) has `domain` as its custom MAIL FROM
+        domain. Its status does not matter: bounces of mail sent while it was verified come later."""
+        key = normalize_domain(domain, field="domain")
+        async with self._sessions() as session:
+            found = await session.scalar(
+                select(EmailIdentity.identity_id)
+                .where(
+                    EmailIdentity.mail_from_domain == key,
+                    EmailIdentity.identity_type == DOMAIN,
+                    EmailIdentity.verification_status == SUCCESS,
+                )
+                .limit(1)
+            )
+        return found is not None
+
     # --- email feedback forwarding
 
     def feedback_forwarding(self, row: EmailIdentity) -> bool:

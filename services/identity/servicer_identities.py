@@ -263,6 +263,13 @@ class IdentitiesServicer:
         )
         return pb.PutEmailIdentityFeedbackAttributesResponse()
 
+    async def CheckMailFromDomain(
+        self, request: pb.CheckMailFromDomainRequest, context: aio.ServicerContext
+    ) -> pb.CheckMailFromDomainResponse:
+        return pb.CheckMailFromDomainResponse(
+            in_use=await self.identities.mail_from_domain_in_use(request.domain)
+        )
+
     async def PutEmailIdentityPolicy(
         self, request: pb.PutEmailIdentityPolicyRequest, context: aio.ServicerContext
     ) -> pb.PutEmailIdentityPolicyResponse:

@@ -20,13 +20,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from grpc import aio
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 
 from postmesh.common.addresses import address_key
+from postmesh.common.answers import Answers
 from postmesh.common.clients import MeshClients, domain_error_from
 from postmesh.common.sendquota import Reservation, SendQuotaClient
 from postmesh.common.streams import IDENTITY_CHANGED_SUBJECT
@@ -39,32 +40,8 @@ TIMEOUT = 10.0
 # How long an identity answer is trusted when no IdentityChanged event arrives (one may be missed
 # while NATS reconnects).
 CACHE_SECONDS = 30.0
-_CACHE_LIMIT = 100_000
 # Addresses per coalesced check (the services accept up to 1,000).
 _BATCH_ADDRESSES = 500
-
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-class _Answers(Generic[K, V]):
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._entries: dict[K, tuple[float, V]] = {}
-
-    def get(self, key: K) -> V | None:
-        entry = self._entries.get(key)
-        if entry is None or entry[0] < self._clock():
-            return None
-        return entry[1]
-
-    def put(self, key: K, value: V) -> None:
-        if len(self._entries) >= _CACHE_LIMIT:
-            self._entries.clear()
-        self._entries[key] = (self._clock() + CACHE_SECONDS, value)
-
-    def clear(self) -> None:
-        self._entries.clear()
 
 
 class _Coalesced:
@@ -129,8 +106,10 @@ class MeshChecks:
     def __init__(self, clients: MeshClients, clock: Callable[[], float] = time.monotonic) -> None:
         self._clients = clients
         self._quota = SendQuotaClient(clients)
-        self._authorized: _Answers[tuple[str, str, str], Authorization] = _Answers(clock)
-        self._verified: _Answers[tuple[str, str], bool] = _Answers(clock)
+        self._authorized: Answers[tuple[str, str, str], Authorization] = Answers(
+            clock, ttl_seconds=CACHE_SECONDS
+        )
+        self._verified: Answers[tuple[str, str], bool] = Answers(clock, ttl_seconds=CACHE_SECONDS)
         self._subscription: Subscription | None = None
         self._suppression = _Coalesced(self._check_suppressed)
         self._sandbox = _Coalesced(self._check_verified)

@@ -2,10 +2,9 @@
 the operator's feedback-loop address. It takes mail only for those, never relays, and never answers a
 message with a message.
 
-What it accepts at RCPT: a bounce address whose tag is valid (at any domain: the tag proves postmesh
-made it, so verified custom MAIL FROM domains are covered without a list), any address at
-DEFAULT_BOUNCE_DOMAIN (a forged bounce address there is kept, with the reason, for the operator), and
-the feedback-loop address. Everything else gets 550.
+What it accepts at RCPT: any address at DEFAULT_BOUNCE_DOMAIN or at the custom MAIL FROM domain of a
+verified domain identity (a forged bounce address there is kept, with the reason, for the operator),
+and the feedback-loop address. Everything else gets 550.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from postmesh.common.verp import VerpKey, parse_bounce_address
+from services.feedback.inbound.domains import BounceDomains
 from services.feedback.inbound.processing import InboundProcessor
 
 log = logging.getLogger(__name__)
@@ -50,25 +49,28 @@ class ListenerConfig:
 class InboundHandler:
     """aiosmtpd hooks: each returns the reply line."""
 
-    def __init__(self, processor: InboundProcessor, config: ListenerConfig, verp_key: VerpKey) -> None:
+    def __init__(self, processor: InboundProcessor, config: ListenerConfig, domains: BounceDomains) -> None:
         self._processor = processor
         self._config = config
-        self._verp_key = verp_key
+        self._domains = domains
 
-    def accepts(self, address: str) -> bool:
+    async def accepts(self, address: str) -> bool:
         address = address.strip().strip("<>")
         if address.lower() == self._config.feedback_loop_address.lower():
             return True
-        if parse_bounce_address(address, self._verp_key) is not None:
-            return True
-        return address.rpartition("@")[2].lower() == self._config.bounce_domain.lower()
+        return await self._domains.accepts(address.rpartition("@")[2])
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 Too many recipients"
-        if not self.accepts(address):
+        try:
+            accepted = await self.accepts(address)
+        except Exception:
+            log.exception("bounce domains could not be checked")
+            return "451 4.4.3 Cannot check the domain now; try again later"
+        if not accepted:
             return "550 5.7.1 Relaying denied: not a postmesh bounce or feedback address"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
@@ -140,9 +142,9 @@ def _context(cert_file: str, key_file: str) -> ssl.SSLContext:
 
 
 class InboundListener:
-    def __init__(self, processor: InboundProcessor, config: ListenerConfig, verp_key: VerpKey) -> None:
+    def __init__(self, processor: InboundProcessor, config: ListenerConfig, domains: BounceDomains) -> None:
         self.config = config
-        self.handler = InboundHandler(processor, config, verp_key)
+        self.handler = InboundHandler(processor, config, domains)
         self._server: asyncio.base_events.Server | None = None
         self._connections = [0]
         self.port = 0

@@ -7,13 +7,19 @@ import asyncio
 import datetime as dt
 import logging
 import socket
+from typing import Any
+
+import grpc
+from grpc import aio
 
 from postmesh.common.bus import consume_events
 from postmesh.common.config import Settings
 from postmesh.common.service import Runtime
-from postmesh.common.streams import email_event_subject
+from postmesh.common.streams import IDENTITY_CHANGED_SUBJECT, email_event_subject
 from postmesh.common.verp import VerpKey
 from postmesh.events.v1 import events_pb2 as ev
+from postmesh.identity.v1 import identity_pb2
+from services.feedback.inbound.domains import BounceDomains
 from services.feedback.inbound.listener import InboundListener, ListenerConfig
 from services.feedback.inbound.processing import InboundProcessor
 from services.feedback.inbound.storage import KeptReports, SentMessages
@@ -45,6 +51,10 @@ class Inbound:
             clock=runtime.clock,
             feedback_loop_address=feedback_loop_address(settings),
         )
+        self.domains = BounceDomains(
+            default_domain=settings.default_bounce_domain, lookup=self._mail_from_domain
+        )
+        self._subscription: Any = None
         self.listener: InboundListener | None = None
         if settings.inbound_smtp_listen.strip():
             host, port = _host_port(settings.inbound_smtp_listen.strip())
@@ -61,8 +71,19 @@ class Inbound:
                     tls_cert_file=settings.inbound_tls_cert_file,
                     tls_key_file=settings.inbound_tls_key_file,
                 ),
-                self.verp_key,
+                self.domains,
             )
+
+    async def _mail_from_domain(self, domain: str) -> bool:
+        try:
+            reply = await self.runtime.clients.identity.CheckMailFromDomain(
+                identity_pb2.CheckMailFromDomainRequest(domain=domain), timeout=10
+            )
+        except aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                return False  # not a domain name at all: certainly not ours
+            raise
+        return bool(reply.in_use)
 
     async def _index(self, event: ev.Event) -> None:
         if event.WhichOneof("payload") == "email" and event.email.event_type == ev.EMAIL_EVENT_TYPE_SEND:
@@ -89,8 +110,18 @@ class Inbound:
         )
         runtime.spawn(self._prune, "sent-index-prune")
         if self.listener is not None:
+            assert runtime.nats is not None
+
+            async def forget(_: Any) -> None:
+                self.domains.forget()
+
+            # Core subscription: every replica drops its answers (a JetStream publish is also a core message).
+            self._subscription = await runtime.nats.subscribe(IDENTITY_CHANGED_SUBJECT, cb=forget)
             await self.listener.start()
 
     async def stop(self) -> None:
         if self.listener is not None:
             await self.listener.stop()
+        nats = self.runtime.nats
+        if self._subscription is not None and nats is not None and nats.is_connected:
+            await self._subscription.unsubscribe()
