@@ -156,6 +156,22 @@ def test_a_dsn_to_the_verp_address_bounces_suppresses_and_counts_once(
         assert stats == 1
 
 
+def _mail_back_a_dsn(
+    world: MeshThread, mx: SmtpServer, message_id: str, recipient: str, status: str, diagnostic: str
+) -> None:
+    """What Postfix does when the mailbox store refuses a message it accepted: a DSN to its VERP sender."""
+    arrived = mail_to(mx, recipient)
+    _indexed(world, message_id)
+    dsn = postfix_dsn(
+        return_path=arrived.mail_from,
+        recipient=recipient,
+        status=status,
+        diagnostic=diagnostic,
+        original=arrived.data,
+    )
+    assert deliver(inbound_port(world), "", [arrived.mail_from], dsn)[0] == 250
+
+
 def _bounces_counted(client: object) -> int:
     points = client.quota.GetSendStatistics(quota_pb2.GetSendStatisticsRequest()).send_data_points  # type: ignore[attr-defined]
     return sum(p.bounces for p in points)
@@ -241,16 +257,9 @@ def test_bounces_are_forwarded_to_the_feedback_forwarding_address(
             ),
         )
         message_id = client.sender.SendEmail(request).message_id
-        arrived = mail_to(mx, "moved@example.test")
-        _indexed(world, message_id)
-        dsn = postfix_dsn(
-            return_path=arrived.mail_from,
-            recipient="moved@example.test",
-            status="5.1.6",
-            diagnostic="550 5.1.6 Recipient no longer on server",
-            original=arrived.data,
+        _mail_back_a_dsn(
+            world, mx, message_id, "moved@example.test", "5.1.6", "550 5.1.6 No longer on server"
         )
-        assert deliver(inbound_port(world), "", [arrived.mail_from], dsn)[0] == 250
         notice = mail_to(mx, "feedback@example.test")
     # A DSN of its own, from the system identity's domain, that postmesh itself would read back.
     assert notice.mail_from.startswith("bounce+") and notice.recipients == ["feedback@example.test"]
@@ -279,15 +288,6 @@ def test_an_identity_with_feedback_forwarding_gets_notices_at_the_sender_address
         )
         assert client.identity.GetEmailIdentity(get).feedback_forwarding_status
         message_id = _send(client, "gone2@example.test")
-        arrived = mail_to(mx, "gone2@example.test")
-        _indexed(world, message_id)
-        dsn = postfix_dsn(
-            return_path=arrived.mail_from,
-            recipient="gone2@example.test",
-            status="5.1.1",
-            diagnostic="550 5.1.1 User unknown",
-            original=arrived.data,
-        )
-        assert deliver(inbound_port(world), "", [arrived.mail_from], dsn)[0] == 250
+        _mail_back_a_dsn(world, mx, message_id, "gone2@example.test", "5.1.1", "550 5.1.1 User unknown")
         notice = mail_to(mx, "news@example.test")
     assert parse_report(notice.data, null_sender=False).recipients[0].address == "gone2@example.test"
