@@ -18,7 +18,7 @@ from postmesh.identity.v1 import identity_pb2
 from postmesh.quota.v1 import quota_pb2
 from postmesh.sender.v1 import sender_pb2 as pb
 from postmesh.testing import MeshThread
-from postmesh.testing_mail import LoopbackDns, SmtpServer
+from postmesh.testing_mail import Behaviour, LoopbackDns, SmtpServer
 from services.feedback.inbound.parsing import parse_report
 from tests.conftest import MeshFactory
 from tests.identity_helpers import create_verified_domain, mail_to
@@ -43,7 +43,11 @@ def nats_url(tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def mx() -> Iterator[SmtpServer]:
-    with SmtpServer("127.0.0.2", free_port("127.0.0.2")) as server:
+    refusals = {
+        "full@example.test": "552 5.2.2 Mailbox full",
+        "unknown@example.test": "550 5.1.1 User unknown",
+    }
+    with SmtpServer("127.0.0.2", free_port("127.0.0.2"), Behaviour(reject=refusals)) as server:
         yield server
 
 
@@ -291,3 +295,26 @@ def test_an_identity_with_feedback_forwarding_gets_notices_at_the_sender_address
         _mail_back_a_dsn(world, mx, message_id, "gone2@example.test", "5.1.1", "550 5.1.1 User unknown")
         notice = mail_to(mx, "news@example.test")
     assert parse_report(notice.data, null_sender=False).recipients[0].address == "gone2@example.test"
+
+
+def test_a_full_mailbox_during_the_smtp_session_is_transient_and_never_suppresses(
+    world: MeshThread, zone: LoopbackDns
+) -> None:
+    account_id, key = world.create_account()
+    with world.client(key) as client:
+        create_verified_domain(client, zone, "example.test")
+        full = _send(client, "full@example.test")
+        unknown = _send(client, "unknown@example.test")
+        events = email_events(
+            world.settings.nats_url, account_id, until=lambda e: len(of_type(e, BOUNCE)) >= 2
+        )
+        kinds = {
+            e.email.mail.message_id: (e.email.bounce.bounce_type, e.email.bounce.bounce_sub_type)
+            for e in of_type(events, BOUNCE)
+        }
+        assert kinds[full] == (ev.BOUNCE_TYPE_TRANSIENT, ev.BOUNCE_SUB_TYPE_MAILBOX_FULL)
+        assert kinds[unknown] == (ev.BOUNCE_TYPE_PERMANENT, ev.BOUNCE_SUB_TYPE_NO_EMAIL)
+        # The suppression consumer takes bounces in order: once the later one is on the list, the
+        # earlier one was seen, and left off.
+        eventually(lambda: _suppressed(client, "unknown@example.test"), what="hard bounce suppressed")
+        assert _suppressed(client, "full@example.test") is None
