@@ -219,6 +219,7 @@ class Bench:
             "IDENTITY_HTTP_LISTEN": "127.0.0.1:0",
             "TRACKING_HTTP_LISTEN": "127.0.0.1:0",
             "SNS_HTTPS_LISTEN": "127.0.0.1:0",
+            "INBOUND_SMTP_LISTEN": "127.0.0.1:0",
             "DNS_RESOLVER": self.dns.address,
             "DNS_CHECK_POLL_SECONDS": "3600",
             # With --sandbox, the bench account stays there: every recipient is then checked.

@@ -43,6 +43,13 @@ class MeshThread:
         settings.setdefault("tracking_http_listen", "127.0.0.1:0")
         # The SNS endpoint makes an RSA key: only tests that want it turn it on.
         settings.setdefault("sns_https_listen", "")
+        # Bounce addresses carry a tag under this key (see postmesh.common.verp).
+        settings.setdefault("verp_secret", secrets.token_urlsafe(24))
+        # The feedback service's inbound SMTP listener, on a port of its own per mesh.
+        settings.setdefault("inbound_smtp_listen", "127.0.0.1:0")
+        # Email feedback forwarding (SES: on) would queue a notice to the sender for every bounce; a
+        # test that wants it turns it on, others keep counting exactly the mail they sent.
+        settings.setdefault("feedback_forwarding_default", False)
         # Tests never reach a real resolver: nothing answers on the discard port.
         settings.setdefault("dns_resolver", "127.0.0.1:9")
         # Delivery workers take every message off the outbound work queue: a test that wants

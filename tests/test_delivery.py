@@ -16,7 +16,7 @@ import pytest
 
 from postmesh.common.natsserver import free_port
 from postmesh.common.outbound import enqueue
-from postmesh.common.verp import parse_bounce_address
+from postmesh.common.verp import VerpKey, parse_bounce_address
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.identity.v1 import identity_pb2
 from postmesh.testing_mail import Behaviour, LoopbackDns, SmtpServer
@@ -120,7 +120,8 @@ def _mx_settings(world: World, **extra: object) -> dict[str, object]:
 async def test_outcomes_per_recipient_become_events(
     start_mesh: MeshFactory, nats_url: str, world: World
 ) -> None:
-    start_mesh(("sender",), **_mx_settings(world))
+    mesh = start_mesh(("sender",), **_mx_settings(world))
+    verp_key = VerpKey.from_settings(mesh.settings)
     account = new_account_id()
     delivered = queued_message(account, ["Someone@ok.test"])
     mixed = queued_message(account, ["gone@unknown.test", "fine@unknown.test", "x@null.test"])
@@ -149,7 +150,7 @@ async def test_outcomes_per_recipient_become_events(
     assert only.delivery.processing_time_millis >= 0
     assert only.mail.source == "news@example.test" and only.mail.sending_account_id == account
     [arrived] = [r for r in world.ok.received if r.recipients == ["Someone@ok.test"]]
-    verp = parse_bounce_address(arrived.mail_from)
+    verp = parse_bounce_address(arrived.mail_from, verp_key)
     assert verp is not None and verp.message_id == delivered.message_id
     assert verp.recipient == "Someone@ok.test"
     assert arrived.mail_from.endswith("@bounces.postmesh.test")
@@ -172,7 +173,7 @@ async def test_outcomes_per_recipient_become_events(
 
     # Two recipients of one domain: one transaction, the bounce address naming the message only.
     [together] = [r for r in world.ok.received if set(r.recipients) == {"a@ok.test", "b@ok.test"}]
-    verp = parse_bounce_address(together.mail_from)
+    verp = parse_bounce_address(together.mail_from, verp_key)
     assert verp is not None and verp.message_id == pair.message_id and verp.recipient is None
     assert len(events.of(pair.message_id, DELIVERY)) == 2
 
@@ -225,7 +226,7 @@ async def test_sink_mode_stores_eml_files_and_reports_deliveries(
     start_mesh: MeshFactory, nats_url: str, tmp_path: Path
 ) -> None:
     data_dir = tmp_path / "sinkmesh"
-    start_mesh(("sender",), data_dir=data_dir, delivery_workers=4)  # DELIVERY_MODE defaults to sink
+    mesh = start_mesh(("sender",), data_dir=data_dir, delivery_workers=4)  # DELIVERY_MODE defaults to sink
     account = new_account_id()
     message = queued_message(account, ["one@example.test", "two@other.test"], subject="Stored")
     async with EmailEvents(nats_url, account) as events:
@@ -239,7 +240,10 @@ async def test_sink_mode_stores_eml_files_and_reports_deliveries(
     }
     stored = (data_dir / "mail" / f"{message.message_id}.eml").read_bytes()
     assert b"Subject: Stored" in stored and b"Delivered-To: two@other.test" in stored
-    assert stored.startswith(b"Return-Path: <bounce+" + message.message_id.encode() + b"-0@")
+    assert stored.startswith(b"Return-Path: <bounce+" + message.message_id.encode() + b"-0-")
+    return_path = stored.split(b"\r\n", 1)[0].decode().removeprefix("Return-Path: ")
+    verp = parse_bounce_address(return_path, VerpKey.from_settings(mesh.settings))
+    assert verp is not None and verp.message_id == message.message_id and verp.recipient is None
 
 
 def test_no_workers_when_delivery_is_disabled(start_mesh: MeshFactory) -> None:

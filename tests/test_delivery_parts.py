@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from postmesh.common.config import load_settings
 from postmesh.common.natsserver import free_port
 from postmesh.common.server import load_all_service_settings
-from postmesh.common.verp import bounce_address, parse_bounce_address
+from postmesh.common.verp import VerpKey, bounce_address, parse_bounce_address
 from postmesh.testing_mail import Behaviour, LoopbackDns, SmtpServer
 from services.sender.backoff import RetryPolicy
 from services.sender.delivery_wiring import build_transport
@@ -61,17 +61,32 @@ def test_backoff_grows_is_capped_and_stops_at_the_time_to_live() -> None:
     ["user@ok.test", "first.last+tag-x=y@sub.ok.test", '"odd -=+ local"@ok.test', "jürgen@bücher.test"],
 )
 def test_verp_round_trips_any_recipient_and_survives_case_changes(recipient: str) -> None:
-    address = bounce_address("0100-abc-42", recipient, "bounce.example.test")
+    key = VerpKey(b"shared by every replica")
+    address = bounce_address("0100-abc-42", recipient, "bounce.example.test", key)
     local = address.rpartition("@")[0]
     assert local.isascii() and " " not in local and '"' not in local
     for form in (address, address.upper(), f"<{address}>"):
-        parsed = parse_bounce_address(form)
+        parsed = parse_bounce_address(form, key)
         assert parsed is not None and parsed.recipient == recipient
         assert parsed.message_id.lower() == "0100-abc-42"
-    several = parse_bounce_address(bounce_address("0100-abc-42", None, "b.test"))
+    several = parse_bounce_address(bounce_address("0100-abc-42", None, "b.test", key), key)
     assert several is not None and several.message_id == "0100-abc-42" and several.recipient is None
-    assert parse_bounce_address("someone@else.test") is None
-    assert parse_bounce_address("bounce+x-!!!@b.test") is None
+    assert parse_bounce_address("someone@else.test", key) is None
+    assert parse_bounce_address("bounce+x-!!!@b.test", key) is None
+
+
+def test_verp_addresses_forged_tampered_or_under_another_key_map_to_nothing() -> None:
+    key = VerpKey(b"ours")
+    address = bounce_address("0100-abc-42", "user@ok.test", "b.test", key)
+    assert parse_bounce_address(address, VerpKey(b"theirs")) is None
+    local, _, domain = address.partition("@")
+    head, _, tag = local.rpartition("-")
+    # Another message id or recipient under the same tag, a changed tag, no tag (the old form).
+    assert parse_bounce_address(address.replace("0100-abc-42", "0100-abc-43"), key) is None
+    other = bounce_address("0100-abc-42", "victim@ok.test", "b.test", key).partition("@")[0]
+    assert parse_bounce_address(f"{other.rpartition('-')[0]}-{tag}@{domain}", key) is None
+    assert parse_bounce_address(f"{head}-{'a' * len(tag)}@{domain}", key) is None
+    assert parse_bounce_address(f"{head}@{domain}", key) is None
 
 
 def _rsa_pem() -> tuple[str, str]:
@@ -207,10 +222,15 @@ def _options(**overrides: object) -> SmtpOptions:
     return SmtpOptions(**values)  # type: ignore[arg-type]
 
 
+_VERP_KEY = VerpKey(b"test")
+
+
 def _envelope(*recipients: str, require_tls: bool = False, message_id: str = "m1") -> Envelope:
     return Envelope(
         message_id=message_id,
-        mail_from=bounce_address(message_id, recipients[0] if len(recipients) == 1 else None, "b.test"),
+        mail_from=bounce_address(
+            message_id, recipients[0] if len(recipients) == 1 else None, "b.test", _VERP_KEY
+        ),
         recipients=recipients,
         domain=recipients[0].rpartition("@")[2],
         require_tls=require_tls,
@@ -232,8 +252,8 @@ async def test_one_transaction_per_domain_with_a_reply_per_recipient_and_reused_
             assert again["c@ok.test"].kind is Kind.DELIVERED
         received = server.received
         assert [r.recipients for r in received] == [["a@ok.test", "b@ok.test"], *[["c@ok.test"]] * 3]
-        assert parse_bounce_address(received[0].mail_from).recipient is None  # type: ignore[union-attr]
-        assert parse_bounce_address(received[1].mail_from).recipient == "c@ok.test"  # type: ignore[union-attr]
+        assert parse_bounce_address(received[0].mail_from, _VERP_KEY).recipient is None  # type: ignore[union-attr]
+        assert parse_bounce_address(received[1].mail_from, _VERP_KEY).recipient == "c@ok.test"  # type: ignore[union-attr]
         assert len({r.peer for r in received}) == 1
         pool = transport.pool
         assert sum(len(v) for v in pool._idle.values()) == 1  # one connection carried all four messages

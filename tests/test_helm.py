@@ -236,9 +236,14 @@ def test_network_policy_per_component_and_a_service_for_each_callable_one(
     assert kinds.count("NetworkPolicy") == kinds.count("PodDisruptionBudget") == len(CI_COMPONENTS)
     services = {d["metadata"]["name"] for d in rendered if d["kind"] == "Service"}
     # Delivery workers only pull from JetStream: a headless Service for scraping, no ClusterIP one.
+    # One per callable component, one headless per component, and the feedback service's SMTP listener
+    # on port 25 for the bounce domains' MX.
     assert services == {f"pm-postmesh-{s}" for s in [*SERVICES, *UNITS]} | {
         f"pm-postmesh-{c}-headless" for c in CI_COMPONENTS
-    }
+    } | {"pm-postmesh-feedback-smtp"}
+    [smtp] = [d["spec"] for d in rendered if d["kind"] == "Service" and d["metadata"]["name"].endswith("-smtp")
+              and "feedback" in d["metadata"]["name"]]
+    assert smtp["type"] == "LoadBalancer" and smtp["ports"][0]["port"] == 25
 
 
 def test_chart_refuses_to_render_without_credentials(tmp_path: Path) -> None:

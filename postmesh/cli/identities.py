@@ -243,6 +243,17 @@ def _dkim_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _feedback(args: argparse.Namespace) -> int:
+    with client_for(args) as client:
+        reply = client.identity.PutEmailIdentityFeedbackAttributes(
+            pb.PutEmailIdentityFeedbackAttributesRequest(
+                email_identity=args.identity, email_forwarding_enabled=args.state == "on"
+            )
+        )
+    emit(args, reply, f"feedback forwarding {args.state} for {args.identity}")
+    return 0
+
+
 def _mail_from(args: argparse.Namespace) -> int:
     behavior = (
         pb.BEHAVIOR_ON_MX_FAILURE_REJECT_MESSAGE
@@ -386,6 +397,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="refuse to send while the MX record is not verified",
     )
+
+    feedback = command(
+        "feedback", _feedback, "email feedback forwarding: bounce and complaint notices mailed to the sender"
+    )
+    feedback.add_argument("identity")
+    feedback.add_argument("state", choices=["on", "off"])
 
     policy = sub.add_parser("policy", help="sending authorization policies")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "postmesh.cli.events",
     "postmesh.cli.suppression",
     "postmesh.cli.smtp",
+    "postmesh.cli.inbound",
 ]
 
 

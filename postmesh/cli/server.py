@@ -81,8 +81,9 @@ def _dev_secrets(data_dir: Path) -> dict[str, str]:
             if value:
                 values[name] = value
     changed = False
-    # TRACKING_SECRET signs open and click tracking URLs (sender and feedback share it).
-    for name in ("ADMIN_API_KEY", "SERVICE_API_KEY", "TRACKING_SECRET"):
+    # TRACKING_SECRET signs open and click tracking URLs (sender and feedback share it); VERP_SECRET
+    # tags bounce addresses.
+    for name in ("ADMIN_API_KEY", "SERVICE_API_KEY", "TRACKING_SECRET", "VERP_SECRET"):
         if not values.get(name):
             values[name] = secrets.token_urlsafe(32)
             changed = True
@@ -164,6 +165,7 @@ postmesh is starting on {settings.grpc_listen} (identity, quota, sender, feedbac
   SMTP:      STARTTLS {settings.smtp_starttls_listen or "off"}, TLS {settings.smtp_tls_listen or "off"}
              certificate {settings.smtp_tls_cert_file}
   filters:   {", ".join(filters) or "none (set CLAMD_URL and/or RSPAMD_URL to scan outgoing mail)"}
+  bounces:   SMTP on {settings.inbound_smtp_listen or "(off)"} (the bounce domains' MX; see README "Feedback")
 
 In another terminal:
   . .venv/bin/activate

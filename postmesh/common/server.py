@@ -340,6 +340,15 @@ class MeshServer:
                 raise ValueError("SERVICE_API_KEY must be set when the services run in separate processes")
             # All four services share this process: a per-process secret is enough for them.
             service_key = secrets.token_urlsafe(32)
+            if not settings.values.get("VERP_SECRET"):
+                # Bounce addresses need a key too (postmesh.common.verp); one that lives only as long as
+                # the process leaves bounces arriving after a restart unmapped (kept): say so.
+                log.warning(
+                    "neither VERP_SECRET nor SERVICE_API_KEY is set: bounce addresses use a key "
+                    "that changes on every start"
+                )
+                settings = settings.with_overrides(verp_secret=secrets.token_urlsafe(32))
+                self.settings = settings
         self.service_key = service_key
         self.health = health.aio.HealthServicer()
         self.port = 0

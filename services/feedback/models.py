@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import String, UniqueConstraint
+from sqlalchemy import LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from postmesh.common.db import UTCDateTime, service_metadata
@@ -29,3 +29,31 @@ class SuppressedDestination(Base):
     message_id: Mapped[str] = mapped_column(String(128), default="")
     feedback_id: Mapped[str] = mapped_column(String(128), default="")
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class SentMessage(Base):
+    """A message postmesh sent, indexed so a report that comes back later maps to it and its account.
+    Fed from Send events; `mail` is the event's Mail (protobuf), which later events repeat."""
+
+    __tablename__ = "sent_messages"
+
+    message_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(32))
+    # The RFC 5322 Message-ID without its angle brackets, as reports quote it.
+    header_message_id: Mapped[str] = mapped_column(String(255), index=True)
+    mail: Mapped[bytes] = mapped_column(LargeBinary)
+    sent_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class KeptReport(Base):
+    """Returned mail that maps to no message, or that nothing could read: kept for an operator."""
+
+    __tablename__ = "kept_reports"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+    mail_from: Mapped[str] = mapped_column(String(320))
+    rcpt_to: Mapped[str] = mapped_column(Text)
+    format: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text)
+    raw: Mapped[bytes] = mapped_column(LargeBinary)

@@ -21,6 +21,8 @@ from services.feedback.auto_suppression import AutoSuppression, parse_reasons
 from services.feedback.destinations.sns import SnsFormat, SnsSigner
 from services.feedback.destinations.sns_http import SnsEndpoint
 from services.feedback.destinations.sns_keys import load_or_create
+from services.feedback.forwarding import FeedbackForwarder, notice_sender
+from services.feedback.inbound.wiring import Inbound, feedback_loop_address
 from services.feedback.models import Base
 from services.feedback.servicer import FeedbackServicer
 from services.feedback.suppression import SuppressionList
@@ -42,9 +44,17 @@ HOUSEKEEPING_SECONDS = 3600.0
 class FeedbackService(Service):
     name = "feedback"
     full_name = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name
-    access = {"CheckSuppressedDestinations": Access.INTERNAL}
+    access = {
+        "CheckSuppressedDestinations": Access.INTERNAL,
+        "ClassifyInboundMessage": Access.ADMIN,
+        "ListInboundReports": Access.ADMIN,
+        "GetInboundReport": Access.ADMIN,
+        "RetryInboundReport": Access.ADMIN,
+    }
     metadata = Base.metadata
     migrations_dir = Path(__file__).parent / "migrations"
+
+    inbound: Inbound | None = None
 
     def register(self, server: aio.Server) -> None:
         self.servicer = FeedbackServicer()
@@ -79,19 +89,36 @@ class FeedbackService(Service):
         )
         self.servicer.exports = ExportJobs(runtime.sessions, runtime.clock, suppression, runner)
         runtime.spawn(runner.run_forever, "suppression-jobs")
+        feedback_subjects = [
+            email_event_subject(events_pb2.EMAIL_EVENT_TYPE_BOUNCE),
+            email_event_subject(events_pb2.EMAIL_EVENT_TYPE_COMPLAINT),
+        ]
         # Every account may choose its reasons, so the consumer runs even when the default is none.
         auto = AutoSuppression(suppression, settings.reasons)
         runtime.spawn(
             lambda: consume_events(
                 runtime.jetstream,
                 durable="feedback-suppression",
-                subjects=[
-                    email_event_subject(events_pb2.EMAIL_EVENT_TYPE_BOUNCE),
-                    email_event_subject(events_pb2.EMAIL_EVENT_TYPE_COMPLAINT),
-                ],
+                subjects=feedback_subjects,
                 handle=auto.handle,
             ),
             "auto-suppression",
+        )
+        forwarder = FeedbackForwarder(
+            js=runtime.jetstream,
+            suppression=suppression,
+            clock=runtime.clock,
+            sender=notice_sender(runtime.settings),
+            own_addresses={feedback_loop_address(runtime.settings)},
+        )
+        runtime.spawn(
+            lambda: consume_events(
+                runtime.jetstream,
+                durable="feedback-forwarding",
+                subjects=feedback_subjects,
+                handle=forwarder.handle,
+            ),
+            "feedback-forwarding",
         )
         runtime.spawn(
             lambda: every(
@@ -102,7 +129,9 @@ class FeedbackService(Service):
             ),
             "housekeeping",
         )
-
+        self.inbound = Inbound(runtime)
+        self.servicer.inbound = self.inbound
+        await self.inbound.start()
         await self._start_tracking()
         await self._start_sns()
 
@@ -142,6 +171,8 @@ class FeedbackService(Service):
         await self.tracking.start()
 
     async def on_stop(self) -> None:
+        if self.inbound is not None:
+            await self.inbound.stop()
         if self.tracking is not None:
             await self.tracking.stop()
         if self.sns_endpoint is not None:

@@ -8,6 +8,7 @@ from postmesh.common.auth import account_for_internal_call, caller_account_id
 from postmesh.common.protoutil import from_timestamp, timestamp
 from postmesh.feedback.v1 import feedback_pb2 as pb
 from postmesh.feedback.v1 import feedback_pb2_grpc
+from services.feedback.inbound.servicer import InboundAdminServicer
 from services.feedback.models import SuppressedDestination
 from services.feedback.suppression import SuppressionList
 from services.feedback.suppression_io.servicer import SuppressionJobRpcs
@@ -30,7 +31,9 @@ def suppressed_message(row: SuppressedDestination) -> pb.SuppressedDestination:
     )
 
 
-class FeedbackServicer(TimelineRpcs, SuppressionJobRpcs, feedback_pb2_grpc.FeedbackServiceServicer):
+class FeedbackServicer(
+    TimelineRpcs, SuppressionJobRpcs, InboundAdminServicer, feedback_pb2_grpc.FeedbackServiceServicer
+):
     # Bound in FeedbackService.on_ready.
     suppression: SuppressionList
 

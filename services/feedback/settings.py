@@ -1,6 +1,7 @@
 """Settings of the feedback service (part of the one schema in postmesh.common.config)."""
 
 from postmesh.common.config import Setting, register
+from postmesh.common.verp import DEFAULT_BOUNCE_DOMAIN, VERP_SECRET
 
 register(
     Setting(
@@ -56,5 +57,49 @@ register(
         int,
         16 * 1024 * 1024,
         "Largest suppression list file one CreateImportJob accepts (the file travels in the request).",
+    ),
+    DEFAULT_BOUNCE_DOMAIN,
+    VERP_SECRET,
+    Setting(
+        "INBOUND_SMTP_LISTEN",
+        str,
+        "127.0.0.1:2525",
+        "host:port of the SMTP listener for bounces and complaints (the bounce domains' MX); empty: off.",
+    ),
+    Setting("INBOUND_HOSTNAME", str, "", "Name the inbound listener gives in its greeting; empty: the FQDN."),
+    Setting(
+        "FEEDBACK_LOOP_ADDRESS",
+        str,
+        "",
+        "Address enrolled with providers' complaint feedback loops; empty: fbl@DEFAULT_BOUNCE_DOMAIN.",
+    ),
+    Setting(
+        "INBOUND_MAX_MESSAGE_BYTES",
+        int,
+        10 * 1024 * 1024,
+        "Largest report the inbound listener takes; larger ones are refused with 552.",
+    ),
+    Setting("INBOUND_MAX_CONNECTIONS", int, 100, "Inbound SMTP connections at once; more are told 421."),
+    Setting(
+        "INBOUND_TLS_CERT_FILE", str, "", "PEM certificate (chain) for STARTTLS; empty: a self-signed one."
+    ),
+    Setting("INBOUND_TLS_KEY_FILE", str, "", "PEM private key of INBOUND_TLS_CERT_FILE (if not in it)."),
+    Setting(
+        "FEEDBACK_NOTICE_FROM",
+        str,
+        "",
+        "From address of forwarded bounce and complaint notices; empty: MAILER-DAEMON@ the system identity.",
+    ),
+    Setting(
+        "SENT_MESSAGE_INDEX_DAYS",
+        float,
+        30.0,
+        "How long the feedback service remembers a sent message, to map reports about it.",
+    ),
+    Setting(
+        "KEPT_REPORT_DAYS",
+        float,
+        30.0,
+        "How long returned mail that mapped to nothing is kept for operators.",
     ),
 )

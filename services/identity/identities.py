@@ -76,6 +76,7 @@ class IdentityConfig:
     mail_from_mx_host: str = "feedback-smtp.postmesh.test"
     mail_from_spf: str = "v=spf1 include:spf.postmesh.test ~all"
     system_address: str = "no-reply@postmesh.test"
+    feedback_forwarding_default: bool = True
 
     @classmethod
     def from_settings(cls, settings: Any) -> IdentityConfig:
@@ -85,6 +86,7 @@ class IdentityConfig:
             mail_from_mx_host=settings.mail_from_mx_host.rstrip(".").lower(),
             mail_from_spf=settings.mail_from_spf,
             system_address=settings.verification_mail_from,
+            feedback_forwarding_default=settings.feedback_forwarding_default,
         )
 
 
@@ -120,6 +122,7 @@ class IdentityView:
     verified_for_sending: bool
     token_expires_at: dt.datetime | None
     records: list[Record] = field(default_factory=list)
+    feedback_forwarding: bool = True
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class SenderAuthorization:
     identity: str
     owner_account_id: str
     mail_from_domain: str
+    feedback_forwarding: bool = False
 
 
 @dataclass(frozen=True)
@@ -289,6 +293,7 @@ class IdentityStore:
             verified = status == SUCCESS
         view = IdentityView(row, keys, policy_map, status, verified, expires_at)
         view.records = self.records(row, keys)
+        view.feedback_forwarding = self.feedback_forwarding(row)
         return view
 
     def records(self, row: EmailIdentity, keys: Sequence[DkimKey]) -> list[Record]:
@@ -769,6 +774,42 @@ class IdentityStore:
         )
         return view
 
+    async def mail_from_domain_in_use(self, domain: str) -> bool:
+        """Whether a verified domain identity (of any account) has `domain` as its custom MAIL FROM
+        domain. Its status does not matter: bounces of mail sent while it was verified come later."""
+        key = normalize_domain(domain, field="domain")
+        async with self._sessions() as session:
+            found = await session.scalar(
+                select(EmailIdentity.identity_id)
+                .where(
+                    EmailIdentity.mail_from_domain == key,
+                    EmailIdentity.identity_type == DOMAIN,
+                    EmailIdentity.verification_status == SUCCESS,
+                )
+                .limit(1)
+            )
+        return found is not None
+
+    # --- email feedback forwarding
+
+    def feedback_forwarding(self, row: EmailIdentity) -> bool:
+        if row.feedback_forwarding is None:
+            return self.config.feedback_forwarding_default
+        return bool(row.feedback_forwarding)
+
+    async def put_feedback_forwarding(self, account_id: str, name: str, enabled: bool) -> None:
+        async with transaction(self._sessions) as session:
+            row = await self._owned(session, account_id, name)
+            row.feedback_forwarding = enabled
+            await session.flush()
+            view = await self._view(session, row)
+        await self._announce(
+            account_id,
+            view.identity.identity,
+            Change.IDENTITY_CHANGE_TYPE_FEEDBACK_CHANGED,
+            view.verified_for_sending,
+        )
+
     # --- sending authorization policies
 
     async def put_policy(self, account_id: str, name: str, policy_name: str, policy: str) -> None:
@@ -901,7 +942,10 @@ class IdentityStore:
                     raise rejected
                 chosen = covering[0]
                 return SenderAuthorization(
-                    chosen.identity, account_id, await self._mail_from(session, account_id, address)
+                    chosen.identity,
+                    account_id,
+                    await self._mail_from(session, account_id, address),
+                    self.feedback_forwarding(chosen),
                 )
             owner_hint, name = "", from_identity.strip()
             arn = _ARN.match(name)
@@ -931,7 +975,10 @@ class IdentityStore:
                     if not policies.authorizes(list(texts), account_id):
                         continue
                 return SenderAuthorization(
-                    chosen.identity, owner, await self._mail_from(session, owner, address)
+                    chosen.identity,
+                    owner,
+                    await self._mail_from(session, owner, address),
+                    self.feedback_forwarding(chosen),
                 )
         raise rejected
 

@@ -74,6 +74,8 @@ class EmailIdentity(Base):
     mail_from_behavior: Mapped[str] = mapped_column(String(24), default="USE_DEFAULT_VALUE")
     # Whether the last check found the SPF record postmesh asks for at the MAIL FROM domain.
     mail_from_spf_found: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Email feedback forwarding; None: FEEDBACK_FORWARDING_DEFAULT (on, as SES has it).
+    feedback_forwarding: Mapped[bool | None] = mapped_column(Boolean, nullable=True, default=None)
     # Addresses: when the last verification message was queued (resend rate limit).
     last_email_sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 

@@ -34,6 +34,7 @@ class IdentityService(Service):
         "AuthorizeSender": Access.INTERNAL,
         "CheckVerifiedRecipients": Access.INTERNAL,
         "GetSigningConfig": Access.INTERNAL,
+        "CheckMailFromDomain": Access.INTERNAL,
         # The token in the request is the credential: the person clicking has no API key.
         "ConfirmEmailIdentity": Access.PUBLIC,
         "RewrapDkimKeys": Access.ADMIN,

@@ -128,6 +128,7 @@ def identity_message(view: IdentityView) -> pb.GetEmailIdentityResponse:
         email_identity=row.identity,
         dns_records=_records(view.records),
         create_time=timestamp(row.created_at),
+        feedback_forwarding_status=view.feedback_forwarding,
     )
 
 
@@ -254,6 +255,21 @@ class IdentitiesServicer:
             dns_records=_records([r for r in view.records if r.purpose == "mail-from"]),
         )
 
+    async def PutEmailIdentityFeedbackAttributes(
+        self, request: pb.PutEmailIdentityFeedbackAttributesRequest, context: aio.ServicerContext
+    ) -> pb.PutEmailIdentityFeedbackAttributesResponse:
+        await self.identities.put_feedback_forwarding(
+            caller_account_id(), request.email_identity, request.email_forwarding_enabled
+        )
+        return pb.PutEmailIdentityFeedbackAttributesResponse()
+
+    async def CheckMailFromDomain(
+        self, request: pb.CheckMailFromDomainRequest, context: aio.ServicerContext
+    ) -> pb.CheckMailFromDomainResponse:
+        return pb.CheckMailFromDomainResponse(
+            in_use=await self.identities.mail_from_domain_in_use(request.domain)
+        )
+
     async def PutEmailIdentityPolicy(
         self, request: pb.PutEmailIdentityPolicyRequest, context: aio.ServicerContext
     ) -> pb.PutEmailIdentityPolicyResponse:
@@ -302,6 +318,7 @@ class IdentitiesServicer:
             identity=result.identity,
             identity_owner_account_id=result.owner_account_id,
             mail_from_domain=result.mail_from_domain,
+            feedback_forwarding_enabled=result.feedback_forwarding,
         )
 
     async def CheckVerifiedRecipients(

@@ -80,6 +80,12 @@ register(
         "The host custom MAIL FROM domains must point their MX record at (where bounces arrive).",
     ),
     Setting(
+        "FEEDBACK_FORWARDING_DEFAULT",
+        bool,
+        True,
+        "Email feedback forwarding of identities that never set it (SES: on): notices go to the sender.",
+    ),
+    Setting(
         "MAIL_FROM_SPF",
         str,
         "v=spf1 include:spf.postmesh.test ~all",

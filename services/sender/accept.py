@@ -39,6 +39,7 @@ from postmesh.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from postmesh.common.mailheaders import top_headers
 from postmesh.common.outbound import enqueue
 from postmesh.common.protoutil import timestamp
 from postmesh.common.sendquota import Reservation
@@ -84,6 +85,8 @@ class Authorization:
     identity: str
     owner_account_id: str
     mail_from_domain: str
+    # The identity's email feedback forwarding: notices go to the sender when the send names no address.
+    feedback_forwarding: bool = False
 
 
 class Checks(Protocol):
@@ -191,6 +194,11 @@ class Outgoing:
     feedback_identity: str = ""
     # Extra addresses the account must be allowed to send as (a raw message's header From).
     also_from: list[Mailbox] = field(default_factory=list)
+
+    @functools.cached_property
+    def headers(self) -> tuple[list[events_pb2.Header], bool]:
+        """The top-level headers events carry (Mail.headers) and whether they were cut short."""
+        return top_headers(self.mime)
 
     @property
     def recipients(self) -> list[str]:
@@ -622,8 +630,10 @@ class Acceptor:
             configuration_set_name=message.configuration_set,
             tags=[events_pb2.EmailTag(name=n, value=v) for n, v in message.tags],
             accepted_time=timestamp(self._clock.now()),
-            feedback_forwarding_address=message.feedback.address if message.feedback else "",
+            feedback_forwarding_address=_forward_to(message, authorization),
             subject=message.subject,
+            headers=message.headers[0],
+            headers_truncated=message.headers[1],
         )
         if not self._queue_connected():
             # Known before anything is sent: the outage is answered at once, and nothing was queued.
@@ -683,6 +693,10 @@ class Acceptor:
             message.subject,
             authorization.identity,
         )
+        headers, truncated = message.headers
+        mail.headers.extend(headers)
+        mail.headers_truncated = truncated
+        mail.feedback_forwarding_address = _forward_to(message, authorization)
         send = events_pb2.EmailEvent(
             event_type=events_pb2.EMAIL_EVENT_TYPE_SEND,
             mail=mail,
@@ -928,6 +942,14 @@ def _feedback(envelope: Envelope) -> Mailbox | None:
     if not envelope.feedback_address:
         return None
     return parse_mailbox(envelope.feedback_address, field="feedback_forwarding_email_address")
+
+
+def _forward_to(message: Outgoing, authorization: Authorization) -> str:
+    """Where bounce and complaint notices about the message go (SES): the send's
+    FeedbackForwardingEmailAddress, else the sender when its identity forwards feedback, else nowhere."""
+    if message.feedback is not None:
+        return message.feedback.address
+    return message.sender.address if authorization.feedback_forwarding else ""
 
 
 def _check_configuration_set(name: str) -> None:

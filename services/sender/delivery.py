@@ -41,13 +41,14 @@ from nats.js.kv import KeyValue
 from opentelemetry.trace import SpanKind
 
 from postmesh.common import tracing
+from postmesh.common.bounces import classify
 from postmesh.common.bus import EventPublisher, fetch_batch, new_event
 from postmesh.common.metrics import DELIVERY_OUTCOMES, DELIVERY_RETRIES, DKIM_SIGNING_FAILURES
 from postmesh.common.outbound import enqueue, first_copy, forget_mime, load_mime, queued_ledger
 from postmesh.common.protoutil import from_timestamp, timestamp
 from postmesh.common.service import Clock
 from postmesh.common.streams import OUTBOUND, OUTBOUND_SUBJECT_PREFIX
-from postmesh.common.verp import bounce_address
+from postmesh.common.verp import VerpKey, bounce_address
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.sender.v1 import queue_pb2
 from services.sender.backoff import RetryPolicy
@@ -64,17 +65,6 @@ DURABLE = "sender-delivery"
 # Queued copies whose SMTP outcome is known but whose ack is not confirmed, remembered per worker.
 _ATTEMPTED_MEMORY = 100_000
 
-_BOUNCE_SUB_TYPES = {
-    "5.1.1": ev.BOUNCE_SUB_TYPE_NO_EMAIL,
-    "5.2.2": ev.BOUNCE_SUB_TYPE_MAILBOX_FULL,
-    "5.2.3": ev.BOUNCE_SUB_TYPE_MESSAGE_TOO_LARGE,
-    "5.3.4": ev.BOUNCE_SUB_TYPE_MESSAGE_TOO_LARGE,
-}
-
-
-def bounce_sub_type(status: str) -> ev.BounceSubType.ValueType:
-    return _BOUNCE_SUB_TYPES.get(status, ev.BOUNCE_SUB_TYPE_GENERAL)
-
 
 def mail_object(queued: queue_pb2.QueuedMessage) -> ev.Mail:
     """SES's "mail" object of a queued message's events."""
@@ -87,6 +77,9 @@ def mail_object(queued: queue_pb2.QueuedMessage) -> ev.Mail:
         configuration_set_name=queued.configuration_set_name,
         subject=queued.subject,
         source_identity=queued.from_identity,
+        headers=list(queued.headers),
+        headers_truncated=queued.headers_truncated,
+        feedback_forwarding_address=queued.feedback_forwarding_address,
     )
     if queued.HasField("accepted_time"):
         mail.timestamp.CopyFrom(queued.accepted_time)
@@ -119,6 +112,7 @@ class DeliveryConfig:
     bounce_domain: str
     reporting_mta: str
     policy: RetryPolicy
+    verp_key: VerpKey
     ack_wait_seconds: float = 60.0
     fetch_batch: int = 64
     shutdown_grace_seconds: float = 10.0
@@ -505,7 +499,10 @@ class DeliveryWorker:
                 message_id=queued.message_id,
                 # VERP names the recipient when the transaction has one (see postmesh.common.verp).
                 mail_from=bounce_address(
-                    queued.message_id, group[0] if len(group) == 1 else None, bounce_domain
+                    queued.message_id,
+                    group[0] if len(group) == 1 else None,
+                    bounce_domain,
+                    self.config.verp_key,
                 ),
                 recipients=tuple(group),
                 domain=domain or _domain(group[0]),
@@ -633,10 +630,16 @@ class DeliveryWorker:
         bounce_type: ev.BounceType.ValueType,
         now: dt.datetime,
     ) -> None:
-        permanent = bounce_type == ev.BOUNCE_TYPE_PERMANENT
+        sub_type = ev.BOUNCE_SUB_TYPE_GENERAL
+        if bounce_type == ev.BOUNCE_TYPE_PERMANENT:
+            # A 5xx reply is final, but SES files some (full mailbox, too large...) as Transient.
+            classified = classify(outcome.status, outcome.response)
+            bounce_type, sub_type = classified.bounce_type, classified.bounce_sub_type
+            if bounce_type == ev.BOUNCE_TYPE_UNDETERMINED:
+                bounce_type, sub_type = ev.BOUNCE_TYPE_PERMANENT, ev.BOUNCE_SUB_TYPE_GENERAL
         bounce = ev.Bounce(
             bounce_type=bounce_type,
-            bounce_sub_type=bounce_sub_type(outcome.status) if permanent else ev.BOUNCE_SUB_TYPE_GENERAL,
+            bounce_sub_type=sub_type,
             bounced_recipients=[
                 ev.BouncedRecipient(
                     email_address=recipient,

@@ -1,11 +1,13 @@
 """Settings of the sender's delivery workers (part of the one schema in postmesh.common.config)."""
 
 from postmesh.common.config import Setting, register
+from postmesh.common.verp import DEFAULT_BOUNCE_DOMAIN, VERP_SECRET
 
 DELIVERY_MODES = ("mx", "smarthost", "sink")
 SMARTHOST_TLS_MODES = ("none", "opportunistic", "starttls", "tls")
 
 register(
+    VERP_SECRET,
     Setting(
         "DELIVERY_WORKERS",
         int,
@@ -25,12 +27,7 @@ register(
         60.0,
         "A message whose worker stops reporting progress this long is redelivered to another worker.",
     ),
-    Setting(
-        "DEFAULT_BOUNCE_DOMAIN",
-        str,
-        "bounces.localhost",
-        "Domain of the VERP envelope sender when the account has no custom MAIL FROM domain.",
-    ),
+    DEFAULT_BOUNCE_DOMAIN,
     Setting(
         "RETRY_BASE_MINUTES", float, 5.0, "Wait before the second delivery attempt; doubles per attempt."
     ),

@@ -17,6 +17,7 @@ from postmesh.common.config import Settings
 from postmesh.common.service import Runtime
 from postmesh.common.streams import IDENTITY_CHANGED_SUBJECT
 from postmesh.common.tracking import TokenSigner, TrackedMail
+from postmesh.common.verp import VerpKey
 from postmesh.events.v1 import events_pb2
 from postmesh.identity.v1 import identity_pb2
 from services.sender.backoff import RetryPolicy
@@ -144,6 +145,7 @@ class Delivery:
                 bounce_domain=settings.default_bounce_domain,
                 reporting_mta=reporting_mta(settings),
                 policy=RetryPolicy.from_settings(settings),
+                verp_key=VerpKey.from_settings(settings),
                 ack_wait_seconds=settings.delivery_ack_wait_seconds,
                 shutdown_grace_seconds=settings.shutdown_grace_seconds,
                 scan_policy=RetryPolicy(

@@ -40,7 +40,6 @@ TIMEOUT = 10.0
 # How long an identity answer is trusted when no IdentityChanged event arrives (one may be missed
 # while NATS reconnects).
 CACHE_SECONDS = 30.0
-_CACHE_LIMIT = 100_000
 # Addresses per coalesced check (the services accept up to 1,000).
 _BATCH_ADDRESSES = 500
 
@@ -159,7 +158,12 @@ class MeshChecks:
                 ),
                 timeout=TIMEOUT,
             )
-        authorization = Authorization(reply.identity, reply.identity_owner_account_id, reply.mail_from_domain)
+        authorization = Authorization(
+            reply.identity,
+            reply.identity_owner_account_id,
+            reply.mail_from_domain,
+            reply.feedback_forwarding_enabled,
+        )
         self._authorized.put(key, authorization)
         return authorization
 
