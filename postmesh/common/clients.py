@@ -70,6 +70,11 @@ class MeshClients:
         self._service_key = service_key
         self._channels: dict[str, aio.Channel] = {}
 
+    @property
+    def endpoints(self) -> dict[str, str]:
+        """host:port of each service (the same port for all in the all-in-one shape)."""
+        return dict(self._endpoints)
+
     def channel(self, service: str) -> aio.Channel:
         if service not in self._channels:
             self._channels[service] = aio.insecure_channel(

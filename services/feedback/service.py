@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 from grpc import aio
 
 import services.feedback.settings  # noqa: F401 - registers the service's settings
 from postmesh.common.auth import Access
-from postmesh.common.bus import consume_events
+from postmesh.common.bus import consume_events, new_event
 from postmesh.common.service import Service
-from postmesh.common.streams import email_event_subject
+from postmesh.common.streams import EMAIL_EVENTS_SUBJECT, email_event_subject
 from postmesh.events.v1 import events_pb2
 from postmesh.feedback.v1 import feedback_pb2, feedback_pb2_grpc
 from services.feedback.auto_suppression import AutoSuppression, parse_reasons
+from services.feedback.configsets import ConfigurationSets
+from services.feedback.destinations.routing import EventRouter
+from services.feedback.destinations.signing import SecretBox
+from services.feedback.destinations.subscriptions import Subscriptions
+from services.feedback.destinations.webhooks import WebhookDispatcher, WebhookOutbox
 from services.feedback.models import Base
 from services.feedback.servicer import FeedbackServicer
 from services.feedback.suppression import SuppressionList
@@ -22,7 +28,11 @@ from services.feedback.suppression import SuppressionList
 class FeedbackService(Service):
     name = "feedback"
     full_name = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name
-    access = {"CheckSuppressedDestinations": Access.INTERNAL}
+    access = {
+        "CheckSuppressedDestinations": Access.INTERNAL,
+        "ListDeadLetters": Access.ADMIN,
+        "ReplayDeadLetters": Access.ADMIN,
+    }
     metadata = Base.metadata
     migrations_dir = Path(__file__).parent / "migrations"
 
@@ -34,6 +44,7 @@ class FeedbackService(Service):
         runtime = self.runtime
         suppression = SuppressionList(runtime.sessions, runtime.clock)
         self.servicer.suppression = suppression
+        self._start_destinations()
         reasons = parse_reasons(runtime.settings.suppression_reasons)
         if reasons:
             auto = AutoSuppression(suppression, reasons)
@@ -49,6 +60,72 @@ class FeedbackService(Service):
                 ),
                 "auto-suppression",
             )
+
+    def _start_destinations(self) -> None:
+        runtime = self.runtime
+        settings = runtime.settings
+        servicer = self.servicer
+
+        async def changed(account_id: str, name: str) -> None:
+            await runtime.events.publish(
+                new_event(
+                    account_id,
+                    configuration_set_changed=events_pb2.ConfigurationSetChanged(configuration_set_name=name),
+                )
+            )
+
+        sets = ConfigurationSets(
+            runtime.sessions,
+            runtime.clock,
+            changed=changed,
+            max_destinations=settings.event_destinations_per_set,
+        )
+        box = SecretBox.from_setting(settings.webhook_secrets_key, Path(settings.data_dir))
+        outbox = WebhookOutbox(
+            runtime.sessions,
+            runtime.clock,
+            retry_period=dt.timedelta(hours=settings.webhook_retry_hours),
+            backoff=settings.webhook_backoff_seconds,
+            backoff_max=settings.webhook_backoff_max_seconds,
+        )
+        dispatcher = WebhookDispatcher(
+            outbox,
+            box,
+            timeout=settings.webhook_timeout_seconds,
+            poll_seconds=settings.webhook_poll_seconds,
+            allow_private=settings.webhook_allow_private_targets,
+        )
+        servicer.configuration_sets = sets
+        servicer.secret_box = box
+        servicer.outbox = outbox
+        servicer.subscriptions = Subscriptions(
+            runtime.jetstream,
+            max_unacked=settings.event_subscription_max_unacked,
+            ack_wait=settings.event_subscription_ack_wait_seconds,
+        )
+        servicer.webhook_formats = dispatcher.formats
+        servicer.allow_private_targets = settings.webhook_allow_private_targets
+        servicer.own_endpoints = sorted(set(runtime.clients.endpoints.values()))
+        servicer.nats_prefix = settings.user_nats_subject_prefix
+        assert runtime.nats is not None
+        router = EventRouter(
+            js=runtime.jetstream,
+            nats=runtime.nats,
+            sets=sets,
+            outbox=outbox,
+            subject_prefix=settings.user_nats_subject_prefix,
+            queued=dispatcher.wake,
+        )
+        runtime.spawn(
+            lambda: consume_events(
+                runtime.jetstream,
+                durable="feedback-destinations",
+                subjects=[EMAIL_EVENTS_SUBJECT],
+                handle=router.handle,
+            ),
+            "event-routing",
+        )
+        runtime.spawn(dispatcher.run, "webhook-dispatcher")
 
 
 SERVICE = FeedbackService

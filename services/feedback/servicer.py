@@ -9,6 +9,7 @@ from postmesh.common.protoutil import from_timestamp, timestamp
 from postmesh.feedback.v1 import feedback_pb2 as pb
 from postmesh.feedback.v1 import feedback_pb2_grpc
 from services.feedback.models import SuppressedDestination
+from services.feedback.servicer_configsets import ConfigurationSetsServicer
 from services.feedback.suppression import SuppressionList
 
 _REASON_PREFIX = "SUPPRESSION_LIST_REASON_"
@@ -28,7 +29,7 @@ def suppressed_message(row: SuppressedDestination) -> pb.SuppressedDestination:
     )
 
 
-class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
+class FeedbackServicer(ConfigurationSetsServicer, feedback_pb2_grpc.FeedbackServiceServicer):
     # Bound in FeedbackService.on_ready.
     suppression: SuppressionList
 

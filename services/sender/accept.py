@@ -81,6 +81,22 @@ class Authorization:
     mail_from_domain: str
 
 
+ALL_SUPPRESSION_REASONS = ("BOUNCE", "COMPLAINT")
+
+
+@dataclass(frozen=True)
+class SetOptions:
+    """What the accept path needs of a configuration set (the feedback service owns it)."""
+
+    sending_enabled: bool = True
+    tls_policy: queue_pb2.TlsPolicy.ValueType = queue_pb2.TLS_POLICY_OPTIONAL
+    # The suppression reasons that apply to the set's messages (SES: the set's own, or the account's).
+    suppressed_reasons: tuple[str, ...] = ALL_SUPPRESSION_REASONS
+
+
+NO_SET = SetOptions()
+
+
 class Checks(Protocol):
     async def reserve(self, account_id: str, messages: int) -> Reservation: ...
 
@@ -90,7 +106,13 @@ class Checks(Protocol):
 
     async def unverified_recipients(self, account_id: str, addresses: list[str]) -> list[str]: ...
 
-    async def suppressed(self, account_id: str, addresses: list[str]) -> list[str]: ...
+    async def suppressed(
+        self, account_id: str, addresses: list[str], reasons: Sequence[str] = ALL_SUPPRESSION_REASONS
+    ) -> list[str]: ...
+
+    async def configuration_set(self, account_id: str, name: str) -> SetOptions:
+        """The set's options; NotFound ("Configuration set <name> does not exist.") when there is none."""
+        ...
 
 
 # --- Requests, as the servicer decodes them.
@@ -440,13 +462,14 @@ class Acceptor:
         self, account_id: str, message: Outgoing, authorization: Authorization | None = None
     ) -> None:
         recipients = message.recipients
+        options = await self._configuration_set_options(account_id, message.configuration_set)
         reservation = await self._reserve_quota(account_id, len(recipients))
         try:
             # The checks only read, so they run together; the first refusal in this order wins.
             checked = await asyncio.gather(
                 self._check_sender(account_id, message) if authorization is None else _done(authorization),
                 self._check_sandbox(account_id, recipients, reservation),
-                self._check_suppression(account_id, recipients),
+                self._check_suppression(account_id, recipients, options.suppressed_reasons),
                 return_exceptions=True,
             )
             for outcome in checked:
@@ -456,13 +479,23 @@ class Acceptor:
             assert authorization is not None and isinstance(suppressed, dict)
             deliverable = [r for r in recipients if address_key(r) not in suppressed]
             if deliverable:
-                await self._queue(account_id, message, authorization, deliverable)
+                await self._queue(account_id, message, authorization, deliverable, options.tls_policy)
         except BaseException:
             await self._release(reservation, reservation.messages)
             raise
         if suppressed:
             await self._release(reservation, len(suppressed))
         await self._publish_accepted(account_id, message, authorization, sorted(suppressed.values()))
+
+    async def _configuration_set_options(self, account_id: str, name: str) -> SetOptions:
+        if not name:
+            return NO_SET
+        options = await self._checks.configuration_set(account_id, name)
+        if not options.sending_enabled:
+            raise FailedPrecondition(
+                "Sending is paused for this configuration set.", reason="MESSAGE_REJECTED"
+            )
+        return options
 
     async def _reserve_quota(self, account_id: str, recipients: int) -> Reservation:
         return await self._checks.reserve(account_id, recipients)
@@ -497,14 +530,23 @@ class Acceptor:
                 reason="MESSAGE_REJECTED",
             )
 
-    async def _check_suppression(self, account_id: str, recipients: list[str]) -> dict[str, str]:
-        """The suppressed recipients, by address key."""
-        suppressed = await self._checks.suppressed(account_id, recipients)
+    async def _check_suppression(
+        self, account_id: str, recipients: list[str], reasons: Sequence[str]
+    ) -> dict[str, str]:
+        """The suppressed recipients, by address key (for the reasons that apply to the message)."""
+        if not reasons:
+            return {}
+        suppressed = await self._checks.suppressed(account_id, recipients, reasons)
         keys = {address_key(a) for a in suppressed}
         return {address_key(r): r for r in recipients if address_key(r) in keys}
 
     async def _queue(
-        self, account_id: str, message: Outgoing, authorization: Authorization, recipients: list[str]
+        self,
+        account_id: str,
+        message: Outgoing,
+        authorization: Authorization,
+        recipients: list[str],
+        tls_policy: queue_pb2.TlsPolicy.ValueType,
     ) -> None:
         queued = queue_pb2.QueuedMessage(
             message_id=message.message_id,
@@ -520,6 +562,7 @@ class Acceptor:
             accepted_time=timestamp(self._clock.now()),
             feedback_forwarding_address=message.feedback.address if message.feedback else "",
             subject=message.subject,
+            tls_policy=tls_policy,
         )
         try:
             await enqueue(self._js, queued)

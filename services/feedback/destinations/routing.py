@@ -1,0 +1,72 @@
+"""Every email event, routed: to the account's own event stream (SubscribeEvents), and to the enabled
+destinations of its configuration set that match its type (webhook outbox rows, NATS subjects).
+
+Events reach here at least once (a durable JetStream consumer); each step is idempotent: the account
+stream de-duplicates by event id, the outbox keeps one row per destination and event. A NATS subject
+destination is plain NATS (at most once for its subscribers, as core NATS is).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from postmesh.common.streams import account_events_subject
+from postmesh.events.v1 import events_pb2 as ev
+from services.feedback.configsets import NATS as NATS_KIND
+from services.feedback.configsets import WEBHOOK, ConfigurationSets
+from services.feedback.destinations import sesjson
+from services.feedback.destinations.targets import full_subject
+from services.feedback.destinations.webhooks import WebhookOutbox
+
+
+class EventRouter:
+    def __init__(
+        self,
+        *,
+        js: JetStreamContext,
+        nats: NATS,
+        sets: ConfigurationSets,
+        outbox: WebhookOutbox,
+        subject_prefix: str,
+        queued: Callable[[], None],
+    ) -> None:
+        self._js = js
+        self._nats = nats
+        self._sets = sets
+        self._outbox = outbox
+        self._prefix = subject_prefix
+        self._queued = queued
+
+    async def handle(self, event: ev.Event) -> None:
+        if event.WhichOneof("payload") != "email" or not event.account_id:
+            return
+        email = event.email
+        await self._js.publish(
+            account_events_subject(event.account_id, email.event_type),
+            event.SerializeToString(),
+            headers={"Nats-Msg-Id": event.event_id},
+        )
+        set_name = email.mail.configuration_set_name
+        if not set_name:
+            return
+        type_name = sesjson.API_NAMES.get(email.event_type, "")
+        for destination in await self._sets.routes(event.account_id, set_name):
+            if type_name not in destination.event_types.split(","):
+                continue
+            if destination.kind == WEBHOOK:
+                await self._outbox.enqueue(destination, event)
+                self._queued()
+            elif destination.kind == NATS_KIND:
+                payload = (
+                    event.SerializeToString()
+                    if destination.format == "PROTOBUF"
+                    else sesjson.event_json(event).encode()
+                )
+                await self._nats.publish(
+                    full_subject(self._prefix, event.account_id, destination.target),
+                    payload,
+                    headers={"Nats-Msg-Id": event.event_id},
+                )
