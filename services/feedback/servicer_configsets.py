@@ -325,7 +325,10 @@ class ConfigurationSetsServicer:
             async for request in request_iterator:
                 yield list(request.ack_event_ids)
 
-        async for event in self.subscriptions.follow(account_id, opening, acks()):
+        subscription = await self.subscriptions.open(account_id, opening)
+        # Headers go out once the subscription exists: from then on nothing published is missed.
+        await context.send_initial_metadata((("x-postmesh-subscription", opening.name),))
+        async for event in self.subscriptions.follow(account_id, subscription, acks()):
             yield cs.SubscribeEventsResponse(event=event, ses_json=sesjson.event_json(event))
 
     async def DeleteEventSubscription(

@@ -107,7 +107,7 @@ def common_headers(mail: ev.Mail) -> dict[str, Any]:
     return common
 
 
-def _mail(mail: ev.Mail, *, with_tags: bool = True) -> dict[str, Any]:
+def _mail(mail: ev.Mail, *, with_tags: bool = True, common: bool = True) -> dict[str, Any]:
     result: dict[str, Any] = {
         "timestamp": timestamp_text(mail.timestamp),
         "source": mail.source,
@@ -122,7 +122,8 @@ def _mail(mail: ev.Mail, *, with_tags: bool = True) -> dict[str, Any]:
     }
     if mail.headers:
         result["headers"] = [{"name": h.name, "value": h.value} for h in mail.headers]
-    result["commonHeaders"] = common_headers(mail)
+    if common or mail.headers:
+        result["commonHeaders"] = common_headers(mail)
     if with_tags:
         result["tags"] = tags(mail)
     return result
@@ -201,7 +202,10 @@ def event_record(event: ev.Event) -> dict[str, Any]:
     """The event publishing record of an email event (what a configuration set destination gets)."""
     email = event.email
     kind = email.event_type
-    record: dict[str, Any] = {"eventType": EVENT_TYPE_NAMES[kind], "mail": _mail(email.mail)}
+    # As in AWS's records: no commonHeaders for a message never built or not yet handed over,
+    # unless the event carries the headers.
+    common = kind not in (ev.EMAIL_EVENT_TYPE_RENDERING_FAILURE, ev.EMAIL_EVENT_TYPE_DELIVERY_DELAY)
+    record: dict[str, Any] = {"eventType": EVENT_TYPE_NAMES[kind], "mail": _mail(email.mail, common=common)}
     if kind == ev.EMAIL_EVENT_TYPE_SEND:
         record["send"] = {}
     elif kind == ev.EMAIL_EVENT_TYPE_REJECT:

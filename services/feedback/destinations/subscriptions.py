@@ -47,10 +47,8 @@ class Subscriptions:
         self._ack_wait = ack_wait
         self._inactive = inactive_days * 86400
 
-    async def follow(
-        self, account_id: str, opening: Opening, acks: AsyncIterator[Sequence[str]]
-    ) -> AsyncIterator[ev.Event]:
-        """The account's events, as they come; `acks` yields the event ids the client processed."""
+    async def open(self, account_id: str, opening: Opening) -> JetStreamContext.PullSubscription:
+        """Creates (or resumes) the durable consumer; events published from now on are kept for it."""
         check_name(opening.name, "subscription_name")
         subjects = (
             [account_events_subject(account_id, t) for t in opening.event_types]  # type: ignore[arg-type]
@@ -68,7 +66,16 @@ class Subscriptions:
             inactive_threshold=self._inactive,
         )
         await self._js.add_consumer(ACCOUNT_EVENTS.name, config)
-        subscription = await self._js.pull_subscribe_bind(durable=durable, stream=ACCOUNT_EVENTS.name)
+        return await self._js.pull_subscribe_bind(durable=durable, stream=ACCOUNT_EVENTS.name)
+
+    async def follow(
+        self,
+        account_id: str,
+        subscription: JetStreamContext.PullSubscription,
+        acks: AsyncIterator[Sequence[str]],
+    ) -> AsyncIterator[ev.Event]:
+        """The account's events, as they come; `acks` yields the event ids the client processed.
+        What the client had not acknowledged when it leaves is sent again at once on its return."""
         pending: dict[str, Msg] = {}
         room = asyncio.Event()
         room.set()
@@ -92,8 +99,9 @@ class Subscriptions:
                     room.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(room.wait(), self._ack_wait)
-                    # JetStream sends again what waited too long: forget our copies of them.
-                    pending.clear()
+                    if len(pending) >= self._max_unacked:
+                        # JetStream sends again what waited too long: forget our copies of them.
+                        pending.clear()
                     continue
                 for message in await fetch_batch(subscription, min(64, free), 1.0):
                     try:
@@ -110,6 +118,9 @@ class Subscriptions:
             acking.cancel()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await acking
+            for message in pending.values():
+                with contextlib.suppress(Exception):
+                    await message.nak()
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
 

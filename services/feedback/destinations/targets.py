@@ -26,13 +26,26 @@ def _bad(message: str) -> InvalidArgument:
 
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 def check_address(address: IpAddress, *, allow_private: bool) -> None:
     """Refuses an address a webhook may never reach (raises InvalidArgument)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if address.is_link_local or address.is_multicast or address.is_unspecified or address.is_reserved:
+    if isinstance(address, ipaddress.IPv6Address):
+        # IPv4 inside IPv6 (mapped, 6to4, NAT64) reaches the IPv4 address: judge that one.
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            check_address(embedded, allow_private=allow_private)
+    if (
+        address in _THIS_NETWORK
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_unspecified
+        or address.is_reserved
+    ):
         raise _bad(f"A webhook may not point at {address}: link-local, metadata or reserved address.")
     if (address.is_loopback or address.is_private) and not allow_private:
         raise _bad(

@@ -1,0 +1,271 @@
+"""The pieces of event destinations without a mesh: SES's JSON against AWS's own example records,
+the webhook signature, the retry schedule, and which webhook URLs are refused (property-based)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from postmesh.common.errors import InvalidArgument
+from postmesh.events.v1 import events_pb2 as ev
+from services.feedback.destinations import sesjson
+from services.feedback.destinations.signing import SecretBox, new_secret, signature_header, verify
+from services.feedback.destinations.targets import check_subject, check_webhook_url
+from services.feedback.destinations.webhooks import retry_delay
+
+EXAMPLES = Path("/work/shared/ses-event-examples")
+needs_examples = pytest.mark.skipif(not EXAMPLES.is_dir(), reason="AWS example records not on this machine")
+AUTO_TAGS = {
+    "ses:configuration-set",
+    "ses:from-domain",
+    "ses:caller-identity",
+    "ses:source-ip",
+    "ses:outgoing-ip",
+}
+
+
+def _time(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+
+
+def _ts(text: str) -> Any:
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    stamp = Timestamp()
+    stamp.FromDatetime(_time(text))
+    return stamp
+
+
+def _mail(record: dict[str, Any]) -> ev.Mail:
+    mail = record["mail"]
+    tags = mail.get("tags", {})
+    message = ev.Mail(
+        timestamp=_ts(mail["timestamp"]),
+        message_id=mail["messageId"],
+        source=mail["source"],
+        sending_account_id=mail["sendingAccountId"],
+        destination=mail["destination"],
+        headers=[ev.Header(name=h["name"], value=h["value"]) for h in mail.get("headers", [])],
+        tags=[
+            ev.EmailTag(name=k, value=v) for k, values in tags.items() if k not in AUTO_TAGS for v in values
+        ],
+        configuration_set_name=tags.get("ses:configuration-set", [""])[0],
+        subject=mail.get("commonHeaders", {}).get("subject", ""),
+        source_identity=mail["sourceArn"].rpartition("/")[2],
+    )
+    return message
+
+
+def _event(record: dict[str, Any]) -> ev.Event:
+    kind = {v: k for k, v in sesjson.EVENT_TYPE_NAMES.items()}[record["eventType"]]
+    email = ev.EmailEvent(event_type=kind, mail=_mail(record))  # type: ignore[arg-type]
+    if "bounce" in record:
+        b = record["bounce"]
+        email.bounce.CopyFrom(
+            ev.Bounce(
+                bounce_type=ev.BounceType.Value("BOUNCE_TYPE_" + b["bounceType"].upper()),
+                bounce_sub_type=ev.BOUNCE_SUB_TYPE_GENERAL,
+                bounced_recipients=[
+                    ev.BouncedRecipient(
+                        email_address=r["emailAddress"],
+                        action=r["action"],
+                        status=r["status"],
+                        diagnostic_code=r["diagnosticCode"],
+                    )
+                    for r in b["bouncedRecipients"]
+                ],
+                timestamp=_ts(b["timestamp"]),
+                feedback_id=b["feedbackId"],
+                reporting_mta=b["reportingMTA"],
+            )
+        )
+    if "complaint" in record:
+        c = record["complaint"]
+        email.complaint.CopyFrom(
+            ev.Complaint(
+                complained_recipients=[
+                    ev.ComplainedRecipient(email_address=r["emailAddress"]) for r in c["complainedRecipients"]
+                ],
+                timestamp=_ts(c["timestamp"]),
+                feedback_id=c["feedbackId"],
+                complaint_feedback_type=c["complaintFeedbackType"],
+                user_agent=c["userAgent"],
+                arrival_date=_ts(c["arrivalDate"]),
+            )
+        )
+    if "delivery" in record:
+        d = record["delivery"]
+        email.delivery.CopyFrom(
+            ev.Delivery(
+                timestamp=_ts(d["timestamp"]),
+                processing_time_millis=d["processingTimeMillis"],
+                recipients=d["recipients"],
+                smtp_response=d["smtpResponse"],
+                reporting_mta=d["reportingMTA"],
+            )
+        )
+    if "deliveryDelay" in record:
+        d = record["deliveryDelay"]
+        email.delivery_delay.CopyFrom(
+            ev.DeliveryDelay(
+                timestamp=_ts(d["timestamp"]),
+                delay_type=d["delayType"],
+                expiration_time=_ts(d["expirationTime"]),
+                delayed_recipients=[
+                    ev.DelayedRecipient(
+                        email_address=r["emailAddress"],
+                        status=r["status"],
+                        diagnostic_code=r["diagnosticCode"],
+                    )
+                    for r in d["delayedRecipients"]
+                ],
+            )
+        )
+    if "reject" in record:
+        email.reject.CopyFrom(ev.Reject(reason=record["reject"]["reason"]))
+    if "failure" in record:
+        f = record["failure"]
+        email.rendering_failure.CopyFrom(
+            ev.RenderingFailure(template_name=f["templateName"], error_message=f["errorMessage"])
+        )
+    return ev.Event(event_id="e1", account_id=record["mail"]["sendingAccountId"], email=email)
+
+
+@needs_examples
+@pytest.mark.parametrize(
+    "name", ["bounce", "complaint", "delivery", "send", "reject", "delivery-delay", "rendering-failure"]
+)
+def test_event_json_matches_aws_example_records(name: str) -> None:
+    expected = json.loads((EXAMPLES / f"event-{name}.json").read_text())
+    ours = json.loads(sesjson.event_json(_event(expected)))
+    # What only AWS can say: its ARN, the caller's IP and IAM name. Everything else must match exactly.
+    for record in (expected, ours):
+        record["mail"].pop("sourceArn")
+        for tag in ("ses:source-ip", "ses:outgoing-ip", "ses:caller-identity", "ses:from-domain"):
+            record["mail"].get("tags", {}).pop(tag, None)
+    assert ours == expected
+
+
+def test_event_json_without_headers_still_has_common_headers_and_tags() -> None:
+    mail = ev.Mail(
+        message_id="m1",
+        source="News <news@Example.test>",
+        sending_account_id="acct",
+        destination=["a@example.test"],
+        subject="Hi",
+        configuration_set_name="marketing",
+        tags=[ev.EmailTag(name="campaign", value="x"), ev.EmailTag(name="campaign", value="y")],
+    )
+    mail.timestamp.FromDatetime(dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC))
+    record = sesjson.event_record(
+        ev.Event(email=ev.EmailEvent(event_type=ev.EMAIL_EVENT_TYPE_SEND, mail=mail))
+    )
+    assert record["eventType"] == "Send" and record["send"] == {}
+    assert record["mail"]["timestamp"] == "2026-01-02T03:04:05.678Z"
+    assert record["mail"]["headersTruncated"] is False and "headers" not in record["mail"]
+    assert record["mail"]["commonHeaders"] == {
+        "from": ["News <news@Example.test>"],
+        "to": ["a@example.test"],
+        "messageId": "m1",
+        "subject": "Hi",
+    }
+    assert record["mail"]["tags"] == {
+        "ses:configuration-set": ["marketing"],
+        "ses:from-domain": ["example.test"],
+        "ses:caller-identity": ["acct"],
+        "campaign": ["x", "y"],
+    }
+    notification = sesjson.notification_record(
+        ev.Event(email=ev.EmailEvent(event_type=ev.EMAIL_EVENT_TYPE_DELIVERY, mail=mail)),
+        include_headers=False,
+    )
+    assert notification is not None and notification["notificationType"] == "Delivery"
+    assert "commonHeaders" not in notification["mail"] and "tags" not in notification["mail"]
+
+
+def test_signature_verifies_and_refuses_tampering_and_old_timestamps(tmp_path: Path) -> None:
+    secret = new_secret()
+    body = b'{"eventType":"Send"}'
+    header = signature_header(secret, 1_700_000_000, body)
+    assert header.startswith("t=1700000000,v1=")
+    assert verify(secret, header, body, now=1_700_000_010)
+    assert not verify(secret, header, body + b" ", now=1_700_000_010)
+    assert not verify(new_secret(), header, body, now=1_700_000_010)
+    assert not verify(secret, header, body, now=1_700_001_000)
+    assert not verify(secret, "garbage", body, now=1_700_000_000)
+
+    box = SecretBox.from_setting("", tmp_path)
+    sealed = box.seal("acct", secret)
+    assert secret.encode() not in sealed
+    assert SecretBox.from_setting("", tmp_path).open("acct", sealed) == secret  # the kept key file
+    with pytest.raises(ValueError):
+        box.open("another-account", sealed)
+
+
+def test_retry_delays_double_up_to_the_cap_and_cover_a_day() -> None:
+    delays = [retry_delay(n, base=5, cap=3600) for n in range(1, 40)]
+    assert delays[:4] == [5, 10, 20, 40]
+    assert max(delays) == 3600 and delays == sorted(delays)
+    assert sum(delays) > 24 * 3600  # attempts keep coming for the whole retry period
+
+
+_FORBIDDEN_NETWORKS = [
+    ipaddress.ip_network(n)
+    for n in ("169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4", "ff00::/8")
+]
+_PRIVATE_NETWORKS = [
+    ipaddress.ip_network(n)
+    for n in ("127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "::1/128", "fc00::/7")
+]
+
+
+def _url(address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str:
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return f"http://{host}:{port}/hook"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.ip_addresses(), st.integers(min_value=1, max_value=65535), st.booleans())
+def test_webhook_addresses_are_refused_by_class(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, allow_private: bool
+) -> None:
+    url = _url(address, port)
+    forbidden = any(address in n for n in _FORBIDDEN_NETWORKS if n.version == address.version)
+    private = any(address in n for n in _PRIVATE_NETWORKS if n.version == address.version)
+    try:
+        check_webhook_url(url, allow_private=allow_private, own_endpoints=["127.0.0.1:50051"])
+        accepted = True
+    except InvalidArgument as exc:
+        assert exc.field == "event_destination.webhook.url"
+        accepted = False
+    if forbidden or (private and not allow_private):
+        assert not accepted, url
+    if address == ipaddress.ip_address("127.0.0.1") and port == 50051:
+        assert not accepted  # postmesh itself
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_any_text_as_a_webhook_url_is_accepted_or_refused_cleanly(text: str) -> None:
+    try:
+        url = check_webhook_url(text, allow_private=False)
+    except InvalidArgument:
+        return
+    assert url.startswith(("http://", "https://")) and "@" not in url.split("/")[2]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=100))
+def test_nats_subjects_never_reach_wildcards_or_empty_tokens(text: str) -> None:
+    try:
+        subject = check_subject(text)
+    except InvalidArgument:
+        return
+    assert "*" not in subject and ">" not in subject and "" not in subject.split(".")
