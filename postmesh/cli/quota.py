@@ -8,6 +8,7 @@ import datetime as dt
 from collections.abc import Sequence
 
 from postmesh.cli.common import add_connection_flags, client_for, emit, table
+from postmesh.cli.events import register_admin_commands as register_dead_letter_commands
 from postmesh.quota.v1 import quota_pb2 as pb
 
 BARS = " ▁▂▃▄▅▆▇█"
@@ -407,3 +408,5 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     set_quota.add_argument("--reason", default="")
     add_connection_flags(set_quota, admin=True)
     set_quota.set_defaults(handler=_admin_set_quota)
+
+    register_dead_letter_commands(sub)
