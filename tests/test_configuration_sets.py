@@ -242,6 +242,20 @@ def test_event_destinations_validate_targets_types_and_limits(accept_mesh: MeshT
                 event_destination=webhook("http://127.0.0.1:9/hook", bounce, enabled=False),
             )
         )
+        code, _, _, _ = refusal(
+            lambda: fb.UpdateConfigurationSetEventDestination(
+                cs.UpdateConfigurationSetEventDestinationRequest(
+                    configuration_set_name="s",
+                    event_destination_name="hook",
+                    event_destination=cs.EventDestinationDefinition(
+                        enabled=True,
+                        matching_event_types=[bounce],
+                        nats_subject=cs.NatsSubjectDestination(subject="x"),
+                    ),
+                )
+            )
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
         fb.DeleteConfigurationSetEventDestination(
             cs.DeleteConfigurationSetEventDestinationRequest(
                 configuration_set_name="s", event_destination_name="more-0"

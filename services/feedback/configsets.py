@@ -256,12 +256,18 @@ class ConfigurationSets:
             )
 
     async def update_destination(
-        self, account_id: str, set_name: str, name: str, spec: DestinationSpec, sealed_secret: bytes | None
+        self, account_id: str, set_name: str, name: str, spec: DestinationSpec
     ) -> None:
-        """Replaces the destination's definition; a webhook keeps its secret unless the kind changes."""
+        """Replaces the destination's definition; a webhook keeps its signing secret."""
         types = check_event_types(spec.event_types)
         async with transaction(self._sessions) as session:
             row = await self._find_destination(session, account_id, set_name, name)
+            if row.kind != spec.target.kind:
+                raise InvalidArgument(
+                    "An event destination keeps its kind (webhook or NATS subject): delete it and create "
+                    "another.",
+                    field="event_destination",
+                )
             same_target = row.kind == spec.target.kind and row.target == spec.target.target
             row.enabled = spec.enabled
             row.event_types = types
@@ -270,8 +276,6 @@ class ConfigurationSets:
             row.kind = spec.target.kind
             row.target = spec.target.target
             row.format = spec.target.format
-            if sealed_secret is not None and not row.sealed_secret:
-                row.sealed_secret = sealed_secret
         await self._changed(account_id, set_name)
 
     async def remove_destination(self, account_id: str, set_name: str, name: str) -> None:

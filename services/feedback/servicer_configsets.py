@@ -260,11 +260,11 @@ class ConfigurationSetsServicer:
     async def UpdateConfigurationSetEventDestination(
         self, request: cs.UpdateConfigurationSetEventDestinationRequest, context: aio.ServicerContext
     ) -> cs.UpdateConfigurationSetEventDestinationResponse:
-        account_id = caller_account_id()
-        spec = self._spec(request.event_destination)
-        sealed = self.secret_box.seal(account_id, new_secret()) if spec.target.kind == WEBHOOK else None
         await self.configuration_sets.update_destination(
-            account_id, request.configuration_set_name, request.event_destination_name, spec, sealed
+            caller_account_id(),
+            request.configuration_set_name,
+            request.event_destination_name,
+            self._spec(request.event_destination),
         )
         return cs.UpdateConfigurationSetEventDestinationResponse()
 
