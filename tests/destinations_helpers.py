@@ -27,6 +27,9 @@ class WebhookReceiver:
         self.host = host
         self.port = free_port(host)
         self.status = 200
+        # When set, every request waits for it before being answered: a slow endpoint.
+        self.gate: threading.Event | None = None
+        self.waiting = 0
         self._lock = threading.Lock()
         self._deliveries: list[Delivery] = []
         self._server: ThreadingHTTPServer | None = None
@@ -46,6 +49,10 @@ class WebhookReceiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if receiver.gate is not None:
+                    with receiver._lock:
+                        receiver.waiting += 1
+                    receiver.gate.wait(120)
                 if receiver.status == 200:
                     with receiver._lock:
                         receiver._deliveries.append(Delivery(self.path, dict(self.headers.items()), body))

@@ -269,3 +269,82 @@ def test_nats_subjects_never_reach_wildcards_or_empty_tokens(text: str) -> None:
     except InvalidArgument:
         return
     assert "*" not in subject and ">" not in subject and "" not in subject.split(".")
+
+
+async def test_a_slow_endpoint_never_delays_another_destination(tmp_path: Path) -> None:
+    """Two webhooks: one endpoint holds every request open, the other answers at once. The second gets
+    all its events while the first still holds its first one."""
+    import asyncio
+    import threading
+
+    from postmesh.common import db
+    from postmesh.common.bus import new_event
+    from services.feedback.configsets import CONFIRMED
+    from services.feedback.destinations.webhooks import WebhookDispatcher, WebhookOutbox
+    from services.feedback.models import Base, ConfigurationSet, EventDestination
+    from tests.delivery_helpers import wait_until
+    from tests.destinations_helpers import WebhookReceiver
+
+    engine = db.create_engine(f"sqlite+aiosqlite:///{tmp_path / 'feedback.db'}")
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+    sessions = db.session_factory(engine)
+
+    class Clock:
+        def now(self) -> dt.datetime:
+            return dt.datetime.now(dt.UTC)
+
+    slow, fast = WebhookReceiver().start(), WebhookReceiver().start()
+    slow.gate = threading.Event()
+    box = SecretBox.from_setting("", tmp_path)
+    destinations = []
+    async with db.transaction(sessions) as session:
+        owner = ConfigurationSet(account_id="acct", name="s", created_at=Clock().now())
+        session.add(owner)
+        await session.flush()
+        for name, receiver in (("slow", slow), ("fast", fast)):
+            row = EventDestination(
+                configuration_set_id=owner.id,
+                account_id="acct",
+                name=name,
+                enabled=True,
+                event_types="SEND",
+                kind="webhook",
+                target=receiver.url,
+                format="JSON",
+                subscription_status=CONFIRMED,
+                sealed_secret=box.seal("acct", new_secret()),
+                created_at=Clock().now(),
+            )
+            session.add(row)
+            destinations.append(row)
+    outbox = WebhookOutbox(
+        sessions, Clock(), retry_period=dt.timedelta(hours=24), backoff=0.2, backoff_max=1.0
+    )
+    for i in range(3):
+        event = new_event(
+            "acct",
+            email=ev.EmailEvent(
+                event_type=ev.EMAIL_EVENT_TYPE_SEND,
+                mail=ev.Mail(message_id=f"m{i}", source="a@example.test", sending_account_id="acct"),
+            ),
+        )
+        for destination in destinations:
+            await outbox.enqueue(destination, event)
+    dispatcher = WebhookDispatcher(outbox, box, timeout=120, poll_seconds=0.1, allow_private=True)
+    running = asyncio.create_task(dispatcher.run())
+    try:
+        await wait_until(lambda: len(fast.deliveries) >= 3, what="the fast endpoint's deliveries")
+        assert len(fast.deliveries) == 3
+        assert slow.waiting == 1 and slow.deliveries == []  # still holding its first request
+        slow.gate.set()
+        await wait_until(lambda: len(slow.deliveries) >= 3, what="the slow endpoint's deliveries")
+        assert [json.loads(d.body)["mail"]["messageId"] for d in slow.deliveries] == ["m0", "m1", "m2"]
+    finally:
+        slow.gate.set()
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        slow.stop()
+        fast.stop()
+        await engine.dispose()

@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from postmesh.client import Client
+from postmesh.common.bus import EventPublisher, new_event
 from postmesh.common.natsserver import free_port
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.feedback.v1 import configuration_sets_pb2 as cs
@@ -30,6 +31,7 @@ from tests.identity_helpers import create_verified_domain
 from tests.sending_helpers import own_nats_server
 
 SEND, DELIVERY, BOUNCE = ev.EMAIL_EVENT_TYPE_SEND, ev.EMAIL_EVENT_TYPE_DELIVERY, ev.EMAIL_EVENT_TYPE_BOUNCE
+COMPLAINT = ev.EMAIL_EVENT_TYPE_COMPLAINT
 
 
 @pytest.fixture
@@ -103,7 +105,7 @@ def _set_with_webhook(client: Client, url: str) -> str:
         cs.CreateConfigurationSetEventDestinationRequest(
             configuration_set_name="app",
             event_destination_name="hook",
-            event_destination=webhook(url, SEND, DELIVERY, BOUNCE),
+            event_destination=webhook(url, SEND, DELIVERY, BOUNCE, COMPLAINT),
         )
     ).signing_secret
 
@@ -186,12 +188,33 @@ def test_webhook_and_stream_receive_send_delivery_and_bounce_of_their_own_accoun
                 assert (
                     json.loads(response.ses_json)["mail"]["messageId"] == response.event.email.mail.message_id
                 )
+            # A complaint about the delivered message, as the feedback loop publishes it.
+            delivered_mail = next(
+                r.event.email.mail for r in back.events() if r.event.email.event_type == DELIVERY
+            )
             back.close()
+            complaint = new_event(
+                account_id,
+                email=ev.EmailEvent(
+                    event_type=COMPLAINT,
+                    mail=delivered_mail,
+                    complaint=ev.Complaint(
+                        complained_recipients=[ev.ComplainedRecipient(email_address="ok@example.test")],
+                        feedback_id="fb-1",
+                        complaint_feedback_type="abuse",
+                        user_agent="Mail reporter",
+                    ),
+                ),
+            )
+            complaint.email.complaint.timestamp.GetCurrentTime()
+            complaint.email.complaint.arrival_date.GetCurrentTime()
+            assert mesh.server is not None and mesh.server.nats is not None
+            mesh.run(EventPublisher(mesh.server.nats.jetstream()).publish(complaint))
 
             time.sleep(1.0)  # a few failed attempts while the receiver is down
             receiver.start()
             try:
-                records = _records(receiver.wait_for(lambda d: len(d) >= 4), secret)
+                records = _records(receiver.wait_for(lambda d: len(d) >= 5), secret)
             finally:
                 receiver.stop()
             by_kind = {(r["mail"]["messageId"], r["eventType"]) for r in records}  # type: ignore[index]
@@ -200,6 +223,7 @@ def test_webhook_and_stream_receive_send_delivery_and_bounce_of_their_own_accoun
                 (delivered, "Delivery"),
                 (bounced, "Send"),
                 (bounced, "Bounce"),
+                (delivered, "Complaint"),
             }
             for record in records:
                 mail = record["mail"]
@@ -216,6 +240,11 @@ def test_webhook_and_stream_receive_send_delivery_and_bounce_of_their_own_accoun
             assert bounce["bouncedRecipients"][0]["emailAddress"] == "nobody@example.test"
             assert bounce["bouncedRecipients"][0]["status"] == "5.1.1"
             assert bounce["timestamp"].endswith("Z") and len(bounce["timestamp"]) == 24
+            complained = next(r for r in records if r["eventType"] == "Complaint")["complaint"]
+            assert isinstance(complained, dict)
+            assert complained["complainedRecipients"] == [{"emailAddress": "ok@example.test"}]
+            assert complained["complaintFeedbackType"] == "abuse" and complained["feedbackId"] == "fb-1"
+            assert complained["arrivalDate"].endswith("Z") and complained["userAgent"] == "Mail reporter"
             delivery = next(r for r in records if r["eventType"] == "Delivery")["delivery"]
             assert isinstance(delivery, dict)
             assert delivery["recipients"] == ["ok@example.test"]
