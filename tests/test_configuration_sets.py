@@ -12,6 +12,7 @@ import pytest
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.feedback.v1 import configuration_sets_pb2 as cs
 from postmesh.feedback.v1 import feedback_pb2
+from postmesh.identity.v1 import identity_pb2
 from postmesh.sender.v1 import queue_pb2
 from postmesh.sender.v1 import sender_pb2 as pb
 from postmesh.testing import MeshThread
@@ -304,6 +305,31 @@ def test_the_sender_honours_the_configuration_set(accept_mesh: MeshThread, zone:
         assert all(q.tls_policy == queue_pb2.TLS_POLICY_REQUIRE for q in queued.values())
         assert all(q.configuration_set_name == "secure" for q in queued.values())
 
+        # The identity's default set applies to sends that name none.
+        code, _, message, _ = refusal(
+            lambda: client.identity.PutEmailIdentityConfigurationSetAttributes(
+                identity_pb2.PutEmailIdentityConfigurationSetAttributesRequest(
+                    email_identity="example.test", configuration_set_name="nope"
+                )
+            )
+        )
+        assert (code, message) == (grpc.StatusCode.NOT_FOUND, "Configuration set nope does not exist.")
+        client.identity.PutEmailIdentityConfigurationSetAttributes(
+            identity_pb2.PutEmailIdentityConfigurationSetAttributesRequest(
+                email_identity="example.test", configuration_set_name="secure"
+            )
+        )
+        shown = client.identity.GetEmailIdentity(
+            identity_pb2.GetEmailIdentityRequest(email_identity="example.test")
+        )
+        assert shown.configuration_set_name == "secure"
+        # The set's suppression options apply too: complaints only, so the bounced address is sent to.
+        by_default = client.sender.SendEmail(_send("a@example.test", "bounced@example.test", "")).message_id
+        client.sender.SendEmail(_send("a@example.test", "complained@example.test", ""))
+        (only,) = queued_messages(nats_url, account_id, wait_for=1)
+        assert only.message_id == by_default
+        assert only.configuration_set_name == "secure" and only.tls_policy == queue_pb2.TLS_POLICY_REQUIRE
+
         # Paused: SES's MessageRejected, at once (the sender's kept copy is dropped by the change event).
         fb.PutConfigurationSetSendingOptions(
             cs.PutConfigurationSetSendingOptionsRequest(
@@ -315,3 +341,11 @@ def test_the_sender_honours_the_configuration_set(accept_mesh: MeshThread, zone:
         )
         assert (code, why) == (grpc.StatusCode.FAILED_PRECONDITION, "MESSAGE_REJECTED")
         assert message == "Sending is paused for this configuration set."
+        # ... also through the identity's default set.
+        code, why, _, _ = refusal(
+            lambda: client.sender.SendEmail(_send("a@example.test", "r@example.test", ""))
+        )
+        assert (code, why) == (grpc.StatusCode.FAILED_PRECONDITION, "MESSAGE_REJECTED")
+        # A default set deleted since is ignored.
+        fb.DeleteConfigurationSet(cs.DeleteConfigurationSetRequest(configuration_set_name="secure"))
+        client.sender.SendEmail(_send("a@example.test", "r@example.test", ""))

@@ -127,6 +127,8 @@ class SenderAuthorization:
     identity: str
     owner_account_id: str
     mail_from_domain: str
+    # The identity's default configuration set (own identities only: sets belong to one account).
+    configuration_set: str = ""
 
 
 @dataclass(frozen=True)
@@ -740,6 +742,16 @@ class IdentityStore:
         )
         return view
 
+    async def put_configuration_set(self, account_id: str, name: str, configuration_set: str) -> None:
+        """The identity's default configuration set ("" removes it); the caller checked that it exists."""
+        async with transaction(self._sessions) as session:
+            row = await self._owned(session, account_id, name)
+            row.configuration_set_name = configuration_set
+            identity, verified = row.identity, row.verification_status == SUCCESS
+        await self._announce(
+            account_id, identity, Change.IDENTITY_CHANGE_TYPE_CONFIGURATION_SET_CHANGED, verified
+        )
+
     # --- sending authorization policies
 
     async def put_policy(self, account_id: str, name: str, policy_name: str, policy: str) -> None:
@@ -872,7 +884,10 @@ class IdentityStore:
                     raise rejected
                 chosen = covering[0]
                 return SenderAuthorization(
-                    chosen.identity, account_id, await self._mail_from(session, account_id, address)
+                    chosen.identity,
+                    account_id,
+                    await self._mail_from(session, account_id, address),
+                    chosen.configuration_set_name,
                 )
             owner_hint, name = "", from_identity.strip()
             arn = _ARN.match(name)
@@ -902,7 +917,10 @@ class IdentityStore:
                     if not policies.authorizes(list(texts), account_id):
                         continue
                 return SenderAuthorization(
-                    chosen.identity, owner, await self._mail_from(session, owner, address)
+                    chosen.identity,
+                    owner,
+                    await self._mail_from(session, owner, address),
+                    chosen.configuration_set_name if owner == account_id else "",
                 )
         raise rejected
 

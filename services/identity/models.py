@@ -74,6 +74,8 @@ class EmailIdentity(Base):
     mail_from_behavior: Mapped[str] = mapped_column(String(24), default="USE_DEFAULT_VALUE")
     # Addresses: when the last verification message was queued (resend rate limit).
     last_email_sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The default configuration set of sends from this identity that name none.
+    configuration_set_name: Mapped[str] = mapped_column(String(64), default="")
 
 
 class DkimKey(Base):

@@ -9,7 +9,9 @@ from grpc import aio
 
 import services.identity.settings  # noqa: F401 - registers the service's settings
 from postmesh.common.auth import Access
+from postmesh.common.clients import domain_error_from, for_account
 from postmesh.common.service import Service
+from postmesh.feedback.v1.configuration_sets_pb2 import GetConfigurationSetRequest
 from postmesh.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.identity.accounts import AccountStore
 from services.identity.dkimkeys import MasterKeys
@@ -86,6 +88,18 @@ class IdentityService(Service):
             runtime.sessions, runtime.clock, runtime.events, self.master_keys, config, mailer, self.verifier
         )
         self.servicer.identities = store
+
+        async def check_configuration_set(account_id: str, name: str) -> None:
+            try:
+                await runtime.clients.feedback.GetConfigurationSet(
+                    GetConfigurationSetRequest(configuration_set_name=name),
+                    metadata=for_account(account_id),
+                    timeout=10.0,
+                )
+            except aio.AioRpcError as exc:
+                raise domain_error_from(exc) from None
+
+        self.servicer.check_configuration_set = check_configuration_set
         await store.ensure_system_identity()
         if settings.identity_http_listen:
 

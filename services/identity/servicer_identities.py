@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from grpc import aio
 
 from postmesh.common.auth import account_for_internal_call, caller_account_id
@@ -128,6 +130,7 @@ def identity_message(view: IdentityView) -> pb.GetEmailIdentityResponse:
         email_identity=row.identity,
         dns_records=_records(view.records),
         create_time=timestamp(row.created_at),
+        configuration_set_name=row.configuration_set_name,
     )
 
 
@@ -135,6 +138,8 @@ class IdentitiesServicer:
     """The identity RPCs, mixed into IdentityServicer."""
 
     identities: IdentityStore
+    # Raises NotFound ("Configuration set <name> does not exist.") unless the account has the set.
+    check_configuration_set: Callable[[str, str], Awaitable[None]]
 
     async def CreateEmailIdentity(
         self, request: pb.CreateEmailIdentityRequest, context: aio.ServicerContext
@@ -302,7 +307,19 @@ class IdentitiesServicer:
             identity=result.identity,
             identity_owner_account_id=result.owner_account_id,
             mail_from_domain=result.mail_from_domain,
+            default_configuration_set_name=result.configuration_set,
         )
+
+    async def PutEmailIdentityConfigurationSetAttributes(
+        self, request: pb.PutEmailIdentityConfigurationSetAttributesRequest, context: aio.ServicerContext
+    ) -> pb.PutEmailIdentityConfigurationSetAttributesResponse:
+        account_id = caller_account_id()
+        if request.configuration_set_name:
+            await self.check_configuration_set(account_id, request.configuration_set_name)
+        await self.identities.put_configuration_set(
+            account_id, request.email_identity, request.configuration_set_name
+        )
+        return pb.PutEmailIdentityConfigurationSetAttributesResponse()
 
     async def CheckVerifiedRecipients(
         self, request: pb.CheckVerifiedRecipientsRequest, context: aio.ServicerContext

@@ -16,6 +16,7 @@ caller hears of success only once JetStream has stored the message.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import functools
 import hashlib
@@ -32,6 +33,7 @@ from postmesh.common.bus import EventPublisher, new_event
 from postmesh.common.errors import (
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     PostmeshError,
     ResourceExhausted,
     Unavailable,
@@ -79,6 +81,8 @@ class Authorization:
     identity: str
     owner_account_id: str
     mail_from_domain: str
+    # The identity's default configuration set, for a message that names none.
+    configuration_set: str = ""
 
 
 ALL_SUPPRESSION_REASONS = ("BOUNCE", "COMPLAINT")
@@ -477,6 +481,15 @@ class Acceptor:
                     raise outcome
             authorization, _, suppressed = checked  # type: ignore[assignment]
             assert authorization is not None and isinstance(suppressed, dict)
+            if not message.configuration_set and authorization.configuration_set:
+                default = await self._default_set_options(account_id, authorization.configuration_set)
+                if default is not None:
+                    message = dataclasses.replace(message, configuration_set=authorization.configuration_set)
+                    options = default
+                    if tuple(options.suppressed_reasons) != ALL_SUPPRESSION_REASONS:
+                        suppressed = await self._check_suppression(
+                            account_id, recipients, options.suppressed_reasons
+                        )
             deliverable = [r for r in recipients if address_key(r) not in suppressed]
             if deliverable:
                 await self._queue(account_id, message, authorization, deliverable, options.tls_policy)
@@ -496,6 +509,13 @@ class Acceptor:
                 "Sending is paused for this configuration set.", reason="MESSAGE_REJECTED"
             )
         return options
+
+    async def _default_set_options(self, account_id: str, name: str) -> SetOptions | None:
+        """An identity's default set, as an explicit one, except that a set deleted since is ignored."""
+        try:
+            return await self._configuration_set_options(account_id, name)
+        except NotFound:
+            return None
 
     async def _reserve_quota(self, account_id: str, recipients: int) -> Reservation:
         return await self._checks.reserve(account_id, recipients)

@@ -186,7 +186,12 @@ class MeshChecks:
                 ),
                 timeout=TIMEOUT,
             )
-        authorization = Authorization(reply.identity, reply.identity_owner_account_id, reply.mail_from_domain)
+        authorization = Authorization(
+            reply.identity,
+            reply.identity_owner_account_id,
+            reply.mail_from_domain,
+            reply.default_configuration_set_name,
+        )
         self._authorized.put(key, authorization)
         return authorization
 
