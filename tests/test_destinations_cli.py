@@ -50,6 +50,7 @@ def accept_mesh(start_mesh: MeshFactory, zone: LoopbackDns, nats_url: str) -> Me
         webhook_backoff_max_seconds=0.5,
         webhook_poll_seconds=0.2,
         webhook_retry_hours=0.0005,  # under two seconds: then a dead letter
+        event_subscription_max_unacked=3,
     )
 
 
@@ -198,3 +199,25 @@ def test_config_sets_destinations_follow_and_dead_letters_through_the_cli(
     code, out, _ = _run(capsys, "config-set", "destination", "list", "app")
     assert code == 0 and "hook" not in out and "bus" in out
     assert _run(capsys, "config-set", "delete", "app")[0] == 0
+
+
+def test_a_subscriber_that_never_acknowledges_holds_a_bounded_number_of_events(
+    accept_mesh: MeshThread, zone: LoopbackDns
+) -> None:
+    _, key = accept_mesh.create_account()
+    with accept_mesh.client(key) as client:
+        create_verified_domain(client, zone, "example.test")
+        follower = Follower(client, "lazy")
+        sent = [_send(accept_mesh, key, "") for _ in range(5)]
+        held = follower.wait_for(3)
+        assert len(held) == 3
+        time.sleep(2.0)  # more would have come by now; none may while three wait for acknowledgement
+        assert len(follower.events()) == 3
+        follower.ack(held[0].event.event_id)
+        assert len(follower.wait_for(4)) == 4
+        follower.close()
+        # Back again: the three never acknowledged come again, then the fifth.
+        again = Follower(client, "lazy")
+        ids = {r.event.email.mail.message_id for r in again.wait_for(3)}
+        assert ids <= set(sent[1:]) and len(ids) == 3
+        again.close()
