@@ -124,6 +124,24 @@ def test_config_sets_destinations_follow_and_dead_letters_through_the_cli(
     assert code == 0 and "signing secret" not in out
     code, out, _ = _run(capsys, "config-set", "show", "app")
     assert code == 0 and "suppression:       COMPLAINT" in out and failing.url in out
+    code, out, _ = _run(capsys, "config-set", "update", "app", "--pause", "--tls-policy", "require")
+    assert code == 0 and "sending paused" in out
+    code, out, _ = _run(capsys, "config-set", "show", "app")
+    assert "sending:           PAUSED" in out and "tls policy:        REQUIRE" in out
+    code, out, _ = _run(
+        capsys,
+        "config-set",
+        "update",
+        "app",
+        "--resume",
+        "--tls-policy",
+        "optional",
+        "--suppressed-reasons",
+        "account",
+    )
+    assert code == 0
+    code, out, _ = _run(capsys, "config-set", "show", "app")
+    assert "sending:           enabled" in out and "suppression:       account-level" in out
     assert f"postmesh-user.{account_id}.app.ses" in out
     code, _, err = _run(
         capsys,

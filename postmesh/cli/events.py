@@ -127,6 +127,60 @@ def _dict(message: object) -> object:
     return to_dict(message)  # type: ignore[arg-type]
 
 
+def _update(args: argparse.Namespace) -> int:
+    """The Put*Options operations, each only when its flag is given."""
+    name = args.name
+    done = []
+    with client_for(args) as client:
+        fb = client.feedback
+        if args.pause or args.resume:
+            fb.PutConfigurationSetSendingOptions(
+                cs.PutConfigurationSetSendingOptionsRequest(
+                    configuration_set_name=name, sending_enabled=args.resume
+                )
+            )
+            done.append("sending " + ("resumed" if args.resume else "paused"))
+        if args.tls_policy:
+            policy = (
+                queue_pb2.TLS_POLICY_REQUIRE
+                if args.tls_policy == "require"
+                else queue_pb2.TLS_POLICY_OPTIONAL
+            )
+            fb.PutConfigurationSetDeliveryOptions(
+                cs.PutConfigurationSetDeliveryOptionsRequest(configuration_set_name=name, tls_policy=policy)
+            )
+            done.append(f"tls policy {args.tls_policy}")
+        if args.reputation_metrics:
+            fb.PutConfigurationSetReputationOptions(
+                cs.PutConfigurationSetReputationOptionsRequest(
+                    configuration_set_name=name, reputation_metrics_enabled=args.reputation_metrics == "on"
+                )
+            )
+            done.append(f"reputation metrics {args.reputation_metrics}")
+        if args.suppressed_reasons is not None:
+            account_level = args.suppressed_reasons.lower() == "account"
+            reasons = (
+                []
+                if account_level
+                else [r.strip().upper() for r in args.suppressed_reasons.split(",") if r.strip()]
+            )
+            fb.PutConfigurationSetSuppressionOptions(
+                cs.PutConfigurationSetSuppressionOptionsRequest(
+                    configuration_set_name=name, suppressed_reasons=reasons, use_account_level=account_level
+                )
+            )
+            done.append("suppression options set")
+        if args.redirect_domain is not None:
+            fb.PutConfigurationSetTrackingOptions(
+                cs.PutConfigurationSetTrackingOptionsRequest(
+                    configuration_set_name=name, custom_redirect_domain=args.redirect_domain
+                )
+            )
+            done.append("tracking options set")
+    print(f"{name}: " + (", ".join(done) or "nothing to change"))
+    return 0
+
+
 def _delete(args: argparse.Namespace) -> int:
     with client_for(args) as client:
         reply = client.feedback.DeleteConfigurationSet(
@@ -368,6 +422,20 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     listing.add_argument("--page-token", default="")
     add_connection_flags(listing)
     listing.set_defaults(handler=_list)
+
+    update = sub.add_parser("update", help="change a set's options")
+    update.add_argument("name")
+    pause = update.add_mutually_exclusive_group()
+    pause.add_argument("--pause", action="store_true", help="refuse sends naming the set")
+    pause.add_argument("--resume", action="store_true")
+    update.add_argument("--tls-policy", choices=["optional", "require"])
+    update.add_argument("--reputation-metrics", choices=["on", "off"])
+    update.add_argument(
+        "--suppressed-reasons", help="BOUNCE,COMPLAINT, '' for none, or 'account' for the account-level list"
+    )
+    update.add_argument("--redirect-domain", help="custom redirect domain for tracking ('' removes it)")
+    add_connection_flags(update)
+    update.set_defaults(handler=_update)
 
     for name, handler, text in (
         ("show", _show, "a set's options and destinations"),
