@@ -19,6 +19,7 @@ from postmesh.common.bus import EventPublisher, new_event
 from postmesh.common.natsserver import free_port
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.feedback.v1 import configuration_sets_pb2 as cs
+from postmesh.identity.v1 import identity_pb2
 from postmesh.sender.v1 import queue_pb2
 from postmesh.sender.v1 import sender_pb2 as pb
 from postmesh.testing import MeshThread
@@ -28,7 +29,7 @@ from tests.conftest import MeshFactory
 from tests.delivery_helpers import EmailEvents
 from tests.destinations_helpers import Delivery, WebhookReceiver, webhook
 from tests.identity_helpers import create_verified_domain
-from tests.sending_helpers import own_nats_server
+from tests.sending_helpers import own_nats_server, refusal
 
 SEND, DELIVERY, BOUNCE = ev.EMAIL_EVENT_TYPE_SEND, ev.EMAIL_EVENT_TYPE_DELIVERY, ev.EMAIL_EVENT_TYPE_BOUNCE
 COMPLAINT = ev.EMAIL_EVENT_TYPE_COMPLAINT
@@ -110,6 +111,42 @@ def _set_with_webhook(client: Client, url: str) -> str:
     ).signing_secret
 
 
+def _identity_notifications(client: Client) -> None:
+    identity = client.identity
+
+    def topic(destination: str, kind: int = identity_pb2.NOTIFICATION_TYPE_BOUNCE) -> object:
+        return identity.SetIdentityNotificationTopic(
+            identity_pb2.SetIdentityNotificationTopicRequest(
+                identity="example.test",
+                notification_type=kind,  # type: ignore[arg-type]
+                destination=destination,
+            )
+        )
+
+    assert refusal(lambda: topic("no-slash"))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert refusal(lambda: topic("app/missing"))[0] == grpc.StatusCode.NOT_FOUND
+    assert refusal(lambda: topic("nope/hook"))[0] == grpc.StatusCode.NOT_FOUND
+    assert refusal(lambda: topic("app/hook", 9))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    forwarding_off = identity_pb2.SetIdentityFeedbackForwardingEnabledRequest(
+        identity="example.test", forwarding_enabled=False
+    )
+    code, _, _, metadata = refusal(lambda: identity.SetIdentityFeedbackForwardingEnabled(forwarding_off))
+    assert (code, metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "forwarding_enabled")
+    topic("app/hook")
+    identity.SetIdentityHeadersInNotificationsEnabled(
+        identity_pb2.SetIdentityHeadersInNotificationsEnabledRequest(
+            identity="example.test", notification_type=identity_pb2.NOTIFICATION_TYPE_BOUNCE, enabled=True
+        )
+    )
+    shown = identity.GetIdentityNotificationAttributes(
+        identity_pb2.GetIdentityNotificationAttributesRequest(identities=["example.test", "not-mine.test"])
+    ).notification_attributes
+    assert list(shown) == ["example.test"]
+    assert shown["example.test"].bounce_destination == "app/hook"
+    assert shown["example.test"].headers_in_bounce_notifications_enabled
+    assert shown["example.test"].forwarding_enabled and not shown["example.test"].complaint_destination
+
+
 def _records(deliveries: list[Delivery], secret: str) -> list[dict[str, object]]:
     records = []
     for delivery in deliveries:
@@ -157,6 +194,8 @@ def test_webhook_and_stream_receive_send_delivery_and_bounce_of_their_own_accoun
             # The receiver is down when the events happen: they wait and arrive once it is up.
             secret = _set_with_webhook(client, receiver.url)
             other_secret = _set_with_webhook(other, other_receiver.url)
+            # SES v1 identity notifications: the identity's bounces also go to the webhook, as notifications.
+            _identity_notifications(client)
             follower = Follower(client, "app-events")
             other_follower = Follower(other, "app-events")  # the same name in another account
 
@@ -214,9 +253,16 @@ def test_webhook_and_stream_receive_send_delivery_and_bounce_of_their_own_accoun
             time.sleep(1.0)  # a few failed attempts while the receiver is down
             receiver.start()
             try:
-                records = _records(receiver.wait_for(lambda d: len(d) >= 5), secret)
+                everything = _records(receiver.wait_for(lambda d: len(d) >= 6), secret)
             finally:
                 receiver.stop()
+            notifications = [r for r in everything if "notificationType" in r]
+            records = [r for r in everything if "eventType" in r]
+            assert [n["notificationType"] for n in notifications] == ["Bounce"]
+            notification = notifications[0]
+            assert notification["mail"]["messageId"] == bounced  # type: ignore[index]
+            assert "tags" not in notification["mail"]  # type: ignore[operator]
+            assert notification["bounce"]["bouncedRecipients"][0]["emailAddress"] == "nobody@example.test"  # type: ignore[index]
             by_kind = {(r["mail"]["messageId"], r["eventType"]) for r in records}  # type: ignore[index]
             assert by_kind >= {
                 (delivered, "Send"),

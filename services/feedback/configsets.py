@@ -300,6 +300,21 @@ class ConfigurationSets:
             raise NotFound(f"Event destination {name} does not exist in configuration set {set_name}.")
         return row
 
+    async def webhook(self, account_id: str, set_name: str, name: str) -> EventDestination | None:
+        """An enabled webhook destination by set and name (identity notifications name them so)."""
+        async with self._sessions() as session:
+            return await session.scalar(
+                select(EventDestination)
+                .join(ConfigurationSet, ConfigurationSet.id == EventDestination.configuration_set_id)
+                .where(
+                    ConfigurationSet.account_id == account_id,
+                    ConfigurationSet.name == set_name,
+                    EventDestination.name == name,
+                    EventDestination.kind == WEBHOOK,
+                    EventDestination.enabled.is_(True),
+                )
+            )
+
     async def routes(self, account_id: str, set_name: str) -> list[EventDestination]:
         """The enabled destinations of a set (none when the set does not exist): the dispatcher's view."""
         async with self._sessions() as session:

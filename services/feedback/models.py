@@ -86,6 +86,9 @@ class WebhookDelivery(Base):
     destination_id: Mapped[int] = mapped_column(Integer, index=True)
     account_id: Mapped[str] = mapped_column(String(32), index=True)
     event_id: Mapped[str] = mapped_column(String(64))
+    # What the body is: "event" (SES event publishing JSON), "notification" or "notification+headers"
+    # (an SES v1 identity notification, without or with the message headers).
+    shape: Mapped[str] = mapped_column(String(24), default="event")
     # The postmesh.events.v1.Event, serialized: the body is rendered at each attempt.
     event: Mapped[bytes] = mapped_column(LargeBinary)
     dead: Mapped[bool] = mapped_column(Boolean, default=False, index=True)

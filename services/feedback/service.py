@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 from grpc import aio
+from nats.aio.subscription import Subscription
 
 import services.feedback.settings  # noqa: F401 - registers the service's settings
 from postmesh.common.auth import Access
 from postmesh.common.bus import consume_events, new_event
+from postmesh.common.clients import for_account
 from postmesh.common.service import Service
-from postmesh.common.streams import EMAIL_EVENTS_SUBJECT, email_event_subject
+from postmesh.common.streams import EMAIL_EVENTS_SUBJECT, IDENTITY_CHANGED_SUBJECT, email_event_subject
 from postmesh.events.v1 import events_pb2
 from postmesh.feedback.v1 import feedback_pb2, feedback_pb2_grpc
+from postmesh.identity.v1.identity_pb2 import GetIdentityNotificationAttributesRequest
 from services.feedback.auto_suppression import AutoSuppression, parse_reasons
 from services.feedback.configsets import ConfigurationSets
+from services.feedback.destinations.notifications import NONE as NO_NOTIFICATIONS
+from services.feedback.destinations.notifications import IdentityNotifications, NotificationSettings
 from services.feedback.destinations.routing import EventRouter
 from services.feedback.destinations.signing import SecretBox
 from services.feedback.destinations.subscriptions import Subscriptions
@@ -35,6 +42,7 @@ class FeedbackService(Service):
     }
     metadata = Base.metadata
     migrations_dir = Path(__file__).parent / "migrations"
+    _identity_changes: Subscription | None = None
 
     def register(self, server: aio.Server) -> None:
         self.servicer = FeedbackServicer()
@@ -44,7 +52,7 @@ class FeedbackService(Service):
         runtime = self.runtime
         suppression = SuppressionList(runtime.sessions, runtime.clock)
         self.servicer.suppression = suppression
-        self._start_destinations()
+        await self._start_destinations()
         reasons = parse_reasons(runtime.settings.suppression_reasons)
         if reasons:
             auto = AutoSuppression(suppression, reasons)
@@ -61,7 +69,7 @@ class FeedbackService(Service):
                 "auto-suppression",
             )
 
-    def _start_destinations(self) -> None:
+    async def _start_destinations(self) -> None:
         runtime = self.runtime
         settings = runtime.settings
         servicer = self.servicer
@@ -108,6 +116,35 @@ class FeedbackService(Service):
         servicer.own_endpoints = sorted(set(runtime.clients.endpoints.values()))
         servicer.nats_prefix = settings.user_nats_subject_prefix
         assert runtime.nats is not None
+
+        async def notification_settings(account_id: str, identity: str) -> NotificationSettings:
+            reply = await runtime.clients.identity.GetIdentityNotificationAttributes(
+                GetIdentityNotificationAttributesRequest(identities=[identity]),
+                metadata=for_account(account_id),
+                timeout=10.0,
+            )
+            found = reply.notification_attributes.get(identity)
+            if found is None:
+                return NO_NOTIFICATIONS
+            return NotificationSettings(
+                destinations={
+                    events_pb2.EMAIL_EVENT_TYPE_BOUNCE: found.bounce_destination,
+                    events_pb2.EMAIL_EVENT_TYPE_COMPLAINT: found.complaint_destination,
+                    events_pb2.EMAIL_EVENT_TYPE_DELIVERY: found.delivery_destination,
+                },
+                headers={
+                    events_pb2.EMAIL_EVENT_TYPE_BOUNCE: found.headers_in_bounce_notifications_enabled,
+                    events_pb2.EMAIL_EVENT_TYPE_COMPLAINT: found.headers_in_complaint_notifications_enabled,
+                    events_pb2.EMAIL_EVENT_TYPE_DELIVERY: found.headers_in_delivery_notifications_enabled,
+                },
+            )
+
+        notifications = IdentityNotifications(notification_settings)
+
+        async def forget(_: Any) -> None:
+            notifications.forget()
+
+        self._identity_changes = await runtime.nats.subscribe(IDENTITY_CHANGED_SUBJECT, cb=forget)
         router = EventRouter(
             js=runtime.jetstream,
             nats=runtime.nats,
@@ -115,6 +152,7 @@ class FeedbackService(Service):
             outbox=outbox,
             subject_prefix=settings.user_nats_subject_prefix,
             queued=dispatcher.wake,
+            notifications=notifications,
         )
         runtime.spawn(
             lambda: consume_events(
@@ -126,6 +164,11 @@ class FeedbackService(Service):
             "event-routing",
         )
         runtime.spawn(dispatcher.run, "webhook-dispatcher")
+
+    async def on_stop(self) -> None:
+        if self._identity_changes is not None:
+            with contextlib.suppress(Exception):  # the connection may already be closing
+                await self._identity_changes.unsubscribe()
 
 
 SERVICE = FeedbackService

@@ -76,6 +76,14 @@ class EmailIdentity(Base):
     last_email_sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # The default configuration set of sends from this identity that name none.
     configuration_set_name: Mapped[str] = mapped_column(String(64), default="")
+    # SES v1 identity notifications: "<set>/<destination>" per type, headers or not, feedback forwarding.
+    bounce_destination: Mapped[str] = mapped_column(String(130), default="")
+    complaint_destination: Mapped[str] = mapped_column(String(130), default="")
+    delivery_destination: Mapped[str] = mapped_column(String(130), default="")
+    headers_in_bounce: Mapped[bool] = mapped_column(Boolean, default=False)
+    headers_in_complaint: Mapped[bool] = mapped_column(Boolean, default=False)
+    headers_in_delivery: Mapped[bool] = mapped_column(Boolean, default=False)
+    feedback_forwarding: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
 class DkimKey(Base):

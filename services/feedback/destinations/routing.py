@@ -18,8 +18,9 @@ from postmesh.events.v1 import events_pb2 as ev
 from services.feedback.configsets import NATS as NATS_KIND
 from services.feedback.configsets import WEBHOOK, ConfigurationSets
 from services.feedback.destinations import sesjson
+from services.feedback.destinations.notifications import IdentityNotifications
 from services.feedback.destinations.targets import full_subject
-from services.feedback.destinations.webhooks import WebhookOutbox
+from services.feedback.destinations.webhooks import NOTIFICATION, NOTIFICATION_WITH_HEADERS, WebhookOutbox
 
 
 class EventRouter:
@@ -32,6 +33,7 @@ class EventRouter:
         outbox: WebhookOutbox,
         subject_prefix: str,
         queued: Callable[[], None],
+        notifications: IdentityNotifications,
     ) -> None:
         self._js = js
         self._nats = nats
@@ -39,6 +41,7 @@ class EventRouter:
         self._outbox = outbox
         self._prefix = subject_prefix
         self._queued = queued
+        self._notifications = notifications
 
     async def handle(self, event: ev.Event) -> None:
         if event.WhichOneof("payload") != "email" or not event.account_id:
@@ -49,6 +52,7 @@ class EventRouter:
             event.SerializeToString(),
             headers={"Nats-Msg-Id": event.event_id},
         )
+        await self._notify_identity(event)
         set_name = email.mail.configuration_set_name
         if not set_name:
             return
@@ -70,3 +74,16 @@ class EventRouter:
                     payload,
                     headers={"Nats-Msg-Id": event.event_id},
                 )
+
+    async def _notify_identity(self, event: ev.Event) -> None:
+        target = await self._notifications.target(event)
+        if target is None:
+            return
+        path, headers = target
+        set_name, _, name = path.partition("/")
+        destination = await self._sets.webhook(event.account_id, set_name, name)
+        if destination is not None:
+            await self._outbox.enqueue(
+                destination, event, NOTIFICATION_WITH_HEADERS if headers else NOTIFICATION
+            )
+            self._queued()

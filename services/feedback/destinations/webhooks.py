@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -56,8 +57,19 @@ class Request:
 Formatter = Callable[[EventDestination, str, ev.Event], Request]
 
 
-def json_request(destination: EventDestination, secret: str, event: ev.Event, *, now: int) -> Request:
-    body = sesjson.event_json(event).encode()
+EVENT = "event"
+NOTIFICATION = "notification"
+NOTIFICATION_WITH_HEADERS = "notification+headers"
+
+
+def json_request(
+    destination: EventDestination, secret: str, event: ev.Event, *, now: int, shape: str = EVENT
+) -> Request:
+    if shape == EVENT:
+        body = sesjson.event_json(event).encode()
+    else:
+        record = sesjson.notification_record(event, include_headers=shape == NOTIFICATION_WITH_HEADERS)
+        body = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
     return Request(
         body=body,
         headers={
@@ -88,14 +100,16 @@ class WebhookOutbox:
         self._backoff = backoff
         self._backoff_max = backoff_max
 
-    async def enqueue(self, destination: EventDestination, event: ev.Event) -> None:
+    async def enqueue(self, destination: EventDestination, event: ev.Event, shape: str = EVENT) -> None:
         now = self._clock.now()
+        # One row per destination, event and shape: a destination may get an event and a notification.
+        key = event.event_id if shape == EVENT else f"{event.event_id}:n"
         try:
             async with transaction(self._sessions) as session:
                 exists = await session.scalar(
                     select(WebhookDelivery.id).where(
                         WebhookDelivery.destination_id == destination.id,
-                        WebhookDelivery.event_id == event.event_id,
+                        WebhookDelivery.event_id == key,
                     )
                 )
                 if exists is None:
@@ -103,7 +117,8 @@ class WebhookOutbox:
                         WebhookDelivery(
                             destination_id=destination.id,
                             account_id=destination.account_id,
-                            event_id=event.event_id,
+                            event_id=key,
+                            shape=shape,
                             event=event.SerializeToString(),
                             dead=False,
                             attempts=0,
@@ -301,7 +316,7 @@ class WebhookDispatcher:
         try:
             event = ev.Event.FromString(row.event)
             secret = self._box.open(destination.account_id, destination.sealed_secret)
-            request = self.request(destination, secret, event)
+            request = self.request(destination, secret, event, row.shape)
             await self._check_host(destination.target)
             response = await client.post(destination.target, content=request.body, headers=request.headers)
         except PostmeshError as exc:
@@ -312,11 +327,13 @@ class WebhookDispatcher:
             return ""
         return f"HTTP {response.status_code}"
 
-    def request(self, destination: EventDestination, secret: str, event: ev.Event) -> Request:
+    def request(
+        self, destination: EventDestination, secret: str, event: ev.Event, shape: str = EVENT
+    ) -> Request:
         formatter = self._formatters.get(destination.format)
         if formatter is not None:
             return formatter(destination, secret, event)
-        return json_request(destination, secret, event, now=int(time.time()))
+        return json_request(destination, secret, event, now=int(time.time()), shape=shape)
 
     async def _check_host(self, url: str) -> None:
         """The host's addresses now (DNS may have changed since the destination was made)."""

@@ -60,6 +60,7 @@ def upgrade() -> None:
         sa.Column("destination_id", sa.Integer(), nullable=False),
         sa.Column("account_id", sa.String(32), nullable=False),
         sa.Column("event_id", sa.String(64), nullable=False),
+        sa.Column("shape", sa.String(24), nullable=False),
         sa.Column("event", sa.LargeBinary(), nullable=False),
         sa.Column("dead", sa.Boolean(), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),

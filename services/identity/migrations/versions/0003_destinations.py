@@ -1,4 +1,4 @@
-"""default configuration set per identity
+"""default configuration set and notification settings per identity
 
 Revision ID: identity_destinations
 Revises: identity_0002
@@ -12,14 +12,30 @@ down_revision = "identity_0002"
 branch_labels = None
 depends_on = None
 
+_KINDS = ("bounce", "complaint", "delivery")
+
 
 def upgrade() -> None:
     with op.batch_alter_table("email_identities") as batch:
         batch.add_column(
             sa.Column("configuration_set_name", sa.String(64), nullable=False, server_default="")
         )
+        for kind in _KINDS:
+            batch.add_column(
+                sa.Column(f"{kind}_destination", sa.String(130), nullable=False, server_default="")
+            )
+            batch.add_column(
+                sa.Column(f"headers_in_{kind}", sa.Boolean(), nullable=False, server_default=sa.false())
+            )
+        batch.add_column(
+            sa.Column("feedback_forwarding", sa.Boolean(), nullable=False, server_default=sa.true())
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("email_identities") as batch:
+        for kind in _KINDS:
+            batch.drop_column(f"{kind}_destination")
+            batch.drop_column(f"headers_in_{kind}")
+        batch.drop_column("feedback_forwarding")
         batch.drop_column("configuration_set_name")
