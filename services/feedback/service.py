@@ -15,7 +15,12 @@ from postmesh.common.auth import Access
 from postmesh.common.bus import consume_events, new_event
 from postmesh.common.clients import for_account
 from postmesh.common.service import Service
-from postmesh.common.streams import EMAIL_EVENTS_SUBJECT, IDENTITY_CHANGED_SUBJECT, email_event_subject
+from postmesh.common.streams import (
+    CONFIGURATION_SET_CHANGED_SUBJECT,
+    EMAIL_EVENTS_SUBJECT,
+    IDENTITY_CHANGED_SUBJECT,
+    email_event_subject,
+)
 from postmesh.events.v1 import events_pb2
 from postmesh.feedback.v1 import feedback_pb2, feedback_pb2_grpc
 from postmesh.identity.v1.identity_pb2 import GetIdentityNotificationAttributesRequest
@@ -43,6 +48,7 @@ class FeedbackService(Service):
     metadata = Base.metadata
     migrations_dir = Path(__file__).parent / "migrations"
     _identity_changes: Subscription | None = None
+    _set_changes: Subscription | None = None
 
     def register(self, server: aio.Server) -> None:
         self.servicer = FeedbackServicer()
@@ -154,6 +160,11 @@ class FeedbackService(Service):
             queued=dispatcher.wake,
             notifications=notifications,
         )
+
+        async def forget_routes(_: Any) -> None:
+            router.forget_routes()
+
+        self._set_changes = await runtime.nats.subscribe(CONFIGURATION_SET_CHANGED_SUBJECT, cb=forget_routes)
         runtime.spawn(
             lambda: consume_events(
                 runtime.jetstream,
@@ -166,9 +177,10 @@ class FeedbackService(Service):
         runtime.spawn(dispatcher.run, "webhook-dispatcher")
 
     async def on_stop(self) -> None:
-        if self._identity_changes is not None:
-            with contextlib.suppress(Exception):  # the connection may already be closing
-                await self._identity_changes.unsubscribe()
+        for subscription in (self._identity_changes, self._set_changes):
+            if subscription is not None:
+                with contextlib.suppress(Exception):  # the connection may already be closing
+                    await subscription.unsubscribe()
 
 
 SERVICE = FeedbackService

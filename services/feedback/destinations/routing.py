@@ -8,6 +8,7 @@ destination is plain NATS (at most once for its subscribers, as core NATS is).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from nats.aio.client import Client as NATS
@@ -21,6 +22,11 @@ from services.feedback.destinations import sesjson
 from services.feedback.destinations.notifications import IdentityNotifications
 from services.feedback.destinations.targets import full_subject
 from services.feedback.destinations.webhooks import NOTIFICATION, NOTIFICATION_WITH_HEADERS, WebhookOutbox
+from services.feedback.models import EventDestination
+
+# Kept routes also expire, in case a change event was missed while NATS reconnected.
+_ROUTES_SECONDS = 30.0
+_ROUTES_LIMIT = 10_000
 
 
 class EventRouter:
@@ -42,6 +48,22 @@ class EventRouter:
         self._prefix = subject_prefix
         self._queued = queued
         self._notifications = notifications
+        # The enabled destinations of each (account, set), until a ConfigurationSetChanged event.
+        self._routes: dict[tuple[str, str], tuple[float, list[EventDestination]]] = {}
+
+    def forget_routes(self) -> None:
+        self._routes.clear()
+
+    async def _destinations(self, account_id: str, set_name: str) -> list[EventDestination]:
+        now = time.monotonic()
+        kept = self._routes.get((account_id, set_name))
+        if kept is not None and kept[0] > now:
+            return kept[1]
+        routes = await self._sets.routes(account_id, set_name)
+        if len(self._routes) >= _ROUTES_LIMIT:
+            self._routes.clear()
+        self._routes[(account_id, set_name)] = (now + _ROUTES_SECONDS, routes)
+        return routes
 
     async def handle(self, event: ev.Event) -> None:
         if event.WhichOneof("payload") != "email" or not event.account_id:
@@ -57,7 +79,7 @@ class EventRouter:
         if not set_name:
             return
         type_name = sesjson.API_NAMES.get(email.event_type, "")
-        for destination in await self._sets.routes(event.account_id, set_name):
+        for destination in await self._destinations(event.account_id, set_name):
             if type_name not in destination.event_types.split(","):
                 continue
             if destination.kind == WEBHOOK:
