@@ -271,7 +271,7 @@ def test_nats_subjects_never_reach_wildcards_or_empty_tokens(text: str) -> None:
     assert "*" not in subject and ">" not in subject and "" not in subject.split(".")
 
 
-async def test_a_slow_endpoint_never_delays_another_destination(tmp_path: Path) -> None:
+async def test_a_slow_endpoint_never_delays_another_destination(tmp_path: Path, database_url: str) -> None:
     """Two webhooks: one endpoint holds every request open, the other answers at once. The second gets
     all its events while the first still holds its first one."""
     import asyncio
@@ -285,7 +285,7 @@ async def test_a_slow_endpoint_never_delays_another_destination(tmp_path: Path) 
     from tests.delivery_helpers import wait_until
     from tests.destinations_helpers import WebhookReceiver
 
-    engine = db.create_engine(f"sqlite+aiosqlite:///{tmp_path / 'feedback.db'}")
+    engine = db.create_engine(database_url)
     async with engine.begin() as connection:
         await connection.run_sync(Base.metadata.create_all)
     sessions = db.session_factory(engine)
@@ -348,3 +348,76 @@ async def test_a_slow_endpoint_never_delays_another_destination(tmp_path: Path) 
         slow.stop()
         fast.stop()
         await engine.dispose()
+
+
+async def test_failing_deliveries_back_off_then_die_and_replay(database_url: str) -> None:
+    """The outbox on each database: a failure schedules the next attempt by the backoff; past the
+    retry period the row is a dead letter (listed, per account); a replay makes it due again."""
+    from postmesh.common import db
+    from postmesh.common.bus import new_event
+    from services.feedback.configsets import CONFIRMED
+    from services.feedback.destinations.webhooks import WebhookOutbox
+    from services.feedback.models import Base, ConfigurationSet, EventDestination
+
+    engine = db.create_engine(database_url)
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+    sessions = db.session_factory(engine)
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+    class Clock:
+        now_value = start
+
+        def now(self) -> dt.datetime:
+            return self.now_value
+
+    clock = Clock()
+    async with db.transaction(sessions) as session:
+        owner = ConfigurationSet(account_id="acct", name="s", created_at=start)
+        session.add(owner)
+        await session.flush()
+        destination = EventDestination(
+            configuration_set_id=owner.id,
+            account_id="acct",
+            name="hook",
+            enabled=True,
+            event_types="SEND",
+            kind="webhook",
+            target="http://127.0.0.1:9/",
+            format="JSON",
+            subscription_status=CONFIRMED,
+            sealed_secret=b"x",
+            created_at=start,
+        )
+        session.add(destination)
+    outbox = WebhookOutbox(sessions, clock, retry_period=dt.timedelta(hours=24), backoff=5, backoff_max=3600)
+    event = new_event(
+        "acct", email=ev.EmailEvent(event_type=ev.EMAIL_EVENT_TYPE_SEND, mail=ev.Mail(message_id="m"))
+    )
+    await outbox.enqueue(destination, event)
+    await outbox.enqueue(destination, event)  # the same event again (redelivered): still one row
+    assert await outbox.due_destinations(10) == [destination.id]
+    _, rows = await outbox.due(destination.id)
+    assert len(rows) == 1
+    await outbox.failed(rows[0], "HTTP 503")
+    assert await outbox.due_destinations(10) == []  # not before the backoff
+    clock.now_value = start + dt.timedelta(seconds=5)
+    _, rows = await outbox.due(destination.id)
+    assert rows[0].attempts == 1 and rows[0].last_error == "HTTP 503"
+    clock.now_value = start + dt.timedelta(hours=25)
+    await outbox.failed(rows[0], "timeout")
+    assert await outbox.due_destinations(10) == []
+    letters, token = await outbox.dead_letters("acct", 0, "")
+    assert token == "" and [(d.event_id, d.attempts, e.name, c.name) for d, e, c in letters] == [
+        (event.event_id, 2, "hook", "s")
+    ]
+    assert (await outbox.dead_letters("another", 0, ""))[0] == []
+    with pytest.raises(InvalidArgument):
+        await outbox.replay([], every=False, account_id="")
+    assert await outbox.replay([], every=True, account_id="another") == 0
+    assert await outbox.replay([letters[0][0].id], every=False, account_id="") == 1
+    assert await outbox.due_destinations(10) == [destination.id]
+    _, rows = await outbox.due(destination.id)
+    await outbox.delivered(rows[0], after_failures=True)
+    assert await outbox.due_destinations(10) == [] and (await outbox.dead_letters("", 0, ""))[0] == []
+    await engine.dispose()
