@@ -421,3 +421,17 @@ async def test_failing_deliveries_back_off_then_die_and_replay(database_url: str
     await outbox.delivered(rows[0], after_failures=True)
     assert await outbox.due_destinations(10) == [] and (await outbox.dead_letters("", 0, ""))[0] == []
     await engine.dispose()
+
+
+def test_postmesh_own_ports_are_refused_on_its_own_addresses_only() -> None:
+    own = ["127.0.0.1:50051", "0.0.0.0:9464"]
+    for url in (
+        "http://127.0.0.1:50051/",
+        "http://10.0.0.5:9464/",
+        "http://localhost:9464/",
+        "http://[::1]:9464/",
+    ):
+        with pytest.raises(InvalidArgument):
+            check_webhook_url(url, allow_private=True, own_endpoints=own)
+    for url in ("http://93.184.216.34:9464/", "https://hooks.example.com:50051/x", "http://127.0.0.1:8080/"):
+        assert check_webhook_url(url, allow_private=True, own_endpoints=own) == url

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import services.feedback.settings  # noqa: F401 - registers the service's settin
 from postmesh.common.auth import Access
 from postmesh.common.bus import consume_events, new_event
 from postmesh.common.clients import for_account
+from postmesh.common.config import Settings
 from postmesh.common.service import Service
 from postmesh.common.streams import (
     CONFIGURATION_SET_CHANGED_SUBJECT,
@@ -119,7 +121,7 @@ class FeedbackService(Service):
         )
         servicer.webhook_formats = dispatcher.formats
         servicer.allow_private_targets = settings.webhook_allow_private_targets
-        servicer.own_endpoints = sorted(set(runtime.clients.endpoints.values()))
+        servicer.own_endpoints = _own_endpoints(runtime.clients.endpoints.values(), settings)
         servicer.nats_prefix = settings.user_nats_subject_prefix
         assert runtime.nats is not None
 
@@ -181,6 +183,18 @@ class FeedbackService(Service):
             if subscription is not None:
                 with contextlib.suppress(Exception):  # the connection may already be closing
                     await subscription.unsubscribe()
+
+
+def _own_endpoints(grpc_endpoints: Iterable[str], settings: Settings) -> list[str]:
+    """Every host:port postmesh listens on that a webhook could be pointed at."""
+    own = set(grpc_endpoints)
+    if settings.metrics_port:
+        own.add(f"{settings.grpc_listen.rpartition(':')[0] or '0.0.0.0'}:{settings.metrics_port}")
+    for name in ("identity_http_listen", "tracking_http_listen"):
+        listen = str(getattr(settings, name, "") or "")
+        if listen:
+            own.add(listen)
+    return sorted(own)
 
 
 SERVICE = FeedbackService

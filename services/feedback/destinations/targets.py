@@ -86,10 +86,13 @@ def check_webhook_url(url: str, *, allow_private: bool, own_endpoints: Iterable[
     for endpoint in own_endpoints:
         own_host, _, own_port = endpoint.rpartition(":")
         own_host = own_host.strip("[]").lower()
+        # A port on every interface is reached through this host's own (loopback or private) addresses.
+        every_interface = own_host in ("", "0.0.0.0", "::")
         same_host = own_host == host or (
-            address is not None and (address.is_loopback or address.is_unspecified)
+            address is not None
+            and (address.is_loopback or address.is_unspecified or (every_interface and address.is_private))
         )
-        if own_port.isdigit() and int(own_port) == port and (same_host or own_host in ("", "0.0.0.0", "::")):
+        if own_port.isdigit() and int(own_port) == port and same_host:
             raise _bad("A webhook may not point at postmesh itself.")
     return url
 
