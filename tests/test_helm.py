@@ -74,7 +74,13 @@ def test_one_hardened_deployment_per_service_with_grpc_probes(rendered: list[dic
         env = {e["name"]: e for e in container["env"]}
         for other in SERVICES:
             assert env[f"{other.upper()}_ENDPOINT"]["value"] == f"pm-postmesh-{other}:50051"
-        for secret in ("ADMIN_API_KEY", "SERVICE_API_KEY", "DATABASE_URL", "DKIM_MASTER_KEYS"):
+        for secret in (
+            "ADMIN_API_KEY",
+            "SERVICE_API_KEY",
+            "DATABASE_URL",
+            "DKIM_MASTER_KEYS",
+            "WEBHOOK_SECRETS_KEY",
+        ):
             assert "secretKeyRef" in env[secret]["valueFrom"]
         assert env["GRPC_LISTEN"]["value"] == "0.0.0.0:50051"
     sender_env = {
