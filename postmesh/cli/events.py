@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 
-from postmesh.cli.common import add_connection_flags, client_for, emit, table
+from postmesh.cli.common import add_connection_flags, client_for, emit, table, to_dict
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.feedback.v1 import configuration_sets_pb2 as cs
 from postmesh.sender.v1 import queue_pb2
@@ -101,7 +101,7 @@ def _show(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                {"configuration_set": _dict(found), "event_destinations": _dict(destinations)}, indent=2
+                {"configuration_set": to_dict(found), "event_destinations": to_dict(destinations)}, indent=2
             )
         )
         return 0
@@ -119,12 +119,6 @@ def _show(args: argparse.Namespace) -> int:
     print(f"redirect domain:   {found.tracking_options.custom_redirect_domain or '-'}")
     print(_destination_rows(list(destinations.event_destinations)))
     return 0
-
-
-def _dict(message: object) -> object:
-    from postmesh.cli.common import to_dict
-
-    return to_dict(message)  # type: ignore[arg-type]
 
 
 def _update(args: argparse.Namespace) -> int:
