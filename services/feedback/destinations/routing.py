@@ -74,10 +74,14 @@ class EventRouter:
             event.SerializeToString(),
             headers={"Nats-Msg-Id": event.event_id},
         )
+        if email.mail.configuration_set_name:
+            await self._route_to_set(event, email.mail.configuration_set_name)
+        # Last: a failure here (the identity service unreachable) retries the event, and what was
+        # queued above is not queued twice.
         await self._notify_identity(event)
-        set_name = email.mail.configuration_set_name
-        if not set_name:
-            return
+
+    async def _route_to_set(self, event: ev.Event, set_name: str) -> None:
+        email = event.email
         type_name = sesjson.API_NAMES.get(email.event_type, "")
         for destination in await self._destinations(event.account_id, set_name):
             if type_name not in destination.event_types.split(","):
