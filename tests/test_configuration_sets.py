@@ -8,6 +8,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.feedback.v1 import configuration_sets_pb2 as cs
@@ -349,3 +351,85 @@ def test_the_sender_honours_the_configuration_set(accept_mesh: MeshThread, zone:
         # A default set deleted since is ignored.
         fb.DeleteConfigurationSet(cs.DeleteConfigurationSetRequest(configuration_set_name="secure"))
         client.sender.SendEmail(_send("a@example.test", "r@example.test", ""))
+
+
+_REFUSALS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def test_hostile_configuration_sets_and_destinations_get_clear_refusals(accept_mesh: MeshThread) -> None:
+    """Any name, URL, subject, event type or format: accepted, or refused with a clear status; never
+    INTERNAL or UNKNOWN. And the stream refuses a bad opening the same way."""
+    _, key = accept_mesh.create_account()
+    with accept_mesh.client(key) as client:
+        fb = client.feedback
+        fb.CreateConfigurationSet(cs.CreateConfigurationSetRequest(configuration_set_name="s"))
+
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(
+            set_name=st.text(max_size=80),
+            name=st.text(max_size=80),
+            url=st.one_of(
+                st.text(max_size=120), st.from_regex(r"https?://[a-z0-9.:\[\]@-]{0,40}/?", fullmatch=True)
+            ),
+            subject=st.text(max_size=60),
+            types=st.lists(st.integers(min_value=-5, max_value=20), max_size=4),
+            fmt=st.integers(min_value=0, max_value=5),
+            webhook_target=st.booleans(),
+            tls=st.integers(min_value=-1, max_value=5),
+        )
+        def check(
+            set_name: str,
+            name: str,
+            url: str,
+            subject: str,
+            types: list[int],
+            fmt: int,
+            webhook_target: bool,
+            tls: int,
+        ) -> None:
+            definition = cs.EventDestinationDefinition(enabled=True, matching_event_types=types)  # type: ignore[arg-type]
+            if webhook_target:
+                definition.webhook.CopyFrom(cs.WebhookDestination(url=url, format=fmt))  # type: ignore[arg-type]
+            else:
+                definition.nats_subject.CopyFrom(cs.NatsSubjectDestination(subject=subject, format=fmt))  # type: ignore[arg-type]
+            calls = [
+                lambda: fb.CreateConfigurationSetEventDestination(
+                    cs.CreateConfigurationSetEventDestinationRequest(
+                        configuration_set_name="s", event_destination_name=name, event_destination=definition
+                    )
+                ),
+                lambda: fb.CreateConfigurationSet(
+                    cs.CreateConfigurationSetRequest(
+                        configuration_set_name=set_name,
+                        delivery_options=cs.DeliveryOptions(tls_policy=tls),  # type: ignore[arg-type]
+                    )
+                ),
+                lambda: fb.GetConfigurationSet(
+                    cs.GetConfigurationSetRequest(configuration_set_name=set_name)
+                ),
+                lambda: fb.DeleteConfigurationSet(
+                    cs.DeleteConfigurationSetRequest(configuration_set_name=set_name)
+                ),
+            ]
+            for call in calls:
+                try:
+                    call()
+                except grpc.RpcError as exc:
+                    assert exc.code() in _REFUSALS, (exc.code(), exc.details())
+
+        check()
+
+        for opening in (
+            cs.SubscribeEventsRequest(subscription_name=""),
+            cs.SubscribeEventsRequest(subscription_name="a.b"),
+            cs.SubscribeEventsRequest(subscription_name="ok", event_types=[77]),  # type: ignore[list-item]
+        ):
+            with pytest.raises(grpc.RpcError) as raised:
+                list(fb.SubscribeEvents(iter([opening])))
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
