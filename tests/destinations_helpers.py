@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import grpc
+
+from postmesh.client import Client
 from postmesh.common.natsserver import free_port
 from postmesh.feedback.v1 import configuration_sets_pb2 as cs
 
@@ -88,3 +92,42 @@ def webhook(url: str, *types: int, enabled: bool = True) -> cs.EventDestinationD
         matching_event_types=list(types),  # type: ignore[arg-type]
         webhook=cs.WebhookDestination(url=url),
     )
+
+
+class Follower:
+    """A SubscribeEvents client: the requests are a queue (the first opens, later ones acknowledge)."""
+
+    def __init__(self, client: Client, name: str) -> None:
+        self._requests: queue.Queue[cs.SubscribeEventsRequest | None] = queue.Queue()
+        self._requests.put(cs.SubscribeEventsRequest(subscription_name=name))
+        self.call = client.feedback.SubscribeEvents(iter(self._requests.get, None))
+        self.call.initial_metadata()  # the subscription exists from here on
+        self.received: list[cs.SubscribeEventsResponse] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for response in self.call:
+                with self._lock:
+                    self.received.append(response)
+        except grpc.RpcError:
+            pass
+
+    def events(self) -> list[cs.SubscribeEventsResponse]:
+        with self._lock:
+            return list(self.received)
+
+    def wait_for(self, count: int, within: float = 60.0) -> list[cs.SubscribeEventsResponse]:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline and len(self.events()) < count:
+            time.sleep(0.1)
+        return self.events()
+
+    def ack(self, *event_ids: str) -> None:
+        self._requests.put(cs.SubscribeEventsRequest(ack_event_ids=list(event_ids)))
+
+    def close(self) -> None:
+        self.call.cancel()
+        self._thread.join(10)

@@ -19,10 +19,9 @@ from postmesh.testing import MeshThread
 from postmesh.testing_mail import LoopbackDns
 from services.feedback.destinations.signing import verify
 from tests.conftest import MeshFactory
-from tests.destinations_helpers import WebhookReceiver
+from tests.destinations_helpers import Follower, WebhookReceiver
 from tests.identity_helpers import create_verified_domain
 from tests.sending_helpers import own_nats_server
-from tests.test_event_destinations import Follower
 
 
 @pytest.fixture

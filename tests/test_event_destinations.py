@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +25,7 @@ from postmesh.testing_mail import Behaviour, LoopbackDns, SmtpServer
 from services.feedback.destinations.signing import verify
 from tests.conftest import MeshFactory
 from tests.delivery_helpers import EmailEvents
-from tests.destinations_helpers import Delivery, WebhookReceiver, webhook
+from tests.destinations_helpers import Delivery, Follower, WebhookReceiver, webhook
 from tests.identity_helpers import create_verified_domain
 from tests.sending_helpers import own_nats_server, refusal
 
@@ -45,45 +43,6 @@ def zone() -> Iterator[LoopbackDns]:
 def nats_url(tmp_path: Path) -> Iterator[str]:
     with own_nats_server(tmp_path / "nats") as url:
         yield url
-
-
-class Follower:
-    """A SubscribeEvents client: the requests are a queue (the first opens, later ones acknowledge)."""
-
-    def __init__(self, client: Client, name: str) -> None:
-        self._requests: queue.Queue[cs.SubscribeEventsRequest | None] = queue.Queue()
-        self._requests.put(cs.SubscribeEventsRequest(subscription_name=name))
-        self.call = client.feedback.SubscribeEvents(iter(self._requests.get, None))
-        self.call.initial_metadata()  # the subscription exists from here on
-        self.received: list[cs.SubscribeEventsResponse] = []
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        try:
-            for response in self.call:
-                with self._lock:
-                    self.received.append(response)
-        except grpc.RpcError:
-            pass
-
-    def events(self) -> list[cs.SubscribeEventsResponse]:
-        with self._lock:
-            return list(self.received)
-
-    def wait_for(self, count: int, within: float = 60.0) -> list[cs.SubscribeEventsResponse]:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline and len(self.events()) < count:
-            time.sleep(0.1)
-        return self.events()
-
-    def ack(self, *event_ids: str) -> None:
-        self._requests.put(cs.SubscribeEventsRequest(ack_event_ids=list(event_ids)))
-
-    def close(self) -> None:
-        self.call.cancel()
-        self._thread.join(10)
 
 
 def _send(client: Client, sender: str, to: str, configuration_set: str) -> str:
