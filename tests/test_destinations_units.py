@@ -435,3 +435,50 @@ def test_postmesh_own_ports_are_refused_on_its_own_addresses_only() -> None:
             check_webhook_url(url, allow_private=True, own_endpoints=own)
     for url in ("http://93.184.216.34:9464/", "https://hooks.example.com:50051/x", "http://127.0.0.1:8080/"):
         assert check_webhook_url(url, allow_private=True, own_endpoints=own) == url
+
+
+async def test_webhooks_go_to_the_address_that_was_checked(tmp_path: Path) -> None:
+    """A host name is resolved and checked at each attempt, and the request goes to that address with
+    the name in Host: a name that now resolves to a metadata address is refused."""
+    from services.feedback.destinations.webhooks import WebhookDispatcher, WebhookOutbox
+    from tests.destinations_helpers import WebhookReceiver
+
+    answers = {"hooks.test": ["127.0.0.1"], "evil.test": ["169.254.169.254"]}
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return answers[host]
+
+    receiver = WebhookReceiver().start()
+    dispatcher = WebhookDispatcher(
+        WebhookOutbox(None, None, retry_period=dt.timedelta(hours=1), backoff=1, backoff_max=1),  # type: ignore[arg-type]
+        SecretBox.from_setting("", tmp_path),
+        timeout=30,
+        poll_seconds=1,
+        allow_private=True,
+        resolve=resolve,
+    )
+    url, host, server_name = await dispatcher._pinned(f"http://hooks.test:{receiver.port}/hook?a=1")
+    assert url == f"http://127.0.0.1:{receiver.port}/hook?a=1"
+    assert host == {"Host": f"hooks.test:{receiver.port}"} and server_name == {}
+    import httpx
+
+    async with httpx.AsyncClient() as client:  # what the dispatcher does with them
+        answer = await client.post(url, content=b"{}", headers=host, extensions=server_name)
+    assert answer.status_code == 200
+    assert receiver.deliveries[0].headers["Host"] == f"hooks.test:{receiver.port}"
+    url, host, server_name = await dispatcher._pinned("https://hooks.test/x")
+    assert url == "https://127.0.0.1/x" and server_name == {"sni_hostname": "hooks.test"}
+    with pytest.raises(InvalidArgument):
+        await dispatcher._pinned("http://evil.test/hook")
+    strict = WebhookDispatcher(
+        WebhookOutbox(None, None, retry_period=dt.timedelta(hours=1), backoff=1, backoff_max=1),  # type: ignore[arg-type]
+        SecretBox.from_setting("", tmp_path),
+        timeout=30,
+        poll_seconds=1,
+        allow_private=False,
+        resolve=resolve,
+    )
+    for url in ("http://hooks.test/hook", "http://127.0.0.1:9/hook"):
+        with pytest.raises(InvalidArgument):
+            await strict._pinned(url)
+    receiver.stop()

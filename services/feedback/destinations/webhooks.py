@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from sqlalchemy import delete, select, update
@@ -317,8 +317,10 @@ class WebhookDispatcher:
             event = ev.Event.FromString(row.event)
             secret = self._box.open(destination.account_id, destination.sealed_secret)
             request = self.request(destination, secret, event, row.shape)
-            await self._check_host(destination.target)
-            response = await client.post(destination.target, content=request.body, headers=request.headers)
+            url, host, server_name = await self._pinned(destination.target)
+            response = await client.post(
+                url, content=request.body, headers={**request.headers, **host}, extensions=server_name
+            )
         except PostmeshError as exc:
             return exc.message
         except httpx.HTTPError as exc:
@@ -335,17 +337,31 @@ class WebhookDispatcher:
             return formatter(destination, secret, event)
         return json_request(destination, secret, event, now=int(time.time()), shape=shape)
 
-    async def _check_host(self, url: str) -> None:
-        """The host's addresses now (DNS may have changed since the destination was made)."""
+    async def _pinned(self, url: str) -> tuple[str, dict[str, str], dict[str, str]]:
+        """The URL with its host replaced by an address checked now (DNS may have changed since the
+        destination was made), the Host header, and the TLS server name: the request goes to exactly
+        the address that was checked, and the certificate is still checked against the host name."""
         parts = urlsplit(url)
         host = parts.hostname or ""
         try:
-            ipaddress.ip_address(host)
-            addresses = [host]
+            literal = ipaddress.ip_address(host)
         except ValueError:
-            try:
-                addresses = await self._resolve(host, parts.port or 443)
-            except OSError as exc:
-                raise InvalidArgument(f"cannot resolve {host}: {exc}") from None
+            literal = None
+        if literal is not None:
+            check_address(literal, allow_private=self._allow_private)
+            return url, {}, {}
+        try:
+            addresses = await self._resolve(host, parts.port or (443 if parts.scheme == "https" else 80))
+        except OSError as exc:
+            raise InvalidArgument(f"cannot resolve {host}: {exc}") from None
+        if not addresses:
+            raise InvalidArgument(f"{host} has no address")
         for address in addresses:
             check_address(ipaddress.ip_address(address.split("%")[0]), allow_private=self._allow_private)
+        chosen = addresses[0].split("%")[0]
+        netloc = f"[{chosen}]" if ":" in chosen else chosen
+        if parts.port:
+            netloc += f":{parts.port}"
+        pinned = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+        server_name = {"sni_hostname": host} if parts.scheme == "https" else {}
+        return pinned, {"Host": parts.netloc.rpartition("@")[2]}, server_name
