@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from postmesh.common.errors import InvalidArgument
+from postmesh.common.errors import InvalidArgument, NotFound
 from postmesh.events.v1 import events_pb2 as ev
 from services.feedback.destinations import sesjson
 from services.feedback.destinations.signing import SecretBox, new_secret, signature_header, verify
@@ -482,3 +482,33 @@ async def test_webhooks_go_to_the_address_that_was_checked(tmp_path: Path) -> No
         with pytest.raises(InvalidArgument):
             await strict._pinned(url)
     receiver.stop()
+
+
+async def test_a_subscription_reopened_with_other_event_types_follows_the_new_ones(nats_url: str) -> None:
+    import nats as nats_client
+
+    from postmesh.common.bus import ensure_streams
+    from postmesh.common.streams import ACCOUNT_EVENTS
+    from services.feedback.destinations.subscriptions import Opening, Subscriptions
+
+    connection = await nats_client.connect(nats_url)
+    try:
+        js = connection.jetstream()
+        await ensure_streams(js, [ACCOUNT_EVENTS])
+        subscriptions = Subscriptions(js, max_unacked=10, ack_wait=30)
+        first = await subscriptions.open("acct-reopen", Opening("s", [ev.EMAIL_EVENT_TYPE_BOUNCE]))
+        await first.unsubscribe()
+        again = await subscriptions.open(
+            "acct-reopen", Opening("s", [ev.EMAIL_EVENT_TYPE_DELIVERY, ev.EMAIL_EVENT_TYPE_COMPLAINT])
+        )
+        info = await again.consumer_info()
+        assert sorted(info.config.filter_subjects or []) == [
+            "postmesh.account-events.acct-reopen.complaint",
+            "postmesh.account-events.acct-reopen.delivery",
+        ]
+        await again.unsubscribe()
+        await subscriptions.delete("acct-reopen", "s")
+        with pytest.raises(NotFound):
+            await subscriptions.delete("acct-reopen", "s")
+    finally:
+        await connection.close()
