@@ -286,7 +286,9 @@ def test_the_sender_honours_the_configuration_set(accept_mesh: MeshThread, zone:
         fb.CreateConfigurationSet(
             cs.CreateConfigurationSetRequest(
                 configuration_set_name="secure",
-                delivery_options=cs.DeliveryOptions(tls_policy=queue_pb2.TLS_POLICY_REQUIRE),
+                delivery_options=cs.DeliveryOptions(
+                    tls_policy=queue_pb2.TLS_POLICY_REQUIRE, max_delivery_seconds=600
+                ),
                 suppression_options=cs.SuppressionOptions(suppressed_reasons=["COMPLAINT"]),
             )
         )
@@ -306,6 +308,16 @@ def test_the_sender_honours_the_configuration_set(accept_mesh: MeshThread, zone:
         assert set(queued) == set(ids[:2])
         assert all(q.tls_policy == queue_pb2.TLS_POLICY_REQUIRE for q in queued.values())
         assert all(q.configuration_set_name == "secure" for q in queued.values())
+        for q in queued.values():  # SES's MaxDeliverySeconds: retries end 600 s after accept
+            assert q.expire_time.ToSeconds() - q.accepted_time.ToSeconds() == 600
+        code, _, _, metadata = refusal(
+            lambda: fb.PutConfigurationSetDeliveryOptions(
+                cs.PutConfigurationSetDeliveryOptionsRequest(
+                    configuration_set_name="secure", max_delivery_seconds=100
+                )
+            )
+        )
+        assert (code, metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "max_delivery_seconds")
 
         # The identity's default set applies to sends that name none.
         code, _, message, _ = refusal(

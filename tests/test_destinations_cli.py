@@ -123,10 +123,14 @@ def test_config_sets_destinations_follow_and_dead_letters_through_the_cli(
     assert code == 0 and "signing secret" not in out
     code, out, _ = _run(capsys, "config-set", "show", "app")
     assert code == 0 and "suppression:       COMPLAINT" in out and failing.url in out
-    code, out, _ = _run(capsys, "config-set", "update", "app", "--pause", "--tls-policy", "require")
+    code, out, _ = _run(capsys, "config-set", "update", "app", "--pause", "--max-delivery-seconds", "900")
     assert code == 0 and "sending paused" in out
+    code, out, _ = _run(capsys, "config-set", "update", "app", "--tls-policy", "require")
     code, out, _ = _run(capsys, "config-set", "show", "app")
     assert "sending:           PAUSED" in out and "tls policy:        REQUIRE" in out
+    assert "max delivery:      900 s" in out
+    code, _, err = _run(capsys, "config-set", "update", "app", "--max-delivery-seconds", "60")
+    assert code == 1 and "max_delivery_seconds" in err
     code, out, _ = _run(
         capsys,
         "config-set",

@@ -45,7 +45,8 @@ def _create(args: argparse.Namespace) -> int:
         delivery_options=cs.DeliveryOptions(
             tls_policy=queue_pb2.TLS_POLICY_REQUIRE
             if args.tls_policy == "require"
-            else queue_pb2.TLS_POLICY_OPTIONAL
+            else queue_pb2.TLS_POLICY_OPTIONAL,
+            max_delivery_seconds=args.max_delivery_seconds,
         ),
         reputation_options=cs.ReputationOptions(reputation_metrics_enabled=args.reputation_metrics),
     )
@@ -114,6 +115,8 @@ def _show(args: argparse.Namespace) -> int:
     print(f"sending:           {'enabled' if found.sending_options.sending_enabled else 'PAUSED'}")
     tls = queue_pb2.TlsPolicy.Name(found.delivery_options.tls_policy).removeprefix("TLS_POLICY_")
     print(f"tls policy:        {tls}")
+    seconds = found.delivery_options.max_delivery_seconds
+    print(f"max delivery:      {f'{seconds} s' if seconds else 'default'}")
     print(f"reputation:        {'on' if found.reputation_options.reputation_metrics_enabled else 'off'}")
     print(f"suppression:       {reasons}")
     print(f"redirect domain:   {found.tracking_options.custom_redirect_domain or '-'}")
@@ -134,16 +137,29 @@ def _update(args: argparse.Namespace) -> int:
                 )
             )
             done.append("sending " + ("resumed" if args.resume else "paused"))
-        if args.tls_policy:
-            policy = (
-                queue_pb2.TLS_POLICY_REQUIRE
-                if args.tls_policy == "require"
-                else queue_pb2.TLS_POLICY_OPTIONAL
+        if args.tls_policy or args.max_delivery_seconds is not None:
+            # The Put replaces both delivery options: keep the one not given.
+            current = fb.GetConfigurationSet(
+                cs.GetConfigurationSetRequest(configuration_set_name=name)
+            ).configuration_set.delivery_options
+            policy = current.tls_policy
+            if args.tls_policy:
+                policy = (
+                    queue_pb2.TLS_POLICY_REQUIRE
+                    if args.tls_policy == "require"
+                    else queue_pb2.TLS_POLICY_OPTIONAL
+                )
+            seconds = (
+                current.max_delivery_seconds
+                if args.max_delivery_seconds is None
+                else args.max_delivery_seconds
             )
             fb.PutConfigurationSetDeliveryOptions(
-                cs.PutConfigurationSetDeliveryOptionsRequest(configuration_set_name=name, tls_policy=policy)
+                cs.PutConfigurationSetDeliveryOptionsRequest(
+                    configuration_set_name=name, tls_policy=policy, max_delivery_seconds=seconds
+                )
             )
-            done.append(f"tls policy {args.tls_policy}")
+            done.append("delivery options set")
         if args.reputation_metrics:
             fb.PutConfigurationSetReputationOptions(
                 cs.PutConfigurationSetReputationOptionsRequest(
@@ -403,6 +419,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     create = sub.add_parser("create", help="create a configuration set")
     create.add_argument("name")
     create.add_argument("--tls-policy", choices=["optional", "require"], default="optional")
+    create.add_argument("--max-delivery-seconds", type=int, default=0, help="300 to 50400; 0: the default")
     create.add_argument("--paused", action="store_true", help="create with sending paused")
     create.add_argument("--reputation-metrics", action="store_true")
     create.add_argument(
@@ -423,6 +440,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     pause.add_argument("--pause", action="store_true", help="refuse sends naming the set")
     pause.add_argument("--resume", action="store_true")
     update.add_argument("--tls-policy", choices=["optional", "require"])
+    update.add_argument("--max-delivery-seconds", type=int, help="300 to 50400; 0: the default")
     update.add_argument("--reputation-metrics", choices=["on", "off"])
     update.add_argument(
         "--suppressed-reasons", help="BOUNCE,COMPLAINT, '' for none, or 'account' for the account-level list"

@@ -70,6 +70,19 @@ def check_event_types(types: Sequence[str]) -> str:
     return ",".join(t for t in EVENT_TYPES if t in set(types))
 
 
+MIN_DELIVERY_SECONDS, MAX_DELIVERY_SECONDS = 300, 50400
+
+
+def check_max_delivery_seconds(value: int) -> int:
+    if value and not MIN_DELIVERY_SECONDS <= value <= MAX_DELIVERY_SECONDS:
+        raise InvalidArgument(
+            f"max_delivery_seconds must be {MIN_DELIVERY_SECONDS} to {MAX_DELIVERY_SECONDS} "
+            "(0: the default).",
+            field="max_delivery_seconds",
+        )
+    return value
+
+
 def not_found(name: str) -> NotFound:
     return NotFound(f"Configuration set {name} does not exist.", reason="NOT_FOUND")
 
@@ -80,6 +93,7 @@ class Options:
 
     sending_enabled: bool = True
     tls_policy: str = "OPTIONAL"
+    max_delivery_seconds: int = 0
     reputation_metrics_enabled: bool = False
     suppressed_reasons: Sequence[str] | None = None
     custom_redirect_domain: str = ""
@@ -127,6 +141,7 @@ class ConfigurationSets:
             name=name,
             sending_enabled=options.sending_enabled,
             tls_policy=options.tls_policy,
+            max_delivery_seconds=check_max_delivery_seconds(options.max_delivery_seconds),
             reputation_metrics_enabled=options.reputation_metrics_enabled,
             suppressed_reasons=(
                 None if options.suppressed_reasons is None else check_reasons(options.suppressed_reasons)
@@ -180,6 +195,8 @@ class ConfigurationSets:
         """Sets the given columns of one set (the Put*Options operations)."""
         if "tls_policy" in values and values["tls_policy"] not in TLS_POLICIES:
             raise InvalidArgument("tls_policy must be REQUIRE or OPTIONAL.", field="tls_policy")
+        if "max_delivery_seconds" in values:
+            check_max_delivery_seconds(int(values["max_delivery_seconds"]))  # type: ignore[call-overload]
         async with transaction(self._sessions) as session:
             row = await self._find(session, account_id, name)
             if row is None:

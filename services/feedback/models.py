@@ -43,6 +43,8 @@ class ConfigurationSet(Base):
     sending_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     # The sender's TlsPolicy name: OPTIONAL or REQUIRE.
     tls_policy: Mapped[str] = mapped_column(String(16), default="OPTIONAL")
+    # SES's MaxDeliverySeconds; 0: the delivery workers' own maximum age.
+    max_delivery_seconds: Mapped[int] = mapped_column(Integer, default=0)
     reputation_metrics_enabled: Mapped[bool] = mapped_column(Boolean, default=False)
     # Comma-separated reasons (BOUNCE, COMPLAINT) replacing the account's list; NULL: the account's.
     suppressed_reasons: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None)

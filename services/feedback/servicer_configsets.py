@@ -46,7 +46,8 @@ def configuration_set_message(row: ConfigurationSet) -> cs.ConfigurationSet:
         configuration_set_name=row.name,
         sending_options=cs.SendingOptions(sending_enabled=row.sending_enabled),
         delivery_options=cs.DeliveryOptions(
-            tls_policy=queue_pb2.TlsPolicy.Value(_TLS_PREFIX + row.tls_policy)
+            tls_policy=queue_pb2.TlsPolicy.Value(_TLS_PREFIX + row.tls_policy),
+            max_delivery_seconds=row.max_delivery_seconds,
         ),
         reputation_options=cs.ReputationOptions(reputation_metrics_enabled=row.reputation_metrics_enabled),
         tracking_options=cs.TrackingOptions(custom_redirect_domain=row.custom_redirect_domain),
@@ -118,6 +119,7 @@ class ConfigurationSetsServicer:
                 request.sending_options.sending_enabled if request.HasField("sending_options") else True
             ),
             tls_policy=_tls_name(request.delivery_options.tls_policy),
+            max_delivery_seconds=request.delivery_options.max_delivery_seconds,
             reputation_metrics_enabled=request.reputation_options.reputation_metrics_enabled,
             suppressed_reasons=(
                 list(request.suppression_options.suppressed_reasons)
@@ -161,7 +163,10 @@ class ConfigurationSetsServicer:
         self, request: cs.PutConfigurationSetDeliveryOptionsRequest, context: aio.ServicerContext
     ) -> cs.PutConfigurationSetDeliveryOptionsResponse:
         await self.configuration_sets.update(
-            caller_account_id(), request.configuration_set_name, tls_policy=_tls_name(request.tls_policy)
+            caller_account_id(),
+            request.configuration_set_name,
+            tls_policy=_tls_name(request.tls_policy),
+            max_delivery_seconds=request.max_delivery_seconds,
         )
         return cs.PutConfigurationSetDeliveryOptionsResponse()
 

@@ -94,6 +94,9 @@ class SetOptions:
 
     sending_enabled: bool = True
     tls_policy: queue_pb2.TlsPolicy.ValueType = queue_pb2.TLS_POLICY_OPTIONAL
+    # SES's MaxDeliverySeconds: retries stop (and the message bounces) this long after accept; 0: the
+    # delivery workers' own maximum age.
+    max_delivery_seconds: int = 0
     # The suppression reasons that apply to the set's messages (SES: the set's own, or the account's).
     suppressed_reasons: tuple[str, ...] = ALL_SUPPRESSION_REASONS
 
@@ -492,7 +495,7 @@ class Acceptor:
                         )
             deliverable = [r for r in recipients if address_key(r) not in suppressed]
             if deliverable:
-                await self._queue(account_id, message, authorization, deliverable, options.tls_policy)
+                await self._queue(account_id, message, authorization, deliverable, options)
         except BaseException:
             await self._release(reservation, reservation.messages)
             raise
@@ -566,8 +569,9 @@ class Acceptor:
         message: Outgoing,
         authorization: Authorization,
         recipients: list[str],
-        tls_policy: queue_pb2.TlsPolicy.ValueType,
+        options: SetOptions,
     ) -> None:
+        accepted = self._clock.now()
         queued = queue_pb2.QueuedMessage(
             message_id=message.message_id,
             account_id=account_id,
@@ -579,11 +583,13 @@ class Acceptor:
             mime=message.mime,
             configuration_set_name=message.configuration_set,
             tags=[events_pb2.EmailTag(name=n, value=v) for n, v in message.tags],
-            accepted_time=timestamp(self._clock.now()),
+            accepted_time=timestamp(accepted),
             feedback_forwarding_address=message.feedback.address if message.feedback else "",
             subject=message.subject,
-            tls_policy=tls_policy,
+            tls_policy=options.tls_policy,
         )
+        if options.max_delivery_seconds:
+            queued.expire_time.FromDatetime(accepted + dt.timedelta(seconds=options.max_delivery_seconds))
         try:
             await enqueue(self._js, queued)
         except Exception as exc:

@@ -234,6 +234,7 @@ class MeshChecks:
         options = SetOptions(
             sending_enabled=found.sending_options.sending_enabled,
             tls_policy=found.delivery_options.tls_policy or queue_pb2.TLS_POLICY_OPTIONAL,
+            max_delivery_seconds=int(found.delivery_options.max_delivery_seconds),
             suppressed_reasons=(
                 tuple(found.suppression_options.suppressed_reasons)
                 if found.HasField("suppression_options")

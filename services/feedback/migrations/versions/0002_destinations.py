@@ -23,6 +23,7 @@ def upgrade() -> None:
         sa.Column("name", sa.String(64), nullable=False),
         sa.Column("sending_enabled", sa.Boolean(), nullable=False),
         sa.Column("tls_policy", sa.String(16), nullable=False),
+        sa.Column("max_delivery_seconds", sa.Integer(), nullable=False),
         sa.Column("reputation_metrics_enabled", sa.Boolean(), nullable=False),
         sa.Column("suppressed_reasons", sa.String(64), nullable=True),
         sa.Column("custom_redirect_domain", sa.String(253), nullable=False),
