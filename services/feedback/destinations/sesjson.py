@@ -89,19 +89,29 @@ def _addresses(value: str) -> list[str]:
     return [formataddr(pair) if pair[0] else pair[1] for pair in getaddresses([value]) if pair[1]]
 
 
+def _message_id(mail: ev.Mail) -> str:
+    """SES's own id for a Message-ID it made (postmesh's <id@domain>), else the header's value."""
+    for header in mail.headers:
+        if header.name.lower() == "message-id":
+            value = header.value.strip().strip("<>")
+            return mail.message_id if value.partition("@")[0] == mail.message_id else value
+    return mail.message_id
+
+
 def common_headers(mail: ev.Mail) -> dict[str, Any]:
     common: dict[str, Any] = {}
     for header in mail.headers:
         name = header.name.lower()
         if name in _COMMON_LISTS:
-            common.setdefault(_COMMON_LISTS[name], []).extend(_addresses(header.value))
+            # As SES: one entry per header, its addresses re-rendered (quotes dropped) and comma-joined.
+            common.setdefault(_COMMON_LISTS[name], []).append(", ".join(_addresses(header.value)))
         elif name in _COMMON_SINGLE:
             common[_COMMON_SINGLE[name]] = header.value
     if "from" not in common and mail.source:
         common["from"] = [mail.source]
     if "to" not in common and mail.destination and not mail.headers:
         common["to"] = list(mail.destination)
-    common["messageId"] = mail.message_id
+    common["messageId"] = _message_id(mail)
     if "subject" not in common and mail.subject:
         common["subject"] = mail.subject
     return common
