@@ -31,17 +31,24 @@ from postmesh.sender.v1 import sender_pb2_grpc
 DEFAULT_ENDPOINT = "localhost:50051"
 
 
-class _ApiKeyInterceptor(grpc.UnaryUnaryClientInterceptor):
+class _ApiKeyInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     def __init__(self, api_key: str) -> None:
         self._api_key = api_key
+
+    def _with_key(self, client_call_details: Any) -> Any:
+        metadata = list(client_call_details.metadata or [])
+        metadata.append(("authorization", f"Bearer {self._api_key}"))
+        return client_call_details._replace(metadata=metadata)
 
     def intercept_unary_unary(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
     ) -> Any:
-        metadata = list(client_call_details.metadata or [])
-        metadata.append(("authorization", f"Bearer {self._api_key}"))
-        details = client_call_details._replace(metadata=metadata)
-        return continuation(details, request)
+        return continuation(self._with_key(client_call_details), request)
+
+    def intercept_stream_stream(
+        self, continuation: Callable[..., Any], client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return continuation(self._with_key(client_call_details), request_iterator)
 
 
 @dataclass(frozen=True)

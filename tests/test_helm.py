@@ -112,9 +112,10 @@ def test_each_pod_gets_only_its_own_secrets(rendered: list[dict[str, Any]]) -> N
     deployments = _deployments(rendered)
     holders = {
         key: {c for c, d in deployments.items() if key in _env(d)}
-        for key in ("DKIM_MASTER_KEYS", "ADMIN_API_KEY", "SERVICE_API_KEY")
+        for key in ("DKIM_MASTER_KEYS", "ADMIN_API_KEY", "SERVICE_API_KEY", "WEBHOOK_SECRETS_KEY")
     }
     assert holders["DKIM_MASTER_KEYS"] == {"identity"}
+    assert holders["WEBHOOK_SECRETS_KEY"] == {"feedback"}
     assert "delivery" not in holders["ADMIN_API_KEY"]
     assert holders["SERVICE_API_KEY"] == set(CI_COMPONENTS)
 

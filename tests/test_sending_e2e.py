@@ -17,7 +17,7 @@ import pytest
 
 from postmesh.common.natsserver import free_port
 from postmesh.events.v1 import events_pb2 as ev
-from postmesh.feedback.v1 import feedback_pb2
+from postmesh.feedback.v1 import configuration_sets_pb2, feedback_pb2
 from postmesh.identity.v1 import identity_pb2
 from postmesh.quota.v1 import quota_pb2
 from postmesh.sender.v1 import sender_pb2 as pb
@@ -105,6 +105,9 @@ def test_simple_raw_and_templated_sends_are_queued_as_final_mime(
     with accept_mesh.client(key) as client:
         create_verified_domain(client, zone, "example.test")
         create_verified_domain(client, zone, "bücher.test")
+        client.feedback.CreateConfigurationSet(
+            configuration_sets_pb2.CreateConfigurationSetRequest(configuration_set_name="marketing")
+        )
         simple = client.sender.SendEmail(
             _simple(
                 "Zoë Sender <zoe@bücher.test>",

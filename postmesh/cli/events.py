@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 
 from postmesh.cli.common import add_connection_flags, client_for, emit, table
+from postmesh.cli.destinations import register_follow
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.feedback.v1 import feedback_pb2 as pb
 
@@ -142,3 +143,5 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     events.add_argument("--limit", type=int, default=50, help="events per page (default 50)")
     events.add_argument("--page-token", help="the next page, from a previous listing")
     events.set_defaults(handler=_events)
+    # `postmesh events follow`: the live stream instead of the stored events.
+    register_follow(events.add_subparsers(dest="events_command", required=False))

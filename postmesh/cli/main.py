@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "postmesh.cli.sending",
     "postmesh.cli.quota",
     "postmesh.cli.events",
+    "postmesh.cli.destinations",
     "postmesh.cli.suppression",
     "postmesh.cli.smtp",
     "postmesh.cli.inbound",

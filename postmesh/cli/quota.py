@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from postmesh.cli.common import add_connection_flags, client_for, emit, table
 from postmesh.cli.filtration import register_admin as register_filtration_admin
+from postmesh.cli.destinations import register_admin_commands as register_dead_letter_commands
 from postmesh.quota.v1 import quota_pb2 as pb
 
 BARS = " ▁▂▃▄▅▆▇█"
@@ -413,3 +414,4 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     set_quota.set_defaults(handler=_admin_set_quota)
 
     register_filtration_admin(sub)
+    register_dead_letter_commands(sub)

@@ -93,6 +93,11 @@ class MeshClients:
         self._server_name = server_name
         self._channels: dict[str, aio.Channel] = {}
 
+    @property
+    def endpoints(self) -> dict[str, str]:
+        """host:port of each service (the same port for all in the all-in-one shape)."""
+        return dict(self._endpoints)
+
     def channel(self, service: str) -> aio.Channel:
         if service not in self._channels:
             # round_robin: with a name that resolves to every replica (a headless Service), each

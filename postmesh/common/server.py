@@ -14,7 +14,7 @@ import random
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -238,8 +238,12 @@ class MeshInterceptor(aio.ServerInterceptor):
         full_method: str = handler_call_details.method
         service_name, _, method = full_method.lstrip("/").rpartition("/")
         service = self._services.get(service_name)
-        if handler is None or service is None or handler.unary_unary is None:
+        if handler is None or service is None:
             return handler  # health, reflection: no postmesh policy applies
+        if handler.stream_stream is not None:
+            return self._stream_handler(service, handler, full_method, service.access_for(method))
+        if handler.unary_unary is None:
+            return handler
         access = service.access_for(method)
         internal = access is Access.INTERNAL
         behaviour = handler.unary_unary
@@ -313,6 +317,37 @@ class MeshInterceptor(aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
             request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+    def _stream_handler(
+        self, service: Service, handler: grpc.RpcMethodHandler[Any, Any], full_method: str, access: Access
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """The same policy for a bidirectional stream: authenticated once, when it opens."""
+        behaviour = handler.stream_stream
+        assert behaviour is not None
+
+        async def wrapped(requests: AsyncIterator[Any], context: aio.ServicerContext) -> AsyncIterator[Any]:
+            metadata = {
+                key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
+            }
+            request_id_var.set(metadata.get("x-request-id") or f"{random.getrandbits(64):016x}")
+            if not service.runtime.ready.is_set():
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, f"The {service.name} service is starting; try again shortly."
+                )
+            try:
+                principal_var.set(await self._authenticator.authenticate(metadata, access))
+                log.info("stream opened", extra={"method": full_method})
+                async for response in behaviour(requests, context):  # type: ignore[arg-type, attr-defined]
+                    yield response
+            except PostmeshError as exc:
+                code, trailers = _status_for(exc)
+                await context.abort(code, exc.message, trailing_metadata=trailers)
+
+        return grpc.stream_stream_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 

@@ -54,7 +54,18 @@ OUTBOUND = StreamSpec(
     description="accepted messages waiting for delivery (work queue)",
 )
 
-ALL_STREAMS = (EVENTS, OUTBOUND)
+ACCOUNT_EVENTS_SUBJECT_PREFIX = "postmesh.account-events"
+
+# Each account's email events again, on subjects that name the account, so a durable consumer can
+# follow one account's events (the feedback service's SubscribeEvents) without reading everyone's.
+ACCOUNT_EVENTS = StreamSpec(
+    name="POSTMESH_ACCOUNT_EVENTS",
+    subjects=[f"{ACCOUNT_EVENTS_SUBJECT_PREFIX}.>"],
+    max_age_seconds=7 * DAY,
+    description="email events per account, for SubscribeEvents (protobuf postmesh.events.v1.Event)",
+)
+
+ALL_STREAMS = (EVENTS, OUTBOUND, ACCOUNT_EVENTS)
 
 # JetStream object store bucket for message bodies too large to ride inside a queued message.
 MESSAGE_STORE_BUCKET = "POSTMESH_MESSAGES"
@@ -87,6 +98,16 @@ EMAIL_EVENTS_SUBJECT = f"{EVENTS_SUBJECT_PREFIX}.email.>"
 IDENTITY_CHANGED_SUBJECT = f"{EVENTS_SUBJECT_PREFIX}.identity.changed"
 ACCOUNT_CHANGED_SUBJECT = f"{EVENTS_SUBJECT_PREFIX}.account.changed"
 API_KEY_REVOKED_SUBJECT = f"{EVENTS_SUBJECT_PREFIX}.apikey.revoked"
+CONFIGURATION_SET_CHANGED_SUBJECT = f"{EVENTS_SUBJECT_PREFIX}.configset.changed"
+
+
+def account_events_subject(account_id: str, event_type: events_pb2.EmailEventType.ValueType) -> str:
+    """postmesh.account-events.<account>.bounce, ...: one account's email events."""
+    return f"{ACCOUNT_EVENTS_SUBJECT_PREFIX}.{account_id}.{_EMAIL_EVENT_SUFFIX[event_type]}"
+
+
+def account_events_filter(account_id: str) -> str:
+    return f"{ACCOUNT_EVENTS_SUBJECT_PREFIX}.{account_id}.>"
 
 
 def email_event_subject(event_type: events_pb2.EmailEventType.ValueType) -> str:
@@ -105,4 +126,6 @@ def event_subject(event: events_pb2.Event) -> str:
         return ACCOUNT_CHANGED_SUBJECT
     if kind == "api_key_revoked":
         return API_KEY_REVOKED_SUBJECT
+    if kind == "configuration_set_changed":
+        return CONFIGURATION_SET_CHANGED_SUBJECT
     raise ValueError(f"event has no payload: {event!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from postmesh.common.db import UTCDateTime, service_metadata
@@ -57,3 +57,73 @@ class KeptReport(Base):
     format: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str] = mapped_column(Text)
     raw: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ConfigurationSet(Base):
+    """SES's configuration set: options of the messages that name it."""
+
+    __tablename__ = "configuration_sets"
+    __table_args__ = (UniqueConstraint("account_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(String(32), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    sending_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # The sender's TlsPolicy name: OPTIONAL or REQUIRE.
+    tls_policy: Mapped[str] = mapped_column(String(16), default="OPTIONAL")
+    # SES's MaxDeliverySeconds; 0: the delivery workers' own maximum age.
+    max_delivery_seconds: Mapped[int] = mapped_column(Integer, default=0)
+    reputation_metrics_enabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Comma-separated reasons (BOUNCE, COMPLAINT) replacing the account's list; NULL: the account's.
+    suppressed_reasons: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None)
+    custom_redirect_domain: Mapped[str] = mapped_column(String(253), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class EventDestination(Base):
+    """Where a configuration set's events go: a webhook or a NATS subject."""
+
+    __tablename__ = "event_destinations"
+    __table_args__ = (UniqueConstraint("configuration_set_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    configuration_set_id: Mapped[int] = mapped_column(Integer, index=True)
+    account_id: Mapped[str] = mapped_column(String(32), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Comma-separated SES event type names (SEND, BOUNCE, ...).
+    event_types: Mapped[str] = mapped_column(String(200))
+    # "webhook" or "nats".
+    kind: Mapped[str] = mapped_column(String(16))
+    # Webhook URL, or the user's NATS subject.
+    target: Mapped[str] = mapped_column(String(2048))
+    # Webhook: JSON or SNS; NATS: JSON or PROTOBUF.
+    format: Mapped[str] = mapped_column(String(16))
+    subscription_status: Mapped[str] = mapped_column(String(32), default="CONFIRMED")
+    # The webhook signing secret, sealed (AES-GCM) under the destinations' secrets key.
+    sealed_secret: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class WebhookDelivery(Base):
+    """One event on its way to one webhook: pending (with its next attempt), or dead after the retry
+    period (a dead letter, until an operator replays it). Delivered ones are deleted."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (UniqueConstraint("destination_id", "event_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    destination_id: Mapped[int] = mapped_column(Integer, index=True)
+    account_id: Mapped[str] = mapped_column(String(32), index=True)
+    event_id: Mapped[str] = mapped_column(String(64))
+    # What the body is: "event" (SES event publishing JSON), "notification" or "notification+headers"
+    # (an SES v1 identity notification, without or with the message headers).
+    shape: Mapped[str] = mapped_column(String(24), default="event")
+    # The postmesh.events.v1.Event, serialized: the body is rendered at each attempt.
+    event: Mapped[bytes] = mapped_column(LargeBinary)
+    dead: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    first_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+    dead_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True, default=None)

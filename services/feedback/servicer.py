@@ -10,6 +10,7 @@ from postmesh.feedback.v1 import feedback_pb2 as pb
 from postmesh.feedback.v1 import feedback_pb2_grpc
 from services.feedback.inbound.servicer import InboundAdminServicer
 from services.feedback.models import SuppressedDestination
+from services.feedback.servicer_configsets import ConfigurationSetsServicer
 from services.feedback.suppression import SuppressionList
 from services.feedback.suppression_io.servicer import SuppressionJobRpcs
 from services.feedback.timeline.servicer import TimelineRpcs
@@ -32,7 +33,11 @@ def suppressed_message(row: SuppressedDestination) -> pb.SuppressedDestination:
 
 
 class FeedbackServicer(
-    TimelineRpcs, SuppressionJobRpcs, InboundAdminServicer, feedback_pb2_grpc.FeedbackServiceServicer
+    TimelineRpcs,
+    SuppressionJobRpcs,
+    InboundAdminServicer,
+    ConfigurationSetsServicer,
+    feedback_pb2_grpc.FeedbackServiceServicer,
 ):
     # Bound in FeedbackService.on_ready.
     suppression: SuppressionList

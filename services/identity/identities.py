@@ -131,6 +131,8 @@ class SenderAuthorization:
     owner_account_id: str
     mail_from_domain: str
     feedback_forwarding: bool = False
+    # The identity's default configuration set (own identities only: sets belong to one account).
+    configuration_set: str = ""
 
 
 @dataclass(frozen=True)
@@ -810,6 +812,77 @@ class IdentityStore:
             view.verified_for_sending,
         )
 
+    async def put_configuration_set(self, account_id: str, name: str, configuration_set: str) -> None:
+        """The identity's default configuration set ("" removes it); the caller checked that it exists."""
+        async with transaction(self._sessions) as session:
+            row = await self._owned(session, account_id, name)
+            row.configuration_set_name = configuration_set
+            identity, verified = row.identity, row.verification_status == SUCCESS
+        await self._announce(
+            account_id, identity, Change.IDENTITY_CHANGE_TYPE_CONFIGURATION_SET_CHANGED, verified
+        )
+
+    # --- SES v1 identity notifications
+
+    async def set_notification_destination(
+        self, account_id: str, name: str, kind: str, destination: str
+    ) -> None:
+        """`destination` ("<set>/<destination>", or "" for none) was checked by the caller."""
+        column = _notification_kind(kind) + "_destination"
+        async with transaction(self._sessions) as session:
+            row = await self._owned(session, account_id, name)
+            if not destination and kind in ("BOUNCE", "COMPLAINT") and not self.feedback_forwarding(row):
+                raise InvalidArgument(
+                    "Feedback forwarding is disabled: bounce and complaint notifications need a destination "
+                    "(enable feedback forwarding first).",
+                    field="destination",
+                )
+            setattr(row, column, destination)
+            identity = row.identity
+        await self._announce(account_id, identity, Change.IDENTITY_CHANGE_TYPE_NOTIFICATIONS_CHANGED, True)
+
+    async def set_headers_in_notifications(
+        self, account_id: str, name: str, kind: str, enabled: bool
+    ) -> None:
+        column = "headers_in_" + _notification_kind(kind)
+        async with transaction(self._sessions) as session:
+            row = await self._owned(session, account_id, name)
+            setattr(row, column, enabled)
+            identity = row.identity
+        await self._announce(account_id, identity, Change.IDENTITY_CHANGE_TYPE_NOTIFICATIONS_CHANGED, True)
+
+    async def set_feedback_forwarding(self, account_id: str, name: str, enabled: bool) -> None:
+        async with transaction(self._sessions) as session:
+            row = await self._owned(session, account_id, name)
+            if not enabled and not (row.bounce_destination and row.complaint_destination):
+                raise InvalidArgument(
+                    "Feedback forwarding can be disabled only when bounce and complaint notifications have "
+                    "a destination.",
+                    field="forwarding_enabled",
+                )
+            row.feedback_forwarding = enabled
+            identity = row.identity
+        await self._announce(account_id, identity, Change.IDENTITY_CHANGE_TYPE_NOTIFICATIONS_CHANGED, True)
+
+    async def notification_settings(self, account_id: str, names: Sequence[str]) -> list[EmailIdentity]:
+        """The account's identities among `names` (others are left out, as SES does)."""
+        keys = []
+        for name in names:
+            try:
+                keys.append(parse_identity(name)[1])
+            except InvalidArgument:
+                continue
+        if not keys:
+            return []
+        async with self._sessions() as session:
+            return list(
+                await session.scalars(
+                    select(EmailIdentity).where(
+                        EmailIdentity.account_id == account_id, EmailIdentity.identity_key.in_(keys)
+                    )
+                )
+            )
+
     # --- sending authorization policies
 
     async def put_policy(self, account_id: str, name: str, policy_name: str, policy: str) -> None:
@@ -946,6 +1019,7 @@ class IdentityStore:
                     account_id,
                     await self._mail_from(session, account_id, address),
                     self.feedback_forwarding(chosen),
+                    chosen.configuration_set_name,
                 )
             owner_hint, name = "", from_identity.strip()
             arn = _ARN.match(name)
@@ -979,6 +1053,7 @@ class IdentityStore:
                     owner,
                     await self._mail_from(session, owner, address),
                     self.feedback_forwarding(chosen),
+                    chosen.configuration_set_name if owner == account_id else "",
                 )
         raise rejected
 
@@ -1072,3 +1147,11 @@ class IdentityStore:
     async def system_identity(self) -> IdentityView:
         domain = domain_of(normalize_address(self.config.system_address, field="VERIFICATION_MAIL_FROM"))
         return await self.get(SYSTEM_ACCOUNT_ID, domain)
+
+
+def _notification_kind(kind: str) -> str:
+    if kind not in ("BOUNCE", "COMPLAINT", "DELIVERY"):
+        raise InvalidArgument(
+            "notification_type must be BOUNCE, COMPLAINT or DELIVERY.", field="notification_type"
+        )
+    return kind.lower()

@@ -78,6 +78,16 @@ class EmailIdentity(Base):
     feedback_forwarding: Mapped[bool | None] = mapped_column(Boolean, nullable=True, default=None)
     # Addresses: when the last verification message was queued (resend rate limit).
     last_email_sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The default configuration set of sends from this identity that name none.
+    configuration_set_name: Mapped[str] = mapped_column(String(64), default="")
+    # SES v1 identity notifications: "<set>/<destination>" per type, headers or not (feedback forwarding
+    # is the feedback_forwarding column above).
+    bounce_destination: Mapped[str] = mapped_column(String(130), default="")
+    complaint_destination: Mapped[str] = mapped_column(String(130), default="")
+    delivery_destination: Mapped[str] = mapped_column(String(130), default="")
+    headers_in_bounce: Mapped[bool] = mapped_column(Boolean, default=False)
+    headers_in_complaint: Mapped[bool] = mapped_column(Boolean, default=False)
+    headers_in_delivery: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class DkimKey(Base):

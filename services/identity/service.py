@@ -9,7 +9,13 @@ from grpc import aio
 
 import services.identity.settings  # noqa: F401 - registers the service's settings
 from postmesh.common.auth import Access
+from postmesh.common.clients import domain_error_from, for_account
+from postmesh.common.errors import NotFound
 from postmesh.common.service import Service
+from postmesh.feedback.v1.configuration_sets_pb2 import (
+    GetConfigurationSetEventDestinationsRequest,
+    GetConfigurationSetRequest,
+)
 from postmesh.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.identity.accounts import AccountStore
 from services.identity.dkimkeys import MasterKeys
@@ -92,6 +98,32 @@ class IdentityService(Service):
             runtime.sessions, runtime.clock, runtime.events, self.master_keys, config, mailer, self.verifier
         )
         self.servicer.identities = store
+
+        async def check_configuration_set(account_id: str, name: str) -> None:
+            try:
+                await runtime.clients.feedback.GetConfigurationSet(
+                    GetConfigurationSetRequest(configuration_set_name=name),
+                    metadata=for_account(account_id),
+                    timeout=10.0,
+                )
+            except aio.AioRpcError as exc:
+                raise domain_error_from(exc) from None
+
+        self.servicer.check_configuration_set = check_configuration_set
+
+        async def check_webhook_destination(account_id: str, set_name: str, name: str) -> None:
+            try:
+                reply = await runtime.clients.feedback.GetConfigurationSetEventDestinations(
+                    GetConfigurationSetEventDestinationsRequest(configuration_set_name=set_name),
+                    metadata=for_account(account_id),
+                    timeout=10.0,
+                )
+            except aio.AioRpcError as exc:
+                raise domain_error_from(exc) from None
+            if not any(d.name == name and d.HasField("webhook") for d in reply.event_destinations):
+                raise NotFound(f"Configuration set {set_name} has no webhook event destination {name}.")
+
+        self.servicer.check_webhook_destination = check_webhook_destination
         await store.ensure_system_identity()
         if settings.identity_http_listen:
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from grpc import aio
 
 from postmesh.common.auth import account_for_internal_call, caller_account_id
+from postmesh.common.errors import InvalidArgument
 from postmesh.common.protoutil import timestamp
 from postmesh.identity.v1 import identity_pb2 as pb
 from services.identity import dkimkeys
@@ -129,6 +132,7 @@ def identity_message(view: IdentityView) -> pb.GetEmailIdentityResponse:
         dns_records=_records(view.records),
         create_time=timestamp(row.created_at),
         feedback_forwarding_status=view.feedback_forwarding,
+        configuration_set_name=row.configuration_set_name,
     )
 
 
@@ -136,6 +140,10 @@ class IdentitiesServicer:
     """The identity RPCs, mixed into IdentityServicer."""
 
     identities: IdentityStore
+    # Raises NotFound ("Configuration set <name> does not exist.") unless the account has the set.
+    check_configuration_set: Callable[[str, str], Awaitable[None]]
+    # Raises unless the account's set has a webhook event destination of that name.
+    check_webhook_destination: Callable[[str, str, str], Awaitable[None]]
 
     async def CreateEmailIdentity(
         self, request: pb.CreateEmailIdentityRequest, context: aio.ServicerContext
@@ -319,7 +327,74 @@ class IdentitiesServicer:
             identity_owner_account_id=result.owner_account_id,
             mail_from_domain=result.mail_from_domain,
             feedback_forwarding_enabled=result.feedback_forwarding,
+            default_configuration_set_name=result.configuration_set,
         )
+
+    async def SetIdentityNotificationTopic(
+        self, request: pb.SetIdentityNotificationTopicRequest, context: aio.ServicerContext
+    ) -> pb.SetIdentityNotificationTopicResponse:
+        account_id = caller_account_id()
+        destination = request.destination.strip()
+        if destination:
+            set_name, _, name = destination.partition("/")
+            if not set_name or not name:
+                raise InvalidArgument(
+                    "destination must be <configuration set>/<event destination>.", field="destination"
+                )
+            await self.check_webhook_destination(account_id, set_name, name)
+        await self.identities.set_notification_destination(
+            account_id, request.identity, _notification_type(request.notification_type), destination
+        )
+        return pb.SetIdentityNotificationTopicResponse()
+
+    async def SetIdentityHeadersInNotificationsEnabled(
+        self, request: pb.SetIdentityHeadersInNotificationsEnabledRequest, context: aio.ServicerContext
+    ) -> pb.SetIdentityHeadersInNotificationsEnabledResponse:
+        await self.identities.set_headers_in_notifications(
+            caller_account_id(),
+            request.identity,
+            _notification_type(request.notification_type),
+            request.enabled,
+        )
+        return pb.SetIdentityHeadersInNotificationsEnabledResponse()
+
+    async def SetIdentityFeedbackForwardingEnabled(
+        self, request: pb.SetIdentityFeedbackForwardingEnabledRequest, context: aio.ServicerContext
+    ) -> pb.SetIdentityFeedbackForwardingEnabledResponse:
+        await self.identities.set_feedback_forwarding(
+            caller_account_id(), request.identity, request.forwarding_enabled
+        )
+        return pb.SetIdentityFeedbackForwardingEnabledResponse()
+
+    async def GetIdentityNotificationAttributes(
+        self, request: pb.GetIdentityNotificationAttributesRequest, context: aio.ServicerContext
+    ) -> pb.GetIdentityNotificationAttributesResponse:
+        rows = await self.identities.notification_settings(caller_account_id(), list(request.identities))
+        return pb.GetIdentityNotificationAttributesResponse(
+            notification_attributes={
+                row.identity: pb.IdentityNotificationAttributes(
+                    bounce_destination=row.bounce_destination,
+                    complaint_destination=row.complaint_destination,
+                    delivery_destination=row.delivery_destination,
+                    forwarding_enabled=self.identities.feedback_forwarding(row),
+                    headers_in_bounce_notifications_enabled=row.headers_in_bounce,
+                    headers_in_complaint_notifications_enabled=row.headers_in_complaint,
+                    headers_in_delivery_notifications_enabled=row.headers_in_delivery,
+                )
+                for row in rows
+            }
+        )
+
+    async def PutEmailIdentityConfigurationSetAttributes(
+        self, request: pb.PutEmailIdentityConfigurationSetAttributesRequest, context: aio.ServicerContext
+    ) -> pb.PutEmailIdentityConfigurationSetAttributesResponse:
+        account_id = caller_account_id()
+        if request.configuration_set_name:
+            await self.check_configuration_set(account_id, request.configuration_set_name)
+        await self.identities.put_configuration_set(
+            account_id, request.email_identity, request.configuration_set_name
+        )
+        return pb.PutEmailIdentityConfigurationSetAttributesResponse()
 
     async def CheckVerifiedRecipients(
         self, request: pb.CheckVerifiedRecipientsRequest, context: aio.ServicerContext
@@ -342,3 +417,12 @@ class IdentitiesServicer:
                 for k in keys
             ],
         )
+
+
+def _notification_type(value: int) -> str:
+    if value == pb.NOTIFICATION_TYPE_UNSPECIFIED:
+        return ""
+    try:
+        return pb.NotificationType.Name(value).removeprefix("NOTIFICATION_TYPE_")  # type: ignore[arg-type]
+    except ValueError:
+        return str(value)

@@ -16,6 +16,7 @@ caller hears of success only once JetStream has stored the message.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import functools
 import hashlib
@@ -35,6 +36,7 @@ from postmesh.common.bus import EventPublisher, new_event
 from postmesh.common.errors import (
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     PostmeshError,
     ResourceExhausted,
     Unavailable,
@@ -87,6 +89,27 @@ class Authorization:
     mail_from_domain: str
     # The identity's email feedback forwarding: notices go to the sender when the send names no address.
     feedback_forwarding: bool = False
+    # The identity's default configuration set, for a message that names none.
+    configuration_set: str = ""
+
+
+ALL_SUPPRESSION_REASONS = ("BOUNCE", "COMPLAINT")
+
+
+@dataclass(frozen=True)
+class SetOptions:
+    """What the accept path needs of a configuration set (the feedback service owns it)."""
+
+    sending_enabled: bool = True
+    tls_policy: queue_pb2.TlsPolicy.ValueType = queue_pb2.TLS_POLICY_OPTIONAL
+    # SES's MaxDeliverySeconds: retries stop (and the message bounces) this long after accept; 0: the
+    # delivery workers' own maximum age.
+    max_delivery_seconds: int = 0
+    # The suppression reasons that apply to the set's messages (SES: the set's own, or the account's).
+    suppressed_reasons: tuple[str, ...] = ALL_SUPPRESSION_REASONS
+
+
+NO_SET = SetOptions()
 
 
 class Checks(Protocol):
@@ -98,7 +121,13 @@ class Checks(Protocol):
 
     async def unverified_recipients(self, account_id: str, addresses: list[str]) -> list[str]: ...
 
-    async def suppressed(self, account_id: str, addresses: list[str]) -> list[str]: ...
+    async def suppressed(
+        self, account_id: str, addresses: list[str], reasons: Sequence[str] = ALL_SUPPRESSION_REASONS
+    ) -> list[str]: ...
+
+    async def configuration_set(self, account_id: str, name: str) -> SetOptions:
+        """The set's options; NotFound ("Configuration set <name> does not exist.") when there is none."""
+        ...
 
 
 # --- Requests, as the servicer decodes them.
@@ -548,13 +577,14 @@ class Acceptor:
         self, account_id: str, message: Outgoing, authorization: Authorization | None = None
     ) -> None:
         recipients = message.recipients
+        options = await self._configuration_set_options(account_id, message.configuration_set)
         reservation = await self._reserve_quota(account_id, len(recipients))
         try:
             # The checks only read, so they run together; the first refusal in this order wins.
             checked = await asyncio.gather(
                 self._check_sender(account_id, message) if authorization is None else _done(authorization),
                 self._check_sandbox(account_id, recipients, reservation),
-                self._check_suppression(account_id, recipients),
+                self._check_suppression(account_id, recipients, options.suppressed_reasons),
                 return_exceptions=True,
             )
             for outcome in checked:
@@ -562,15 +592,41 @@ class Acceptor:
                     raise outcome
             authorization, _, suppressed = checked  # type: ignore[assignment]
             assert authorization is not None and isinstance(suppressed, dict)
+            if not message.configuration_set and authorization.configuration_set:
+                default = await self._default_set_options(account_id, authorization.configuration_set)
+                if default is not None:
+                    message = dataclasses.replace(message, configuration_set=authorization.configuration_set)
+                    options = default
+                    if tuple(options.suppressed_reasons) != ALL_SUPPRESSION_REASONS:
+                        suppressed = await self._check_suppression(
+                            account_id, recipients, options.suppressed_reasons
+                        )
             deliverable = [r for r in recipients if address_key(r) not in suppressed]
             if deliverable:
-                await self._queue(account_id, message, authorization, deliverable)
+                await self._queue(account_id, message, authorization, deliverable, options)
         except BaseException:
             await self._release(reservation, reservation.messages)
             raise
         if suppressed:
             await self._release(reservation, len(suppressed))
         await self._publish_accepted(account_id, message, authorization, sorted(suppressed.values()))
+
+    async def _configuration_set_options(self, account_id: str, name: str) -> SetOptions:
+        if not name:
+            return NO_SET
+        options = await self._checks.configuration_set(account_id, name)
+        if not options.sending_enabled:
+            raise FailedPrecondition(
+                "Sending is paused for this configuration set.", reason="MESSAGE_REJECTED"
+            )
+        return options
+
+    async def _default_set_options(self, account_id: str, name: str) -> SetOptions | None:
+        """An identity's default set, as an explicit one, except that a set deleted since is ignored."""
+        try:
+            return await self._configuration_set_options(account_id, name)
+        except NotFound:
+            return None
 
     async def _reserve_quota(self, account_id: str, recipients: int) -> Reservation:
         return await self._checks.reserve(account_id, recipients)
@@ -609,15 +665,25 @@ class Acceptor:
                 reason="MESSAGE_REJECTED",
             )
 
-    async def _check_suppression(self, account_id: str, recipients: list[str]) -> dict[str, str]:
-        """The suppressed recipients, by address key."""
-        suppressed = await self._checks.suppressed(account_id, recipients)
+    async def _check_suppression(
+        self, account_id: str, recipients: list[str], reasons: Sequence[str]
+    ) -> dict[str, str]:
+        """The suppressed recipients, by address key (for the reasons that apply to the message)."""
+        if not reasons:
+            return {}
+        suppressed = await self._checks.suppressed(account_id, recipients, reasons)
         keys = {address_key(a) for a in suppressed}
         return {address_key(r): r for r in recipients if address_key(r) in keys}
 
     async def _queue(
-        self, account_id: str, message: Outgoing, authorization: Authorization, recipients: list[str]
+        self,
+        account_id: str,
+        message: Outgoing,
+        authorization: Authorization,
+        recipients: list[str],
+        options: SetOptions,
     ) -> None:
+        accepted = self._clock.now()
         queued = queue_pb2.QueuedMessage(
             message_id=message.message_id,
             account_id=account_id,
@@ -629,12 +695,15 @@ class Acceptor:
             mime=message.mime,
             configuration_set_name=message.configuration_set,
             tags=[events_pb2.EmailTag(name=n, value=v) for n, v in message.tags],
-            accepted_time=timestamp(self._clock.now()),
+            accepted_time=timestamp(accepted),
             feedback_forwarding_address=_forward_to(message, authorization),
             subject=message.subject,
             headers=message.headers[0],
             headers_truncated=message.headers[1],
+            tls_policy=options.tls_policy,
         )
+        if options.max_delivery_seconds:
+            queued.expire_time.FromDatetime(accepted + dt.timedelta(seconds=options.max_delivery_seconds))
         if not self._queue_connected():
             # Known before anything is sent: the outage is answered at once, and nothing was queued.
             raise Unavailable(

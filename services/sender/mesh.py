@@ -11,14 +11,15 @@ load the other services get one call for many messages instead of one each.
 Identity's answers that let a message through (this account may send as this address; this recipient
 is verified) are kept for a short while, so a busy account does not ask twice per message. Any
 IdentityChanged event (an identity deleted, a policy changed...) drops them all at once; refusals are
-never kept.
+never kept. Configuration sets (owned by the feedback service) are kept the same way, dropped on every
+ConfigurationSetChanged event; an unknown set is asked again each time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,12 +29,13 @@ from nats.aio.subscription import Subscription
 
 from postmesh.common.addresses import address_key
 from postmesh.common.cache import TtlCache
-from postmesh.common.clients import MeshClients, domain_error_from
+from postmesh.common.clients import MeshClients, domain_error_from, for_account
 from postmesh.common.sendquota import Reservation, SendQuotaClient
-from postmesh.common.streams import IDENTITY_CHANGED_SUBJECT
-from postmesh.feedback.v1 import feedback_pb2
+from postmesh.common.streams import CONFIGURATION_SET_CHANGED_SUBJECT, IDENTITY_CHANGED_SUBJECT
+from postmesh.feedback.v1 import configuration_sets_pb2, feedback_pb2
 from postmesh.identity.v1 import identity_pb2
-from services.sender.accept import Authorization
+from postmesh.sender.v1 import queue_pb2
+from services.sender.accept import ALL_SUPPRESSION_REASONS, Authorization, SetOptions
 
 # Internal calls are quick; a stuck peer must not hold a caller's request forever.
 TIMEOUT = 10.0
@@ -112,7 +114,11 @@ class MeshChecks:
         self._verified: TtlCache[tuple[str, str], bool] = TtlCache(
             CACHE_SECONDS, max_entries=_CACHE_LIMIT, clock=clock
         )
+        self._sets: TtlCache[tuple[str, str], SetOptions] = TtlCache(
+            CACHE_SECONDS, max_entries=_CACHE_LIMIT, clock=clock
+        )
         self._subscription: Subscription | None = None
+        self._set_subscription: Subscription | None = None
         self._suppression = _Coalesced(self._check_suppressed)
         self._sandbox = _Coalesced(self._check_verified)
 
@@ -123,7 +129,11 @@ class MeshChecks:
         async def forget(_: Any) -> None:
             self.forget()
 
+        async def forget_sets(_: Any) -> None:
+            self._sets.clear()
+
         self._subscription = await nats.subscribe(IDENTITY_CHANGED_SUBJECT, cb=forget)
+        self._set_subscription = await nats.subscribe(CONFIGURATION_SET_CHANGED_SUBJECT, cb=forget_sets)
 
     def forget(self) -> None:
         self._authorized.clear()
@@ -131,11 +141,12 @@ class MeshChecks:
 
     async def close(self) -> None:
         """Gives back quota leases still held (on shutdown)."""
-        if self._subscription is not None:
-            try:
-                await self._subscription.unsubscribe()
-            except Exception:  # the connection may already be closing
-                pass
+        for subscription in (self._subscription, self._set_subscription):
+            if subscription is not None:
+                try:
+                    await subscription.unsubscribe()
+                except Exception:  # the connection may already be closing
+                    pass
         await self._quota.close()
 
     async def reserve(self, account_id: str, messages: int) -> Reservation:
@@ -163,6 +174,7 @@ class MeshChecks:
             reply.identity_owner_account_id,
             reply.mail_from_domain,
             reply.feedback_forwarding_enabled,
+            reply.default_configuration_set_name,
         )
         self._authorized.put(key, authorization)
         return authorization
@@ -186,9 +198,35 @@ class MeshChecks:
                 self._verified.put((account_id, address.lower()), True)
         return {address_key(a) for a in unverified}
 
-    async def suppressed(self, account_id: str, addresses: list[str]) -> list[str]:
+    async def suppressed(
+        self, account_id: str, addresses: list[str], reasons: Sequence[str] = ALL_SUPPRESSION_REASONS
+    ) -> list[str]:
         suppressed = await self._suppression.flagged(account_id, addresses)
-        return [a for a in addresses if address_key(a) in suppressed]
+        return [a for a in addresses if any(_flag(address_key(a), r) in suppressed for r in reasons)]
+
+    async def configuration_set(self, account_id: str, name: str) -> SetOptions:
+        kept = self._sets.get((account_id, name))
+        if kept is not None:
+            return kept
+        async with _refusals_as_domain_errors():
+            reply = await self._clients.feedback.GetConfigurationSet(
+                configuration_sets_pb2.GetConfigurationSetRequest(configuration_set_name=name),
+                metadata=for_account(account_id),
+                timeout=TIMEOUT,
+            )
+        found = reply.configuration_set
+        options = SetOptions(
+            sending_enabled=found.sending_options.sending_enabled,
+            tls_policy=found.delivery_options.tls_policy or queue_pb2.TLS_POLICY_OPTIONAL,
+            max_delivery_seconds=int(found.delivery_options.max_delivery_seconds),
+            suppressed_reasons=(
+                tuple(found.suppression_options.suppressed_reasons)
+                if found.HasField("suppression_options")
+                else ALL_SUPPRESSION_REASONS
+            ),
+        )
+        self._sets.put((account_id, name), options)
+        return options
 
     async def _check_suppressed(self, account_id: str, addresses: list[str]) -> set[str]:
         async with _refusals_as_domain_errors():
@@ -198,4 +236,12 @@ class MeshChecks:
                 ),
                 timeout=TIMEOUT,
             )
-        return {address_key(s.email_address) for s in reply.suppressed}
+        # Each flag names the reason too, so a configuration set's own reasons can be applied.
+        return {
+            _flag(address_key(s.email_address), feedback_pb2.SuppressionListReason.Name(s.reason))
+            for s in reply.suppressed
+        }
+
+
+def _flag(key: str, reason: str) -> str:
+    return f"{key} {reason.removeprefix('SUPPRESSION_LIST_REASON_')}"
