@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "postmesh.cli.identities",
     "postmesh.cli.sending",
     "postmesh.cli.quota",
+    "postmesh.cli.accesskeys",
 ]
 
 

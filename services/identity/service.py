@@ -11,6 +11,7 @@ import services.identity.settings  # noqa: F401 - registers the service's settin
 from postmesh.common.auth import Access
 from postmesh.common.service import Service
 from postmesh.identity.v1 import identity_pb2, identity_pb2_grpc
+from services.identity.accesskeys import AccessKeyStore
 from services.identity.accounts import AccountStore
 from services.identity.dkimkeys import MasterKeys
 from services.identity.dnslookup import DnsLookup
@@ -36,6 +37,7 @@ class IdentityService(Service):
         "ConfirmEmailIdentity": Access.PUBLIC,
         "RewrapDkimKeys": Access.ADMIN,
         "GetSystemEmailIdentity": Access.ADMIN,
+        "VerifyAccessKeySignature": Access.INTERNAL,
     }
     metadata = Base.metadata
     migrations_dir = Path(__file__).parent / "migrations"
@@ -61,6 +63,7 @@ class IdentityService(Service):
         runtime = self.runtime
         settings = runtime.settings
         self.servicer.accounts = AccountStore(runtime.sessions, runtime.clock, runtime.events)
+        self.servicer.access_keys = AccessKeyStore(runtime.sessions, runtime.clock, self.master_keys)
         config = IdentityConfig.from_settings(settings)
         self.verifier = DomainVerifier(
             runtime.sessions,
