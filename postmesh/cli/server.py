@@ -13,6 +13,8 @@ from postmesh.common.config import SERVICE_NAMES, load_settings, markdown_table
 from postmesh.common.logging import configure_logging
 from postmesh.common.natsserver import NatsServerProcess
 from postmesh.common.server import MeshServer, load_all_service_settings
+from services.gateway.serve import NAME as GATEWAY
+from services.gateway.serve import serve as serve_with_gateway
 from services.identity.dkimkeys import MasterKeys
 
 
@@ -20,9 +22,13 @@ def _serve(args: argparse.Namespace) -> int:
     load_all_service_settings()
     settings = load_settings()
     configure_logging(settings.log_level)
+    names = list(args.services) or ["all"]
     try:
-        server = MeshServer(settings, args.services)
-        asyncio.run(server.serve_until_signalled())
+        if GATEWAY in names or "all" in names:
+            mesh_names = [n for n in names if n != GATEWAY]
+            asyncio.run(serve_with_gateway(settings, mesh_names))
+        else:
+            asyncio.run(MeshServer(settings, names).serve_until_signalled())
     except ValueError as exc:  # a missing or malformed setting: say which, without a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -85,12 +91,13 @@ In another terminal:
   postmesh health
   postmesh account create "My team"      # prints an API key: export POSTMESH_API_KEY=...
   postmesh account whoami
+  postmesh access-keys create            # AWS credentials for the SES-compatible HTTP API
 Stop with Ctrl-C.
 """,
         flush=True,
     )
     try:
-        asyncio.run(MeshServer(settings, ["all"]).serve_until_signalled())
+        asyncio.run(serve_with_gateway(settings, ["all"]))
     finally:
         if nats_process:
             nats_process.stop()
@@ -115,7 +122,10 @@ def _config(args: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser("serve", help="run some or all services in this process")
     serve.add_argument(
-        "services", nargs="*", default=["all"], help=f"all, or any of: {', '.join(SERVICE_NAMES)}"
+        "services",
+        nargs="*",
+        default=["all"],
+        help=f"all, or any of: {', '.join(SERVICE_NAMES)}, {GATEWAY} (the SES-compatible HTTP API)",
     )
     serve.set_defaults(handler=_serve)
 

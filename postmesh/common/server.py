@@ -55,10 +55,16 @@ def service_class(name: str) -> type[Service]:
     return cls
 
 
+# Servable units that are not gRPC services but register settings (the HTTP gateway).
+EXTRA_SETTINGS_MODULES = ("services.gateway.settings",)
+
+
 def load_all_service_settings() -> None:
     """Imports every service so the settings it registers are part of the schema."""
     for name in SERVICE_NAMES:
         service_class(name)
+    for module in EXTRA_SETTINGS_MODULES:
+        importlib.import_module(module)
 
 
 def resolve_service_names(names: Sequence[str]) -> list[str]:
