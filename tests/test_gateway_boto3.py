@@ -1,0 +1,296 @@
+"""The SES-compatible HTTP API with the real boto3: sesv2 and ses clients against the gateway on
+loopback, mail delivered DKIM-signed to an SMTP server found through the loopback DNS."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dkim
+import pytest
+from botocore.exceptions import ClientError
+
+from postmesh.common.natsserver import free_port
+from postmesh.identity.v1 import identity_pb2 as ib
+from postmesh.testing import MeshThread
+from postmesh.testing_mail import LoopbackDns, SmtpServer
+from tests.conftest import MeshFactory
+from tests.dkim_verifiers import dkimpy_dns
+from tests.gateway_helpers import access_key, boto, running_gateway
+from tests.identity_helpers import FakeClock, publish
+from tests.sending_helpers import own_nats_server
+
+
+@pytest.fixture
+def zone() -> Iterator[LoopbackDns]:
+    with LoopbackDns() as server:
+        yield server
+
+
+@pytest.fixture
+def nats_url(tmp_path: Path) -> Iterator[str]:
+    with own_nats_server(tmp_path / "nats") as url:
+        yield url
+
+
+def _settings(zone: LoopbackDns, **extra: object) -> dict[str, object]:
+    return {
+        "sandbox_max_send_rate": 1000.0,
+        "dns_resolver": zone.address,
+        "dns_check_poll_seconds": 3600,
+        "dns_timeout_seconds": 2,
+        "message_id_domain": "mail.postmesh.test",
+        **extra,
+    }
+
+
+def _verify_domain(mesh: MeshThread, api_key: str, zone: LoopbackDns, domain: str) -> None:
+    """Publishes the identity's records in the loopback DNS and has identity check them now (SES has
+    no API for that: its checker runs by itself)."""
+    with mesh.client(api_key) as client:
+        identity = client.identity.GetEmailIdentity(ib.GetEmailIdentityRequest(email_identity=domain))
+        publish(zone, identity.dns_records)
+        client.identity.CheckEmailIdentityVerification(
+            ib.CheckEmailIdentityVerificationRequest(email_identity=domain)
+        )
+
+
+def _wait(condition: Any, within: float = 60.0) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+def test_boto3_verifies_a_domain_and_sends_simple_raw_and_templated_mail(
+    start_mesh: MeshFactory, zone: LoopbackDns, nats_url: str
+) -> None:
+    port = free_port("127.0.0.2")
+    with SmtpServer("127.0.0.2", port) as smtp:
+        zone.add_mx("example.test", "mx.example.test", 10)
+        zone.add_a("mx.example.test", "127.0.0.2")
+        mesh = start_mesh(
+            **_settings(
+                zone,
+                delivery_mode="mx",
+                delivery_workers=2,
+                smtp_port=port,
+                smtp_helo_name="out.postmesh.test",
+                default_bounce_domain="bounces.postmesh.test",
+            )
+        )
+        _, api_key = mesh.create_account()
+        key = access_key(mesh, api_key)
+        with running_gateway(mesh) as gateway:
+            v2 = boto("sesv2", gateway, key)
+            v1 = boto("ses", gateway, key, region="us-west-2")
+
+            created = v2.create_email_identity(EmailIdentity="example.test")
+            assert created["IdentityType"] == "DOMAIN"
+            assert created["VerifiedForSendingStatus"] is False
+            assert created["DkimAttributes"]["Tokens"]
+            token = v1.verify_domain_identity(Domain="example.test")["VerificationToken"]
+            assert token
+            _verify_domain(mesh, api_key, zone, "example.test")
+            identity = v2.get_email_identity(EmailIdentity="example.test")
+            assert identity["VerificationStatus"] == "SUCCESS"
+            assert identity["VerifiedForSendingStatus"] is True
+            assert identity["DkimAttributes"]["Status"] == "SUCCESS"
+            attributes = v1.get_identity_verification_attributes(Identities=["example.test", "none.test"])
+            assert attributes["VerificationAttributes"] == {
+                "example.test": {"VerificationStatus": "Success", "VerificationToken": token}
+            }
+            assert v1.list_identities(IdentityType="Domain")["Identities"] == ["example.test"]
+            listed = v2.list_email_identities()["EmailIdentities"]
+            assert [(i["IdentityName"], i["SendingEnabled"]) for i in listed] == [("example.test", True)]
+
+            ids = [
+                v2.send_email(
+                    FromEmailAddress="News <news@example.test>",
+                    Destination={"ToAddresses": ["a@example.test"]},
+                    Content={
+                        "Simple": {
+                            "Subject": {"Data": "Hello from sesv2"},
+                            "Body": {"Text": {"Data": "plain"}, "Html": {"Data": "<p>html</p>"}},
+                        }
+                    },
+                    EmailTags=[{"Name": "campaign", "Value": "boto3"}],
+                )["MessageId"]
+            ]
+            raw = b"From: news@example.test\r\nTo: b@example.test\r\nSubject: raw v2\r\n\r\nraw body\r\n"
+            ids.append(v2.send_email(Content={"Raw": {"Data": raw}})["MessageId"])
+            v2.create_email_template(
+                TemplateName="welcome",
+                TemplateContent={"Subject": "Hi {{name}}", "Text": "Welcome, {{name}}!"},
+            )
+            assert (
+                v2.get_email_template(TemplateName="welcome")["TemplateContent"]["Subject"] == "Hi {{name}}"
+            )
+            assert [t["TemplateName"] for t in v2.list_email_templates()["TemplatesMetadata"]] == ["welcome"]
+            ids.append(
+                v2.send_email(
+                    FromEmailAddress="news@example.test",
+                    Destination={"ToAddresses": ["c@example.test"]},
+                    Content={"Template": {"TemplateName": "welcome", "TemplateData": '{"name": "Ada"}'}},
+                )["MessageId"]
+            )
+            ids.append(
+                v1.send_email(
+                    Source="news@example.test",
+                    Destination={"ToAddresses": ["d@example.test"], "CcAddresses": ["e@example.test"]},
+                    Message={"Subject": {"Data": "Hello from ses"}, "Body": {"Text": {"Data": "v1 body"}}},
+                )["MessageId"]
+            )
+            raw_v1 = (
+                b"From: news@example.test\r\nTo: f@example.test\r\nSubject: raw v1\r\n\r\nraw v1 body\r\n"
+            )
+            ids.append(v1.send_raw_email(RawMessage={"Data": raw_v1})["MessageId"])
+            ids.append(
+                v1.send_templated_email(
+                    Source="news@example.test",
+                    Destination={"ToAddresses": ["g@example.test"]},
+                    Template="welcome",
+                    TemplateData='{"name": "Grace"}',
+                )["MessageId"]
+            )
+
+            received = _wait(lambda: len(smtp.received) >= len(ids) and smtp.received)
+            assert sorted(r.message_id for r in received) == sorted(f"<{i}@mail.postmesh.test>" for i in ids)
+            lookup = dkimpy_dns(zone)
+            subjects = set()
+            for message in received:
+                assert dkim.verify(message.data, dnsfunc=lookup), message.data[:400]
+                subjects.add(message.message["Subject"])
+            assert subjects == {
+                "Hello from sesv2",
+                "raw v2",
+                "Hi Ada",
+                "Hello from ses",
+                "raw v1",
+                "Hi Grace",
+            }
+            by_recipient = {r: m for m in received for r in m.recipients}
+            assert "e@example.test" in by_recipient  # v1 Cc
+
+            quota = _wait(lambda: (q := v1.get_send_quota())["SentLast24Hours"] == 7 and q, within=15)
+            assert quota and quota["Max24HourSend"] > 0 and quota["MaxSendRate"] == 1000.0
+            account = v2.get_account()
+            assert account["SendQuota"]["SentLast24Hours"] == 7  # the v1 Cc is a second recipient
+            assert account["SendingEnabled"] is True and account["EnforcementStatus"] == "HEALTHY"
+            points = _wait(
+                lambda: sum(p["DeliveryAttempts"] for p in v1.get_send_statistics()["SendDataPoints"]) >= 7
+            )
+            assert points
+
+            v2.delete_email_template(TemplateName="welcome")
+            v1.delete_identity(Identity="example.test")
+            v1.delete_identity(Identity="example.test")  # SES: deleting what is gone succeeds
+            assert v2.list_email_identities()["EmailIdentities"] == []
+
+
+@pytest.fixture
+def gateway_mesh(start_mesh: MeshFactory, zone: LoopbackDns, nats_url: str) -> MeshThread:
+    return start_mesh(**_settings(zone))
+
+
+def _code(call: Any) -> tuple[str, int]:
+    with pytest.raises(ClientError) as excinfo:
+        call()
+    response = excinfo.value.response
+    return response["Error"]["Code"], response["ResponseMetadata"]["HTTPStatusCode"]
+
+
+def test_boto3_raises_its_own_exceptions(gateway_mesh: MeshThread, zone: LoopbackDns) -> None:
+    mesh = gateway_mesh
+    _, api_key = mesh.create_account()
+    _, other_api_key = mesh.create_account("other")
+    key = access_key(mesh, api_key)
+    other_key = access_key(mesh, other_api_key)
+    with running_gateway(mesh) as gateway:
+        v2, v1 = boto("sesv2", gateway, key), boto("ses", gateway, key)
+        v2.create_email_identity(EmailIdentity="example.test")
+        with pytest.raises(v2.exceptions.AlreadyExistsException):
+            v2.create_email_identity(EmailIdentity="example.test")
+        with pytest.raises(v2.exceptions.NotFoundException):
+            v2.get_email_identity(EmailIdentity="missing.test")
+        # Another account's identity is not found, exactly like a missing one.
+        with pytest.raises(v2.exceptions.NotFoundException):
+            boto("sesv2", gateway, other_key).get_email_identity(EmailIdentity="example.test")
+        with pytest.raises(v2.exceptions.BadRequestException):
+            v2.create_email_identity(EmailIdentity="not an identity")
+        simple = {"Simple": {"Subject": {"Data": "s"}, "Body": {"Text": {"Data": "b"}}}}
+        with pytest.raises(v2.exceptions.MessageRejected):
+            v2.send_email(
+                FromEmailAddress="news@example.test",
+                Destination={"ToAddresses": ["a@x.test"]},
+                Content=simple,
+            )
+        with pytest.raises(v1.exceptions.MessageRejected):
+            v1.send_email(
+                Source="news@unverified.test",
+                Destination={"ToAddresses": ["a@x.test"]},
+                Message={"Subject": {"Data": "s"}, "Body": {"Text": {"Data": "b"}}},
+            )
+        _verify_domain(mesh, api_key, zone, "example.test")
+        with pytest.raises(v1.exceptions.TemplateDoesNotExistException):
+            v1.send_templated_email(
+                Source="news@example.test",
+                Destination={"ToAddresses": ["a@example.test"]},
+                Template="nope",
+                TemplateData="{}",
+            )
+        with pytest.raises(v2.exceptions.NotFoundException):
+            v2.get_email_template(TemplateName="nope")
+        v2.create_email_template(TemplateName="t", TemplateContent={"Subject": "s", "Text": "t"})
+        with pytest.raises(v2.exceptions.AlreadyExistsException):
+            v2.create_email_template(TemplateName="t", TemplateContent={"Subject": "s", "Text": "t"})
+
+        v2.put_suppressed_destination(EmailAddress="gone@example.test", Reason="BOUNCE")
+        found = v2.get_suppressed_destination(EmailAddress="gone@example.test")["SuppressedDestination"]
+        assert (found["EmailAddress"], found["Reason"]) == ("gone@example.test", "BOUNCE")
+        listed = v2.list_suppressed_destinations(Reasons=["BOUNCE"])["SuppressedDestinationSummaries"]
+        assert [s["EmailAddress"] for s in listed] == ["gone@example.test"]
+        v2.delete_suppressed_destination(EmailAddress="gone@example.test")
+        with pytest.raises(v2.exceptions.NotFoundException):
+            v2.get_suppressed_destination(EmailAddress="gone@example.test")
+        with pytest.raises(v2.exceptions.BadRequestException):
+            v2.put_suppressed_destination(EmailAddress="gone@example.test", Reason="BORED")
+
+        # Authentication: a wrong secret, an unknown key, a revoked key.
+        wrong = (key[0], "A" * 64)
+        assert _code(lambda: boto("sesv2", gateway, wrong).get_account()) == (
+            "InvalidSignatureException",
+            403,
+        )
+        assert _code(lambda: boto("ses", gateway, wrong).get_send_quota()) == ("SignatureDoesNotMatch", 403)
+        unknown = ("AKPMAAAAAAAAAAAAAAAA", key[1])
+        assert _code(lambda: boto("sesv2", gateway, unknown).get_account()) == (
+            "UnrecognizedClientException",
+            403,
+        )
+        assert _code(lambda: boto("ses", gateway, unknown).get_send_quota()) == ("InvalidClientTokenId", 403)
+        with mesh.client(api_key) as client:
+            client.identity.RevokeAccessKey(ib.RevokeAccessKeyRequest(access_key_id=key[0]))
+        # At once: the gateway keeps no cache of keys.
+        assert _code(lambda: v2.get_account()) == ("UnrecognizedClientException", 403)
+        assert _code(lambda: v1.get_send_quota()) == ("InvalidClientTokenId", 403)
+
+
+def test_signatures_outside_the_clock_skew_window_are_refused(gateway_mesh: MeshThread) -> None:
+    _, api_key = gateway_mesh.create_account()
+    key = access_key(gateway_mesh, api_key)
+    clock = FakeClock()
+    with running_gateway(gateway_mesh, clock=clock) as gateway:
+        v2, v1 = boto("sesv2", gateway, key), boto("ses", gateway, key)
+        assert v2.get_account()["SendingEnabled"] is True
+        clock.advance(minutes=16)
+        with pytest.raises(ClientError, match="Signature expired"):
+            v2.get_account()
+        assert _code(lambda: v1.get_send_quota()) == ("SignatureDoesNotMatch", 403)
+        clock.advance(minutes=-32)
+        with pytest.raises(ClientError, match="not yet current"):
+            v2.get_account()
