@@ -14,6 +14,8 @@ from postmesh.common import sigv4
 from postmesh.identity.v1 import identity_pb2 as pb
 from postmesh.testing import MeshThread
 from services.identity.accesskeys import new_access_key_id, new_secret
+from services.identity.dkimkeys import MasterKeys
+from tests.conftest import MeshFactory
 from tests.identity_helpers import internal, rpc_error
 
 
@@ -114,3 +116,24 @@ def test_the_secret_is_not_stored(mesh: MeshThread) -> None:
     assert secret.encode() not in content
     assert sigv4.key_material(secret) not in content
     assert sigv4.key_material(secret).hex().encode() not in content
+
+
+def test_access_keys_survive_a_master_key_rotation(start_mesh: MeshFactory, tmp_path: Path) -> None:
+    old_key, new_key = MasterKeys.generate("old"), MasterKeys.generate("new")
+    data_dir = tmp_path / "rotating"
+    mesh = start_mesh(dkim_master_keys=old_key, data_dir=data_dir)
+    account_id, api_key = mesh.create_account()
+    with mesh.client(api_key) as client:
+        created = client.identity.CreateAccessKey(pb.CreateAccessKeyRequest())
+    key_id, secret = created.access_key.access_key_id, created.secret_access_key
+    mesh.stop()
+
+    mesh = start_mesh(dkim_master_keys=f"{new_key},{old_key}", data_dir=data_dir)
+    with mesh.admin() as admin:
+        reply = admin.identity.RewrapDkimKeys(pb.RewrapDkimKeysRequest())
+    assert reply.master_key_id == "new" and reply.already_current == 0
+    mesh.stop()
+
+    mesh = start_mesh(dkim_master_keys=new_key, data_dir=data_dir)
+    with internal(mesh) as service:
+        assert _verify(service, key_id, secret).account_id == account_id  # type: ignore[attr-defined]

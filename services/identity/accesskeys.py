@@ -62,6 +62,22 @@ def _aad_id(access_key_id: str) -> str:
     return f"access-key:{access_key_id}"
 
 
+async def rewrap_access_keys(session: AsyncSession, master_keys: MasterKeys) -> tuple[int, int]:
+    """Re-encrypts access keys' data keys under the current master key, in the caller's transaction
+    (RewrapDkimKeys: after it, the old master key can be removed). Returns (rewrapped, already current)."""
+    rewrapped = current = 0
+    for key in (await session.scalars(select(AccessKey))).all():
+        if key.master_key_id == master_keys.current_id:
+            current += 1
+            continue
+        key.wrapped_data_key = master_keys.rewrap(
+            _aad_id(key.access_key_id), key.wrapped_data_key, key.master_key_id
+        )
+        key.master_key_id = master_keys.current_id
+        rewrapped += 1
+    return rewrapped, current
+
+
 class AccessKeyStore:
     def __init__(
         self, sessions: async_sessionmaker[AsyncSession], clock: Clock, master_keys: MasterKeys
