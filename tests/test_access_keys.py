@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from pathlib import Path
 
 import grpc
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from postmesh.cli.main import main
 from postmesh.common import sigv4
 from postmesh.identity.v1 import identity_pb2 as pb
 from postmesh.testing import MeshThread
@@ -137,3 +140,25 @@ def test_access_keys_survive_a_master_key_rotation(start_mesh: MeshFactory, tmp_
     mesh = start_mesh(dkim_master_keys=new_key, data_dir=data_dir)
     with internal(mesh) as service:
         assert _verify(service, key_id, secret).account_id == account_id  # type: ignore[attr-defined]
+
+
+def test_access_keys_through_the_cli(
+    mesh: MeshThread, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, api_key = mesh.create_account()
+    monkeypatch.setenv("POSTMESH_ENDPOINT", mesh.address)
+    monkeypatch.setenv("POSTMESH_API_KEY", api_key)
+    assert main(["access-keys", "create", "--description", "ci"]) == 0
+    out = capsys.readouterr().out
+    key_id = re.search(r"AWS_ACCESS_KEY_ID=(AKPM[A-Z2-7]{16})", out)
+    secret = re.search(r"AWS_SECRET_ACCESS_KEY=(\S{64})\n", out)
+    assert key_id and secret, out
+    assert main(["access-keys", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert key_id.group(1) in listed and "ci" in listed and secret.group(1) not in listed
+    assert main(["access-keys", "revoke", key_id.group(1)]) == 0
+    capsys.readouterr()
+    assert main(["access-keys", "list", "--all", "--json"]) == 0
+    assert '"revoked": true' in capsys.readouterr().out
+    assert main(["access-keys", "revoke", "AKPMAAAAAAAAAAAAAAAA"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
