@@ -3,15 +3,21 @@ loopback, mail delivered DKIM-signed to an SMTP server found through the loopbac
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import dkim
+import grpc
 import pytest
 from botocore.exceptions import ClientError
 
+from postmesh.client import Client
 from postmesh.common.natsserver import free_port
 from postmesh.identity.v1 import identity_pb2 as ib
 from postmesh.testing import MeshThread
@@ -294,3 +300,54 @@ def test_signatures_outside_the_clock_skew_window_are_refused(gateway_mesh: Mesh
         clock.advance(minutes=-32)
         with pytest.raises(ClientError, match="not yet current"):
             v2.get_account()
+
+
+def test_postmesh_serve_all_runs_the_gateway(nats_url: str, tmp_path: Path) -> None:
+    port, http_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "GRPC_LISTEN": f"127.0.0.1:{port}",
+        "HTTP_API_LISTEN": f"127.0.0.1:{http_port}",
+        "METRICS_PORT": "0",
+        "DATA_DIR": str(tmp_path / "var"),
+        "NATS_URL": nats_url,
+        "ADMIN_API_KEY": "admin-secret",
+        "LOG_LEVEL": "WARNING",
+        "DKIM_MASTER_KEYS": "test:" + "A" * 43,
+        "IDENTITY_HTTP_LISTEN": "127.0.0.1:0",
+        "DNS_RESOLVER": "127.0.0.1:9",
+        "DELIVERY_WORKERS": "0",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "postmesh.cli.main", "serve", "all"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        with Client(f"127.0.0.1:{port}", "admin-secret") as admin:
+            while True:
+                try:
+                    if admin.health_status("", timeout=2) == "SERVING":
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, "postmesh serve all did not become SERVING"
+                time.sleep(0.2)
+            api_key = admin.identity.CreateAccount(ib.CreateAccountRequest(name="http")).api_key_secret
+        with Client(f"127.0.0.1:{port}", api_key) as client:
+            created = client.identity.CreateAccessKey(ib.CreateAccessKeyRequest())
+        v2 = boto3.client(
+            "sesv2",
+            endpoint_url=f"http://127.0.0.1:{http_port}",
+            region_name="ap-southeast-2",
+            aws_access_key_id=created.access_key.access_key_id,
+            aws_secret_access_key=created.secret_access_key,
+        )
+        assert v2.get_account()["SendQuota"]["SentLast24Hours"] == 0
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=60)[0].decode()
+    assert f"SES-compatible HTTP API on http://127.0.0.1:{http_port}" in output
+    assert process.returncode == 0, output

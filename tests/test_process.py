@@ -48,6 +48,7 @@ def serve_process(nats_url: str, tmp_path: Path):  # type: ignore[no-untyped-def
         # Identity needs a DKIM master key; its link server and DNS checker stay on loopback.
         "DKIM_MASTER_KEYS": "test:" + "A" * 43,
         "IDENTITY_HTTP_LISTEN": "127.0.0.1:0",
+        "HTTP_API_LISTEN": "127.0.0.1:0",
         "DNS_RESOLVER": "127.0.0.1:9",
         # Delivery workers would hold the outbound work queue's consumer after the process is gone.
         "DELIVERY_WORKERS": "0",
