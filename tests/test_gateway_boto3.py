@@ -351,3 +351,67 @@ def test_postmesh_serve_all_runs_the_gateway(nats_url: str, tmp_path: Path) -> N
         output = process.communicate(timeout=60)[0].decode()
     assert f"SES-compatible HTTP API on http://127.0.0.1:{http_port}" in output
     assert process.returncode == 0, output
+
+
+def test_boto3_identity_settings_templates_and_bulk_sending(
+    gateway_mesh: MeshThread, zone: LoopbackDns
+) -> None:
+    mesh = gateway_mesh
+    _, api_key = mesh.create_account()
+    key = access_key(mesh, api_key)
+    with running_gateway(mesh) as gateway:
+        v2 = boto("sesv2", gateway, key)
+        v2.create_email_identity(EmailIdentity="example.test")
+        _verify_domain(mesh, api_key, zone, "example.test")
+        v2.put_email_identity_dkim_attributes(EmailIdentity="example.test", SigningEnabled=False)
+        v2.put_email_identity_mail_from_attributes(
+            EmailIdentity="example.test",
+            MailFromDomain="bounce.example.test",
+            BehaviorOnMxFailure="REJECT_MESSAGE",
+        )
+        identity = v2.get_email_identity(EmailIdentity="example.test")
+        assert identity["DkimAttributes"]["SigningEnabled"] is False
+        assert identity["MailFromAttributes"]["MailFromDomain"] == "bounce.example.test"
+        assert identity["MailFromAttributes"]["BehaviorOnMxFailure"] == "REJECT_MESSAGE"
+        with pytest.raises(v2.exceptions.BadRequestException):
+            v2.put_email_identity_mail_from_attributes(
+                EmailIdentity="example.test", MailFromDomain="bounce.elsewhere.test"
+            )
+        v2.put_email_identity_mail_from_attributes(EmailIdentity="example.test")  # removes it
+        assert (
+            v2.get_email_identity(EmailIdentity="example.test")["MailFromAttributes"]["MailFromDomain"] == ""
+        )
+
+        v2.create_email_template(TemplateName="news", TemplateContent={"Subject": "Old {{n}}", "Text": "t"})
+        v2.update_email_template(
+            TemplateName="news", TemplateContent={"Subject": "Issue {{n}}", "Text": "#{{n}}"}
+        )
+        rendered = v2.test_render_email_template(TemplateName="news", TemplateData='{"n": 7}')[
+            "RenderedTemplate"
+        ]
+        assert "Subject: Issue 7" in rendered
+        with pytest.raises(v2.exceptions.NotFoundException):
+            v2.test_render_email_template(TemplateName="missing", TemplateData="{}")
+
+        results = v2.send_bulk_email(
+            FromEmailAddress="news@example.test",
+            DefaultContent={"Template": {"TemplateName": "news", "TemplateData": '{"n": 1}'}},
+            BulkEmailEntries=[
+                {"Destination": {"ToAddresses": ["a@example.test"]}},
+                {
+                    "Destination": {"ToAddresses": ["b@example.test"]},
+                    "ReplacementEmailContent": {
+                        "ReplacementTemplate": {"ReplacementTemplateData": '{"n": 2}'}
+                    },
+                },
+                {"Destination": {"ToAddresses": ["outside@elsewhere.test"]}},  # sandbox: not verified
+            ],
+        )["BulkEmailEntryResults"]
+        assert [r["Status"] for r in results] == ["SUCCESS", "SUCCESS", "MESSAGE_REJECTED"]
+        assert results[0]["MessageId"] and results[1]["MessageId"] and results[2]["Error"]
+        with pytest.raises(v2.exceptions.BadRequestException):
+            v2.send_email(
+                FromEmailAddress="news@example.test",
+                Destination={"ToAddresses": ["a@example.test"]},
+                Content={"Template": {"TemplateContent": {"Subject": "inline"}, "TemplateData": "{}"}},
+            )
