@@ -228,6 +228,8 @@ def test_boto3_raises_its_own_exceptions(gateway_mesh: MeshThread, zone: Loopbac
             boto("sesv2", gateway, other_key).get_email_identity(EmailIdentity="example.test")
         with pytest.raises(v2.exceptions.BadRequestException):
             v2.create_email_identity(EmailIdentity="not an identity")
+        with pytest.raises(v2.exceptions.BadRequestException, match="Tags"):
+            v2.create_email_identity(EmailIdentity="tagged.test", Tags=[{"Key": "team", "Value": "a"}])
         simple = {"Simple": {"Subject": {"Data": "s"}, "Body": {"Text": {"Data": "b"}}}}
         with pytest.raises(v2.exceptions.MessageRejected):
             v2.send_email(

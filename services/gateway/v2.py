@@ -60,6 +60,13 @@ def enum_value(enum: Any, text: str, prefix: str, member: str) -> Any:
     return value
 
 
+def unsupported(data: JSON, *members: str) -> None:
+    """SES members postmesh does not implement yet are refused, never silently dropped."""
+    given = [m for m in members if data.get(m) not in (None, [], {})]
+    if given:
+        raise ApiError(BAD_REQUEST, f"postmesh does not support {', '.join(given)} yet.")
+
+
 # --- shapes: SES JSON <-> postmesh messages
 
 
@@ -160,6 +167,7 @@ def _identity_type(value: int) -> str | None:
 
 
 async def create_email_identity(call: AccountCalls, req: V2Request) -> JSON:
+    unsupported(req.body, "Tags", "ConfigurationSetName")
     dkim = obj(req.body, "DkimSigningAttributes")
     request = ib.CreateEmailIdentityRequest(email_identity=string(req.body, "EmailIdentity"))
     if dkim:
@@ -264,6 +272,7 @@ async def delete_email_identity(call: AccountCalls, req: V2Request) -> JSON:
 
 async def send_email(call: AccountCalls, req: V2Request) -> JSON:
     body = req.body
+    unsupported(body, "EndpointId", "TenantName", "ListManagementOptions", "ConfigurationOverrides")
     request = sb.SendEmailRequest(
         from_email_address=string(body, "FromEmailAddress"),
         from_email_address_identity_arn=string(body, "FromEmailAddressIdentityArn"),
@@ -284,6 +293,7 @@ async def send_email(call: AccountCalls, req: V2Request) -> JSON:
 
 async def send_bulk_email(call: AccountCalls, req: V2Request) -> JSON:
     body = req.body
+    unsupported(body, "EndpointId", "TenantName", "ConfigurationOverrides")
     default = obj(body, "DefaultContent")
     entries = []
     for entry in objects(body, "BulkEmailEntries"):
@@ -400,6 +410,7 @@ def _reason(text: str) -> Any:
 
 
 async def put_suppressed_destination(call: AccountCalls, req: V2Request) -> JSON:
+    unsupported(req.body, "TenantName")
     await call(
         call.clients.feedback.PutSuppressedDestination,
         fb.PutSuppressedDestinationRequest(
@@ -481,6 +492,7 @@ def _template_content(data: JSON) -> sb.EmailTemplateContent:
 
 
 async def create_email_template(call: AccountCalls, req: V2Request) -> JSON:
+    unsupported(req.body, "Tags")
     await call(
         call.clients.sender.CreateEmailTemplate,
         sb.CreateEmailTemplateRequest(
