@@ -62,7 +62,7 @@ def rendered(tmp_path: Path) -> list[dict[str, Any]]:
 
 def test_one_hardened_deployment_per_service_with_grpc_probes(rendered: list[dict[str, Any]]) -> None:
     deployments = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Deployment"}
-    assert set(deployments) == {f"pm-postmesh-{s}" for s in SERVICES}
+    assert set(deployments) == {f"pm-postmesh-{s}" for s in SERVICES} | {"pm-postmesh-gateway"}
     for service, grpc_name in SERVICES.items():
         pod = deployments[f"pm-postmesh-{service}"]["spec"]["template"]["spec"]
         container = pod["containers"][0]
@@ -106,7 +106,8 @@ def test_identity_serves_verification_links_behind_an_ingress(rendered: list[dic
 
 def test_network_policy_and_service_per_component(rendered: list[dict[str, Any]]) -> None:
     kinds = [d["kind"] for d in rendered]
-    assert kinds.count("NetworkPolicy") == kinds.count("Service") == kinds.count("PodDisruptionBudget") == 4
+    # The four services and the HTTP gateway.
+    assert kinds.count("NetworkPolicy") == kinds.count("Service") == kinds.count("PodDisruptionBudget") == 5
 
 
 def test_chart_refuses_to_render_without_credentials(tmp_path: Path) -> None:
