@@ -270,20 +270,27 @@ async def delete_email_identity(call: AccountCalls, req: V2Request) -> JSON:
     return {}
 
 
+def _sender_fields(body: JSON) -> dict[str, Any]:
+    """The members SendEmail and SendBulkEmail share, as the request messages name them."""
+    return {
+        "from_email_address": string(body, "FromEmailAddress"),
+        "from_email_address_identity_arn": string(body, "FromEmailAddressIdentityArn"),
+        "reply_to_addresses": strings(body, "ReplyToAddresses"),
+        "feedback_forwarding_email_address": string(body, "FeedbackForwardingEmailAddress"),
+        "feedback_forwarding_email_address_identity_arn": string(
+            body, "FeedbackForwardingEmailAddressIdentityArn"
+        ),
+        "configuration_set_name": string(body, "ConfigurationSetName"),
+    }
+
+
 async def send_email(call: AccountCalls, req: V2Request) -> JSON:
     body = req.body
     unsupported(body, "EndpointId", "TenantName", "ListManagementOptions", "ConfigurationOverrides")
     request = sb.SendEmailRequest(
-        from_email_address=string(body, "FromEmailAddress"),
-        from_email_address_identity_arn=string(body, "FromEmailAddressIdentityArn"),
-        reply_to_addresses=strings(body, "ReplyToAddresses"),
-        feedback_forwarding_email_address=string(body, "FeedbackForwardingEmailAddress"),
-        feedback_forwarding_email_address_identity_arn=string(
-            body, "FeedbackForwardingEmailAddressIdentityArn"
-        ),
+        **_sender_fields(body),
         content=email_content(obj(body, "Content")),
         email_tags=_tags(objects(body, "EmailTags")),
-        configuration_set_name=string(body, "ConfigurationSetName"),
     )
     if body.get("Destination") is not None:
         request.destination.CopyFrom(_destination(obj(body, "Destination")))
@@ -309,16 +316,9 @@ async def send_bulk_email(call: AccountCalls, req: V2Request) -> JSON:
             )
         entries.append(item)
     request = sb.SendBulkEmailRequest(
-        from_email_address=string(body, "FromEmailAddress"),
-        from_email_address_identity_arn=string(body, "FromEmailAddressIdentityArn"),
-        reply_to_addresses=strings(body, "ReplyToAddresses"),
-        feedback_forwarding_email_address=string(body, "FeedbackForwardingEmailAddress"),
-        feedback_forwarding_email_address_identity_arn=string(
-            body, "FeedbackForwardingEmailAddressIdentityArn"
-        ),
+        **_sender_fields(body),
         default_email_tags=_tags(objects(body, "DefaultEmailTags")),
         bulk_email_entries=entries,
-        configuration_set_name=string(body, "ConfigurationSetName"),
     )
     if default.get("Template") is not None:
         request.default_content.template.CopyFrom(_template(obj(default, "Template")))
