@@ -3,6 +3,7 @@ loopback, mail delivered DKIM-signed to an SMTP server found through the loopbac
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -417,3 +418,119 @@ def test_boto3_identity_settings_templates_and_bulk_sending(
                 Destination={"ToAddresses": ["a@example.test"]},
                 Content={"Template": {"TemplateContent": {"Subject": "inline"}, "TemplateData": "{}"}},
             )
+
+
+def test_boto3_templates_bulk_and_identity_attributes_in_v1_and_policies_and_account_details_in_v2(
+    gateway_mesh: MeshThread, zone: LoopbackDns
+) -> None:
+    mesh = gateway_mesh
+    account_id, api_key = mesh.create_account()
+    key = access_key(mesh, api_key)
+    with running_gateway(mesh) as gateway:
+        v2, v1 = boto("sesv2", gateway, key), boto("ses", gateway, key)
+        v1.verify_domain_identity(Domain="example.test")
+        tokens = v1.verify_domain_dkim(Domain="example.test")["DkimTokens"]
+        assert tokens
+        _verify_domain(mesh, api_key, zone, "example.test")
+        dkim_attributes = v1.get_identity_dkim_attributes(Identities=["example.test", "nothing.test"])
+        assert dkim_attributes["DkimAttributes"] == {
+            "example.test": {"DkimEnabled": True, "DkimVerificationStatus": "Success", "DkimTokens": tokens}
+        }
+        v1.set_identity_dkim_enabled(Identity="example.test", DkimEnabled=False)
+        assert not v1.get_identity_dkim_attributes(Identities=["example.test"])["DkimAttributes"][
+            "example.test"
+        ]["DkimEnabled"]
+        v1.set_identity_mail_from_domain(
+            Identity="example.test", MailFromDomain="mail.example.test", BehaviorOnMXFailure="RejectMessage"
+        )
+        mail_from = v1.get_identity_mail_from_domain_attributes(Identities=["example.test"])
+        attributes = mail_from["MailFromDomainAttributes"]["example.test"]
+        assert attributes["MailFromDomain"] == "mail.example.test"
+        assert attributes["BehaviorOnMXFailure"] == "RejectMessage"
+        assert attributes["MailFromDomainStatus"] in ("Pending", "Success", "Failed", "TemporaryFailure")
+        v1.set_identity_mail_from_domain(Identity="example.test")
+
+        v1.create_template(
+            Template={"TemplateName": "t1", "SubjectPart": "Hi {{who}}", "TextPart": "Body {{who}}"}
+        )
+        with pytest.raises(v1.exceptions.AlreadyExistsException):
+            v1.create_template(Template={"TemplateName": "t1", "SubjectPart": "again", "TextPart": "x"})
+        v1.update_template(Template={"TemplateName": "t1", "SubjectPart": "Hello {{who}}", "TextPart": "B"})
+        assert v1.get_template(TemplateName="t1")["Template"] == {
+            "TemplateName": "t1",
+            "SubjectPart": "Hello {{who}}",
+            "TextPart": "B",
+        }
+        assert [t["Name"] for t in v1.list_templates()["TemplatesMetadata"]] == ["t1"]
+        assert (
+            "Subject: Hello Ada"
+            in v1.test_render_template(TemplateName="t1", TemplateData='{"who": "Ada"}')["RenderedTemplate"]
+        )
+        with pytest.raises(v1.exceptions.TemplateDoesNotExistException):
+            v1.get_template(TemplateName="nope")
+        statuses = v1.send_bulk_templated_email(
+            Source="news@example.test",
+            Template="t1",
+            DefaultTemplateData='{"who": "all"}',
+            Destinations=[
+                {"Destination": {"ToAddresses": ["a@example.test"]}},
+                {
+                    "Destination": {"ToAddresses": ["b@example.test"]},
+                    "ReplacementTemplateData": '{"who": "B"}',
+                },
+                {"Destination": {"ToAddresses": ["c@elsewhere.test"]}},
+            ],
+        )["Status"]
+        assert [s["Status"] for s in statuses] == ["Success", "Success", "MessageRejected"]
+        assert statuses[0]["MessageId"] and statuses[2]["Error"]
+        v1.delete_template(TemplateName="t1")
+        v1.delete_template(TemplateName="t1")  # SES: deleting what is gone succeeds
+        assert v1.list_templates()["TemplatesMetadata"] == []
+        assert v1.get_account_sending_enabled()["Enabled"] is True
+
+        policy = json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Principal": {"AWS": ["123456789012"]},
+                        "Action": ["ses:SendEmail", "ses:SendRawEmail"],
+                        "Resource": "*",
+                    }
+                ],
+            }
+        )
+        v2.create_email_identity_policy(EmailIdentity="example.test", PolicyName="partner", Policy=policy)
+        with pytest.raises(v2.exceptions.AlreadyExistsException):
+            v2.create_email_identity_policy(EmailIdentity="example.test", PolicyName="partner", Policy=policy)
+        with pytest.raises(v2.exceptions.NotFoundException):
+            v2.update_email_identity_policy(EmailIdentity="example.test", PolicyName="other", Policy=policy)
+        v2.update_email_identity_policy(EmailIdentity="example.test", PolicyName="partner", Policy=policy)
+        assert set(v2.get_email_identity_policies(EmailIdentity="example.test")["Policies"]) == {"partner"}
+        v2.delete_email_identity_policy(EmailIdentity="example.test", PolicyName="partner")
+        assert v2.get_email_identity_policies(EmailIdentity="example.test")["Policies"] == {}
+
+        signing = v2.put_email_identity_dkim_signing_attributes(
+            EmailIdentity="example.test",
+            SigningAttributesOrigin="AWS_SES",
+            SigningAttributes={"NextSigningKeyLength": "RSA_1024_BIT"},
+        )
+        assert signing["DkimStatus"] in ("PENDING", "SUCCESS") and signing["DkimTokens"]
+        with pytest.raises(v2.exceptions.BadRequestException):
+            v2.put_email_identity_dkim_signing_attributes(
+                EmailIdentity="example.test", SigningAttributesOrigin="SOMEONE_ELSE"
+            )
+
+        v2.put_account_details(
+            MailType="TRANSACTIONAL",
+            WebsiteURL="https://example.test",
+            ContactLanguage="EN",
+            UseCaseDescription="Receipts for orders placed on our shop.",
+            AdditionalContactEmailAddresses=["ops@example.test"],
+            ProductionAccessEnabled=True,
+        )
+        details = v2.get_account()["Details"]
+        assert details["MailType"] == "TRANSACTIONAL" and details["WebsiteURL"] == "https://example.test"
+        assert details["ReviewDetails"]["Status"] == "PENDING"
+        assert account_id

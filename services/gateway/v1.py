@@ -49,20 +49,20 @@ def _member_indexes(form: Form, prefix: str) -> list[int]:
     return sorted({int(m.group(1)) for k in form if (m := pattern.match(k))})
 
 
-def _tags(form: Form) -> list[sb.MessageTag]:
+def _tags(form: Form, prefix: str = "Tags") -> list[sb.MessageTag]:
     return [
         sb.MessageTag(
-            name=form.get(f"Tags.member.{i}.Name", ""), value=form.get(f"Tags.member.{i}.Value", "")
+            name=form.get(f"{prefix}.member.{i}.Name", ""), value=form.get(f"{prefix}.member.{i}.Value", "")
         )
-        for i in _member_indexes(form, "Tags")
+        for i in _member_indexes(form, prefix)
     ]
 
 
-def _destination(form: Form) -> sb.Destination:
+def _destination(form: Form, prefix: str = "Destination") -> sb.Destination:
     return sb.Destination(
-        to_addresses=members(form, "Destination.ToAddresses"),
-        cc_addresses=members(form, "Destination.CcAddresses"),
-        bcc_addresses=members(form, "Destination.BccAddresses"),
+        to_addresses=members(form, f"{prefix}.ToAddresses"),
+        cc_addresses=members(form, f"{prefix}.CcAddresses"),
+        bcc_addresses=members(form, f"{prefix}.BccAddresses"),
     )
 
 
@@ -179,6 +179,13 @@ async def verify_domain_dkim(call: AccountCalls, form: Form) -> str:
     return f"<DkimTokens>{tokens}</DkimTokens>"
 
 
+def _max_items(form: Form) -> int:
+    max_items = form.get("MaxItems", "")
+    if max_items and (not max_items.isdigit() or len(max_items) > 9):
+        raise ApiError(SERIALIZATION, "MaxItems must be a non-negative integer.")
+    return int(max_items or 0)
+
+
 _IDENTITY_TYPES = {"EmailAddress": ib.IDENTITY_TYPE_EMAIL_ADDRESS, "Domain": ib.IDENTITY_TYPE_DOMAIN}
 
 
@@ -186,12 +193,9 @@ async def list_identities(call: AccountCalls, form: Form) -> str:
     wanted = form.get("IdentityType", "")
     if wanted and wanted not in _IDENTITY_TYPES:
         raise ApiError(SERIALIZATION, "IdentityType must be EmailAddress or Domain.")
-    max_items = form.get("MaxItems", "")
-    if max_items and (not max_items.isdigit() or len(max_items) > 9):
-        raise ApiError(SERIALIZATION, "MaxItems must be a non-negative integer.")
     reply = await call(
         call.clients.identity.ListEmailIdentities,
-        ib.ListEmailIdentitiesRequest(page_size=int(max_items or 0), page_token=form.get("NextToken", "")),
+        ib.ListEmailIdentitiesRequest(page_size=_max_items(form), page_token=form.get("NextToken", "")),
     )
     names = [
         i.identity_name
@@ -226,15 +230,7 @@ _V1_STATUS = {
 
 async def get_identity_verification_attributes(call: AccountCalls, form: Form) -> str:
     entries = []
-    for name in members(form, "Identities")[:100]:
-        try:
-            identity = await call(
-                call.clients.identity.GetEmailIdentity, ib.GetEmailIdentityRequest(email_identity=name)
-            )
-        except ApiError as exc:
-            if exc.error is NOT_FOUND:  # SES leaves out identities that do not exist
-                continue
-            raise
+    for name, identity in await _existing_identities(call, form):
         token = ""
         if identity.identity_type == ib.IDENTITY_TYPE_DOMAIN:
             token = f"<VerificationToken>{escape(_verification_token(identity))}</VerificationToken>"
@@ -244,6 +240,250 @@ async def get_identity_verification_attributes(call: AccountCalls, form: Form) -
             f"{token}</value></entry>"
         )
     return f"<VerificationAttributes>{''.join(entries)}</VerificationAttributes>"
+
+
+# --- templates
+
+
+def _template_fields(form: Form) -> tuple[str, sb.EmailTemplateContent]:
+    return form.get("Template.TemplateName", ""), sb.EmailTemplateContent(
+        subject=form.get("Template.SubjectPart", ""),
+        text=form.get("Template.TextPart", ""),
+        html=form.get("Template.HtmlPart", ""),
+    )
+
+
+async def create_template(call: AccountCalls, form: Form) -> str:
+    name, content = _template_fields(form)
+    await call(
+        call.clients.sender.CreateEmailTemplate,
+        sb.CreateEmailTemplateRequest(template_name=name, template_content=content),
+    )
+    return ""
+
+
+async def update_template(call: AccountCalls, form: Form) -> str:
+    name, content = _template_fields(form)
+    await call(
+        call.clients.sender.UpdateEmailTemplate,
+        sb.UpdateEmailTemplateRequest(template_name=name, template_content=content),
+    )
+    return ""
+
+
+async def get_template(call: AccountCalls, form: Form) -> str:
+    reply = await call(
+        call.clients.sender.GetEmailTemplate,
+        sb.GetEmailTemplateRequest(template_name=form.get("TemplateName", "")),
+    )
+    content = reply.template_content
+    parts = "".join(
+        f"<{tag}>{escape(value)}</{tag}>"
+        for tag, value in (
+            ("SubjectPart", content.subject),
+            ("TextPart", content.text),
+            ("HtmlPart", content.html),
+        )
+        if value
+    )
+    return f"<Template><TemplateName>{escape(reply.template_name)}</TemplateName>{parts}</Template>"
+
+
+async def delete_template(call: AccountCalls, form: Form) -> str:
+    try:
+        await call(
+            call.clients.sender.DeleteEmailTemplate,
+            sb.DeleteEmailTemplateRequest(template_name=form.get("TemplateName", "")),
+        )
+    except ApiError as exc:
+        if exc.error.v1_code != "TemplateDoesNotExist" and exc.error is not NOT_FOUND:
+            raise  # SES: deleting a template that is not there succeeds
+    return ""
+
+
+async def list_templates(call: AccountCalls, form: Form) -> str:
+    reply = await call(
+        call.clients.sender.ListEmailTemplates,
+        sb.ListEmailTemplatesRequest(page_size=_max_items(form), page_token=form.get("NextToken", "")),
+    )
+    listed = "".join(
+        f"<member><Name>{escape(t.template_name)}</Name>"
+        f"<CreatedTimestamp>{iso(t.created_timestamp)}</CreatedTimestamp></member>"
+        for t in reply.templates_metadata
+    )
+    token = f"<NextToken>{escape(reply.next_page_token)}</NextToken>" if reply.next_page_token else ""
+    return f"<TemplatesMetadata>{listed}</TemplatesMetadata>{token}"
+
+
+async def test_render_template(call: AccountCalls, form: Form) -> str:
+    reply = await call(
+        call.clients.sender.TestRenderEmailTemplate,
+        sb.TestRenderEmailTemplateRequest(
+            template_name=form.get("TemplateName", ""), template_data=form.get("TemplateData", "")
+        ),
+    )
+    return f"<RenderedTemplate>{escape(reply.rendered_template)}</RenderedTemplate>"
+
+
+_V1_BULK_STATUS = {
+    sb.BULK_EMAIL_STATUS_SUCCESS: "Success",
+    sb.BULK_EMAIL_STATUS_MESSAGE_REJECTED: "MessageRejected",
+    sb.BULK_EMAIL_STATUS_MAIL_FROM_DOMAIN_NOT_VERIFIED: "MailFromDomainNotVerified",
+    sb.BULK_EMAIL_STATUS_ACCOUNT_SENDING_PAUSED: "AccountSendingPaused",
+    sb.BULK_EMAIL_STATUS_ACCOUNT_THROTTLED: "AccountThrottled",
+    sb.BULK_EMAIL_STATUS_ACCOUNT_DAILY_QUOTA_EXCEEDED: "AccountDailyQuotaExceeded",
+    sb.BULK_EMAIL_STATUS_INVALID_PARAMETER: "InvalidParameterValue",
+    sb.BULK_EMAIL_STATUS_TRANSIENT_FAILURE: "TransientFailure",
+    sb.BULK_EMAIL_STATUS_FAILED: "Failed",
+}
+
+
+async def send_bulk_templated_email(call: AccountCalls, form: Form) -> str:
+    name = form.get("Template", "") or form.get("TemplateArn", "").rpartition("/")[2]
+    entries = []
+    for i in _member_indexes(form, "Destinations"):
+        prefix = f"Destinations.member.{i}"
+        entry = sb.BulkEmailEntry(
+            replacement_tags=[
+                sb.MessageTag(
+                    name=form.get(f"{prefix}.ReplacementTags.member.{j}.Name", ""),
+                    value=form.get(f"{prefix}.ReplacementTags.member.{j}.Value", ""),
+                )
+                for j in _member_indexes(form, f"{prefix}.ReplacementTags")
+            ],
+        )
+        entry.destination.CopyFrom(_destination(form, f"{prefix}.Destination"))
+        if f"{prefix}.ReplacementTemplateData" in form:
+            entry.replacement_email_content.replacement_template.replacement_template_data = form[
+                f"{prefix}.ReplacementTemplateData"
+            ]
+        entries.append(entry)
+    request = sb.SendBulkEmailRequest(
+        from_email_address=form.get("Source", ""),
+        from_email_address_identity_arn=form.get("SourceArn", ""),
+        reply_to_addresses=members(form, "ReplyToAddresses"),
+        feedback_forwarding_email_address=form.get("ReturnPath", ""),
+        feedback_forwarding_email_address_identity_arn=form.get("ReturnPathArn", ""),
+        default_email_tags=_tags(form, "DefaultTags"),
+        default_content=sb.BulkEmailContent(
+            template=sb.Template(template_name=name, template_data=form.get("DefaultTemplateData", ""))
+        ),
+        bulk_email_entries=entries,
+        configuration_set_name=form.get("ConfigurationSetName", ""),
+    )
+    reply = await call(call.clients.sender.SendBulkEmail, request)
+    statuses = "".join(
+        f"<member><Status>{_V1_BULK_STATUS.get(r.status, 'Failed')}</Status>"
+        + (f"<Error>{escape(r.error)}</Error>" if r.error else "")
+        + (f"<MessageId>{escape(r.message_id)}</MessageId>" if r.message_id else "")
+        + "</member>"
+        for r in reply.bulk_email_entry_results
+    )
+    return f"<Status>{statuses}</Status>"
+
+
+async def get_account_sending_enabled(call: AccountCalls, form: Form) -> str:
+    reply = await call(call.clients.quota.GetAccount, qb.GetAccountRequest())
+    return f"<Enabled>{'true' if reply.sending_enabled else 'false'}</Enabled>"
+
+
+# --- identity attributes
+
+
+async def _existing_identities(
+    call: AccountCalls, form: Form
+) -> list[tuple[str, ib.GetEmailIdentityResponse]]:
+    found = []
+    for name in members(form, "Identities")[:100]:
+        try:
+            identity = await call(
+                call.clients.identity.GetEmailIdentity, ib.GetEmailIdentityRequest(email_identity=name)
+            )
+        except ApiError as exc:
+            if exc.error is NOT_FOUND:  # SES leaves out identities that do not exist
+                continue
+            raise
+        found.append((name, identity))
+    return found
+
+
+def _boolean(form: Form, name: str) -> bool:
+    value = form.get(name, "").lower()
+    if value not in ("true", "false"):
+        raise ApiError(SERIALIZATION, f"{name} must be true or false.")
+    return value == "true"
+
+
+async def get_identity_dkim_attributes(call: AccountCalls, form: Form) -> str:
+    entries = []
+    for name, identity in await _existing_identities(call, form):
+        dkim = identity.dkim_attributes
+        tokens = "".join(f"<member>{escape(t)}</member>" for t in dkim.tokens)
+        entries.append(
+            f"<entry><key>{escape(name)}</key><value>"
+            f"<DkimEnabled>{'true' if dkim.signing_enabled else 'false'}</DkimEnabled>"
+            f"<DkimVerificationStatus>{_V1_STATUS.get(dkim.status, 'NotStarted')}</DkimVerificationStatus>"
+            f"<DkimTokens>{tokens}</DkimTokens></value></entry>"
+        )
+    return f"<DkimAttributes>{''.join(entries)}</DkimAttributes>"
+
+
+async def set_identity_dkim_enabled(call: AccountCalls, form: Form) -> str:
+    await call(
+        call.clients.identity.PutEmailIdentityDkimAttributes,
+        ib.PutEmailIdentityDkimAttributesRequest(
+            email_identity=form.get("Identity", ""), signing_enabled=_boolean(form, "DkimEnabled")
+        ),
+    )
+    return ""
+
+
+_MX_FAILURE = {
+    "UseDefaultValue": ib.BEHAVIOR_ON_MX_FAILURE_USE_DEFAULT_VALUE,
+    "RejectMessage": ib.BEHAVIOR_ON_MX_FAILURE_REJECT_MESSAGE,
+}
+_MAIL_FROM_STATUS = {
+    ib.MAIL_FROM_DOMAIN_STATUS_PENDING: "Pending",
+    ib.MAIL_FROM_DOMAIN_STATUS_SUCCESS: "Success",
+    ib.MAIL_FROM_DOMAIN_STATUS_FAILED: "Failed",
+    ib.MAIL_FROM_DOMAIN_STATUS_TEMPORARY_FAILURE: "TemporaryFailure",
+}
+
+
+async def get_identity_mail_from_domain_attributes(call: AccountCalls, form: Form) -> str:
+    entries = []
+    for name, identity in await _existing_identities(call, form):
+        mail_from = identity.mail_from_attributes
+        behavior = next(
+            (k for k, v in _MX_FAILURE.items() if v == mail_from.behavior_on_mx_failure), "UseDefaultValue"
+        )
+        domain = ""
+        if mail_from.mail_from_domain:
+            status = _MAIL_FROM_STATUS.get(mail_from.mail_from_domain_status, "Pending")
+            domain = (
+                f"<MailFromDomain>{escape(mail_from.mail_from_domain)}</MailFromDomain>"
+                f"<MailFromDomainStatus>{status}</MailFromDomainStatus>"
+            )
+        entries.append(
+            f"<entry><key>{escape(name)}</key><value>{domain}"
+            f"<BehaviorOnMXFailure>{behavior}</BehaviorOnMXFailure></value></entry>"
+        )
+    return f"<MailFromDomainAttributes>{''.join(entries)}</MailFromDomainAttributes>"
+
+
+async def set_identity_mail_from_domain(call: AccountCalls, form: Form) -> str:
+    behavior = form.get("BehaviorOnMXFailure", "")
+    if behavior and behavior not in _MX_FAILURE:
+        raise ApiError(SERIALIZATION, "BehaviorOnMXFailure must be UseDefaultValue or RejectMessage.")
+    await call(
+        call.clients.identity.PutEmailIdentityMailFromAttributes,
+        ib.PutEmailIdentityMailFromAttributesRequest(
+            email_identity=form.get("Identity", ""),
+            mail_from_domain=form.get("MailFromDomain", ""),
+            behavior_on_mx_failure=_MX_FAILURE.get(behavior, ib.BEHAVIOR_ON_MX_FAILURE_UNSPECIFIED),
+        ),
+    )
+    return ""
 
 
 ACTIONS: dict[str, Action] = {
@@ -259,6 +499,18 @@ ACTIONS: dict[str, Action] = {
     "ListIdentities": list_identities,
     "DeleteIdentity": delete_identity,
     "GetIdentityVerificationAttributes": get_identity_verification_attributes,
+    "SendBulkTemplatedEmail": send_bulk_templated_email,
+    "CreateTemplate": create_template,
+    "GetTemplate": get_template,
+    "UpdateTemplate": update_template,
+    "DeleteTemplate": delete_template,
+    "ListTemplates": list_templates,
+    "TestRenderTemplate": test_render_template,
+    "GetAccountSendingEnabled": get_account_sending_enabled,
+    "GetIdentityDkimAttributes": get_identity_dkim_attributes,
+    "SetIdentityDkimEnabled": set_identity_dkim_enabled,
+    "GetIdentityMailFromDomainAttributes": get_identity_mail_from_domain_attributes,
+    "SetIdentityMailFromDomain": set_identity_mail_from_domain,
 }
 
 

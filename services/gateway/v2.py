@@ -19,7 +19,14 @@ from postmesh.identity.v1 import identity_pb2 as ib
 from postmesh.quota.v1 import quota_pb2 as qb
 from postmesh.sender.v1 import sender_pb2 as sb
 from services.gateway.calls import AccountCalls
-from services.gateway.errors import BAD_REQUEST, SERIALIZATION, UNKNOWN_OPERATION, ApiError
+from services.gateway.errors import (
+    ALREADY_EXISTS,
+    BAD_REQUEST,
+    NOT_FOUND,
+    SERIALIZATION,
+    UNKNOWN_OPERATION,
+    ApiError,
+)
 from services.gateway.shapes import (
     boolean,
     epoch,
@@ -171,18 +178,7 @@ async def create_email_identity(call: AccountCalls, req: V2Request) -> JSON:
     dkim = obj(req.body, "DkimSigningAttributes")
     request = ib.CreateEmailIdentityRequest(email_identity=string(req.body, "EmailIdentity"))
     if dkim:
-        request.dkim_signing_attributes.CopyFrom(
-            ib.DkimSigningAttributes(
-                domain_signing_selector=string(dkim, "DomainSigningSelector"),
-                domain_signing_private_key=string(dkim, "DomainSigningPrivateKey"),
-                next_signing_key_length=enum_value(
-                    ib.DkimSigningKeyLength,
-                    string(dkim, "NextSigningKeyLength"),
-                    "DKIM_SIGNING_KEY_LENGTH_",
-                    "NextSigningKeyLength",
-                ),
-            )
-        )
+        request.dkim_signing_attributes.CopyFrom(_dkim_signing_attributes(dkim))
     reply = await call(call.clients.identity.CreateEmailIdentity, request)
     return without_none(
         {
@@ -402,6 +398,111 @@ async def get_account(call: AccountCalls, req: V2Request) -> JSON:
     return without_none(result)
 
 
+async def put_account_details(call: AccountCalls, req: V2Request) -> JSON:
+    body = req.body
+    await call(
+        call.clients.quota.PutAccountDetails,
+        qb.PutAccountDetailsRequest(
+            mail_type=enum_value(qb.MailType, string(body, "MailType"), "MAIL_TYPE_", "MailType"),
+            website_url=string(body, "WebsiteURL"),
+            contact_language=enum_value(
+                qb.ContactLanguage, string(body, "ContactLanguage"), "CONTACT_LANGUAGE_", "ContactLanguage"
+            ),
+            use_case_description=string(body, "UseCaseDescription"),
+            additional_contact_email_addresses=strings(body, "AdditionalContactEmailAddresses"),
+            production_access_enabled=bool(boolean(body, "ProductionAccessEnabled")),
+        ),
+    )
+    return {}
+
+
+async def _policies(call: AccountCalls, identity: str) -> dict[str, str]:
+    reply = await call(
+        call.clients.identity.GetEmailIdentityPolicies,
+        ib.GetEmailIdentityPoliciesRequest(email_identity=identity),
+    )
+    return dict(reply.policies)
+
+
+async def _put_policy(call: AccountCalls, req: V2Request) -> None:
+    await call(
+        call.clients.identity.PutEmailIdentityPolicy,
+        ib.PutEmailIdentityPolicyRequest(
+            email_identity=req.path["EmailIdentity"],
+            policy_name=req.path["PolicyName"],
+            policy=string(req.body, "Policy"),
+        ),
+    )
+
+
+async def create_email_identity_policy(call: AccountCalls, req: V2Request) -> JSON:
+    if req.path["PolicyName"] in await _policies(call, req.path["EmailIdentity"]):
+        raise ApiError(ALREADY_EXISTS, f"Policy {req.path['PolicyName']} already exists.")
+    await _put_policy(call, req)
+    return {}
+
+
+async def update_email_identity_policy(call: AccountCalls, req: V2Request) -> JSON:
+    if req.path["PolicyName"] not in await _policies(call, req.path["EmailIdentity"]):
+        raise ApiError(NOT_FOUND, f"Policy {req.path['PolicyName']} does not exist.")
+    await _put_policy(call, req)
+    return {}
+
+
+async def get_email_identity_policies(call: AccountCalls, req: V2Request) -> JSON:
+    return {"Policies": await _policies(call, req.path["EmailIdentity"])}
+
+
+async def delete_email_identity_policy(call: AccountCalls, req: V2Request) -> JSON:
+    await call(
+        call.clients.identity.DeleteEmailIdentityPolicy,
+        ib.DeleteEmailIdentityPolicyRequest(
+            email_identity=req.path["EmailIdentity"], policy_name=req.path["PolicyName"]
+        ),
+    )
+    return {}
+
+
+def _dkim_signing_attributes(data: JSON) -> ib.DkimSigningAttributes:
+    return ib.DkimSigningAttributes(
+        domain_signing_selector=string(data, "DomainSigningSelector"),
+        domain_signing_private_key=string(data, "DomainSigningPrivateKey"),
+        next_signing_key_length=enum_value(
+            ib.DkimSigningKeyLength,
+            string(data, "NextSigningKeyLength"),
+            "DKIM_SIGNING_KEY_LENGTH_",
+            "NextSigningKeyLength",
+        ),
+    )
+
+
+async def put_email_identity_dkim_signing_attributes(call: AccountCalls, req: V2Request) -> JSON:
+    origin_text = string(req.body, "SigningAttributesOrigin")
+    # SES's regional AWS_SES_<REGION> origins all mean "keys made by the service".
+    origin = {
+        "EXTERNAL": ib.DKIM_SIGNING_ATTRIBUTES_ORIGIN_EXTERNAL,
+        "AWS_SES": ib.DKIM_SIGNING_ATTRIBUTES_ORIGIN_POSTMESH,
+    }.get(
+        origin_text,
+        ib.DKIM_SIGNING_ATTRIBUTES_ORIGIN_POSTMESH if origin_text.startswith("AWS_SES_") else None,
+    )
+    if origin is None:
+        raise ApiError(BAD_REQUEST, "SigningAttributesOrigin must be AWS_SES or EXTERNAL.")
+    request = ib.PutEmailIdentityDkimSigningAttributesRequest(
+        email_identity=req.path["EmailIdentity"], signing_attributes_origin=origin
+    )
+    if req.body.get("SigningAttributes") is not None:
+        request.signing_attributes.CopyFrom(_dkim_signing_attributes(obj(req.body, "SigningAttributes")))
+    reply = await call(call.clients.identity.PutEmailIdentityDkimSigningAttributes, request)
+    return without_none(
+        {
+            "DkimStatus": enum_name(ib.VerificationStatus, reply.dkim_status, "VERIFICATION_STATUS_"),
+            "DkimTokens": list(reply.dkim_tokens),
+            "DnsRecords": _dns_records(reply.dns_records),
+        }
+    )
+
+
 _REASON_PREFIX = "SUPPRESSION_LIST_REASON_"
 
 
@@ -579,6 +680,12 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/v2/email/list-identities", list_email_identities),
     ("GET", "/v2/email/identities", list_email_identities),
     ("GET", "/v2/email/account", get_account),
+    ("POST", "/v2/email/account/details", put_account_details),
+    ("PUT", "/v2/email/identities/{EmailIdentity}/dkim/signing", put_email_identity_dkim_signing_attributes),
+    ("GET", "/v2/email/identities/{EmailIdentity}/policies", get_email_identity_policies),
+    ("POST", "/v2/email/identities/{EmailIdentity}/policies/{PolicyName}", create_email_identity_policy),
+    ("PUT", "/v2/email/identities/{EmailIdentity}/policies/{PolicyName}", update_email_identity_policy),
+    ("DELETE", "/v2/email/identities/{EmailIdentity}/policies/{PolicyName}", delete_email_identity_policy),
     ("PUT", "/v2/email/suppression/addresses", put_suppressed_destination),
     ("GET", "/v2/email/suppression/addresses/{EmailAddress}", get_suppressed_destination),
     ("DELETE", "/v2/email/suppression/addresses/{EmailAddress}", delete_suppressed_destination),
