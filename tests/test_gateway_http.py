@@ -9,7 +9,7 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 from xml.etree import ElementTree
 
 import pytest
@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from postmesh.common import sigv4
 from postmesh.testing import MeshThread
+from services.gateway import v1
 from services.gateway.server import Gateway
 from tests.gateway_helpers import access_key, running_gateway
 
@@ -210,3 +211,62 @@ def test_no_authorization_header_is_answered_with_a_server_error(
     status, response_headers, _ = _send(gateway, "GET", "/v2/email/account", headers=headers)
     assert status in (403, 400), status
     assert response_headers["x-amzn-ErrorType"]
+
+
+V1_PARAMETERS = [
+    "Source",
+    "Destination.ToAddresses.member.1",
+    "Destination.CcAddresses.member.2",
+    "Message.Subject.Data",
+    "Message.Body.Text.Data",
+    "Message.Body.Html.Charset",
+    "RawMessage.Data",
+    "Destinations.member.1",
+    "Destinations.member.1.Destination.ToAddresses.member.1",
+    "Destinations.member.1.ReplacementTemplateData",
+    "Template",
+    "TemplateData",
+    "DefaultTemplateData",
+    "Template.TemplateName",
+    "Template.SubjectPart",
+    "TemplateName",
+    "Tags.member.1.Name",
+    "Tags.member.1.Value",
+    "EmailAddress",
+    "Domain",
+    "Identity",
+    "Identities.member.1",
+    "IdentityType",
+    "MaxItems",
+    "NextToken",
+    "DkimEnabled",
+    "MailFromDomain",
+    "BehaviorOnMXFailure",
+]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    action=st.sampled_from(sorted(v1.ACTIONS)),
+    parameters=st.dictionaries(st.sampled_from(V1_PARAMETERS), st.text(max_size=40), max_size=6),
+)
+def test_no_v1_action_is_answered_with_a_server_error(
+    gateway_and_key: tuple[Gateway, tuple[str, str]], action: str, parameters: dict[str, str]
+) -> None:
+    gateway, key = gateway_and_key
+    body = urlencode({"Action": action, "Version": "2010-12-01", **parameters}).encode()
+    form = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
+    status, _, content = _send(gateway, "POST", "/", body, form, key)
+    assert status < 500, content
+    if status >= 400:
+        assert _v1_code(content)
+
+
+def test_a_body_over_the_limit_is_refused(mesh: MeshThread) -> None:
+    _, api_key = mesh.create_account()
+    key = access_key(mesh, api_key)
+    with running_gateway(mesh, max_body_bytes=1000) as gateway:
+        status, headers, _ = _send(
+            gateway, "POST", "/v2/email/outbound-emails", b"{" + b" " * 2000 + b"}", key=key
+        )
+        assert (status, headers["x-amzn-ErrorType"]) == (413, "BadRequestException")
