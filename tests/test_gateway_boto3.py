@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from botocore.exceptions import ClientError
 from postmesh.client import Client
 from postmesh.common.natsserver import free_port
 from postmesh.identity.v1 import identity_pb2 as ib
+from postmesh.quota.v1 import quota_pb2 as qb
 from postmesh.testing import MeshThread
 from postmesh.testing_mail import LoopbackDns, SmtpServer
 from tests.conftest import MeshFactory
@@ -534,3 +536,74 @@ def test_boto3_templates_bulk_and_identity_attributes_in_v1_and_policies_and_acc
         assert details["MailType"] == "TRANSACTIONAL" and details["WebsiteURL"] == "https://example.test"
         assert details["ReviewDetails"]["Status"] == "PENDING"
         assert account_id
+
+
+def test_quota_refusals_are_ses_errors_and_the_aws_cli_sends(
+    start_mesh: MeshFactory, zone: LoopbackDns, nats_url: str, tmp_path: Path
+) -> None:
+    mesh = start_mesh(**_settings(zone, sandbox_max_24_hour_send=1.0))
+    account_id, api_key = mesh.create_account()
+    key = access_key(mesh, api_key)
+    with running_gateway(mesh) as gateway:
+        v2, v1 = boto("sesv2", gateway, key), boto("ses", gateway, key)
+        v2.create_email_identity(EmailIdentity="example.test")
+        _verify_domain(mesh, api_key, zone, "example.test")
+        simple = {"Simple": {"Subject": {"Data": "s"}, "Body": {"Text": {"Data": "b"}}}}
+        message = {"Subject": {"Data": "s"}, "Body": {"Text": {"Data": "b"}}}
+        with mesh.admin() as admin:
+            admin.quota.PauseAccountSending(
+                qb.PauseAccountSendingRequest(account_id=account_id, reason="test")
+            )
+        with pytest.raises(v2.exceptions.SendingPausedException):
+            v2.send_email(
+                FromEmailAddress="news@example.test",
+                Destination={"ToAddresses": ["b@example.test"]},
+                Content=simple,
+            )
+        with pytest.raises(v1.exceptions.AccountSendingPausedException):
+            v1.send_email(
+                Source="news@example.test", Destination={"ToAddresses": ["b@example.test"]}, Message=message
+            )
+        assert v1.get_account_sending_enabled()["Enabled"] is False
+        with mesh.admin() as admin:
+            admin.quota.ReinstateAccountSending(
+                qb.ReinstateAccountSendingRequest(account_id=account_id, reason="test over")
+            )
+        assert v1.get_account_sending_enabled()["Enabled"] is True
+        aws = shutil.which("aws")
+        if aws:  # the README's command, with the AWS CLI's own botocore
+            env = {
+                **os.environ,
+                "AWS_ACCESS_KEY_ID": key[0],
+                "AWS_SECRET_ACCESS_KEY": key[1],
+                "AWS_CONFIG_FILE": str(tmp_path / "none"),
+                "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+            }
+            result = subprocess.run(
+                [
+                    aws, "sesv2", "send-email", "--endpoint-url", gateway.url, "--region", "eu-west-1",
+                    "--from-email-address", "news@example.test",
+                    "--destination", "ToAddresses=ada@example.test",
+                    "--content", "Simple={Subject={Data=Hello},Body={Text={Data=Hi Ada}}}",
+                ],
+                env=env, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            assert json.loads(result.stdout)["MessageId"]
+        else:
+            v2.send_email(
+                FromEmailAddress="news@example.test",
+                Destination={"ToAddresses": ["ada@example.test"]},
+                Content={"Simple": {"Subject": {"Data": "Hello"}, "Body": {"Text": {"Data": "Hi Ada"}}}},
+            )
+        with pytest.raises(v2.exceptions.LimitExceededException):
+            v2.send_email(
+                FromEmailAddress="news@example.test",
+                Destination={"ToAddresses": ["b@example.test"]},
+                Content=simple,
+            )
+        assert _code(
+            lambda: v1.send_email(
+                Source="news@example.test", Destination={"ToAddresses": ["b@example.test"]}, Message=message
+            )
+        ) == ("Throttling", 400)
