@@ -52,7 +52,11 @@ async def serve(settings: Settings, mesh_names: list[str]) -> None:
     """Runs the gateway, and the services named (if any), until SIGTERM or SIGINT."""
     mesh = MeshServer(settings, mesh_names) if mesh_names else None
     gateway, clients = build_gateway(settings, mesh.service_key if mesh else settings.service_api_key)
-    await gateway.start()
+    try:
+        await gateway.start()
+    except OSError as exc:  # the port is taken, or the address is not ours: say which setting
+        await clients.close()
+        raise ValueError(f"HTTP_API_LISTEN={settings.get('HTTP_API_LISTEN')}: {exc.strerror or exc}") from exc
     print(f"SES-compatible HTTP API on {gateway.url} (HTTP_API_LISTEN)", flush=True)
     try:
         if mesh is not None:

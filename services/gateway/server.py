@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import secrets
+import time
 from collections.abc import Callable
 
 from aiohttp import web
@@ -87,6 +88,21 @@ class Gateway:
         return reply.account_id
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        response = await self._respond(request)
+        log.info(
+            "http",
+            extra={
+                "method": request.method,
+                "path": request.path[:200],
+                "status": response.status,
+                "request_id": response.headers.get("x-amzn-RequestId", ""),
+                "ms": round((time.perf_counter() - started) * 1000, 2),
+            },
+        )
+        return response
+
+    async def _respond(self, request: web.Request) -> web.StreamResponse:
         request_id = secrets.token_hex(16)
         is_v2 = request.path.startswith("/v2/")
         render: Callable[[ApiError, str], web.Response] = v2.error_response if is_v2 else v1.error_response
