@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
+from email import message_from_bytes
+from email import policy as email_policy
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,7 @@ from postmesh.testing_mail import LoopbackDns, SmtpServer
 from tests.conftest import MeshFactory
 from tests.dkim_verifiers import dkimpy_dns
 from tests.gateway_helpers import access_key, boto, running_gateway
-from tests.identity_helpers import FakeClock, publish
+from tests.identity_helpers import FakeClock, mail_to, publish
 from tests.sending_helpers import own_nats_server
 
 
@@ -607,3 +611,60 @@ def test_quota_refusals_are_ses_errors_and_the_aws_cli_sends(
                 Source="news@example.test", Destination={"ToAddresses": ["b@example.test"]}, Message=message
             )
         ) == ("Throttling", 400)
+
+
+def test_boto3_v1_verifies_an_address_by_its_link_and_manages_policies(
+    start_mesh: MeshFactory, nats_url: str
+) -> None:
+    with SmtpServer() as sink:
+        mesh = start_mesh(
+            verification_mail_from="verify@system.test",
+            delivery_workers=1,
+            delivery_mode="smarthost",
+            smarthost=f"127.0.0.1:{sink.port}",
+            smarthost_tls="none",
+        )
+        _, api_key = mesh.create_account()
+        key = access_key(mesh, api_key)
+        with running_gateway(mesh) as gateway:
+            v1 = boto("ses", gateway, key)
+            v1.verify_email_identity(EmailAddress="ann@home.test")
+            v1.verify_email_identity(EmailAddress="ann@home.test")  # SES: asking again is no error
+            attributes = v1.get_identity_verification_attributes(Identities=["ann@home.test"])
+            assert attributes["VerificationAttributes"]["ann@home.test"] == {"VerificationStatus": "Pending"}
+            assert v1.list_verified_email_addresses()["VerifiedEmailAddresses"] == []
+
+            delivered = mail_to(sink, "ann@home.test")
+            parsed = message_from_bytes(delivered.data, policy=email_policy.default)
+            text = parsed.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+            link = re.search(r"http://\S+/confirm\?token=\S+", text)
+            assert link, text
+            with urllib.request.urlopen(link.group(0), timeout=30) as page:
+                assert page.status == 200
+            attributes = v1.get_identity_verification_attributes(Identities=["ann@home.test"])
+            assert attributes["VerificationAttributes"]["ann@home.test"] == {"VerificationStatus": "Success"}
+            assert v1.list_verified_email_addresses()["VerifiedEmailAddresses"] == ["ann@home.test"]
+            assert v1.list_identities(IdentityType="EmailAddress")["Identities"] == ["ann@home.test"]
+
+            policy = json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Principal": {"AWS": ["123456789012"]},
+                            "Action": ["ses:SendEmail"],
+                            "Resource": "*",
+                        }
+                    ],
+                }
+            )
+            v1.put_identity_policy(Identity="ann@home.test", PolicyName="p1", Policy=policy)
+            assert v1.list_identity_policies(Identity="ann@home.test")["PolicyNames"] == ["p1"]
+            got = v1.get_identity_policies(Identity="ann@home.test", PolicyNames=["p1", "p2"])["Policies"]
+            assert json.loads(got["p1"]) == json.loads(policy) and "p2" not in got
+            v1.delete_identity_policy(Identity="ann@home.test", PolicyName="p1")
+            assert v1.list_identity_policies(Identity="ann@home.test")["PolicyNames"] == []
+
+            v1.delete_verified_email_address(EmailAddress="ann@home.test")
+            assert v1.list_verified_email_addresses()["VerifiedEmailAddresses"] == []

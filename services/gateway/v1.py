@@ -486,6 +486,80 @@ async def set_identity_mail_from_domain(call: AccountCalls, form: Form) -> str:
     return ""
 
 
+# --- sending authorization policies
+
+
+async def _identity_policies(call: AccountCalls, identity: str) -> dict[str, str]:
+    reply = await call(
+        call.clients.identity.GetEmailIdentityPolicies,
+        ib.GetEmailIdentityPoliciesRequest(email_identity=identity),
+    )
+    return dict(reply.policies)
+
+
+async def put_identity_policy(call: AccountCalls, form: Form) -> str:
+    await call(
+        call.clients.identity.PutEmailIdentityPolicy,
+        ib.PutEmailIdentityPolicyRequest(
+            email_identity=form.get("Identity", ""),
+            policy_name=form.get("PolicyName", ""),
+            policy=form.get("Policy", ""),
+        ),
+    )
+    return ""
+
+
+async def get_identity_policies(call: AccountCalls, form: Form) -> str:
+    policies = await _identity_policies(call, form.get("Identity", ""))
+    wanted = members(form, "PolicyNames")
+    entries = "".join(
+        f"<entry><key>{escape(name)}</key><value>{escape(policy)}</value></entry>"
+        for name, policy in sorted(policies.items())
+        if name in wanted
+    )
+    return f"<Policies>{entries}</Policies>"
+
+
+async def list_identity_policies(call: AccountCalls, form: Form) -> str:
+    policies = await _identity_policies(call, form.get("Identity", ""))
+    return f"<PolicyNames>{''.join(f'<member>{escape(n)}</member>' for n in sorted(policies))}</PolicyNames>"
+
+
+async def delete_identity_policy(call: AccountCalls, form: Form) -> str:
+    await call(
+        call.clients.identity.DeleteEmailIdentityPolicy,
+        ib.DeleteEmailIdentityPolicyRequest(
+            email_identity=form.get("Identity", ""), policy_name=form.get("PolicyName", "")
+        ),
+    )
+    return ""
+
+
+async def list_verified_email_addresses(call: AccountCalls, form: Form) -> str:
+    addresses: list[str] = []
+    token = ""
+    while True:  # the old API has no paging: every verified address at once
+        reply = await call(
+            call.clients.identity.ListEmailIdentities,
+            ib.ListEmailIdentitiesRequest(page_size=1000, page_token=token),
+        )
+        addresses += [
+            i.identity_name
+            for i in reply.email_identities
+            if i.identity_type == ib.IDENTITY_TYPE_EMAIL_ADDRESS
+            and i.verification_status == ib.VERIFICATION_STATUS_SUCCESS
+        ]
+        token = reply.next_page_token
+        if not token:
+            break
+    listed = "".join(f"<member>{escape(a)}</member>" for a in addresses)
+    return f"<VerifiedEmailAddresses>{listed}</VerifiedEmailAddresses>"
+
+
+async def delete_verified_email_address(call: AccountCalls, form: Form) -> str:
+    return await delete_identity(call, {"Identity": form.get("EmailAddress", "")})
+
+
 ACTIONS: dict[str, Action] = {
     "SendEmail": send_email,
     "SendRawEmail": send_raw_email,
@@ -511,6 +585,12 @@ ACTIONS: dict[str, Action] = {
     "SetIdentityDkimEnabled": set_identity_dkim_enabled,
     "GetIdentityMailFromDomainAttributes": get_identity_mail_from_domain_attributes,
     "SetIdentityMailFromDomain": set_identity_mail_from_domain,
+    "PutIdentityPolicy": put_identity_policy,
+    "GetIdentityPolicies": get_identity_policies,
+    "ListIdentityPolicies": list_identity_policies,
+    "DeleteIdentityPolicy": delete_identity_policy,
+    "ListVerifiedEmailAddresses": list_verified_email_addresses,
+    "DeleteVerifiedEmailAddress": delete_verified_email_address,
 }
 
 
