@@ -178,6 +178,7 @@ class Bench:
         self.deliverers: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> None:
+        from postmesh.testing import LOOPBACK_PROCESS_ENV
         from postmesh.testing_mail import LoopbackDns
 
         self.nats = NatsServerProcess(self.workdir / "nats").start()
@@ -208,6 +209,7 @@ class Bench:
         self.service_key = secrets.token_urlsafe(24)
         env = {
             **os.environ,
+            **LOOPBACK_PROCESS_ENV,
             "NATS_URL": self.nats.url,
             "DATA_DIR": str(self.workdir / "var"),
             "GRPC_LISTEN": f"127.0.0.1:{self.port}",

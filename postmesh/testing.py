@@ -21,6 +21,17 @@ from postmesh.identity.v1 import identity_pb2
 
 T = TypeVar("T")
 
+# For a real `postmesh serve` process in a test or the bench: every listener besides gRPC on a port of
+# its own (the defaults are fixed ports, for `make run`), and no DNS lookup leaving the machine.
+LOOPBACK_PROCESS_ENV = {
+    "IDENTITY_HTTP_LISTEN": "127.0.0.1:0",
+    "HTTP_API_LISTEN": "127.0.0.1:0",
+    "TRACKING_HTTP_LISTEN": "127.0.0.1:0",
+    "SNS_HTTPS_LISTEN": "127.0.0.1:0",
+    "INBOUND_SMTP_LISTEN": "127.0.0.1:0",
+    "DNS_RESOLVER": "127.0.0.1:9",
+}
+
 
 class MeshThread:
     def __init__(

@@ -16,7 +16,7 @@ import pytest
 
 from postmesh.client import Client
 from postmesh.common.natsserver import NatsServerProcess, free_port
-from postmesh.testing import MeshThread
+from postmesh.testing import LOOPBACK_PROCESS_ENV, MeshThread
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "POSTMESH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -128,6 +128,7 @@ def serve_process(nats_url: str, tmp_path: Path, request: pytest.FixtureRequest)
     port, metrics_port = free_port(), free_port()
     env = {
         **os.environ,
+        **LOOPBACK_PROCESS_ENV,
         "GRPC_LISTEN": f"127.0.0.1:{port}",
         "METRICS_PORT": str(metrics_port),
         "DATA_DIR": str(tmp_path / "var"),
@@ -138,6 +139,10 @@ def serve_process(nats_url: str, tmp_path: Path, request: pytest.FixtureRequest)
         # Identity needs a DKIM master key; its link server and DNS checker stay on loopback.
         "DKIM_MASTER_KEYS": "test:" + "A" * 43,
         "IDENTITY_HTTP_LISTEN": "127.0.0.1:0",
+        "HTTP_API_LISTEN": "127.0.0.1:0",
+        "TRACKING_HTTP_LISTEN": "127.0.0.1:0",
+        "SNS_HTTPS_LISTEN": "127.0.0.1:0",
+        "INBOUND_SMTP_LISTEN": "127.0.0.1:0",
         "DNS_RESOLVER": "127.0.0.1:9",
         # Delivery workers would hold the outbound work queue's consumer after the process is gone.
         "DELIVERY_WORKERS": "0",

@@ -25,6 +25,7 @@ from postmesh.client import Client, error_details
 from postmesh.common.natsserver import free_port
 from postmesh.identity.v1 import identity_pb2
 from postmesh.sender.v1 import sender_pb2 as pb
+from postmesh.testing import LOOPBACK_PROCESS_ENV
 from postmesh.testing_mail import LoopbackDns, SmtpServer
 from tests.identity_helpers import create_verified_domain
 
@@ -75,6 +76,7 @@ class Mesh:
     def env(self, name: str) -> dict[str, str]:
         return {
             **os.environ,
+            **LOOPBACK_PROCESS_ENV,
             "GRPC_LISTEN": self.address(name),
             "METRICS_PORT": "0",
             "DATA_DIR": str(self.root / name),

@@ -23,6 +23,7 @@ from postmesh.client import Client, error_details
 from postmesh.common.natsserver import free_port
 from postmesh.identity.v1 import identity_pb2
 from postmesh.sender.v1 import sender_pb2 as pb
+from postmesh.testing import LOOPBACK_PROCESS_ENV
 from postmesh.testing_mail import LoopbackDns, SmtpServer
 from tests.identity_helpers import create_verified_domain
 from tests.sending_helpers import own_nats_server
@@ -64,6 +65,7 @@ class Cluster:
         }
         self.env = {
             **os.environ,
+            **LOOPBACK_PROCESS_ENV,
             **endpoints,
             "NATS_URL": nats_url,
             "DATABASE_URL": database_url,
@@ -79,7 +81,6 @@ class Cluster:
         self.extra = {
             "identity": {
                 "DKIM_MASTER_KEYS": "cluster:" + "B" * 43,
-                "IDENTITY_HTTP_LISTEN": "127.0.0.1:0",
                 "DNS_RESOLVER": zone.address,
                 "DNS_CHECK_POLL_SECONDS": "3600",
             },

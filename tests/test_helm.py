@@ -81,7 +81,8 @@ def _env(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_one_hardened_deployment_per_component_with_grpc_probes(rendered: list[dict[str, Any]]) -> None:
     deployments = _deployments(rendered)
-    assert set(deployments) == set(CI_COMPONENTS)
+    # The components, and the HTTP gateway (deploy/k8s/templates/gateway.yaml, tests/test_gateway_helm.py).
+    assert set(deployments) == set(CI_COMPONENTS) | {"gateway"}
     for component, service in CI_COMPONENTS.items():
         pod = deployments[component]["spec"]["template"]["spec"]
         container = pod["containers"][0]
@@ -234,16 +235,21 @@ def test_network_policy_per_component_and_a_service_for_each_callable_one(
     rendered: list[dict[str, Any]],
 ) -> None:
     kinds = [d["kind"] for d in rendered]
-    assert kinds.count("NetworkPolicy") == kinds.count("PodDisruptionBudget") == len(CI_COMPONENTS)
+    assert kinds.count("NetworkPolicy") == kinds.count("PodDisruptionBudget") == len(CI_COMPONENTS) + 1
     services = {d["metadata"]["name"] for d in rendered if d["kind"] == "Service"}
     # Delivery workers only pull from JetStream: a headless Service for scraping, no ClusterIP one.
     # One per callable component, one headless per component, and the feedback service's SMTP listener
     # on port 25 for the bounce domains' MX.
     assert services == {f"pm-postmesh-{s}" for s in [*SERVICES, *UNITS]} | {
         f"pm-postmesh-{c}-headless" for c in CI_COMPONENTS
-    } | {"pm-postmesh-feedback-smtp"}
-    [smtp] = [d["spec"] for d in rendered if d["kind"] == "Service" and d["metadata"]["name"].endswith("-smtp")
-              and "feedback" in d["metadata"]["name"]]
+    } | {"pm-postmesh-feedback-smtp", "pm-postmesh-gateway"}
+    [smtp] = [
+        d["spec"]
+        for d in rendered
+        if d["kind"] == "Service"
+        and d["metadata"]["name"].endswith("-smtp")
+        and "feedback" in d["metadata"]["name"]
+    ]
     assert smtp["type"] == "LoadBalancer" and smtp["ports"][0]["port"] == 25
 
 

@@ -490,7 +490,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     test.set_defaults(handler=_webhook_test)
 
 
-
 def register_follow(events: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`postmesh events follow`, under the `events` command of postmesh.cli.events."""
     follow = events.add_parser("follow", help="print events as they happen (a durable subscription)")

@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "postmesh.cli.suppression",
     "postmesh.cli.smtp",
     "postmesh.cli.inbound",
+    "postmesh.cli.accesskeys",
 ]
 
 

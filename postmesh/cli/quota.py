@@ -8,8 +8,8 @@ import datetime as dt
 from collections.abc import Sequence
 
 from postmesh.cli.common import add_connection_flags, client_for, emit, table
-from postmesh.cli.filtration import register_admin as register_filtration_admin
 from postmesh.cli.destinations import register_admin_commands as register_dead_letter_commands
+from postmesh.cli.filtration import register_admin as register_filtration_admin
 from postmesh.quota.v1 import quota_pb2 as pb
 
 BARS = " ▁▂▃▄▅▆▇█"

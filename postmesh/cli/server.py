@@ -31,6 +31,10 @@ def _start_tracing(settings: Settings, services: list[str]) -> None:
     )
 
 
+# The SES-compatible HTTP API (services/gateway): not a gRPC service, served beside them.
+GATEWAY = "gateway"
+
+
 def _serve(args: argparse.Namespace) -> int:
     from postmesh.common.logging import configure_logging
     from postmesh.common.server import MeshServer, load_all_service_settings
@@ -39,10 +43,16 @@ def _serve(args: argparse.Namespace) -> int:
     load_all_service_settings()
     settings = load_settings()
     configure_logging(settings.log_level)
+    names = list(args.services) or ["all"]
     try:
-        _start_tracing(settings, args.services)
-        server = MeshServer(settings, args.services)
-        asyncio.run(server.serve_until_signalled())
+        mesh_names = [n for n in names if n != GATEWAY]
+        _start_tracing(settings, mesh_names or ["all"])
+        if GATEWAY in names or "all" in names:
+            from services.gateway.serve import serve as serve_with_gateway
+
+            asyncio.run(serve_with_gateway(settings, mesh_names))
+        else:
+            asyncio.run(MeshServer(settings, names).serve_until_signalled())
     except ValueError as exc:  # a missing or malformed setting: say which, without a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -126,7 +136,7 @@ def _dev_smtp(base: Settings, data_dir: Path) -> dict[str, object]:
 def _dev(args: argparse.Namespace) -> int:
     from postmesh.common.logging import configure_logging
     from postmesh.common.natsserver import NatsServerProcess
-    from postmesh.common.server import MeshServer, load_all_service_settings
+    from postmesh.common.server import load_all_service_settings
     from postmesh.common.tracing import shutdown_tracing
 
     load_all_service_settings()
@@ -174,13 +184,16 @@ In another terminal:
   postmesh account create "My team"      # prints an API key: export POSTMESH_API_KEY=...
   postmesh account whoami
   postmesh smtp-credentials create       # a user name and password for SMTP clients
+  postmesh access-keys create            # AWS credentials for the SES-compatible HTTP API
 Stop with Ctrl-C.
 """,
         flush=True,
     )
     _start_tracing(settings, ["all"])
     try:
-        asyncio.run(MeshServer(settings, ["all"]).serve_until_signalled())
+        from services.gateway.serve import serve as serve_with_gateway
+
+        asyncio.run(serve_with_gateway(settings, ["all"]))
     finally:
         shutdown_tracing()
         if nats_process:
@@ -208,7 +221,10 @@ def _config(args: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser("serve", help="run some or all services in this process")
     serve.add_argument(
-        "services", nargs="*", default=["all"], help=f"all, or any of: {', '.join(UNIT_NAMES)}"
+        "services",
+        nargs="*",
+        default=["all"],
+        help=f"all, or any of: {', '.join(UNIT_NAMES)}, {GATEWAY} (the SES-compatible HTTP API)",
     )
     serve.set_defaults(handler=_serve)
 

@@ -40,7 +40,7 @@ from postmesh.common.logging import REQUEST_ID_HEADER, request_id_var
 from postmesh.common.metrics import REFUSALS, collect_jetstream_forever
 from postmesh.common.service import Clock, Runtime, Service, SystemClock
 from postmesh.common.streams import API_KEY_REVOKED_SUBJECT
-from postmesh.common.tls import ServerTlsFiles, channel_credentials
+from postmesh.common.tls import ServerTlsFiles, mesh_client_tls
 from postmesh.events.v1 import events_pb2
 from postmesh.identity.v1 import identity_pb2
 
@@ -71,10 +71,16 @@ def service_class(name: str) -> type[Service]:
     return cls
 
 
+# Servable units that are not gRPC services but register settings (the HTTP gateway).
+EXTRA_SETTINGS_MODULES = ("services.gateway.settings",)
+
+
 def load_all_service_settings() -> None:
     """Imports every service so the settings it registers are part of the schema."""
     for name in UNIT_NAMES:
         service_class(name)
+    for module in EXTRA_SETTINGS_MODULES:
+        importlib.import_module(module)
 
 
 def _is_grpc_service(full_name: str) -> bool:
@@ -342,8 +348,8 @@ class MeshInterceptor(aio.ServerInterceptor):
                 async for response in behaviour(requests, context):  # type: ignore[arg-type, attr-defined]
                     yield response
             except PostmeshError as exc:
-                code, trailers = _status_for(exc)
-                await context.abort(code, exc.message, trailing_metadata=trailers)
+                code, message, trailers = _status_for(exc)
+                await context.abort(code, message, trailing_metadata=trailers)
 
         return grpc.stream_stream_rpc_method_handler(
             wrapped,
@@ -489,14 +495,8 @@ class MeshServer:
     def _client_tls(self, tls: ServerTlsFiles | None) -> dict[str, Any]:
         """How this process calls the services: over TLS when it serves TLS itself or has a CA for the
         others, presenting its own certificate (for peers that require mutual TLS)."""
-        ca = self.settings.grpc_tls_ca_file
-        if tls is None and not ca:
-            return {}
         cert, key = (tls.cert_file, tls.key_file) if tls else ("", "")
-        return {
-            "credentials": channel_credentials(ca, cert, key),
-            "server_name": self.settings.grpc_tls_server_name,
-        }
+        return mesh_client_tls(self.settings.grpc_tls_ca_file, self.settings.grpc_tls_server_name, cert, key)
 
     async def _start_health_port(self) -> None:
         """Kubernetes' gRPC probes speak plain text only: under TLS they get a port of their own that

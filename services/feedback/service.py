@@ -29,18 +29,18 @@ from postmesh.events.v1 import events_pb2
 from postmesh.feedback.v1 import feedback_pb2, feedback_pb2_grpc
 from postmesh.identity.v1.identity_pb2 import GetIdentityNotificationAttributesRequest
 from services.feedback.auto_suppression import AutoSuppression, parse_reasons
-from services.feedback.destinations.sns import SnsFormat, SnsSigner
-from services.feedback.destinations.sns_http import SnsEndpoint
-from services.feedback.destinations.sns_keys import load_or_create
-from services.feedback.forwarding import FeedbackForwarder, notice_sender
-from services.feedback.inbound.wiring import Inbound, feedback_loop_address
 from services.feedback.configsets import ConfigurationSets
 from services.feedback.destinations.notifications import NONE as NO_NOTIFICATIONS
 from services.feedback.destinations.notifications import IdentityNotifications, NotificationSettings
 from services.feedback.destinations.routing import EventRouter
 from services.feedback.destinations.signing import SecretBox
+from services.feedback.destinations.sns import SnsFormat, SnsSigner
+from services.feedback.destinations.sns_http import SnsEndpoint
+from services.feedback.destinations.sns_keys import load_or_create
 from services.feedback.destinations.subscriptions import Subscriptions
 from services.feedback.destinations.webhooks import WebhookDispatcher, WebhookOutbox
+from services.feedback.forwarding import FeedbackForwarder, notice_sender
+from services.feedback.inbound.wiring import Inbound, feedback_loop_address
 from services.feedback.models import Base
 from services.feedback.servicer import FeedbackServicer
 from services.feedback.suppression import SuppressionList
@@ -205,7 +205,6 @@ class FeedbackService(Service):
         if self.sns_endpoint is not None:
             await self.sns_endpoint.stop()
 
-
     async def _start_destinations(self) -> None:
         runtime = self.runtime
         settings = runtime.settings
@@ -306,7 +305,6 @@ class FeedbackService(Service):
             "event-routing",
         )
         runtime.spawn(dispatcher.run, "webhook-dispatcher")
-
 
 
 def _own_endpoints(grpc_endpoints: Iterable[str], settings: Settings) -> list[str]:

@@ -34,6 +34,7 @@ from postmesh.common.paging import keyset_page, split_page
 from postmesh.common.service import Clock
 from postmesh.events.v1 import events_pb2
 from services.identity import dkimkeys, policies
+from services.identity.accesskeys import rewrap_access_keys
 from services.identity.accounts import SYSTEM_ACCOUNT_ID
 from services.identity.dkimkeys import MasterKeys, Sealed
 from services.identity.models import Account, DkimKey, EmailIdentity, IdentityPolicy, VerificationToken
@@ -734,7 +735,9 @@ class IdentityStore:
                 )
                 key.master_key_id = self._master_keys.current_id
                 rewrapped += 1
-        return self._master_keys.current_id, rewrapped, current
+            # SigV4 access keys are sealed under the same master keys.
+            more, more_current = await rewrap_access_keys(session, self._master_keys)
+        return self._master_keys.current_id, rewrapped + more, current + more_current
 
     # --- custom MAIL FROM
 

@@ -17,6 +17,7 @@ from postmesh.feedback.v1.configuration_sets_pb2 import (
     GetConfigurationSetRequest,
 )
 from postmesh.identity.v1 import identity_pb2, identity_pb2_grpc
+from services.identity.accesskeys import AccessKeyStore
 from services.identity.accounts import AccountStore
 from services.identity.dkimkeys import MasterKeys
 from services.identity.dnslookup import DnsLookup
@@ -45,6 +46,7 @@ class IdentityService(Service):
         "ConfirmEmailIdentity": Access.PUBLIC,
         "RewrapDkimKeys": Access.ADMIN,
         "GetSystemEmailIdentity": Access.ADMIN,
+        "VerifyAccessKeySignature": Access.INTERNAL,
     }
     metadata = Base.metadata
     migrations_dir = Path(__file__).parent / "migrations"
@@ -71,6 +73,7 @@ class IdentityService(Service):
         settings = runtime.settings
         self.servicer.accounts = AccountStore(runtime.sessions, runtime.clock, runtime.events)
         self.servicer.smtp_credentials = SmtpCredentialStore(runtime.sessions, runtime.clock, runtime.events)
+        self.servicer.access_keys = AccessKeyStore(runtime.sessions, runtime.clock, self.master_keys)
         config = IdentityConfig.from_settings(settings)
         self.verifier = DomainVerifier(
             runtime.sessions,

@@ -8,8 +8,9 @@ from postmesh.common.auth import caller_account_id, current_principal
 from postmesh.common.protoutil import timestamp
 from postmesh.identity.v1 import identity_pb2 as pb
 from postmesh.identity.v1 import identity_pb2_grpc
+from services.identity.accesskeys import AccessKeyStore, SignedRequest
 from services.identity.accounts import AccountStore
-from services.identity.models import Account, ApiKey
+from services.identity.models import AccessKey, Account, ApiKey
 from services.identity.servicer_identities import IdentitiesServicer
 from services.identity.servicer_smtp import SmtpCredentialsServicer
 
@@ -34,11 +35,23 @@ def key_message(key: ApiKey) -> pb.ApiKey:
     )
 
 
+def access_key_message(key: AccessKey) -> pb.AccessKey:
+    return pb.AccessKey(
+        access_key_id=key.access_key_id,
+        description=key.description,
+        create_time=timestamp(key.created_at),
+        revoked=key.revoked_at is not None,
+        revoke_time=timestamp(key.revoked_at),
+        last_used_time=timestamp(key.last_used_at),
+    )
+
+
 class IdentityServicer(
     IdentitiesServicer, SmtpCredentialsServicer, identity_pb2_grpc.IdentityServiceServicer
 ):
     # Bound in IdentityService.on_ready; the interceptor lets no call through before that.
     accounts: AccountStore
+    access_keys: AccessKeyStore
 
     async def CreateAccount(
         self, request: pb.CreateAccountRequest, context: aio.ServicerContext
@@ -97,3 +110,42 @@ class IdentityServicer(
     ) -> pb.AuthenticateApiKeyResponse:
         key = await self.accounts.authenticate(request.api_key)
         return pb.AuthenticateApiKeyResponse(account_id=key.account_id, key_id=key.key_id)
+
+    async def CreateAccessKey(
+        self, request: pb.CreateAccessKeyRequest, context: aio.ServicerContext
+    ) -> pb.CreateAccessKeyResponse:
+        new_key = await self.access_keys.create(caller_account_id(), request.description)
+        return pb.CreateAccessKeyResponse(
+            access_key=access_key_message(new_key.key), secret_access_key=new_key.secret
+        )
+
+    async def ListAccessKeys(
+        self, request: pb.ListAccessKeysRequest, context: aio.ServicerContext
+    ) -> pb.ListAccessKeysResponse:
+        keys, token = await self.access_keys.list(
+            caller_account_id(), request.page_size, request.page_token, request.include_revoked
+        )
+        return pb.ListAccessKeysResponse(
+            access_keys=[access_key_message(k) for k in keys], next_page_token=token
+        )
+
+    async def RevokeAccessKey(
+        self, request: pb.RevokeAccessKeyRequest, context: aio.ServicerContext
+    ) -> pb.RevokeAccessKeyResponse:
+        key = await self.access_keys.revoke(caller_account_id(), request.access_key_id)
+        return pb.RevokeAccessKeyResponse(access_key=access_key_message(key))
+
+    async def VerifyAccessKeySignature(
+        self, request: pb.VerifyAccessKeySignatureRequest, context: aio.ServicerContext
+    ) -> pb.VerifyAccessKeySignatureResponse:
+        key = await self.access_keys.verify(
+            SignedRequest(
+                access_key_id=request.access_key_id,
+                date=request.scope_date,
+                region=request.scope_region,
+                service=request.scope_service,
+                string_to_sign=request.string_to_sign,
+                signature=request.signature,
+            )
+        )
+        return pb.VerifyAccessKeySignatureResponse(account_id=key.account_id, access_key_id=key.access_key_id)

@@ -128,6 +128,12 @@ class HeldMessages(Protocol):
     async def count(self) -> int: ...
 
 
+def _queued_by_accept(queued: queue_pb2.QueuedMessage) -> bool:
+    """A copy the accept path queued (a SendEmail retry may have queued it twice), not one the
+    delivery workers queued again themselves (a retry, a scan deferred, an operator's release)."""
+    return queued.attempt == 0 and queued.scan_attempt == 0 and not queued.released
+
+
 def _outcome_label(email: ev.EmailEvent) -> str:
     if email.event_type == ev.EMAIL_EVENT_TYPE_DELIVERY:
         return "delivered"
@@ -247,7 +253,7 @@ class DeliveryWorker:
         if not_before is not None and not_before > now:
             await msg.nak(delay=(not_before - now).total_seconds())
             return
-        if queued.attempt == 0:
+        if _queued_by_accept(queued):
             try:
                 if self._ledger is None:
                     self._ledger = await queued_ledger(self.js)

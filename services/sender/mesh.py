@@ -42,6 +42,7 @@ TIMEOUT = 10.0
 # How long an identity answer is trusted when no IdentityChanged event arrives (one may be missed
 # while NATS reconnects).
 CACHE_SECONDS = 30.0
+_CACHE_LIMIT = 100_000
 # Addresses per coalesced check (the services accept up to 1,000).
 _BATCH_ADDRESSES = 500
 

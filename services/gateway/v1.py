@@ -1,0 +1,632 @@
+"""SES v1 (the Query API: form-encoded `Action=...&Version=2010-12-01`, XML responses)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qsl
+from xml.sax.saxutils import escape
+
+from aiohttp import web
+
+from postmesh.identity.v1 import identity_pb2 as ib
+from postmesh.quota.v1 import quota_pb2 as qb
+from postmesh.sender.v1 import sender_pb2 as sb
+from services.gateway.calls import AccountCalls
+from services.gateway.errors import ALREADY_EXISTS, NOT_FOUND, SERIALIZATION, UNKNOWN_OPERATION, ApiError
+from services.gateway.shapes import iso
+
+NAMESPACE = "http://ses.amazonaws.com/doc/2010-12-01/"
+VERSION = "2010-12-01"
+
+Form = dict[str, str]
+Action = Callable[[AccountCalls, Form], Awaitable[str]]
+
+
+def parse_form(body: bytes) -> Form:
+    try:
+        pairs = parse_qsl(
+            body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body), errors="strict"
+        )
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(
+            SERIALIZATION, "The request body is not form-encoded (application/x-www-form-urlencoded)."
+        ) from None
+    return dict(pairs)
+
+
+def members(form: Form, prefix: str) -> list[str]:
+    """`Prefix.member.1`, `Prefix.member.2`, ... in order."""
+    pattern = re.compile(re.escape(prefix) + r"\.member\.(\d{1,4})$")
+    found = sorted((int(m.group(1)), v) for k, v in form.items() if (m := pattern.match(k)))
+    return [v for _, v in found]
+
+
+def _member_indexes(form: Form, prefix: str) -> list[int]:
+    pattern = re.compile(re.escape(prefix) + r"\.member\.(\d{1,4})\.")
+    return sorted({int(m.group(1)) for k in form if (m := pattern.match(k))})
+
+
+def _tags(form: Form, prefix: str = "Tags") -> list[sb.MessageTag]:
+    return [
+        sb.MessageTag(
+            name=form.get(f"{prefix}.member.{i}.Name", ""), value=form.get(f"{prefix}.member.{i}.Value", "")
+        )
+        for i in _member_indexes(form, prefix)
+    ]
+
+
+def _destination(form: Form, prefix: str = "Destination") -> sb.Destination:
+    return sb.Destination(
+        to_addresses=members(form, f"{prefix}.ToAddresses"),
+        cc_addresses=members(form, f"{prefix}.CcAddresses"),
+        bcc_addresses=members(form, f"{prefix}.BccAddresses"),
+    )
+
+
+def _content(form: Form, prefix: str) -> sb.Content:
+    return sb.Content(data=form.get(f"{prefix}.Data", ""), charset=form.get(f"{prefix}.Charset", ""))
+
+
+def _send_request(form: Form, content: sb.EmailContent) -> sb.SendEmailRequest:
+    return sb.SendEmailRequest(
+        from_email_address=form.get("Source", ""),
+        from_email_address_identity_arn=form.get("SourceArn", "") or form.get("FromArn", ""),
+        reply_to_addresses=members(form, "ReplyToAddresses"),
+        feedback_forwarding_email_address=form.get("ReturnPath", ""),
+        feedback_forwarding_email_address_identity_arn=form.get("ReturnPathArn", ""),
+        content=content,
+        email_tags=_tags(form),
+        configuration_set_name=form.get("ConfigurationSetName", ""),
+    )
+
+
+def _message_id(message_id: str) -> str:
+    return f"<MessageId>{escape(message_id)}</MessageId>"
+
+
+async def send_email(call: AccountCalls, form: Form) -> str:
+    message = sb.Message(subject=_content(form, "Message.Subject"))
+    if "Message.Body.Text.Data" in form:
+        message.body.text.CopyFrom(_content(form, "Message.Body.Text"))
+    if "Message.Body.Html.Data" in form:
+        message.body.html.CopyFrom(_content(form, "Message.Body.Html"))
+    request = _send_request(form, sb.EmailContent(simple=message))
+    request.destination.CopyFrom(_destination(form))
+    return _message_id((await call(call.clients.sender.SendEmail, request)).message_id)
+
+
+async def send_raw_email(call: AccountCalls, form: Form) -> str:
+    try:
+        data = base64.b64decode(form.get("RawMessage.Data", ""), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(SERIALIZATION, "RawMessage.Data must be base64-encoded.") from None
+    request = _send_request(form, sb.EmailContent(raw=sb.RawMessage(data=data)))
+    destinations = members(form, "Destinations")
+    if destinations:
+        request.destination.CopyFrom(sb.Destination(to_addresses=destinations))
+    return _message_id((await call(call.clients.sender.SendEmail, request)).message_id)
+
+
+async def send_templated_email(call: AccountCalls, form: Form) -> str:
+    name = form.get("Template", "") or form.get("TemplateArn", "").rpartition("/")[2]
+    template = sb.Template(template_name=name, template_data=form.get("TemplateData", ""))
+    request = _send_request(form, sb.EmailContent(template=template))
+    request.destination.CopyFrom(_destination(form))
+    return _message_id((await call(call.clients.sender.SendEmail, request)).message_id)
+
+
+async def get_send_quota(call: AccountCalls, form: Form) -> str:
+    quota = (await call(call.clients.quota.GetAccount, qb.GetAccountRequest())).send_quota
+    return (
+        f"<Max24HourSend>{quota.max_24_hour_send}</Max24HourSend>"
+        f"<MaxSendRate>{quota.max_send_rate}</MaxSendRate>"
+        f"<SentLast24Hours>{quota.sent_last_24_hours}</SentLast24Hours>"
+    )
+
+
+async def get_send_statistics(call: AccountCalls, form: Form) -> str:
+    reply = await call(call.clients.quota.GetSendStatistics, qb.GetSendStatisticsRequest())
+    points = "".join(
+        "<member>"
+        f"<Timestamp>{iso(p.timestamp)}</Timestamp>"
+        f"<DeliveryAttempts>{p.delivery_attempts}</DeliveryAttempts>"
+        f"<Bounces>{p.bounces}</Bounces><Complaints>{p.complaints}</Complaints><Rejects>{p.rejects}</Rejects>"
+        "</member>"
+        for p in reply.send_data_points
+    )
+    return f"<SendDataPoints>{points}</SendDataPoints>"
+
+
+async def _create_identity(call: AccountCalls, name: str) -> None:
+    try:
+        await call(
+            call.clients.identity.CreateEmailIdentity, ib.CreateEmailIdentityRequest(email_identity=name)
+        )
+    except ApiError as exc:
+        # SES v1's Verify* calls are idempotent: verifying an identity again is not an error.
+        if exc.error is not ALREADY_EXISTS:
+            raise
+
+
+def _verification_token(identity: ib.GetEmailIdentityResponse) -> str:
+    return next((r.value for r in identity.dns_records if r.purpose == "verification"), "")
+
+
+async def verify_email_identity(call: AccountCalls, form: Form) -> str:
+    await _create_identity(call, form.get("EmailAddress", ""))
+    return ""
+
+
+async def verify_domain_identity(call: AccountCalls, form: Form) -> str:
+    domain = form.get("Domain", "")
+    await _create_identity(call, domain)
+    identity = await call(
+        call.clients.identity.GetEmailIdentity, ib.GetEmailIdentityRequest(email_identity=domain)
+    )
+    return f"<VerificationToken>{escape(_verification_token(identity))}</VerificationToken>"
+
+
+async def verify_domain_dkim(call: AccountCalls, form: Form) -> str:
+    domain = form.get("Domain", "")
+    await _create_identity(call, domain)
+    identity = await call(
+        call.clients.identity.GetEmailIdentity, ib.GetEmailIdentityRequest(email_identity=domain)
+    )
+    tokens = "".join(f"<member>{escape(t)}</member>" for t in identity.dkim_attributes.tokens)
+    return f"<DkimTokens>{tokens}</DkimTokens>"
+
+
+def _max_items(form: Form) -> int:
+    max_items = form.get("MaxItems", "")
+    if max_items and (not max_items.isdigit() or len(max_items) > 9):
+        raise ApiError(SERIALIZATION, "MaxItems must be a non-negative integer.")
+    return int(max_items or 0)
+
+
+_IDENTITY_TYPES = {"EmailAddress": ib.IDENTITY_TYPE_EMAIL_ADDRESS, "Domain": ib.IDENTITY_TYPE_DOMAIN}
+
+
+async def list_identities(call: AccountCalls, form: Form) -> str:
+    wanted = form.get("IdentityType", "")
+    if wanted and wanted not in _IDENTITY_TYPES:
+        raise ApiError(SERIALIZATION, "IdentityType must be EmailAddress or Domain.")
+    reply = await call(
+        call.clients.identity.ListEmailIdentities,
+        ib.ListEmailIdentitiesRequest(page_size=_max_items(form), page_token=form.get("NextToken", "")),
+    )
+    names = [
+        i.identity_name
+        for i in reply.email_identities
+        if not wanted or i.identity_type == _IDENTITY_TYPES[wanted]
+    ]
+    listed = "".join(f"<member>{escape(n)}</member>" for n in names)
+    token = f"<NextToken>{escape(reply.next_page_token)}</NextToken>" if reply.next_page_token else ""
+    return f"<Identities>{listed}</Identities>{token}"
+
+
+async def delete_identity(call: AccountCalls, form: Form) -> str:
+    try:
+        await call(
+            call.clients.identity.DeleteEmailIdentity,
+            ib.DeleteEmailIdentityRequest(email_identity=form.get("Identity", "")),
+        )
+    except ApiError as exc:
+        if exc.error is not NOT_FOUND:  # SES: deleting an identity that is not there succeeds
+            raise
+    return ""
+
+
+_V1_STATUS = {
+    ib.VERIFICATION_STATUS_PENDING: "Pending",
+    ib.VERIFICATION_STATUS_SUCCESS: "Success",
+    ib.VERIFICATION_STATUS_FAILED: "Failed",
+    ib.VERIFICATION_STATUS_TEMPORARY_FAILURE: "TemporaryFailure",
+    ib.VERIFICATION_STATUS_NOT_STARTED: "NotStarted",
+}
+
+
+async def get_identity_verification_attributes(call: AccountCalls, form: Form) -> str:
+    entries = []
+    for name, identity in await _existing_identities(call, form):
+        token = ""
+        if identity.identity_type == ib.IDENTITY_TYPE_DOMAIN:
+            token = f"<VerificationToken>{escape(_verification_token(identity))}</VerificationToken>"
+        status = _V1_STATUS.get(identity.verification_status, "NotStarted")
+        entries.append(
+            f"<entry><key>{escape(name)}</key><value><VerificationStatus>{status}</VerificationStatus>"
+            f"{token}</value></entry>"
+        )
+    return f"<VerificationAttributes>{''.join(entries)}</VerificationAttributes>"
+
+
+# --- templates
+
+
+def _template_fields(form: Form) -> tuple[str, sb.EmailTemplateContent]:
+    return form.get("Template.TemplateName", ""), sb.EmailTemplateContent(
+        subject=form.get("Template.SubjectPart", ""),
+        text=form.get("Template.TextPart", ""),
+        html=form.get("Template.HtmlPart", ""),
+    )
+
+
+async def create_template(call: AccountCalls, form: Form) -> str:
+    name, content = _template_fields(form)
+    await call(
+        call.clients.sender.CreateEmailTemplate,
+        sb.CreateEmailTemplateRequest(template_name=name, template_content=content),
+    )
+    return ""
+
+
+async def update_template(call: AccountCalls, form: Form) -> str:
+    name, content = _template_fields(form)
+    await call(
+        call.clients.sender.UpdateEmailTemplate,
+        sb.UpdateEmailTemplateRequest(template_name=name, template_content=content),
+    )
+    return ""
+
+
+async def get_template(call: AccountCalls, form: Form) -> str:
+    reply = await call(
+        call.clients.sender.GetEmailTemplate,
+        sb.GetEmailTemplateRequest(template_name=form.get("TemplateName", "")),
+    )
+    content = reply.template_content
+    parts = "".join(
+        f"<{tag}>{escape(value)}</{tag}>"
+        for tag, value in (
+            ("SubjectPart", content.subject),
+            ("TextPart", content.text),
+            ("HtmlPart", content.html),
+        )
+        if value
+    )
+    return f"<Template><TemplateName>{escape(reply.template_name)}</TemplateName>{parts}</Template>"
+
+
+async def delete_template(call: AccountCalls, form: Form) -> str:
+    try:
+        await call(
+            call.clients.sender.DeleteEmailTemplate,
+            sb.DeleteEmailTemplateRequest(template_name=form.get("TemplateName", "")),
+        )
+    except ApiError as exc:
+        if exc.error.v1_code != "TemplateDoesNotExist" and exc.error is not NOT_FOUND:
+            raise  # SES: deleting a template that is not there succeeds
+    return ""
+
+
+async def list_templates(call: AccountCalls, form: Form) -> str:
+    reply = await call(
+        call.clients.sender.ListEmailTemplates,
+        sb.ListEmailTemplatesRequest(page_size=_max_items(form), page_token=form.get("NextToken", "")),
+    )
+    listed = "".join(
+        f"<member><Name>{escape(t.template_name)}</Name>"
+        f"<CreatedTimestamp>{iso(t.created_timestamp)}</CreatedTimestamp></member>"
+        for t in reply.templates_metadata
+    )
+    token = f"<NextToken>{escape(reply.next_page_token)}</NextToken>" if reply.next_page_token else ""
+    return f"<TemplatesMetadata>{listed}</TemplatesMetadata>{token}"
+
+
+async def test_render_template(call: AccountCalls, form: Form) -> str:
+    reply = await call(
+        call.clients.sender.TestRenderEmailTemplate,
+        sb.TestRenderEmailTemplateRequest(
+            template_name=form.get("TemplateName", ""), template_data=form.get("TemplateData", "")
+        ),
+    )
+    return f"<RenderedTemplate>{escape(reply.rendered_template)}</RenderedTemplate>"
+
+
+_V1_BULK_STATUS = {
+    sb.BULK_EMAIL_STATUS_SUCCESS: "Success",
+    sb.BULK_EMAIL_STATUS_MESSAGE_REJECTED: "MessageRejected",
+    sb.BULK_EMAIL_STATUS_MAIL_FROM_DOMAIN_NOT_VERIFIED: "MailFromDomainNotVerified",
+    sb.BULK_EMAIL_STATUS_ACCOUNT_SENDING_PAUSED: "AccountSendingPaused",
+    sb.BULK_EMAIL_STATUS_ACCOUNT_THROTTLED: "AccountThrottled",
+    sb.BULK_EMAIL_STATUS_ACCOUNT_DAILY_QUOTA_EXCEEDED: "AccountDailyQuotaExceeded",
+    sb.BULK_EMAIL_STATUS_INVALID_PARAMETER: "InvalidParameterValue",
+    sb.BULK_EMAIL_STATUS_TRANSIENT_FAILURE: "TransientFailure",
+    sb.BULK_EMAIL_STATUS_FAILED: "Failed",
+}
+
+
+async def send_bulk_templated_email(call: AccountCalls, form: Form) -> str:
+    name = form.get("Template", "") or form.get("TemplateArn", "").rpartition("/")[2]
+    entries = []
+    for i in _member_indexes(form, "Destinations"):
+        prefix = f"Destinations.member.{i}"
+        entry = sb.BulkEmailEntry(
+            replacement_tags=[
+                sb.MessageTag(
+                    name=form.get(f"{prefix}.ReplacementTags.member.{j}.Name", ""),
+                    value=form.get(f"{prefix}.ReplacementTags.member.{j}.Value", ""),
+                )
+                for j in _member_indexes(form, f"{prefix}.ReplacementTags")
+            ],
+        )
+        entry.destination.CopyFrom(_destination(form, f"{prefix}.Destination"))
+        if f"{prefix}.ReplacementTemplateData" in form:
+            entry.replacement_email_content.replacement_template.replacement_template_data = form[
+                f"{prefix}.ReplacementTemplateData"
+            ]
+        entries.append(entry)
+    request = sb.SendBulkEmailRequest(
+        from_email_address=form.get("Source", ""),
+        from_email_address_identity_arn=form.get("SourceArn", ""),
+        reply_to_addresses=members(form, "ReplyToAddresses"),
+        feedback_forwarding_email_address=form.get("ReturnPath", ""),
+        feedback_forwarding_email_address_identity_arn=form.get("ReturnPathArn", ""),
+        default_email_tags=_tags(form, "DefaultTags"),
+        default_content=sb.BulkEmailContent(
+            template=sb.Template(template_name=name, template_data=form.get("DefaultTemplateData", ""))
+        ),
+        bulk_email_entries=entries,
+        configuration_set_name=form.get("ConfigurationSetName", ""),
+    )
+    reply = await call(call.clients.sender.SendBulkEmail, request)
+    statuses = "".join(
+        f"<member><Status>{_V1_BULK_STATUS.get(r.status, 'Failed')}</Status>"
+        + (f"<Error>{escape(r.error)}</Error>" if r.error else "")
+        + (f"<MessageId>{escape(r.message_id)}</MessageId>" if r.message_id else "")
+        + "</member>"
+        for r in reply.bulk_email_entry_results
+    )
+    return f"<Status>{statuses}</Status>"
+
+
+async def get_account_sending_enabled(call: AccountCalls, form: Form) -> str:
+    reply = await call(call.clients.quota.GetAccount, qb.GetAccountRequest())
+    return f"<Enabled>{'true' if reply.sending_enabled else 'false'}</Enabled>"
+
+
+# --- identity attributes
+
+
+async def _existing_identities(
+    call: AccountCalls, form: Form
+) -> list[tuple[str, ib.GetEmailIdentityResponse]]:
+    found = []
+    for name in members(form, "Identities")[:100]:
+        try:
+            identity = await call(
+                call.clients.identity.GetEmailIdentity, ib.GetEmailIdentityRequest(email_identity=name)
+            )
+        except ApiError as exc:
+            if exc.error is NOT_FOUND:  # SES leaves out identities that do not exist
+                continue
+            raise
+        found.append((name, identity))
+    return found
+
+
+def _boolean(form: Form, name: str) -> bool:
+    value = form.get(name, "").lower()
+    if value not in ("true", "false"):
+        raise ApiError(SERIALIZATION, f"{name} must be true or false.")
+    return value == "true"
+
+
+async def get_identity_dkim_attributes(call: AccountCalls, form: Form) -> str:
+    entries = []
+    for name, identity in await _existing_identities(call, form):
+        dkim = identity.dkim_attributes
+        tokens = "".join(f"<member>{escape(t)}</member>" for t in dkim.tokens)
+        entries.append(
+            f"<entry><key>{escape(name)}</key><value>"
+            f"<DkimEnabled>{'true' if dkim.signing_enabled else 'false'}</DkimEnabled>"
+            f"<DkimVerificationStatus>{_V1_STATUS.get(dkim.status, 'NotStarted')}</DkimVerificationStatus>"
+            f"<DkimTokens>{tokens}</DkimTokens></value></entry>"
+        )
+    return f"<DkimAttributes>{''.join(entries)}</DkimAttributes>"
+
+
+async def set_identity_dkim_enabled(call: AccountCalls, form: Form) -> str:
+    await call(
+        call.clients.identity.PutEmailIdentityDkimAttributes,
+        ib.PutEmailIdentityDkimAttributesRequest(
+            email_identity=form.get("Identity", ""), signing_enabled=_boolean(form, "DkimEnabled")
+        ),
+    )
+    return ""
+
+
+_MX_FAILURE = {
+    "UseDefaultValue": ib.BEHAVIOR_ON_MX_FAILURE_USE_DEFAULT_VALUE,
+    "RejectMessage": ib.BEHAVIOR_ON_MX_FAILURE_REJECT_MESSAGE,
+}
+_MAIL_FROM_STATUS = {
+    ib.MAIL_FROM_DOMAIN_STATUS_PENDING: "Pending",
+    ib.MAIL_FROM_DOMAIN_STATUS_SUCCESS: "Success",
+    ib.MAIL_FROM_DOMAIN_STATUS_FAILED: "Failed",
+    ib.MAIL_FROM_DOMAIN_STATUS_TEMPORARY_FAILURE: "TemporaryFailure",
+}
+
+
+async def get_identity_mail_from_domain_attributes(call: AccountCalls, form: Form) -> str:
+    entries = []
+    for name, identity in await _existing_identities(call, form):
+        mail_from = identity.mail_from_attributes
+        behavior = next(
+            (k for k, v in _MX_FAILURE.items() if v == mail_from.behavior_on_mx_failure), "UseDefaultValue"
+        )
+        domain = ""
+        if mail_from.mail_from_domain:
+            status = _MAIL_FROM_STATUS.get(mail_from.mail_from_domain_status, "Pending")
+            domain = (
+                f"<MailFromDomain>{escape(mail_from.mail_from_domain)}</MailFromDomain>"
+                f"<MailFromDomainStatus>{status}</MailFromDomainStatus>"
+            )
+        entries.append(
+            f"<entry><key>{escape(name)}</key><value>{domain}"
+            f"<BehaviorOnMXFailure>{behavior}</BehaviorOnMXFailure></value></entry>"
+        )
+    return f"<MailFromDomainAttributes>{''.join(entries)}</MailFromDomainAttributes>"
+
+
+async def set_identity_mail_from_domain(call: AccountCalls, form: Form) -> str:
+    behavior = form.get("BehaviorOnMXFailure", "")
+    if behavior and behavior not in _MX_FAILURE:
+        raise ApiError(SERIALIZATION, "BehaviorOnMXFailure must be UseDefaultValue or RejectMessage.")
+    await call(
+        call.clients.identity.PutEmailIdentityMailFromAttributes,
+        ib.PutEmailIdentityMailFromAttributesRequest(
+            email_identity=form.get("Identity", ""),
+            mail_from_domain=form.get("MailFromDomain", ""),
+            behavior_on_mx_failure=_MX_FAILURE.get(behavior, ib.BEHAVIOR_ON_MX_FAILURE_UNSPECIFIED),
+        ),
+    )
+    return ""
+
+
+# --- sending authorization policies
+
+
+async def _identity_policies(call: AccountCalls, identity: str) -> dict[str, str]:
+    reply = await call(
+        call.clients.identity.GetEmailIdentityPolicies,
+        ib.GetEmailIdentityPoliciesRequest(email_identity=identity),
+    )
+    return dict(reply.policies)
+
+
+async def put_identity_policy(call: AccountCalls, form: Form) -> str:
+    await call(
+        call.clients.identity.PutEmailIdentityPolicy,
+        ib.PutEmailIdentityPolicyRequest(
+            email_identity=form.get("Identity", ""),
+            policy_name=form.get("PolicyName", ""),
+            policy=form.get("Policy", ""),
+        ),
+    )
+    return ""
+
+
+async def get_identity_policies(call: AccountCalls, form: Form) -> str:
+    policies = await _identity_policies(call, form.get("Identity", ""))
+    wanted = members(form, "PolicyNames")
+    entries = "".join(
+        f"<entry><key>{escape(name)}</key><value>{escape(policy)}</value></entry>"
+        for name, policy in sorted(policies.items())
+        if name in wanted
+    )
+    return f"<Policies>{entries}</Policies>"
+
+
+async def list_identity_policies(call: AccountCalls, form: Form) -> str:
+    policies = await _identity_policies(call, form.get("Identity", ""))
+    return f"<PolicyNames>{''.join(f'<member>{escape(n)}</member>' for n in sorted(policies))}</PolicyNames>"
+
+
+async def delete_identity_policy(call: AccountCalls, form: Form) -> str:
+    await call(
+        call.clients.identity.DeleteEmailIdentityPolicy,
+        ib.DeleteEmailIdentityPolicyRequest(
+            email_identity=form.get("Identity", ""), policy_name=form.get("PolicyName", "")
+        ),
+    )
+    return ""
+
+
+async def list_verified_email_addresses(call: AccountCalls, form: Form) -> str:
+    addresses: list[str] = []
+    token = ""
+    while True:  # the old API has no paging: every verified address at once
+        reply = await call(
+            call.clients.identity.ListEmailIdentities,
+            ib.ListEmailIdentitiesRequest(page_size=1000, page_token=token),
+        )
+        addresses += [
+            i.identity_name
+            for i in reply.email_identities
+            if i.identity_type == ib.IDENTITY_TYPE_EMAIL_ADDRESS
+            and i.verification_status == ib.VERIFICATION_STATUS_SUCCESS
+        ]
+        token = reply.next_page_token
+        if not token:
+            break
+    listed = "".join(f"<member>{escape(a)}</member>" for a in addresses)
+    return f"<VerifiedEmailAddresses>{listed}</VerifiedEmailAddresses>"
+
+
+async def delete_verified_email_address(call: AccountCalls, form: Form) -> str:
+    return await delete_identity(call, {"Identity": form.get("EmailAddress", "")})
+
+
+ACTIONS: dict[str, Action] = {
+    "SendEmail": send_email,
+    "SendRawEmail": send_raw_email,
+    "SendTemplatedEmail": send_templated_email,
+    "GetSendQuota": get_send_quota,
+    "GetSendStatistics": get_send_statistics,
+    "VerifyEmailIdentity": verify_email_identity,
+    "VerifyEmailAddress": verify_email_identity,
+    "VerifyDomainIdentity": verify_domain_identity,
+    "VerifyDomainDkim": verify_domain_dkim,
+    "ListIdentities": list_identities,
+    "DeleteIdentity": delete_identity,
+    "GetIdentityVerificationAttributes": get_identity_verification_attributes,
+    "SendBulkTemplatedEmail": send_bulk_templated_email,
+    "CreateTemplate": create_template,
+    "GetTemplate": get_template,
+    "UpdateTemplate": update_template,
+    "DeleteTemplate": delete_template,
+    "ListTemplates": list_templates,
+    "TestRenderTemplate": test_render_template,
+    "GetAccountSendingEnabled": get_account_sending_enabled,
+    "GetIdentityDkimAttributes": get_identity_dkim_attributes,
+    "SetIdentityDkimEnabled": set_identity_dkim_enabled,
+    "GetIdentityMailFromDomainAttributes": get_identity_mail_from_domain_attributes,
+    "SetIdentityMailFromDomain": set_identity_mail_from_domain,
+    "PutIdentityPolicy": put_identity_policy,
+    "GetIdentityPolicies": get_identity_policies,
+    "ListIdentityPolicies": list_identity_policies,
+    "DeleteIdentityPolicy": delete_identity_policy,
+    "ListVerifiedEmailAddresses": list_verified_email_addresses,
+    "DeleteVerifiedEmailAddress": delete_verified_email_address,
+}
+
+
+def _request_id(request_id: str) -> str:
+    return f"<ResponseMetadata><RequestId>{request_id}</RequestId></ResponseMetadata>"
+
+
+async def dispatch(call: AccountCalls, request: web.Request, body: bytes, request_id: str) -> web.Response:
+    if request.method == "POST":
+        form = parse_form(body)
+    elif request.method == "GET":
+        form = dict(request.query)
+    else:
+        raise ApiError(UNKNOWN_OPERATION, f"The Query API takes GET or POST, not {request.method[:16]}.")
+    name = form.get("Action", "")
+    action = ACTIONS.get(name)
+    if action is None:
+        raise ApiError(UNKNOWN_OPERATION, f"Could not find operation {name[:64]} for version {VERSION}.")
+    result = await action(call, form)
+    xml = (
+        f'<{name}Response xmlns="{NAMESPACE}"><{name}Result>{result}</{name}Result>'
+        f"{_request_id(request_id)}</{name}Response>"
+    )
+    return web.Response(text=xml, content_type="text/xml", headers={"x-amzn-RequestId": request_id})
+
+
+def error_response(error: ApiError, request_id: str) -> web.Response:
+    kind = "Receiver" if error.error.v1_status >= 500 else "Sender"
+    xml = (
+        f'<ErrorResponse xmlns="{NAMESPACE}"><Error><Type>{kind}</Type>'
+        f"<Code>{error.error.v1_code}</Code><Message>{escape(error.message)}</Message></Error>"
+        f"<RequestId>{request_id}</RequestId></ErrorResponse>"
+    )
+    return web.Response(
+        text=xml,
+        status=error.error.v1_status,
+        content_type="text/xml",
+        headers={"x-amzn-RequestId": request_id},
+    )
