@@ -62,11 +62,14 @@ def check_reasons(reasons: Sequence[str]) -> str:
 def check_event_types(types: Sequence[str]) -> str:
     if not types:
         raise InvalidArgument(
-            "matching_event_types needs at least one event type.", field="matching_event_types"
+            "matching_event_types needs at least one event type.",
+            field="event_destination.matching_event_types",
         )
     for name in types:
         if name not in EVENT_TYPES:
-            raise InvalidArgument(f"Unknown event type {name!r}.", field="matching_event_types")
+            raise InvalidArgument(
+                f"Unknown event type {name!r}.", field="event_destination.matching_event_types"
+            )
     return ",".join(t for t in EVENT_TYPES if t in set(types))
 
 

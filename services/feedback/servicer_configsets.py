@@ -65,7 +65,9 @@ def _type_names(values: Sequence[int]) -> list[str]:
     for value in values:
         name = sesjson.API_NAMES.get(value)
         if name is None:
-            raise InvalidArgument(f"Unknown event type {value}.", field="matching_event_types")
+            raise InvalidArgument(
+                f"Unknown event type {value}.", field="event_destination.matching_event_types"
+            )
         names.append(name)
     return names
 
