@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from postmesh.common.natsserver import free_port
 from postmesh.events.v1 import events_pb2 as ev
-from postmesh.feedback.v1 import feedback_pb2
+from postmesh.feedback.v1 import configuration_sets_pb2, feedback_pb2
 from postmesh.identity.v1 import identity_pb2
 from postmesh.identity.v1 import smtp_credentials_pb2 as smtp_pb
 from postmesh.quota.v1 import quota_pb2
@@ -258,6 +258,11 @@ def test_ehlo_offers_auth_only_once_tls_is_up(smtp_mesh: SmtpMesh, sender: Sende
 def test_message_sent_over_starttls_arrives_dkim_signed_with_the_reply_message_id_in_its_events(
     smtp_mesh: SmtpMesh, sender: Sender
 ) -> None:
+    with smtp_mesh.mesh.client(sender.api_key) as client:
+        # A send naming a configuration set needs the set to exist (SES refuses unknown sets).
+        client.feedback.CreateConfigurationSet(
+            configuration_sets_pb2.CreateConfigurationSetRequest(configuration_set_name="marketing")
+        )
     options = (
         "X-SES-CONFIGURATION-SET: marketing\r\n"
         "X-SES-MESSAGE-TAGS: campaign=spring, kind=news\r\n"

@@ -342,10 +342,18 @@ class MeshInterceptor(aio.ServerInterceptor):
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE, f"The {service.name} service is starting; try again shortly."
                 )
+
+            async def decoded() -> AsyncIterator[Any]:
+                # A message that does not decode ends the stream with INVALID_ARGUMENT, as a unary call.
+                async for request in requests:
+                    if isinstance(request, _Undecodable):
+                        raise request.error
+                    yield request
+
             try:
                 principal_var.set(await self._authenticator.authenticate(metadata, access))
                 log.info("stream opened", extra={"method": full_method})
-                async for response in behaviour(requests, context):  # type: ignore[arg-type, attr-defined]
+                async for response in behaviour(decoded(), context):  # type: ignore[arg-type, attr-defined]
                     yield response
             except PostmeshError as exc:
                 code, message, trailers = _status_for(exc)
@@ -353,7 +361,7 @@ class MeshInterceptor(aio.ServerInterceptor):
 
         return grpc.stream_stream_rpc_method_handler(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
