@@ -175,7 +175,7 @@ postmesh is starting on {settings.grpc_listen} (identity, quota, sender, feedbac
   SMTP:      STARTTLS {settings.smtp_starttls_listen or "off"}, TLS {settings.smtp_tls_listen or "off"}
              certificate {settings.smtp_tls_cert_file}
   filters:   {", ".join(filters) or "none (set CLAMD_URL and/or RSPAMD_URL to scan outgoing mail)"}
-  bounces:   SMTP on {settings.inbound_smtp_listen or "(off)"} (the bounce domains' MX; see README "Feedback")
+  bounces:   SMTP on {settings.inbound_smtp_listen or "(off)"} (the bounce domains' MX; see docs/feedback.md)
 
 In another terminal:
   . .venv/bin/activate
@@ -240,5 +240,5 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     dev.set_defaults(handler=_dev)
 
     config = commands.add_parser("config", help="print the settings in force")
-    config.add_argument("--markdown", action="store_true", help="print the README's configuration table")
+    config.add_argument("--markdown", action="store_true", help="print the configuration table of docs/configuration.md")
     config.set_defaults(handler=_config)

@@ -1,6 +1,6 @@
 """One typed schema for every postmesh setting: name, type, default and a one-line description.
 
-Settings come from environment variables. The README's configuration table is generated from
+Settings come from environment variables. The configuration table (docs/configuration.md) is generated from
 SCHEMA (`postmesh config --markdown`), and a test checks that the two agree.
 """
 
@@ -228,7 +228,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
 
 
 def markdown_table() -> str:
-    """The README's configuration table."""
+    """The configuration table of docs/configuration.md."""
     lines = ["| Variable | Type | Default | Description |", "| --- | --- | --- | --- |"]
     ordered = SCHEMA[:_CORE_SETTINGS] + sorted(SCHEMA[_CORE_SETTINGS:], key=lambda s: s.name)
     for s in ordered:
