@@ -240,5 +240,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     dev.set_defaults(handler=_dev)
 
     config = commands.add_parser("config", help="print the settings in force")
-    config.add_argument("--markdown", action="store_true", help="print the configuration table of docs/configuration.md")
+    config.add_argument(
+        "--markdown", action="store_true", help="print the settings table (docs/configuration.md)"
+    )
     config.set_defaults(handler=_config)
