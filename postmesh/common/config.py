@@ -72,6 +72,12 @@ SCHEMA: list[Setting] = [
         for name in SERVICE_NAMES
     ],
     Setting("NATS_URL", str, "", "NATS server with JetStream; empty: `postmesh dev` starts one in DATA_DIR."),
+    Setting(
+        "DEV_NATS_PORT",
+        int,
+        14222,
+        "Port of the nats-server `postmesh dev` starts when NATS_URL is empty (0: any free port).",
+    ),
     Setting("NATS_STREAM_REPLICAS", int, 1, "Replicas of each JetStream stream (3 on a NATS cluster)."),
     Setting(
         "NATS_DUPLICATE_WINDOW_SECONDS",
