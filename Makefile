@@ -74,9 +74,9 @@ breaking: $(STAMP)
 lock: $(STAMP)
 	$(PY) -m postmesh.lockfile requirements.lock
 
-## Regenerate the README's configuration table from the settings schema.
+## Regenerate the configuration table (docs/configuration.md) from the settings schema.
 docs: gen
-	$(PY) -m postmesh.docs README.md
+	$(PY) -m postmesh.docs docs/configuration.md
 
 clean:
 	rm -rf $(VENV) var postmesh/identity postmesh/quota postmesh/sender postmesh/feedback postmesh/events $(GEN_STAMP)

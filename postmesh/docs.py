@@ -1,4 +1,4 @@
-"""Rewrites the configuration table in the README from the settings schema (`make docs`)."""
+"""Rewrites the configuration table in docs/configuration.md from the settings schema (`make docs`)."""
 
 from __future__ import annotations
 
@@ -22,5 +22,5 @@ def update(path: Path) -> bool:
 
 
 if __name__ == "__main__":
-    changed = update(Path(sys.argv[1] if len(sys.argv) > 1 else "README.md"))
-    print("README configuration table " + ("updated" if changed else "already current"))
+    changed = update(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/configuration.md"))
+    print("configuration table " + ("updated" if changed else "already current"))

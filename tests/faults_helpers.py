@@ -232,7 +232,8 @@ def assert_delivered_once(
     """Every accepted message arrived, none twice, and nothing arrived that was not accepted.
 
     `in_hand_at_kill`: how many messages a killed delivery process may have had between the SMTP
-    server's 250 and its acknowledgement (SMTP's own window, see the README): those may arrive twice."""
+    server's 250 and its acknowledgement (SMTP's own window, see docs/reliability.md): those may
+    arrive twice."""
     assert not burst.final_errors, burst.final_errors
     assert len(burst.message_ids) == burst.count
     assert len(set(burst.message_ids.values())) == burst.count

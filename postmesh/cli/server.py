@@ -133,12 +133,27 @@ def _dev_smtp(base: Settings, data_dir: Path) -> dict[str, object]:
     return overrides
 
 
+# `postmesh dev` flag -> the setting it sets.
+_DEV_FLAGS = {
+    "listen": "GRPC_LISTEN",
+    "data_dir": "DATA_DIR",
+    "nats_port": "DEV_NATS_PORT",
+    "metrics_port": "METRICS_PORT",
+    "http_api_listen": "HTTP_API_LISTEN",
+}
+
+
 def _dev(args: argparse.Namespace) -> int:
     from postmesh.common.logging import configure_logging
     from postmesh.common.natsserver import NatsServerProcess
     from postmesh.common.server import load_all_service_settings
     from postmesh.common.tracing import shutdown_tracing
 
+    # Flags win over the environment, which wins over the defaults.
+    for flag, name in _DEV_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            os.environ[name] = str(value)
     load_all_service_settings()
     base = load_settings()
     data_dir = Path(base.data_dir).resolve()
@@ -149,9 +164,15 @@ def _dev(args: argparse.Namespace) -> int:
     overrides.update(_dev_smtp(base, data_dir))
     nats_process = None
     if not base.nats_url:
-        nats_process = NatsServerProcess(
-            data_dir / "nats", port=int(os.environ.get("DEV_NATS_PORT", "0"))
-        ).start()
+        try:
+            nats_process = NatsServerProcess(data_dir / "nats", port=base.dev_nats_port).start()
+        except (OSError, RuntimeError) as exc:
+            print(
+                f"error: could not start nats-server on 127.0.0.1:{base.dev_nats_port} ({exc}); "
+                "choose another port with --nats-port (0: any free port) or set NATS_URL",
+                file=sys.stderr,
+            )
+            return 2
         overrides["NATS_URL"] = nats_process.url
     settings = base.with_overrides(**overrides)
     configure_logging(settings.log_level)
@@ -165,17 +186,19 @@ def _dev(args: argparse.Namespace) -> int:
         ),
     ]
     started_here = f"  (started here, store in {data_dir / 'nats'})" if nats_process else ""
+    metrics_line = (
+        f"  metrics:   http://127.0.0.1:{settings.metrics_port}/metrics\n" if settings.metrics_port else ""
+    )
     print(
         f"""
 postmesh is starting on {settings.grpc_listen} (identity, quota, sender, feedback in one process).
   NATS:      {settings.nats_url}{started_here}
   databases: SQLite files in {data_dir}
-  metrics:   http://127.0.0.1:{settings.metrics_port}/metrics
-  tracking:  http://{settings.tracking_http_listen} (tracked links and the open pixel)
+{metrics_line}  tracking:  http://{settings.tracking_http_listen} (tracked links and the open pixel)
   SMTP:      STARTTLS {settings.smtp_starttls_listen or "off"}, TLS {settings.smtp_tls_listen or "off"}
              certificate {settings.smtp_tls_cert_file}
   filters:   {", ".join(filters) or "none (set CLAMD_URL and/or RSPAMD_URL to scan outgoing mail)"}
-  bounces:   SMTP on {settings.inbound_smtp_listen or "(off)"} (the bounce domains' MX; see README "Feedback")
+  bounces:   SMTP on {settings.inbound_smtp_listen or "(off)"} (the bounce domains' MX; see docs/feedback.md)
 
 In another terminal:
   . .venv/bin/activate
@@ -236,9 +259,28 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     migrate.set_defaults(handler=_migrate)
 
-    dev = commands.add_parser("dev", help="run the whole mesh locally on embedded defaults (make run)")
+    dev = commands.add_parser(
+        "dev",
+        help="run the whole mesh locally on embedded defaults (make run)",
+        description="The whole mesh in one process: SQLite files and a nats-server of its own in the data "
+        "folder (unless NATS_URL is set), development secrets made once, mail delivered to .eml files. "
+        "Every flag also has an environment variable; flags win.",
+    )
+    dev.add_argument("--listen", help="gRPC address (GRPC_LISTEN, default 127.0.0.1:50051)")
+    dev.add_argument(
+        "--data-dir", help="folder for SQLite files, NATS, secrets and mail (DATA_DIR, default ./var)"
+    )
+    dev.add_argument(
+        "--nats-port",
+        type=int,
+        help="port of the nats-server it starts (DEV_NATS_PORT, default 14222; 0: any)",
+    )
+    dev.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (METRICS_PORT; 0: off)")
+    dev.add_argument("--http-api-listen", help="SES-compatible HTTP API address (HTTP_API_LISTEN)")
     dev.set_defaults(handler=_dev)
 
     config = commands.add_parser("config", help="print the settings in force")
-    config.add_argument("--markdown", action="store_true", help="print the README's configuration table")
+    config.add_argument(
+        "--markdown", action="store_true", help="print the settings table (docs/configuration.md)"
+    )
     config.set_defaults(handler=_config)

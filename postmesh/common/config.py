@@ -1,6 +1,6 @@
 """One typed schema for every postmesh setting: name, type, default and a one-line description.
 
-Settings come from environment variables. The README's configuration table is generated from
+Settings come from environment variables. The configuration table (docs/configuration.md) is generated from
 SCHEMA (`postmesh config --markdown`), and a test checks that the two agree.
 """
 
@@ -72,6 +72,12 @@ SCHEMA: list[Setting] = [
         for name in SERVICE_NAMES
     ],
     Setting("NATS_URL", str, "", "NATS server with JetStream; empty: `postmesh dev` starts one in DATA_DIR."),
+    Setting(
+        "DEV_NATS_PORT",
+        int,
+        14222,
+        "Port of the nats-server `postmesh dev` starts when NATS_URL is empty (0: any free port).",
+    ),
     Setting("NATS_STREAM_REPLICAS", int, 1, "Replicas of each JetStream stream (3 on a NATS cluster)."),
     Setting(
         "NATS_DUPLICATE_WINDOW_SECONDS",
@@ -228,7 +234,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
 
 
 def markdown_table() -> str:
-    """The README's configuration table."""
+    """The configuration table of docs/configuration.md."""
     lines = ["| Variable | Type | Default | Description |", "| --- | --- | --- | --- |"]
     ordered = SCHEMA[:_CORE_SETTINGS] + sorted(SCHEMA[_CORE_SETTINGS:], key=lambda s: s.name)
     for s in ordered:

@@ -47,7 +47,7 @@ def too_long_line(data: bytes) -> int | None:
 
 
 def check_wire(data: bytes, *, field: str) -> None:
-    """What goes out is standard mail (the README promises it): no NUL, no bare CR, lines of at most
+    """What goes out is standard mail (docs/sending.md promises it): no NUL, no bare CR, lines of at most
     998 characters, a 7-bit header block of well-formed fields. MESSAGE_REJECTED otherwise."""
 
     def refuse(text: str) -> None:

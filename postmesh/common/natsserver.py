@@ -43,6 +43,9 @@ class NatsServerProcess:
 
     def start(self, timeout: float = 15.0) -> NatsServerProcess:
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        if _listening(self.port):
+            # Another server already answers there: connecting to it would look like success.
+            raise RuntimeError(f"port {self.port} is in use")
         # Always -a 127.0.0.1: without it nats-server listens on every interface.
         self.process = subprocess.Popen(
             [
@@ -83,3 +86,11 @@ class NatsServerProcess:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False

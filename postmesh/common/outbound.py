@@ -53,7 +53,7 @@ async def first_copy(ledger: KeyValue, message_id: str, stream_sequence: int) ->
     """True unless another copy of this message id (another stream sequence) was taken before.
 
     A message is queued again under the same id only when a SendEmail retry could not tell whether
-    its first try was stored (see the README's retry section); after JetStream's duplicate window
+    its first try was stored (see docs/reliability.md); after JetStream's duplicate window
     only this ledger still knows. A copy handed out again (a worker died) has the same sequence.
     """
     mine = str(stream_sequence).encode()

@@ -1,6 +1,6 @@
 """A small handlebars-like template engine for email templates (no eval, no code from templates).
 
-Syntax (the README's "Templates" section documents it for users):
+Syntax (docs/sending.md's "Templates" section documents it for users):
   {{name}}  {{user.first}}           a value, HTML-escaped in the HTML part; missing: a rendering failure
   {{{name}}}                          the same, never escaped
   {{default name "friend"}}          `name`, or the literal when it is missing, null or ""
