@@ -22,6 +22,7 @@ from tests.filtration_helpers import Rspamd, receiving_server, spammy_mail
 
 DELIVERY = ev.EMAIL_EVENT_TYPE_DELIVERY
 REJECT = ev.EMAIL_EVENT_TYPE_REJECT
+HOLD = ev.EMAIL_EVENT_TYPE_HOLD
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,13 @@ async def test_scores_are_recorded_and_policies_tag_hold_or_reject(
         while held_ids() != {spam.message_id, second_held.message_id}:
             assert asyncio.get_running_loop().time() < deadline, held_ids()
             await asyncio.sleep(0.2)
-        assert not held_events.of(spam.message_id)  # held: no event yet, nothing sent
+        await held_events.wait_for(
+            lambda es: all(held_events.of(m.message_id, HOLD) for m in (spam, second_held))
+        )
+        # Held: a Hold event saying why, and nothing else yet (nothing sent).
+        (holding,) = held_events.of(spam.message_id)
+        assert holding.event_type == HOLD and holding.hold.action == ev.HOLD_ACTION_HELD
+        assert holding.hold.details.startswith("spam: score ") and holding.filtration.spam_score > 6.0
         with mesh.admin() as admin:
             shown_held = admin.sender.GetHeldMessage(fpb.GetHeldMessageRequest(message_id=spam.message_id))
             assert b"VIAGRA" in shown_held.raw_message
@@ -162,6 +169,20 @@ async def test_scores_are_recorded_and_policies_tag_hold_or_reject(
         )
         (dropped,) = held_events.of(second_held.message_id, REJECT)
         assert "dropped by an operator" in dropped.reject.details
+        await held_events.wait_for(
+            lambda es: (
+                len(held_events.of(spam.message_id, HOLD)) == 2
+                and len(held_events.of(second_held.message_id, HOLD)) == 2
+            )
+        )
+        assert [e.hold.action for e in held_events.of(spam.message_id, HOLD)] == [
+            ev.HOLD_ACTION_HELD,
+            ev.HOLD_ACTION_RELEASED,
+        ]
+        assert [e.hold.action for e in held_events.of(second_held.message_id, HOLD)] == [
+            ev.HOLD_ACTION_HELD,
+            ev.HOLD_ACTION_DROPPED,
+        ]
         assert held_ids() == set()
     await nc.close()
     received = [r.message_id for r in smtp.received]

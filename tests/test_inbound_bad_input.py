@@ -209,6 +209,24 @@ def test_connections_over_the_limit_are_told_421(start_mesh: MeshFactory) -> Non
         assert smtp.noop()[0] == 250
 
 
+def test_one_client_address_cannot_take_every_connection(start_mesh: MeshFactory) -> None:
+    mesh = _mesh(start_mesh, inbound_max_connections=10, inbound_max_connections_per_client=2)
+    port = inbound_port(mesh)
+    held = [smtplib.SMTP("127.0.0.1", port, timeout=30) for _ in range(2)]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as extra:
+            assert extra.recv(200).startswith(b"421")
+        # Another client address still gets in while the first is at its limit.
+        with smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=("127.0.0.2", 0)) as other:
+            assert other.noop()[0] == 250
+    finally:
+        for smtp in held:
+            smtp.quit()
+    # The slots are given back when the connections close.
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        assert smtp.noop()[0] == 250
+
+
 _HEADER_NAMES = [
     "Content-Type",
     "Subject",

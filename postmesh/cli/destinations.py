@@ -15,7 +15,7 @@ import urllib.request
 from postmesh.cli.common import add_connection_flags, client_for, emit, table, to_dict
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.feedback.v1 import configuration_sets_pb2 as cs
-from postmesh.sender.v1 import queue_pb2
+from postmesh.sender.v1 import filtration_pb2, queue_pb2
 
 _TYPES = [
     n.removeprefix("EMAIL_EVENT_TYPE_") for n in ev.EmailEventType.keys() if not n.endswith("UNSPECIFIED")
@@ -37,6 +37,28 @@ def _type_names(values: object) -> str:
 
 # --- config-set
 
+_SPAM_MODES = ["off", "tag", "hold", "reject", "none"]
+
+
+def _spam_policy(mode: str, threshold: float) -> filtration_pb2.SpamPolicy:
+    """--spam-policy and --spam-threshold as the RPCs take them; "none": the set has no policy."""
+    if mode == "none":
+        return filtration_pb2.SpamPolicy()
+    return filtration_pb2.SpamPolicy(
+        mode=filtration_pb2.SpamPolicyMode.Value("SPAM_POLICY_MODE_" + mode.upper()), threshold=threshold
+    )
+
+
+def _spam_text(found: cs.ConfigurationSet) -> str:
+    policy = found.filtration_options.spam_policy
+    if not policy.mode:
+        return "the account's"
+    mode = filtration_pb2.SpamPolicyMode.Name(policy.mode).removeprefix("SPAM_POLICY_MODE_").lower()
+    if mode in ("off", "tag"):
+        return f"{mode} (the account's, where stricter, still applies)"
+    threshold = f"{policy.threshold:g}" if policy.threshold else "the default threshold"
+    return f"{mode} above {threshold} (the account's, where stricter, still applies)"
+
 
 def _create(args: argparse.Namespace) -> int:
     request = cs.CreateConfigurationSetRequest(
@@ -53,6 +75,8 @@ def _create(args: argparse.Namespace) -> int:
     if args.suppressed_reasons is not None:
         reasons = [r.strip().upper() for r in args.suppressed_reasons.split(",") if r.strip()]
         request.suppression_options.CopyFrom(cs.SuppressionOptions(suppressed_reasons=reasons))
+    if args.spam_policy:
+        request.filtration_options.spam_policy.CopyFrom(_spam_policy(args.spam_policy, args.spam_threshold))
     with client_for(args) as client:
         reply = client.feedback.CreateConfigurationSet(request)
     emit(args, reply, f"configuration set {args.name} created")
@@ -120,6 +144,7 @@ def _show(args: argparse.Namespace) -> int:
     print(f"reputation:        {'on' if found.reputation_options.reputation_metrics_enabled else 'off'}")
     print(f"suppression:       {reasons}")
     print(f"redirect domain:   {found.tracking_options.custom_redirect_domain or '-'}")
+    print(f"spam policy:       {_spam_text(found)}")
     print(_destination_rows(list(destinations.event_destinations)))
     return 0
 
@@ -187,6 +212,14 @@ def _update(args: argparse.Namespace) -> int:
                 )
             )
             done.append("tracking options set")
+        if args.spam_policy:
+            fb.PutConfigurationSetFiltrationOptions(
+                cs.PutConfigurationSetFiltrationOptionsRequest(
+                    configuration_set_name=name,
+                    spam_policy=_spam_policy(args.spam_policy, args.spam_threshold),
+                )
+            )
+            done.append("filtration options set")
     print(f"{name}: " + (", ".join(done) or "nothing to change"))
     return 0
 
@@ -425,6 +458,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     create.add_argument(
         "--suppressed-reasons", help="BOUNCE,COMPLAINT, or '' for none (default: the account-level list)"
     )
+    create.add_argument(
+        "--spam-policy",
+        choices=_SPAM_MODES,
+        help="the set's own spam policy, judged beside the account's (stricter wins); none: no own policy",
+    )
+    create.add_argument(
+        "--spam-threshold", type=float, default=0.0, help="score for hold/reject; 0: the operator's default"
+    )
     add_connection_flags(create)
     create.set_defaults(handler=_create)
 
@@ -446,6 +487,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--suppressed-reasons", help="BOUNCE,COMPLAINT, '' for none, or 'account' for the account-level list"
     )
     update.add_argument("--redirect-domain", help="custom redirect domain for tracking ('' removes it)")
+    update.add_argument(
+        "--spam-policy",
+        choices=_SPAM_MODES,
+        help="the set's own spam policy, judged beside the account's (stricter wins); none: no own policy",
+    )
+    update.add_argument(
+        "--spam-threshold", type=float, default=0.0, help="score for hold/reject; 0: the operator's default"
+    )
     add_connection_flags(update)
     update.set_defaults(handler=_update)
 

@@ -71,6 +71,9 @@ def detail(email: ev.EmailEvent) -> str:
         return f"{delay.delay_type} attempt {delay.attempt} {late.status} {late.diagnostic_code}".strip()
     if kind == ev.EMAIL_EVENT_TYPE_REJECT:
         return email.reject.reason
+    if kind == ev.EMAIL_EVENT_TYPE_HOLD:
+        action = ev.HoldAction.Name(email.hold.action).removeprefix("HOLD_ACTION_").lower()
+        return f"{action}: {email.hold.details}"
     if kind == ev.EMAIL_EVENT_TYPE_RENDERING_FAILURE:
         return f"{email.rendering_failure.template_name}: {email.rendering_failure.error_message}"
     if kind == ev.EMAIL_EVENT_TYPE_SEND:

@@ -115,13 +115,33 @@ def _stats(args: argparse.Namespace) -> int:
     since = now - dt.timedelta(hours=args.hours)
     points = [p for p in reply.send_data_points if p.timestamp.ToDatetime(tzinfo=dt.UTC) >= since]
     rows = [
-        [_when(p.timestamp), str(p.delivery_attempts), str(p.bounces), str(p.complaints), str(p.rejects)]
+        [
+            _when(p.timestamp),
+            str(p.delivery_attempts),
+            str(p.bounces),
+            str(p.complaints),
+            str(p.rejects),
+            str(p.held),
+        ]
         for p in points
     ]
-    text = table(rows, ["INTERVAL", "ATTEMPTS", "BOUNCES", "COMPLAINTS", "REJECTS"])
+    text = table(rows, ["INTERVAL", "ATTEMPTS", "BOUNCES", "COMPLAINTS", "REJECTS", "HELD"])
+    filtered = []
     rejects = sum(p.rejects for p in points)
     if rejects:
-        text += f"\n\n{rejects} message(s) rejected as Bad content (virus or spam) in the last {args.hours}h"
+        filtered.append(
+            f"{rejects} message(s) rejected as Bad content (virus or spam) in the last {args.hours}h"
+        )
+    held = sum(p.held for p in points)
+    released = sum(p.held_released for p in points)
+    dropped = sum(p.held_dropped for p in points)
+    if held or released or dropped:
+        filtered.append(
+            f"{held} message(s) held by the spam policy, {released} released and {dropped} dropped"
+            f" by an operator in the last {args.hours}h"
+        )
+    if filtered:
+        text += "\n\n" + "\n".join(filtered)
     text += "\n\n" + stats_chart(points, args.hours, now)
     emit(args, reply, text)
     return 0

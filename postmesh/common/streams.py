@@ -92,6 +92,7 @@ _EMAIL_EVENT_SUFFIX = {
     events_pb2.EMAIL_EVENT_TYPE_OPEN: "open",
     events_pb2.EMAIL_EVENT_TYPE_CLICK: "click",
     events_pb2.EMAIL_EVENT_TYPE_SUBSCRIPTION: "subscription",
+    events_pb2.EMAIL_EVENT_TYPE_HOLD: "hold",
 }
 
 EMAIL_EVENTS_SUBJECT = f"{EVENTS_SUBJECT_PREFIX}.email.>"

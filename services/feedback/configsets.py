@@ -86,6 +86,23 @@ def check_max_delivery_seconds(value: int) -> int:
     return value
 
 
+# The sender's spam policy modes a set may choose ("": none of its own).
+SPAM_POLICIES = ("off", "tag", "hold", "reject")
+
+
+def check_spam_policy(mode: str, threshold: float) -> tuple[str, float]:
+    if mode not in ("", *SPAM_POLICIES):
+        raise InvalidArgument(
+            f"Unknown spam policy {mode!r}: choose one of {', '.join(SPAM_POLICIES)}.",
+            field="spam_policy.mode",
+        )
+    if not (0 <= threshold < float("inf")):  # also refuses NaN
+        raise InvalidArgument(
+            "threshold must be a finite, non-negative score.", field="spam_policy.threshold"
+        )
+    return mode, threshold if mode else 0.0
+
+
 def not_found(name: str) -> NotFound:
     return NotFound(f"Configuration set {name} does not exist.", reason="NOT_FOUND")
 
@@ -100,6 +117,9 @@ class Options:
     reputation_metrics_enabled: bool = False
     suppressed_reasons: Sequence[str] | None = None
     custom_redirect_domain: str = ""
+    # The set's own spam policy ("": none) and its threshold (0: the operator's SPAM_THRESHOLD).
+    spam_policy: str = ""
+    spam_threshold: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -139,6 +159,7 @@ class ConfigurationSets:
         check_name(name, "configuration_set_name")
         if options.tls_policy not in TLS_POLICIES:
             raise InvalidArgument("tls_policy must be REQUIRE or OPTIONAL.", field="tls_policy")
+        spam_policy, spam_threshold = check_spam_policy(options.spam_policy, options.spam_threshold)
         row = ConfigurationSet(
             account_id=account_id,
             name=name,
@@ -150,6 +171,8 @@ class ConfigurationSets:
                 None if options.suppressed_reasons is None else check_reasons(options.suppressed_reasons)
             ),
             custom_redirect_domain=options.custom_redirect_domain,
+            spam_policy=spam_policy,
+            spam_threshold=spam_threshold,
             created_at=self._clock.now(),
         )
         try:
@@ -200,6 +223,11 @@ class ConfigurationSets:
             raise InvalidArgument("tls_policy must be REQUIRE or OPTIONAL.", field="tls_policy")
         if "max_delivery_seconds" in values:
             check_max_delivery_seconds(int(values["max_delivery_seconds"]))  # type: ignore[call-overload]
+        if "spam_policy" in values:
+            values["spam_policy"], values["spam_threshold"] = check_spam_policy(
+                str(values["spam_policy"]),
+                float(values.get("spam_threshold", 0.0)),  # type: ignore[arg-type]
+            )
         async with transaction(self._sessions) as session:
             row = await self._find(session, account_id, name)
             if row is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import Boolean, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, Float, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from postmesh.common.db import UTCDateTime, service_metadata
@@ -78,6 +78,9 @@ class ConfigurationSet(Base):
     suppressed_reasons: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None)
     custom_redirect_domain: Mapped[str] = mapped_column(String(253), default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    # The set's own spam policy (off, tag, hold, reject); "": none. Threshold 0: SPAM_THRESHOLD.
+    spam_policy: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    spam_threshold: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class EventDestination(Base):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from grpc import aio
@@ -10,7 +11,7 @@ from postmesh.common.auth import caller_account_id
 from postmesh.common.errors import FailedPrecondition, InvalidArgument
 from postmesh.common.protoutil import timestamp
 from postmesh.feedback.v1 import configuration_sets_pb2 as cs
-from postmesh.sender.v1 import queue_pb2
+from postmesh.sender.v1 import filtration_pb2, queue_pb2
 from services.feedback.configsets import (
     CONFIRMED,
     NATS,
@@ -41,6 +42,20 @@ def _tls_name(value: int) -> str:
         raise InvalidArgument("tls_policy must be REQUIRE or OPTIONAL.", field="tls_policy") from None
 
 
+_SPAM_PREFIX = "SPAM_POLICY_MODE_"
+
+
+def _spam_policy(policy: filtration_pb2.SpamPolicy) -> tuple[str, float]:
+    """(mode name, threshold) of a set's spam policy; mode UNSPECIFIED: ("", 0), none of its own."""
+    if policy.mode == filtration_pb2.SPAM_POLICY_MODE_UNSPECIFIED:
+        return "", 0.0
+    try:
+        name = filtration_pb2.SpamPolicyMode.Name(policy.mode)
+    except ValueError:
+        raise InvalidArgument(f"Unknown spam policy mode {policy.mode}.", field="spam_policy.mode") from None
+    return name.removeprefix(_SPAM_PREFIX).lower(), policy.threshold
+
+
 def configuration_set_message(row: ConfigurationSet) -> cs.ConfigurationSet:
     message = cs.ConfigurationSet(
         configuration_set_name=row.name,
@@ -53,6 +68,13 @@ def configuration_set_message(row: ConfigurationSet) -> cs.ConfigurationSet:
         tracking_options=cs.TrackingOptions(custom_redirect_domain=row.custom_redirect_domain),
         created_time=timestamp(row.created_at),
     )
+    if row.spam_policy:
+        message.filtration_options.spam_policy.CopyFrom(
+            filtration_pb2.SpamPolicy(
+                mode=filtration_pb2.SpamPolicyMode.Value(_SPAM_PREFIX + row.spam_policy.upper()),
+                threshold=row.spam_threshold,
+            )
+        )
     if row.suppressed_reasons is not None:
         message.suppression_options.CopyFrom(
             cs.SuppressionOptions(suppressed_reasons=[r for r in row.suppressed_reasons.split(",") if r])
@@ -130,6 +152,9 @@ class ConfigurationSetsServicer:
             ),
             custom_redirect_domain=request.tracking_options.custom_redirect_domain,
         )
+        if request.filtration_options.HasField("spam_policy"):
+            mode, threshold = _spam_policy(request.filtration_options.spam_policy)
+            options = dataclasses.replace(options, spam_policy=mode, spam_threshold=threshold)
         await self.configuration_sets.create(caller_account_id(), request.configuration_set_name, options)
         return cs.CreateConfigurationSetResponse()
 
@@ -203,6 +228,18 @@ class ConfigurationSetsServicer:
             caller_account_id(), request.configuration_set_name, custom_redirect_domain=domain
         )
         return cs.PutConfigurationSetTrackingOptionsResponse()
+
+    async def PutConfigurationSetFiltrationOptions(
+        self, request: cs.PutConfigurationSetFiltrationOptionsRequest, context: aio.ServicerContext
+    ) -> cs.PutConfigurationSetFiltrationOptionsResponse:
+        mode, threshold = _spam_policy(request.spam_policy)
+        await self.configuration_sets.update(
+            caller_account_id(),
+            request.configuration_set_name,
+            spam_policy=mode,
+            spam_threshold=threshold,
+        )
+        return cs.PutConfigurationSetFiltrationOptionsResponse()
 
     # --- event destinations
 

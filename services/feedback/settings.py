@@ -81,6 +81,12 @@ register(
     ),
     Setting("INBOUND_MAX_CONNECTIONS", int, 100, "Inbound SMTP connections at once; more are told 421."),
     Setting(
+        "INBOUND_MAX_CONNECTIONS_PER_CLIENT",
+        int,
+        20,
+        "Inbound SMTP connections at once from one client IP address; more are told 421. 0: no limit.",
+    ),
+    Setting(
         "INBOUND_TLS_CERT_FILE", str, "", "PEM certificate (chain) for STARTTLS; empty: a self-signed one."
     ),
     Setting("INBOUND_TLS_KEY_FILE", str, "", "PEM private key of INBOUND_TLS_CERT_FILE (if not in it)."),

@@ -114,6 +114,10 @@ class SendStatsSlot(Base):
     bounces: Mapped[int] = mapped_column(Integer, default=0)
     complaints: Mapped[int] = mapped_column(Integer, default=0)
     rejects: Mapped[int] = mapped_column(Integer, default=0)
+    # Messages held by the spam policy, and those an operator released or dropped (Hold events).
+    held: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    held_released: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    held_dropped: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class ProcessedEvent(Base):

@@ -215,6 +215,9 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
                     bounces=slot.bounces,
                     complaints=slot.complaints,
                     rejects=slot.rejects,
+                    held=slot.held,
+                    held_released=slot.held_released,
+                    held_dropped=slot.held_dropped,
                 )
                 for slot in slots
             ]

@@ -41,7 +41,12 @@ _COLUMN_BY_TYPE = {
     events_pb2.EMAIL_EVENT_TYPE_COMPLAINT: "complaints",
     events_pb2.EMAIL_EVENT_TYPE_REJECT: "rejects",
 }
-COLUMNS = ("delivery_attempts", "bounces", "complaints", "rejects")
+_COLUMN_BY_HOLD_ACTION = {
+    events_pb2.HOLD_ACTION_HELD: "held",
+    events_pb2.HOLD_ACTION_RELEASED: "held_released",
+    events_pb2.HOLD_ACTION_DROPPED: "held_dropped",
+}
+COLUMNS = ("delivery_attempts", "bounces", "complaints", "rejects", "held", "held_released", "held_dropped")
 # Rows per multi-row INSERT, well under SQLite's limit on bound parameters.
 _ROWS_PER_STATEMENT = 500
 
@@ -52,6 +57,11 @@ def counted(event: events_pb2.Event) -> tuple[str, int] | None:
     if event.WhichOneof("payload") != "email" or event.account_id in ("", SYSTEM_ACCOUNT_ID):
         return None
     email = event.email
+    if email.event_type == events_pb2.EMAIL_EVENT_TYPE_HOLD:
+        # Counted for the operator and the account owner; none moves the delivery attempts (a held
+        # message was one when accepted; a dropped one leaves them through its Reject event).
+        column = _COLUMN_BY_HOLD_ACTION.get(email.hold.action)
+        return None if column is None else (column, len(email.mail.destination) or 1)
     column = _COLUMN_BY_TYPE.get(email.event_type)
     # The mailbox simulator's events count against the quota (at accept time), never reputation.
     if column is None or email.simulated:

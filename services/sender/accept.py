@@ -47,7 +47,7 @@ from postmesh.common.protoutil import timestamp
 from postmesh.common.sendquota import Reservation
 from postmesh.common.service import Clock
 from postmesh.events.v1 import events_pb2
-from postmesh.sender.v1 import queue_pb2
+from postmesh.sender.v1 import filtration_pb2, queue_pb2
 from services.sender import rendering
 from services.sender.idempotency import Claim, IdempotencyKeys
 from services.sender.mime import (
@@ -107,6 +107,8 @@ class SetOptions:
     max_delivery_seconds: int = 0
     # The suppression reasons that apply to the set's messages (SES: the set's own, or the account's).
     suppressed_reasons: tuple[str, ...] = ALL_SUPPRESSION_REASONS
+    # The set's own spam policy (mode UNSPECIFIED: none), judged beside the account's at delivery.
+    spam_policy: filtration_pb2.SpamPolicy = field(default_factory=filtration_pb2.SpamPolicy)
 
 
 NO_SET = SetOptions()
@@ -702,6 +704,8 @@ class Acceptor:
             headers_truncated=message.headers[1],
             tls_policy=options.tls_policy,
         )
+        if options.spam_policy.mode:
+            queued.set_spam_policy.CopyFrom(options.spam_policy)
         if options.max_delivery_seconds:
             queued.expire_time.FromDatetime(accepted + dt.timedelta(seconds=options.max_delivery_seconds))
         if not self._queue_connected():

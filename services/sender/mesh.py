@@ -225,6 +225,7 @@ class MeshChecks:
                 if found.HasField("suppression_options")
                 else ALL_SUPPRESSION_REASONS
             ),
+            spam_policy=found.filtration_options.spam_policy,
         )
         self._sets.put((account_id, name), options)
         return options

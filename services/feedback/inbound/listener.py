@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 import ssl
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ class ListenerConfig:
     feedback_loop_address: str
     max_message_bytes: int
     max_connections: int
+    # Connections at once from one client address (Postfix's smtpd_client_connection_count_limit);
+    # 0: only the total limit.
+    max_connections_per_client: int = 0
     tls_cert_file: str = ""
     tls_key_file: str = ""
     timeout_seconds: float = 300.0
@@ -90,22 +94,68 @@ class InboundHandler:
         return "250 2.0.0 Recorded"
 
 
-class _Refuse(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(b"421 4.7.0 Too many connections; try again later\r\n")
-        transport.close()
+class _Connections:
+    """Inbound connections open now, in total and per client address. One sending host cannot take
+    every slot: a provider's flood of reports leaves room for the others'."""
+
+    def __init__(self, config: ListenerConfig) -> None:
+        self._config = config
+        self._open: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self._open.values())
+
+    def enter(self, client: str) -> bool:
+        per_client = self._config.max_connections_per_client
+        if self.total >= self._config.max_connections or (
+            per_client > 0 and self._open[client] >= per_client
+        ):
+            return False
+        self._open[client] += 1
+        return True
+
+    def leave(self, client: str) -> None:
+        self._open[client] -= 1
+        if self._open[client] <= 0:
+            del self._open[client]
 
 
 class _CountedSMTP(SMTP):
-    def __init__(self, counter: list[int], *args: Any, **kwargs: Any) -> None:
+    """aiosmtpd's SMTP, refusing with 421 a connection over the limits (before any greeting)."""
+
+    def __init__(self, connections: _Connections, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._counter = counter
-        counter[0] += 1
+        self._connections = connections
+        self._client: str | None = None
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Called again on the TLS transport after STARTTLS: the connection is counted once.
+        if self.transport is None and self._client is None and not self._refused:
+            peer = transport.get_extra_info("peername")
+            client = str(peer[0]) if peer else ""
+            if not self._connections.enter(client):
+                self._refused = True
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(b"421 4.7.0 Too many connections; try again later\r\n")
+                transport.close()
+                return
+            self._client = client
+        super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
-        self._counter[0] -= 1
+        if self._refused:
+            return
+        if self._client is not None:
+            self._connections.leave(self._client)
+            self._client = None
         super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return False
+        return super().eof_received()
 
 
 def self_signed_context(hostname: str) -> ssl.SSLContext:
@@ -146,7 +196,7 @@ class InboundListener:
         self.config = config
         self.handler = InboundHandler(processor, config, domains)
         self._server: asyncio.base_events.Server | None = None
-        self._connections = [0]
+        self._connections = _Connections(config)
         self.port = 0
 
     async def start(self) -> None:
@@ -157,8 +207,6 @@ class InboundListener:
             tls = await asyncio.to_thread(self_signed_context, config.hostname)
 
         def factory() -> asyncio.Protocol:
-            if self._connections[0] >= config.max_connections:
-                return _Refuse()
             return _CountedSMTP(
                 self._connections,
                 self.handler,

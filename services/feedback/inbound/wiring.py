@@ -68,6 +68,7 @@ class Inbound:
                     feedback_loop_address=feedback_loop_address(settings),
                     max_message_bytes=settings.inbound_max_message_bytes,
                     max_connections=settings.inbound_max_connections,
+                    max_connections_per_client=settings.inbound_max_connections_per_client,
                     tls_cert_file=settings.inbound_tls_cert_file,
                     tls_key_file=settings.inbound_tls_key_file,
                 ),

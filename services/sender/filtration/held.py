@@ -4,25 +4,51 @@ spam policies. Domain code: no gRPC."""
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
 from collections.abc import Sequence
 
 from nats.js import JetStreamContext
+from prometheus_client import Counter
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from postmesh.common.bus import EventPublisher
+from postmesh.common.bus import EventPublisher, new_event
 from postmesh.common.db import transaction
 from postmesh.common.errors import InvalidArgument, NotFound
 from postmesh.common.outbound import enqueue
 from postmesh.common.paging import keyset_page, split_page
 from postmesh.common.service import Clock
+from postmesh.events.v1 import events_pb2 as ev
 from postmesh.sender.v1 import queue_pb2
-from services.sender.delivery import reject_event
+from services.sender.delivery import mail_object, reject_event
 from services.sender.filtration.policy import DefaultPolicy, SpamPolicy
 from services.sender.filtration.settings import SPAM_POLICIES
 from services.sender.filtration.stage import SPAM
 from services.sender.models import HeldMessage, SpamPolicyOverride
+
+HELD_OUTCOMES = Counter(
+    "postmesh_filtration_held_outcomes_total",
+    "Held messages an operator released or dropped",
+    ["outcome"],
+)
+
+
+def hold_event(
+    queued: queue_pb2.QueuedMessage, action: ev.HoldAction.ValueType, details: str, now: dt.datetime
+) -> ev.Event:
+    """A Hold event (postmesh's own type): the statistics count held, released and dropped messages
+    from these, and the account owner sees in the message's timeline why it waits."""
+    email = ev.EmailEvent(event_type=ev.EMAIL_EVENT_TYPE_HOLD, hold=ev.Hold(action=action, details=details))
+    email.mail.CopyFrom(mail_object(queued))
+    email.filtration.CopyFrom(queued.filtration)
+    event = new_event(queued.account_id, time=now, email=email)
+    # Each happens once per message: a redelivered hold, or a release or drop retried after a crash,
+    # publishes the same event id, which JetStream and the statistics count once.
+    name = ev.HoldAction.Name(action)
+    event.event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"postmesh:hold:{name}:{queued.message_id}").hex
+    return event
 
 
 class HeldStore:
@@ -64,6 +90,7 @@ class HeldStore:
                 )
                 .on_conflict_do_nothing(index_elements=["message_id"])
             )
+        await self._events.publish(hold_event(queued, ev.HOLD_ACTION_HELD, details, self._clock.now()))
 
     async def list(
         self, account_id: str, page_size: int, page_token: str
@@ -95,6 +122,10 @@ class HeldStore:
         queued.released = True
         queued.ClearField("not_before")
         await enqueue(self._js, queued)
+        await self._events.publish(
+            hold_event(queued, ev.HOLD_ACTION_RELEASED, row.details, self._clock.now())
+        )
+        HELD_OUTCOMES.labels("released").inc()
         await self._forget(message_id)
 
     async def drop(self, message_id: str) -> None:
@@ -105,6 +136,8 @@ class HeldStore:
         await self._events.publish(
             reject_event(queued, list(queued.recipients), SPAM, details, self._clock.now())
         )
+        await self._events.publish(hold_event(queued, ev.HOLD_ACTION_DROPPED, details, self._clock.now()))
+        HELD_OUTCOMES.labels("dropped").inc()
         await self._forget(message_id)
 
     async def _forget(self, message_id: str) -> None:

@@ -19,7 +19,14 @@ from postmesh.common.config import Settings
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.sender.v1 import queue_pb2
 from services.sender.filtration.clamd import ClamdClient, ScannerUnavailable
-from services.sender.filtration.policy import Action, DefaultPolicy, PolicySource, judge_spam
+from services.sender.filtration.policy import (
+    Action,
+    DefaultPolicy,
+    PolicySource,
+    SpamPolicy,
+    judge_strictest,
+    set_policy,
+)
 from services.sender.filtration.rspamd import RspamdClient
 
 log = logging.getLogger(__name__)
@@ -69,11 +76,14 @@ class ContentFilters:
         rspamd: RspamdClient | None,
         policies: PolicySource,
         spam_fail_open: bool = False,
+        spam_threshold: float = SpamPolicy().threshold,
     ) -> None:
         self.clamd = clamd
         self.rspamd = rspamd
         self.policies = policies
         self.spam_fail_open = spam_fail_open
+        # A configuration set's threshold 0 means the operator's SPAM_THRESHOLD.
+        self.spam_threshold = spam_threshold
         # Last known state of each scanner; `changed` wakes whoever reports it (health).
         self.up: dict[str, bool] = {}
         self.changed = asyncio.Event()
@@ -107,6 +117,7 @@ class ContentFilters:
             rspamd=rspamd,
             policies=policies or DefaultPolicy.from_settings(settings),
             spam_fail_open=settings.spam_fail_open,
+            spam_threshold=settings.spam_threshold,
         )
 
     def describe(self) -> list[str]:
@@ -150,8 +161,11 @@ class ContentFilters:
                 REJECTS.labels(VIRUS).inc()
                 return Verdict(Kind.REJECT, found, VIRUS, f"virus: {signature}")
         if self.rspamd is not None and not (found.spam_scored or found.spam_unscanned):
-            policy = await self.policies.spam_policy(queued.account_id, queued.configuration_set_name)
-            if policy.scores:
+            policies = [await self.policies.spam_policy(queued.account_id, queued.configuration_set_name)]
+            own = set_policy(queued.set_spam_policy, queued.configuration_set_name, self.spam_threshold)
+            if own is not None:
+                policies.append(own)
+            if any(p.scores for p in policies):
                 try:
                     result = await self.rspamd.check(
                         mime,
@@ -174,11 +188,15 @@ class ContentFilters:
                 found.spam_scored = True
                 found.spam_score = result.score
                 found.spam_action = result.action
-                action = judge_spam(result.score, policy)
+                action, policy = judge_strictest(result.score, policies)
                 SCANS.labels(SPAM, action.value).inc()
-                details = (
-                    f"spam: score {result.score:g} above the {action.value} threshold {policy.threshold:g}"
-                )
+                details = ""
+                if policy is not None:
+                    whose = f" of {policy.source}" if policy.source else ""
+                    details = (
+                        f"spam: score {result.score:g} above the {action.value} threshold"
+                        f" {policy.threshold:g}{whose}"
+                    )
                 if action is Action.REJECT:
                     REJECTS.labels(SPAM).inc()
                     return Verdict(Kind.REJECT, found, SPAM, details)
