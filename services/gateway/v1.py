@@ -10,12 +10,20 @@ from urllib.parse import parse_qsl
 from xml.sax.saxutils import escape
 
 from aiohttp import web
+from multidict import MultiMapping
 
 from postmesh.identity.v1 import identity_pb2 as ib
 from postmesh.quota.v1 import quota_pb2 as qb
 from postmesh.sender.v1 import sender_pb2 as sb
 from services.gateway.calls import AccountCalls
-from services.gateway.errors import ALREADY_EXISTS, NOT_FOUND, SERIALIZATION, UNKNOWN_OPERATION, ApiError
+from services.gateway.errors import (
+    ALREADY_EXISTS,
+    BAD_REQUEST,
+    NOT_FOUND,
+    SERIALIZATION,
+    UNKNOWN_OPERATION,
+    ApiError,
+)
 from services.gateway.shapes import iso
 
 NAMESPACE = "http://ses.amazonaws.com/doc/2010-12-01/"
@@ -560,6 +568,95 @@ async def delete_verified_email_address(call: AccountCalls, form: Form) -> str:
     return await delete_identity(call, {"Identity": form.get("EmailAddress", "")})
 
 
+# --- identity notifications (SES v1): the "topic" is an event destination, "<set>/<destination>"
+
+_NOTIFICATION_TYPES = {
+    "Bounce": ib.NOTIFICATION_TYPE_BOUNCE,
+    "Complaint": ib.NOTIFICATION_TYPE_COMPLAINT,
+    "Delivery": ib.NOTIFICATION_TYPE_DELIVERY,
+}
+
+
+def _notification_type(form: Form) -> ib.NotificationType.ValueType:
+    text = form.get("NotificationType", "")
+    if text not in _NOTIFICATION_TYPES:
+        raise ApiError(BAD_REQUEST, "NotificationType must be Bounce, Complaint or Delivery.")
+    return _NOTIFICATION_TYPES[text]
+
+
+async def set_identity_notification_topic(call: AccountCalls, form: Form) -> str:
+    await call(
+        call.clients.identity.SetIdentityNotificationTopic,
+        ib.SetIdentityNotificationTopicRequest(
+            identity=form.get("Identity", ""),
+            notification_type=_notification_type(form),
+            destination=form.get("SnsTopic", ""),
+        ),
+    )
+    return ""
+
+
+async def set_identity_headers_in_notifications_enabled(call: AccountCalls, form: Form) -> str:
+    await call(
+        call.clients.identity.SetIdentityHeadersInNotificationsEnabled,
+        ib.SetIdentityHeadersInNotificationsEnabledRequest(
+            identity=form.get("Identity", ""),
+            notification_type=_notification_type(form),
+            enabled=_boolean(form, "Enabled"),
+        ),
+    )
+    return ""
+
+
+async def set_identity_feedback_forwarding_enabled(call: AccountCalls, form: Form) -> str:
+    await call(
+        call.clients.identity.SetIdentityFeedbackForwardingEnabled,
+        ib.SetIdentityFeedbackForwardingEnabledRequest(
+            identity=form.get("Identity", ""), forwarding_enabled=_boolean(form, "ForwardingEnabled")
+        ),
+    )
+    return ""
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+async def get_identity_notification_attributes(call: AccountCalls, form: Form) -> str:
+    names = members(form, "Identities")[:100]
+    reply = await call(
+        call.clients.identity.GetIdentityNotificationAttributes,
+        ib.GetIdentityNotificationAttributesRequest(identities=names),
+    )
+    entries = []
+    for name in names:
+        if name not in reply.notification_attributes:
+            continue  # SES leaves out identities that do not exist
+        found = reply.notification_attributes[name]
+        topics = "".join(
+            f"<{tag}>{escape(value)}</{tag}>"
+            for tag, value in (
+                ("BounceTopic", found.bounce_destination),
+                ("ComplaintTopic", found.complaint_destination),
+                ("DeliveryTopic", found.delivery_destination),
+            )
+            if value
+        )
+        entries.append(
+            f"<entry><key>{escape(name)}</key><value>{topics}"
+            f"<ForwardingEnabled>{_flag(found.forwarding_enabled)}</ForwardingEnabled>"
+            "<HeadersInBounceNotificationsEnabled>"
+            f"{_flag(found.headers_in_bounce_notifications_enabled)}</HeadersInBounceNotificationsEnabled>"
+            "<HeadersInComplaintNotificationsEnabled>"
+            f"{_flag(found.headers_in_complaint_notifications_enabled)}"
+            "</HeadersInComplaintNotificationsEnabled>"
+            "<HeadersInDeliveryNotificationsEnabled>"
+            f"{_flag(found.headers_in_delivery_notifications_enabled)}"
+            "</HeadersInDeliveryNotificationsEnabled></value></entry>"
+        )
+    return f"<NotificationAttributes>{''.join(entries)}</NotificationAttributes>"
+
+
 ACTIONS: dict[str, Action] = {
     "SendEmail": send_email,
     "SendRawEmail": send_raw_email,
@@ -591,6 +688,10 @@ ACTIONS: dict[str, Action] = {
     "DeleteIdentityPolicy": delete_identity_policy,
     "ListVerifiedEmailAddresses": list_verified_email_addresses,
     "DeleteVerifiedEmailAddress": delete_verified_email_address,
+    "SetIdentityNotificationTopic": set_identity_notification_topic,
+    "SetIdentityHeadersInNotificationsEnabled": set_identity_headers_in_notifications_enabled,
+    "SetIdentityFeedbackForwardingEnabled": set_identity_feedback_forwarding_enabled,
+    "GetIdentityNotificationAttributes": get_identity_notification_attributes,
 }
 
 
@@ -598,13 +699,21 @@ def _request_id(request_id: str) -> str:
     return f"<ResponseMetadata><RequestId>{request_id}</RequestId></ResponseMetadata>"
 
 
-async def dispatch(call: AccountCalls, request: web.Request, body: bytes, request_id: str) -> web.Response:
-    if request.method == "POST":
-        form = parse_form(body)
-    elif request.method == "GET":
-        form = dict(request.query)
-    else:
-        raise ApiError(UNKNOWN_OPERATION, f"The Query API takes GET or POST, not {request.method[:16]}.")
+def request_form(method: str, query: MultiMapping[str], body: bytes) -> Form:
+    if method == "POST":
+        return parse_form(body)
+    if method == "GET":
+        return dict(query)
+    raise ApiError(UNKNOWN_OPERATION, f"The Query API takes GET or POST, not {method[:16]}.")
+
+
+def operation_name(form: Form) -> str:
+    """The SES action a request is for ("unknown" if none), as metrics label it."""
+    name = form.get("Action", "")
+    return name if name in ACTIONS else "unknown"
+
+
+async def dispatch(call: AccountCalls, form: Form, request_id: str) -> web.Response:
     name = form.get("Action", "")
     action = ACTIONS.get(name)
     if action is None:
