@@ -15,6 +15,7 @@ from botocore.exceptions import ClientError
 
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.feedback.v1 import configuration_sets_pb2 as cs
+from postmesh.feedback.v1 import feedback_pb2 as fb
 from postmesh.identity.v1 import identity_pb2 as ib
 from postmesh.testing import MeshThread
 from postmesh.testing_mail import LoopbackDns
@@ -394,6 +395,7 @@ def test_account_and_identity_feedback_settings_notifications_and_insights(
             Destination={"ToAddresses": ["a@example.test", "b@example.test"]},
             Content={"Simple": {"Subject": {"Data": "Insights"}, "Body": {"Text": {"Data": "hello"}}}},
             EmailTags=[{"Name": "campaign", "Value": "spring"}],
+            ConfigurationSetName="transactional",
         )["MessageId"]
 
         def delivered_to_both() -> dict[str, Any] | None:
@@ -413,11 +415,47 @@ def test_account_and_identity_feedback_settings_notifications_and_insights(
         assert _insight_types(insights, "a@example.test")[0] == "SEND"
         with pytest.raises(v2.exceptions.NotFoundException):
             v2.get_message_insights(MessageId="0100000000000000-no-such-message")
+        with mesh.client(api_key) as client:
+            timeline = client.feedback.GetMessageInsights(fb.GetMessageInsightsRequest(message_id=message_id))
+        assert {e.email.mail.configuration_set_name for e in timeline.events} == {"transactional"}
         # Another account does not see the message.
         _, other_api_key = mesh.create_account("other")
         other = boto("sesv2", gateway, access_key(mesh, other_api_key))
         with pytest.raises(other.exceptions.NotFoundException):
             other.get_message_insights(MessageId=message_id)
+
+        # A send naming a set that does not exist, or one whose sending is paused, is refused.
+        simple = {"Simple": {"Subject": {"Data": "s"}, "Body": {"Text": {"Data": "b"}}}}
+        to = {"ToAddresses": ["a@example.test"]}
+        with pytest.raises(v2.exceptions.NotFoundException):
+            v2.send_email(
+                FromEmailAddress="news@example.test",
+                Destination=to,
+                Content=simple,
+                ConfigurationSetName="nope",
+            )
+        v2.put_configuration_set_sending_options(ConfigurationSetName="transactional", SendingEnabled=False)
+
+        def refused_v2() -> bool:
+            try:
+                v2.send_email(
+                    FromEmailAddress="news@example.test",
+                    Destination=to,
+                    Content=simple,
+                    ConfigurationSetName="transactional",
+                )
+            except v2.exceptions.MessageRejected:
+                return True
+            return False
+
+        assert _wait(refused_v2), "a paused configuration set kept sending"
+        with pytest.raises(v1.exceptions.MessageRejected):
+            v1.send_email(
+                Source="news@example.test",
+                Destination=to,
+                Message={"Subject": {"Data": "s"}, "Body": {"Text": {"Data": "b"}}},
+                ConfigurationSetName="transactional",
+            )
 
 
 def test_gateway_requests_are_counted_by_operation_and_status(mesh: MeshThread) -> None:
