@@ -17,6 +17,7 @@ from postmesh.events.v1 import events_pb2 as ev
 from postmesh.feedback.v1 import configuration_sets_pb2 as cs
 from postmesh.feedback.v1 import feedback_pb2 as fb
 from postmesh.identity.v1 import identity_pb2 as ib
+from postmesh.quota.v1 import quota_pb2 as qb
 from postmesh.testing import MeshThread
 from postmesh.testing_mail import LoopbackDns
 from tests.conftest import MeshFactory
@@ -488,3 +489,63 @@ def test_gateway_requests_are_counted_by_operation_and_status(mesh: MeshThread) 
     assert count("GetSendQuota", "200") == before_v1 + 1
     # Unsigned and no such operation: counted under one label whatever the path.
     assert count("unknown", "403") == before_unknown + 1
+
+
+def test_an_account_pauses_and_resumes_its_own_sending(mesh: MeshThread, zone: LoopbackDns) -> None:
+    account_id, api_key = mesh.create_account()
+    with running_gateway(mesh) as gateway:
+        v2, v1 = (
+            boto("sesv2", gateway, access_key(mesh, api_key)),
+            boto("ses", gateway, access_key(mesh, api_key)),
+        )
+        v2.create_email_identity(EmailIdentity="example.test")
+        _verify_domain(mesh, api_key, zone, "example.test")
+
+        def send() -> str:
+            return str(
+                v2.send_email(
+                    FromEmailAddress="news@example.test",
+                    Destination={"ToAddresses": ["a@example.test"]},
+                    Content={"Simple": {"Subject": {"Data": "s"}, "Body": {"Text": {"Data": "b"}}}},
+                )["MessageId"]
+            )
+
+        assert send()
+        v2.put_account_sending_attributes(SendingEnabled=False)
+        assert v2.get_account()["SendingEnabled"] is False
+        assert v1.get_account_sending_enabled()["Enabled"] is False
+        with pytest.raises(v2.exceptions.SendingPausedException):
+            send()
+        with pytest.raises(v1.exceptions.AccountSendingPausedException):
+            v1.send_email(
+                Source="news@example.test",
+                Destination={"ToAddresses": ["a@example.test"]},
+                Message={"Subject": {"Data": "s"}, "Body": {"Text": {"Data": "b"}}},
+            )
+        v1.update_account_sending_enabled(Enabled=True)
+        assert v2.get_account()["SendingEnabled"] is True
+        assert send()
+
+        # The account's own resumption never lifts an operator's pause.
+        with mesh.admin() as admin:
+            admin.quota.PauseAccountSending(
+                qb.PauseAccountSendingRequest(account_id=account_id, reason="abuse")
+            )
+        v2.put_account_sending_attributes(SendingEnabled=True)
+        assert v2.get_account()["SendingEnabled"] is False
+        with pytest.raises(v2.exceptions.SendingPausedException):
+            send()
+        # ... nor does an operator's reinstatement lift the account's own pause.
+        v1.update_account_sending_enabled(Enabled=False)
+        with mesh.admin() as admin:
+            admin.quota.ReinstateAccountSending(qb.ReinstateAccountSendingRequest(account_id=account_id))
+        assert v2.get_account()["SendingEnabled"] is False
+        v2.put_account_sending_attributes(SendingEnabled=True)
+        assert v2.get_account()["SendingEnabled"] is True
+        assert send()
+        with mesh.client(api_key) as client:
+            changes = client.quota.ListAccountChanges(qb.ListAccountChangesRequest()).changes
+        assert [(c.kind, c.actor) for c in changes if c.kind == "SENDING"][:2] == [
+            ("SENDING", "account"),
+            ("SENDING", "account"),
+        ]

@@ -395,6 +395,16 @@ async def get_account_sending_enabled(call: AccountCalls, form: Form) -> str:
     return f"<Enabled>{'true' if reply.sending_enabled else 'false'}</Enabled>"
 
 
+async def update_account_sending_enabled(call: AccountCalls, form: Form) -> str:
+    # As in SES, leaving out Enabled disables sending.
+    enabled = _boolean(form, "Enabled") if "Enabled" in form else False
+    await call(
+        call.clients.quota.PutAccountSendingAttributes,
+        qb.PutAccountSendingAttributesRequest(sending_enabled=enabled),
+    )
+    return ""
+
+
 # --- identity attributes
 
 
@@ -678,6 +688,7 @@ ACTIONS: dict[str, Action] = {
     "ListTemplates": list_templates,
     "TestRenderTemplate": test_render_template,
     "GetAccountSendingEnabled": get_account_sending_enabled,
+    "UpdateAccountSendingEnabled": update_account_sending_enabled,
     "GetIdentityDkimAttributes": get_identity_dkim_attributes,
     "SetIdentityDkimEnabled": set_identity_dkim_enabled,
     "GetIdentityMailFromDomainAttributes": get_identity_mail_from_domain_attributes,

@@ -576,6 +576,14 @@ async def list_suppressed_destinations(call: AccountCalls, req: V2Request) -> JS
     )
 
 
+async def put_account_sending_attributes(call: AccountCalls, req: V2Request) -> JSON:
+    await call(
+        call.clients.quota.PutAccountSendingAttributes,
+        qb.PutAccountSendingAttributesRequest(sending_enabled=bool(boolean(req.body, "SendingEnabled"))),
+    )
+    return {}
+
+
 async def put_account_suppression_attributes(call: AccountCalls, req: V2Request) -> JSON:
     unsupported(req.body, "ValidationAttributes")
     await call(
@@ -779,6 +787,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("DELETE", "/v2/email/templates/{TemplateName}", delete_email_template),
     ("GET", "/v2/email/templates", list_email_templates),
     ("POST", "/v2/email/templates/{TemplateName}/render", test_render_email_template),
+    ("PUT", "/v2/email/account/sending", put_account_sending_attributes),
     ("PUT", "/v2/email/account/suppression", put_account_suppression_attributes),
     ("PUT", "/v2/email/identities/{EmailIdentity}/feedback", put_email_identity_feedback_attributes),
     (
