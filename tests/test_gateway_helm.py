@@ -19,7 +19,7 @@ def test_the_gateway_has_its_own_deployment_and_service(rendered: list[dict[str,
     assert {"name": "http", "containerPort": 8025} in container["ports"]
     env = {e["name"]: e for e in container["env"]}
     assert env["HTTP_API_LISTEN"]["value"] == "0.0.0.0:8025"
-    assert env["IDENTITY_ENDPOINT"]["value"] == "pm-postmesh-identity:50051"
+    assert env["IDENTITY_ENDPOINT"]["value"] == "dns:///pm-postmesh-identity-headless:50051"
     assert "secretKeyRef" in env["SERVICE_API_KEY"]["valueFrom"]
     # Only the service credential: the gateway needs no database, admin key or DKIM master key.
     assert not {"ADMIN_API_KEY", "DATABASE_URL", "DKIM_MASTER_KEYS"} & set(env)
@@ -33,3 +33,7 @@ def test_the_gateway_has_its_own_deployment_and_service(rendered: list[dict[str,
         d for d in rendered if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "pm-postmesh-gateway"
     )
     assert policy["spec"]["ingress"][0]["ports"] == [{"port": "http"}]
+    # Its metrics (requests by SES operation and status) are scraped like the services'.
+    assert {"name": "metrics", "containerPort": 9464} in container["ports"]
+    assert env["METRICS_PORT"]["value"] == "9464"
+    assert policy["spec"]["ingress"][1]["ports"] == [{"port": "metrics"}]

@@ -118,7 +118,7 @@ def test_each_pod_gets_only_its_own_secrets(rendered: list[dict[str, Any]]) -> N
     assert holders["DKIM_MASTER_KEYS"] == {"identity"}
     assert holders["WEBHOOK_SECRETS_KEY"] == {"feedback"}
     assert "delivery" not in holders["ADMIN_API_KEY"]
-    assert holders["SERVICE_API_KEY"] == set(CI_COMPONENTS)
+    assert holders["SERVICE_API_KEY"] == set(CI_COMPONENTS) | {"gateway"}
 
 
 def test_production_values_one_database_per_service_autoscaling_and_one_grpc_endpoint(
@@ -150,10 +150,13 @@ def test_production_values_one_database_per_service_autoscaling_and_one_grpc_end
     assert {r["matches"][0]["method"]["service"] for r in grpc_route["spec"]["rules"]} == set(
         SERVICES.values()
     )
-    for deployment in deployments.values():
+    for component, deployment in deployments.items():
         pod = deployment["spec"]["template"]["spec"]
         env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
         assert env["GRPC_TLS_CERT_FILE"] == "/etc/postmesh/tls/tls.crt"
+        if component == "gateway":  # a gRPC client only: mutual TLS to the services, no gRPC port
+            assert env["GRPC_TLS_CA_FILE"] == "/etc/postmesh/tls/ca.crt"
+            continue
         assert env["GRPC_TLS_CLIENT_CA_FILE"] == env["GRPC_TLS_CA_FILE"] == "/etc/postmesh/tls/ca.crt"
         assert env["GRPC_TLS_SERVER_NAME"] == "postmesh.internal"
         # Probes speak plain text to the health-only port; the API port is TLS only.
@@ -164,7 +167,9 @@ def test_production_values_one_database_per_service_autoscaling_and_one_grpc_end
     monitor = next(d for d in production if d["kind"] == "ServiceMonitor")
     assert monitor["spec"]["selector"]["matchLabels"]["postmesh.dev/headless"] == "true"
     headless = [d for d in production if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None"]
-    assert {d["metadata"]["name"] for d in headless} == {f"pm-postmesh-{c}-headless" for c in COMPONENTS}
+    assert {d["metadata"]["name"] for d in headless} == {
+        f"pm-postmesh-{c}-headless" for c in [*COMPONENTS, "gateway"]
+    }
 
 
 def test_migrations_run_as_a_hook_job_before_upgrades(rendered: list[dict[str, Any]]) -> None:
@@ -179,7 +184,7 @@ def test_migrations_run_as_a_hook_job_before_upgrades(rendered: list[dict[str, A
 
 def test_disruption_budgets_never_block_a_drain(rendered: list[dict[str, Any]]) -> None:
     budgets = [d for d in rendered if d["kind"] == "PodDisruptionBudget"]
-    assert len(budgets) == len(CI_COMPONENTS)
+    assert len(budgets) == len(CI_COMPONENTS) + 1  # and the gateway's
     assert all(
         b["spec"] == {**b["spec"], "maxUnavailable": 1} and "minAvailable" not in b["spec"] for b in budgets
     )
