@@ -4,9 +4,7 @@ destinations, account and identity feedback settings, v1 identity notifications 
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,28 +14,24 @@ from botocore.exceptions import ClientError
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.feedback.v1 import configuration_sets_pb2 as cs
 from postmesh.feedback.v1 import feedback_pb2 as fb
-from postmesh.identity.v1 import identity_pb2 as ib
 from postmesh.quota.v1 import quota_pb2 as qb
 from postmesh.testing import MeshThread
 from postmesh.testing_mail import LoopbackDns
 from tests.conftest import MeshFactory
-from tests.gateway_helpers import access_key, boto, running_gateway
-from tests.identity_helpers import publish
-from tests.sending_helpers import own_nats_server
+from tests.gateway_helpers import (
+    access_key,
+    boto,
+    error_code,
+    nats_url,
+    running_gateway,
+    verify_domain,
+    wait_for,
+    zone,
+)
 
 HOOK = "http://127.0.0.1:9/sns"
 
-
-@pytest.fixture
-def zone() -> Iterator[LoopbackDns]:
-    with LoopbackDns() as server:
-        yield server
-
-
-@pytest.fixture
-def nats_url(tmp_path: Path) -> Iterator[str]:
-    with own_nats_server(tmp_path / "nats") as url:
-        yield url
+__all__ = ["nats_url", "zone"]  # fixtures
 
 
 @pytest.fixture
@@ -55,22 +49,6 @@ def mesh(start_mesh: MeshFactory, zone: LoopbackDns) -> MeshThread:
         delivery_mode="sink",
         delivery_workers=1,
     )
-
-
-def _verify_domain(mesh: MeshThread, api_key: str, zone: LoopbackDns, domain: str) -> None:
-    with mesh.client(api_key) as client:
-        identity = client.identity.GetEmailIdentity(ib.GetEmailIdentityRequest(email_identity=domain))
-        publish(zone, identity.dns_records)
-        client.identity.CheckEmailIdentityVerification(
-            ib.CheckEmailIdentityVerificationRequest(email_identity=domain)
-        )
-
-
-def _code(call: Any) -> tuple[str, int]:
-    with pytest.raises(ClientError) as excinfo:
-        call()
-    response = excinfo.value.response
-    return response["Error"]["Code"], response["ResponseMetadata"]["HTTPStatusCode"]
 
 
 def _sns(types: list[str], url: str = HOOK, enabled: bool = True) -> dict[str, Any]:
@@ -272,15 +250,6 @@ def _insight_types(insights: dict[str, Any], recipient: str) -> list[str]:
     return []
 
 
-def _wait(condition: Any, within: float = 60.0) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.3)
-
-
 def test_account_and_identity_feedback_settings_notifications_and_insights(
     mesh: MeshThread, zone: LoopbackDns
 ) -> None:
@@ -308,14 +277,14 @@ def test_account_and_identity_feedback_settings_notifications_and_insights(
             v2.create_email_identity(EmailIdentity="never.test", ConfigurationSetName="missing")
         assert v2.list_email_identities()["EmailIdentities"] == []
         v2.create_email_identity(EmailIdentity="example.test", ConfigurationSetName="transactional")
-        _verify_domain(mesh, api_key, zone, "example.test")
+        verify_domain(mesh, api_key, zone, "example.test")
         identity = v2.get_email_identity(EmailIdentity="example.test")
         assert identity["ConfigurationSetName"] == "transactional"
         assert identity["FeedbackForwardingStatus"] is False  # the test mesh's default
         v2.put_email_identity_feedback_attributes(EmailIdentity="example.test", EmailForwardingEnabled=True)
         assert v2.get_email_identity(EmailIdentity="example.test")["FeedbackForwardingStatus"] is True
         # As in SES, v1 turns forwarding off only when bounces and complaints go somewhere else.
-        assert _code(
+        assert error_code(
             lambda: v1.set_identity_feedback_forwarding_enabled(
                 Identity="example.test", ForwardingEnabled=False
             )
@@ -386,7 +355,7 @@ def test_account_and_identity_feedback_settings_notifications_and_insights(
                 Identity="example.test", NotificationType="Bounce", SnsTopic="transactional/missing"
             )
         assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] in (400, 404)
-        assert _code(
+        assert error_code(
             lambda: v1.set_identity_notification_topic(Identity="example.test", NotificationType="Sometimes")
         ) == ("InvalidParameterValue", 400)
 
@@ -407,7 +376,7 @@ def test_account_and_identity_feedback_settings_notifications_and_insights(
             ok = all("DELIVERY" in _insight_types(found, r) for r in ("a@example.test", "b@example.test"))
             return found if ok else None
 
-        insights = _wait(delivered_to_both)
+        insights = wait_for(delivered_to_both)
         assert insights, "the message's delivery events never showed in GetMessageInsights"
         assert insights["MessageId"] == message_id
         assert insights["FromEmailAddress"] == "news@example.test"
@@ -449,7 +418,7 @@ def test_account_and_identity_feedback_settings_notifications_and_insights(
                 return True
             return False
 
-        assert _wait(refused_v2), "a paused configuration set kept sending"
+        assert wait_for(refused_v2), "a paused configuration set kept sending"
         with pytest.raises(v1.exceptions.MessageRejected):
             v1.send_email(
                 Source="news@example.test",
@@ -499,7 +468,7 @@ def test_an_account_pauses_and_resumes_its_own_sending(mesh: MeshThread, zone: L
             boto("ses", gateway, access_key(mesh, api_key)),
         )
         v2.create_email_identity(EmailIdentity="example.test")
-        _verify_domain(mesh, api_key, zone, "example.test")
+        verify_domain(mesh, api_key, zone, "example.test")
 
         def send() -> str:
             return str(
