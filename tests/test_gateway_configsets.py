@@ -269,6 +269,8 @@ def test_account_and_identity_feedback_settings_notifications_and_insights(
         assert v2.get_account()["SuppressionAttributes"] == {"SuppressedReasons": []}
         with pytest.raises(v2.exceptions.BadRequestException):
             v2.put_account_suppression_attributes(SuppressedReasons=["BORED"])
+        with pytest.raises(v2.exceptions.BadRequestException):
+            v2.put_account_suppression_attributes(SuppressedReasons=[""])
         v2.put_account_suppression_attributes(SuppressedReasons=["BOUNCE", "COMPLAINT"])
 
         # Identity feedback forwarding and default configuration set, in both APIs.

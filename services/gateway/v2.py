@@ -590,7 +590,9 @@ async def put_account_suppression_attributes(call: AccountCalls, req: V2Request)
         call.clients.feedback.PutAccountSuppressionAttributes,
         fb.PutAccountSuppressionAttributesRequest(
             suppressed_reasons=[
-                _reason(r or "-") for r in dict.fromkeys(strings(req.body, "SuppressedReasons"))
+                # An empty string is not a reason (enum_value would read it as "not given").
+                enum_value(fb.SuppressionListReason, r or "''", _REASON_PREFIX, "SuppressedReasons")
+                for r in dict.fromkeys(strings(req.body, "SuppressedReasons"))
             ]
         ),
     )
