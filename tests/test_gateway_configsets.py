@@ -4,6 +4,10 @@ destinations, account and identity feedback settings, v1 identity notifications 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -11,11 +15,12 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from postmesh.common.natsserver import free_port
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.feedback.v1 import configuration_sets_pb2 as cs
 from postmesh.feedback.v1 import feedback_pb2 as fb
 from postmesh.quota.v1 import quota_pb2 as qb
-from postmesh.testing import MeshThread
+from postmesh.testing import LOOPBACK_PROCESS_ENV, MeshThread
 from postmesh.testing_mail import LoopbackDns
 from tests.conftest import MeshFactory
 from tests.gateway_helpers import (
@@ -543,3 +548,52 @@ def test_every_v2_route_is_the_botocore_operation_of_its_name_and_documented() -
         assert name in docs, f"{name} is not in docs/http-api.md"
     for action in v1.ACTIONS:
         assert action in docs, f"{action} is not in docs/http-api.md"
+
+
+def test_postmesh_serve_gateway_alone_exports_its_metrics(tmp_path: Path) -> None:
+    http_port, metrics_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        **LOOPBACK_PROCESS_ENV,
+        "HTTP_API_LISTEN": f"127.0.0.1:{http_port}",
+        "METRICS_PORT": str(metrics_port),
+        "SERVICE_API_KEY": "service-secret",
+        # Nothing answers there: an unsigned request is refused before any service is called.
+        "GRPC_LISTEN": f"127.0.0.1:{free_port()}",
+        "DATA_DIR": str(tmp_path / "var"),
+        "LOG_LEVEL": "WARNING",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "postmesh.cli.main", "serve", "gateway"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        def refused_unsigned() -> bool:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/email/account", timeout=5)
+            except urllib.error.HTTPError as error:
+                return error.code == 403
+            except OSError:  # not listening yet
+                return False
+            return False
+
+        assert wait_for(refused_unsigned), "postmesh serve gateway did not answer"
+
+        def counted() -> str | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+                    text = reply.read().decode()
+            except OSError:
+                return None
+            return text if 'operation="GetAccount",status="403"' in text else None
+
+        text = wait_for(counted)
+        assert text, "the refused request was not counted"
+        assert "postmesh_http_api_requests_total" in text
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=60)[0].decode()
+    assert process.returncode == 0, output
