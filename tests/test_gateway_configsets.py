@@ -597,3 +597,87 @@ def test_postmesh_serve_gateway_alone_exports_its_metrics(tmp_path: Path) -> Non
         process.terminate()
         output = process.communicate(timeout=60)[0].decode()
     assert process.returncode == 0, output
+
+
+def test_v1_configuration_sets_and_their_event_destinations(mesh: MeshThread) -> None:
+    _, api_key = mesh.create_account()
+    with running_gateway(mesh) as gateway:
+        v1 = boto("ses", gateway, access_key(mesh, api_key))
+        v1.create_configuration_set(ConfigurationSet={"Name": "v1set"})
+        with pytest.raises(v1.exceptions.ConfigurationSetAlreadyExistsException):
+            v1.create_configuration_set(ConfigurationSet={"Name": "v1set"})
+        assert v1.list_configuration_sets()["ConfigurationSets"] == [{"Name": "v1set"}]
+        with pytest.raises(v1.exceptions.ConfigurationSetDoesNotExistException):
+            v1.describe_configuration_set(ConfigurationSetName="missing")
+        with pytest.raises(v1.exceptions.ConfigurationSetDoesNotExistException):
+            v1.update_configuration_set_sending_enabled(ConfigurationSetName="missing", Enabled=False)
+        v1.update_configuration_set_sending_enabled(ConfigurationSetName="v1set", Enabled=False)
+        with mesh.client(api_key) as client:
+            client.feedback.CreateConfigurationSetEventDestination(
+                cs.CreateConfigurationSetEventDestinationRequest(
+                    configuration_set_name="v1set",
+                    event_destination_name="hook",
+                    event_destination=cs.EventDestinationDefinition(
+                        enabled=True,
+                        matching_event_types=[
+                            ev.EMAIL_EVENT_TYPE_BOUNCE,
+                            ev.EMAIL_EVENT_TYPE_RENDERING_FAILURE,
+                        ],
+                        webhook=cs.WebhookDestination(url=HOOK),
+                    ),
+                )
+            )
+        described = v1.describe_configuration_set(
+            ConfigurationSetName="v1set",
+            ConfigurationSetAttributeNames=["eventDestinations", "deliveryOptions", "reputationOptions"],
+        )
+        assert described["ConfigurationSet"] == {"Name": "v1set"}
+        assert described["EventDestinations"] == [
+            {"Name": "hook", "Enabled": True, "MatchingEventTypes": ["bounce", "renderingFailure"]}
+        ]
+        assert described["DeliveryOptions"] == {"TlsPolicy": "Optional"}
+        assert described["ReputationOptions"]["SendingEnabled"] is False
+        assert "TrackingOptions" not in described
+        assert "EventDestinations" not in v1.describe_configuration_set(ConfigurationSetName="v1set")
+
+        # What postmesh cannot publish to is refused; a missing destination is v1's own error.
+        for destination in (
+            {
+                "Name": "cw",
+                "MatchingEventTypes": ["send"],
+                "CloudWatchDestination": {"DimensionConfigurations": []},
+            },
+            {
+                "Name": "sns",
+                "MatchingEventTypes": ["send"],
+                "SNSDestination": {"TopicARN": "arn:aws:sns:x:1:t"},
+            },
+            {"Name": "none", "MatchingEventTypes": ["send"]},
+        ):
+            assert error_code(
+                lambda d=destination: v1.create_configuration_set_event_destination(
+                    ConfigurationSetName="v1set", EventDestination=d
+                )
+            ) == ("InvalidParameterValue", 400)
+        sns = {"Name": "hook", "MatchingEventTypes": ["send"], "SNSDestination": {"TopicARN": HOOK}}
+        with pytest.raises(v1.exceptions.EventDestinationAlreadyExistsException):
+            v1.create_configuration_set_event_destination(ConfigurationSetName="v1set", EventDestination=sns)
+        with pytest.raises(v1.exceptions.EventDestinationDoesNotExistException):
+            v1.update_configuration_set_event_destination(
+                ConfigurationSetName="v1set", EventDestination={**sns, "Name": "missing"}
+            )
+        with pytest.raises(v1.exceptions.ConfigurationSetDoesNotExistException):
+            v1.create_configuration_set_event_destination(
+                ConfigurationSetName="missing", EventDestination=sns
+            )
+        v1.delete_configuration_set_event_destination(
+            ConfigurationSetName="v1set", EventDestinationName="hook"
+        )
+        with pytest.raises(v1.exceptions.EventDestinationDoesNotExistException):
+            v1.delete_configuration_set_event_destination(
+                ConfigurationSetName="v1set", EventDestinationName="hook"
+            )
+        v1.delete_configuration_set(ConfigurationSetName="v1set")
+        with pytest.raises(v1.exceptions.ConfigurationSetDoesNotExistException):
+            v1.delete_configuration_set(ConfigurationSetName="v1set")
+        assert v1.list_configuration_sets()["ConfigurationSets"] == []

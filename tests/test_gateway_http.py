@@ -248,6 +248,15 @@ V1_PARAMETERS = [
     "SnsTopic",
     "ForwardingEnabled",
     "Enabled",
+    "ConfigurationSet.Name",
+    "ConfigurationSetName",
+    "ConfigurationSetAttributeNames.member.1",
+    "EventDestination.Name",
+    "EventDestination.Enabled",
+    "EventDestination.MatchingEventTypes.member.1",
+    "EventDestination.SNSDestination.TopicARN",
+    "EventDestination.CloudWatchDestination.DimensionConfigurations.member.1.DimensionName",
+    "EventDestinationName",
 ]
 
 

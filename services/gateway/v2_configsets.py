@@ -202,7 +202,7 @@ async def put_configuration_set_tracking_options(call: AccountCalls, req: V2Requ
 _TYPE_PREFIX = "EMAIL_EVENT_TYPE_"
 
 
-def _definition(data: JSON) -> cs.EventDestinationDefinition:
+def event_destination_definition(data: JSON) -> cs.EventDestinationDefinition:
     given = [name for name in _UNSUPPORTED_DESTINATIONS if data.get(name) is not None]
     if given:
         raise ApiError(
@@ -274,7 +274,7 @@ async def create_configuration_set_event_destination(call: AccountCalls, req: V2
         cs.CreateConfigurationSetEventDestinationRequest(
             configuration_set_name=req.path["ConfigurationSetName"],
             event_destination_name=string(req.body, "EventDestinationName"),
-            event_destination=_definition(obj(req.body, "EventDestination")),
+            event_destination=event_destination_definition(obj(req.body, "EventDestination")),
         ),
     )
     # Not in SES's shape: the key of X-Postmesh-Signature, shown this once.
@@ -297,7 +297,7 @@ async def update_configuration_set_event_destination(call: AccountCalls, req: V2
         cs.UpdateConfigurationSetEventDestinationRequest(
             configuration_set_name=req.path["ConfigurationSetName"],
             event_destination_name=req.path["EventDestinationName"],
-            event_destination=_definition(obj(req.body, "EventDestination")),
+            event_destination=event_destination_definition(obj(req.body, "EventDestination")),
         ),
     )
     return {}
