@@ -612,6 +612,42 @@ def test_v1_configuration_sets_and_their_event_destinations(mesh: MeshThread) ->
         with pytest.raises(v1.exceptions.ConfigurationSetDoesNotExistException):
             v1.update_configuration_set_sending_enabled(ConfigurationSetName="missing", Enabled=False)
         v1.update_configuration_set_sending_enabled(ConfigurationSetName="v1set", Enabled=False)
+        v1.update_configuration_set_reputation_metrics_enabled(ConfigurationSetName="v1set", Enabled=True)
+        v2 = boto("sesv2", gateway, access_key(mesh, api_key))
+        v2.put_configuration_set_delivery_options(ConfigurationSetName="v1set", MaxDeliverySeconds=900)
+        v1.put_configuration_set_delivery_options(
+            ConfigurationSetName="v1set", DeliveryOptions={"TlsPolicy": "Require"}
+        )
+        # v1 has no MaxDeliverySeconds: setting the TLS policy keeps the set's own.
+        assert v2.get_configuration_set(ConfigurationSetName="v1set")["DeliveryOptions"] == {
+            "TlsPolicy": "REQUIRE",
+            "MaxDeliverySeconds": 900,
+        }
+        tracking = {"CustomRedirectDomain": "track.example.test"}
+        with pytest.raises(v1.exceptions.TrackingOptionsDoesNotExistException):
+            v1.update_configuration_set_tracking_options(
+                ConfigurationSetName="v1set", TrackingOptions=tracking
+            )
+        v1.create_configuration_set_tracking_options(ConfigurationSetName="v1set", TrackingOptions=tracking)
+        with pytest.raises(v1.exceptions.TrackingOptionsAlreadyExistsException):
+            v1.create_configuration_set_tracking_options(
+                ConfigurationSetName="v1set", TrackingOptions=tracking
+            )
+        assert (
+            v1.describe_configuration_set(
+                ConfigurationSetName="v1set", ConfigurationSetAttributeNames=["trackingOptions"]
+            )["TrackingOptions"]
+            == tracking
+        )
+        v1.update_configuration_set_tracking_options(
+            ConfigurationSetName="v1set", TrackingOptions={"CustomRedirectDomain": "t2.example.test"}
+        )
+        assert v2.get_configuration_set(ConfigurationSetName="v1set")["TrackingOptions"] == {
+            "CustomRedirectDomain": "t2.example.test"
+        }
+        v1.delete_configuration_set_tracking_options(ConfigurationSetName="v1set")
+        with pytest.raises(v1.exceptions.TrackingOptionsDoesNotExistException):
+            v1.delete_configuration_set_tracking_options(ConfigurationSetName="v1set")
         with mesh.client(api_key) as client:
             client.feedback.CreateConfigurationSetEventDestination(
                 cs.CreateConfigurationSetEventDestinationRequest(
@@ -635,8 +671,9 @@ def test_v1_configuration_sets_and_their_event_destinations(mesh: MeshThread) ->
         assert described["EventDestinations"] == [
             {"Name": "hook", "Enabled": True, "MatchingEventTypes": ["bounce", "renderingFailure"]}
         ]
-        assert described["DeliveryOptions"] == {"TlsPolicy": "Optional"}
+        assert described["DeliveryOptions"] == {"TlsPolicy": "Require"}
         assert described["ReputationOptions"]["SendingEnabled"] is False
+        assert described["ReputationOptions"]["ReputationMetricsEnabled"] is True
         assert "TrackingOptions" not in described
         assert "EventDestinations" not in v1.describe_configuration_set(ConfigurationSetName="v1set")
 

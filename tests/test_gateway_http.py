@@ -257,6 +257,8 @@ V1_PARAMETERS = [
     "EventDestination.SNSDestination.TopicARN",
     "EventDestination.CloudWatchDestination.DimensionConfigurations.member.1.DimensionName",
     "EventDestinationName",
+    "DeliveryOptions.TlsPolicy",
+    "TrackingOptions.CustomRedirectDomain",
 ]
 
 

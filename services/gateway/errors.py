@@ -50,6 +50,10 @@ CONFIGURATION_SET_DOES_NOT_EXIST = SesError("NotFoundException", 404, "Configura
 CONFIGURATION_SET_ALREADY_EXISTS = SesError("AlreadyExistsException", 400, "ConfigurationSetAlreadyExists")
 EVENT_DESTINATION_DOES_NOT_EXIST = SesError("NotFoundException", 404, "EventDestinationDoesNotExist")
 EVENT_DESTINATION_ALREADY_EXISTS = SesError("AlreadyExistsException", 400, "EventDestinationAlreadyExists")
+TRACKING_OPTIONS_ALREADY_EXIST = SesError(
+    "AlreadyExistsException", 400, "TrackingOptionsAlreadyExistsException"
+)
+TRACKING_OPTIONS_DO_NOT_EXIST = SesError("NotFoundException", 404, "TrackingOptionsDoesNotExistException")
 
 # Authentication and request format (AWS's common errors, named per protocol).
 MISSING_AUTHENTICATION = SesError(

@@ -29,6 +29,8 @@ from services.gateway.errors import (
     EVENT_DESTINATION_DOES_NOT_EXIST,
     NOT_FOUND,
     SERIALIZATION,
+    TRACKING_OPTIONS_ALREADY_EXIST,
+    TRACKING_OPTIONS_DO_NOT_EXIST,
     UNKNOWN_OPERATION,
     ApiError,
 )
@@ -746,6 +748,86 @@ async def list_configuration_sets(call: AccountCalls, form: Form) -> str:
     return f"<ConfigurationSets>{names}</ConfigurationSets>{token}"
 
 
+async def update_configuration_set_reputation_metrics_enabled(call: AccountCalls, form: Form) -> str:
+    await _set_call(
+        call,
+        call.clients.feedback.PutConfigurationSetReputationOptions,
+        cs.PutConfigurationSetReputationOptionsRequest(
+            configuration_set_name=form.get("ConfigurationSetName", ""),
+            reputation_metrics_enabled=_boolean(form, "Enabled"),
+        ),
+    )
+    return ""
+
+
+async def _configuration_set(call: AccountCalls, name: str) -> cs.ConfigurationSet:
+    reply = await _set_call(
+        call,
+        call.clients.feedback.GetConfigurationSet,
+        cs.GetConfigurationSetRequest(configuration_set_name=name),
+    )
+    found: cs.ConfigurationSet = reply.configuration_set
+    return found
+
+
+async def put_configuration_set_delivery_options(call: AccountCalls, form: Form) -> str:
+    name = form.get("ConfigurationSetName", "")
+    text = form.get("DeliveryOptions.TlsPolicy", "Optional")
+    tls = {label: value for value, label in _V1_TLS.items()}.get(text)
+    if tls is None:
+        raise ApiError(BAD_REQUEST, "DeliveryOptions.TlsPolicy must be Require or Optional.")
+    # v1 has no MaxDeliverySeconds: the set keeps its own.
+    kept = (await _configuration_set(call, name)).delivery_options.max_delivery_seconds
+    await _set_call(
+        call,
+        call.clients.feedback.PutConfigurationSetDeliveryOptions,
+        cs.PutConfigurationSetDeliveryOptionsRequest(
+            configuration_set_name=name, tls_policy=tls, max_delivery_seconds=kept
+        ),
+    )
+    return ""
+
+
+async def _put_tracking(call: AccountCalls, name: str, domain: str) -> None:
+    await _set_call(
+        call,
+        call.clients.feedback.PutConfigurationSetTrackingOptions,
+        cs.PutConfigurationSetTrackingOptionsRequest(
+            configuration_set_name=name, custom_redirect_domain=domain
+        ),
+    )
+
+
+async def create_configuration_set_tracking_options(call: AccountCalls, form: Form) -> str:
+    name = form.get("ConfigurationSetName", "")
+    if (await _configuration_set(call, name)).tracking_options.custom_redirect_domain:
+        raise ApiError(TRACKING_OPTIONS_ALREADY_EXIST, f"Configuration set {name} has tracking options.")
+    domain = form.get("TrackingOptions.CustomRedirectDomain", "")
+    if not domain:
+        raise ApiError(BAD_REQUEST, "TrackingOptions.CustomRedirectDomain is required.")
+    await _put_tracking(call, name, domain)
+    return ""
+
+
+async def update_configuration_set_tracking_options(call: AccountCalls, form: Form) -> str:
+    name = form.get("ConfigurationSetName", "")
+    if not (await _configuration_set(call, name)).tracking_options.custom_redirect_domain:
+        raise ApiError(TRACKING_OPTIONS_DO_NOT_EXIST, f"Configuration set {name} has no tracking options.")
+    domain = form.get("TrackingOptions.CustomRedirectDomain", "")
+    if not domain:
+        raise ApiError(BAD_REQUEST, "TrackingOptions.CustomRedirectDomain is required.")
+    await _put_tracking(call, name, domain)
+    return ""
+
+
+async def delete_configuration_set_tracking_options(call: AccountCalls, form: Form) -> str:
+    name = form.get("ConfigurationSetName", "")
+    if not (await _configuration_set(call, name)).tracking_options.custom_redirect_domain:
+        raise ApiError(TRACKING_OPTIONS_DO_NOT_EXIST, f"Configuration set {name} has no tracking options.")
+    await _put_tracking(call, name, "")
+    return ""
+
+
 def _v1_destination(found: cs.EventDestination) -> str:
     types = "".join(
         f"<member>{_V1_EVENT_NAMES[t]}</member>" for t in found.matching_event_types if t in _V1_EVENT_NAMES
@@ -761,12 +843,7 @@ def _v1_destination(found: cs.EventDestination) -> str:
 
 async def describe_configuration_set(call: AccountCalls, form: Form) -> str:
     name = form.get("ConfigurationSetName", "")
-    reply = await _set_call(
-        call,
-        call.clients.feedback.GetConfigurationSet,
-        cs.GetConfigurationSetRequest(configuration_set_name=name),
-    )
-    found = reply.configuration_set
+    found = await _configuration_set(call, name)
     wanted = set(members(form, "ConfigurationSetAttributeNames"))
     parts = [f"<ConfigurationSet><Name>{escape(found.configuration_set_name)}</Name></ConfigurationSet>"]
     if "eventDestinations" in wanted:
@@ -912,6 +989,11 @@ ACTIONS: dict[str, Action] = {
     "DescribeConfigurationSet": describe_configuration_set,
     "ListConfigurationSets": list_configuration_sets,
     "UpdateConfigurationSetSendingEnabled": update_configuration_set_sending_enabled,
+    "UpdateConfigurationSetReputationMetricsEnabled": update_configuration_set_reputation_metrics_enabled,
+    "PutConfigurationSetDeliveryOptions": put_configuration_set_delivery_options,
+    "CreateConfigurationSetTrackingOptions": create_configuration_set_tracking_options,
+    "UpdateConfigurationSetTrackingOptions": update_configuration_set_tracking_options,
+    "DeleteConfigurationSetTrackingOptions": delete_configuration_set_tracking_options,
     "CreateConfigurationSetEventDestination": create_configuration_set_event_destination,
     "UpdateConfigurationSetEventDestination": update_configuration_set_event_destination,
     "DeleteConfigurationSetEventDestination": delete_configuration_set_event_destination,
