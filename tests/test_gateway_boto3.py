@@ -11,11 +11,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from email import message_from_bytes
 from email import policy as email_policy
 from pathlib import Path
-from typing import Any
 
 import boto3
 import dkim
@@ -31,21 +29,19 @@ from postmesh.testing import LOOPBACK_PROCESS_ENV, MeshThread
 from postmesh.testing_mail import LoopbackDns, SmtpServer
 from tests.conftest import MeshFactory
 from tests.dkim_verifiers import dkimpy_dns
-from tests.gateway_helpers import access_key, boto, running_gateway
-from tests.identity_helpers import FakeClock, mail_to, publish
-from tests.sending_helpers import own_nats_server
+from tests.gateway_helpers import (
+    access_key,
+    boto,
+    error_code,
+    nats_url,
+    running_gateway,
+    verify_domain,
+    wait_for,
+    zone,
+)
+from tests.identity_helpers import FakeClock, mail_to
 
-
-@pytest.fixture
-def zone() -> Iterator[LoopbackDns]:
-    with LoopbackDns() as server:
-        yield server
-
-
-@pytest.fixture
-def nats_url(tmp_path: Path) -> Iterator[str]:
-    with own_nats_server(tmp_path / "nats") as url:
-        yield url
+__all__ = ["nats_url", "zone"]  # fixtures
 
 
 def _settings(zone: LoopbackDns, **extra: object) -> dict[str, object]:
@@ -57,26 +53,6 @@ def _settings(zone: LoopbackDns, **extra: object) -> dict[str, object]:
         "message_id_domain": "mail.postmesh.test",
         **extra,
     }
-
-
-def _verify_domain(mesh: MeshThread, api_key: str, zone: LoopbackDns, domain: str) -> None:
-    """Publishes the identity's records in the loopback DNS and has identity check them now (SES has
-    no API for that: its checker runs by itself)."""
-    with mesh.client(api_key) as client:
-        identity = client.identity.GetEmailIdentity(ib.GetEmailIdentityRequest(email_identity=domain))
-        publish(zone, identity.dns_records)
-        client.identity.CheckEmailIdentityVerification(
-            ib.CheckEmailIdentityVerificationRequest(email_identity=domain)
-        )
-
-
-def _wait(condition: Any, within: float = 60.0) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.2)
 
 
 def test_boto3_verifies_a_domain_and_sends_simple_raw_and_templated_mail(
@@ -108,7 +84,7 @@ def test_boto3_verifies_a_domain_and_sends_simple_raw_and_templated_mail(
             assert created["DkimAttributes"]["Tokens"]
             token = v1.verify_domain_identity(Domain="example.test")["VerificationToken"]
             assert token
-            _verify_domain(mesh, api_key, zone, "example.test")
+            verify_domain(mesh, api_key, zone, "example.test")
             identity = v2.get_email_identity(EmailIdentity="example.test")
             assert identity["VerificationStatus"] == "SUCCESS"
             assert identity["VerifiedForSendingStatus"] is True
@@ -171,7 +147,7 @@ def test_boto3_verifies_a_domain_and_sends_simple_raw_and_templated_mail(
                 )["MessageId"]
             )
 
-            received = _wait(lambda: len(smtp.received) >= len(ids) and smtp.received)
+            received = wait_for(lambda: len(smtp.received) >= len(ids) and smtp.received)
             assert sorted(r.message_id for r in received) == sorted(f"<{i}@mail.postmesh.test>" for i in ids)
             lookup = dkimpy_dns(zone)
             subjects = set()
@@ -189,12 +165,12 @@ def test_boto3_verifies_a_domain_and_sends_simple_raw_and_templated_mail(
             by_recipient = {r: m for m in received for r in m.recipients}
             assert "e@example.test" in by_recipient  # v1 Cc
 
-            quota = _wait(lambda: (q := v1.get_send_quota())["SentLast24Hours"] == 7 and q, within=15)
+            quota = wait_for(lambda: (q := v1.get_send_quota())["SentLast24Hours"] == 7 and q, within=15)
             assert quota and quota["Max24HourSend"] > 0 and quota["MaxSendRate"] == 1000.0
             account = v2.get_account()
             assert account["SendQuota"]["SentLast24Hours"] == 7  # the v1 Cc is a second recipient
             assert account["SendingEnabled"] is True and account["EnforcementStatus"] == "HEALTHY"
-            points = _wait(
+            points = wait_for(
                 lambda: sum(p["DeliveryAttempts"] for p in v1.get_send_statistics()["SendDataPoints"]) >= 7
             )
             assert points
@@ -208,13 +184,6 @@ def test_boto3_verifies_a_domain_and_sends_simple_raw_and_templated_mail(
 @pytest.fixture
 def gateway_mesh(start_mesh: MeshFactory, zone: LoopbackDns, nats_url: str) -> MeshThread:
     return start_mesh(**_settings(zone))
-
-
-def _code(call: Any) -> tuple[str, int]:
-    with pytest.raises(ClientError) as excinfo:
-        call()
-    response = excinfo.value.response
-    return response["Error"]["Code"], response["ResponseMetadata"]["HTTPStatusCode"]
 
 
 def test_boto3_raises_its_own_exceptions(gateway_mesh: MeshThread, zone: LoopbackDns) -> None:
@@ -250,7 +219,7 @@ def test_boto3_raises_its_own_exceptions(gateway_mesh: MeshThread, zone: Loopbac
                 Destination={"ToAddresses": ["a@x.test"]},
                 Message={"Subject": {"Data": "s"}, "Body": {"Text": {"Data": "b"}}},
             )
-        _verify_domain(mesh, api_key, zone, "example.test")
+        verify_domain(mesh, api_key, zone, "example.test")
         with pytest.raises(v1.exceptions.TemplateDoesNotExistException):
             v1.send_templated_email(
                 Source="news@example.test",
@@ -277,22 +246,28 @@ def test_boto3_raises_its_own_exceptions(gateway_mesh: MeshThread, zone: Loopbac
 
         # Authentication: a wrong secret, an unknown key, a revoked key.
         wrong = (key[0], "A" * 64)
-        assert _code(lambda: boto("sesv2", gateway, wrong).get_account()) == (
+        assert error_code(lambda: boto("sesv2", gateway, wrong).get_account()) == (
             "InvalidSignatureException",
             403,
         )
-        assert _code(lambda: boto("ses", gateway, wrong).get_send_quota()) == ("SignatureDoesNotMatch", 403)
+        assert error_code(lambda: boto("ses", gateway, wrong).get_send_quota()) == (
+            "SignatureDoesNotMatch",
+            403,
+        )
         unknown = ("AKPMAAAAAAAAAAAAAAAA", key[1])
-        assert _code(lambda: boto("sesv2", gateway, unknown).get_account()) == (
+        assert error_code(lambda: boto("sesv2", gateway, unknown).get_account()) == (
             "UnrecognizedClientException",
             403,
         )
-        assert _code(lambda: boto("ses", gateway, unknown).get_send_quota()) == ("InvalidClientTokenId", 403)
+        assert error_code(lambda: boto("ses", gateway, unknown).get_send_quota()) == (
+            "InvalidClientTokenId",
+            403,
+        )
         with mesh.client(api_key) as client:
             client.identity.RevokeAccessKey(ib.RevokeAccessKeyRequest(access_key_id=key[0]))
         # At once: the gateway keeps no cache of keys.
-        assert _code(lambda: v2.get_account()) == ("UnrecognizedClientException", 403)
-        assert _code(lambda: v1.get_send_quota()) == ("InvalidClientTokenId", 403)
+        assert error_code(lambda: v2.get_account()) == ("UnrecognizedClientException", 403)
+        assert error_code(lambda: v1.get_send_quota()) == ("InvalidClientTokenId", 403)
 
 
 def test_signatures_outside_the_clock_skew_window_are_refused(gateway_mesh: MeshThread) -> None:
@@ -305,7 +280,7 @@ def test_signatures_outside_the_clock_skew_window_are_refused(gateway_mesh: Mesh
         clock.advance(minutes=16)
         with pytest.raises(ClientError, match="Signature expired"):
             v2.get_account()
-        assert _code(lambda: v1.get_send_quota()) == ("SignatureDoesNotMatch", 403)
+        assert error_code(lambda: v1.get_send_quota()) == ("SignatureDoesNotMatch", 403)
         clock.advance(minutes=-32)
         with pytest.raises(ClientError, match="not yet current"):
             v2.get_account()
@@ -372,7 +347,7 @@ def test_boto3_identity_settings_templates_and_bulk_sending(
     with running_gateway(mesh) as gateway:
         v2 = boto("sesv2", gateway, key)
         v2.create_email_identity(EmailIdentity="example.test")
-        _verify_domain(mesh, api_key, zone, "example.test")
+        verify_domain(mesh, api_key, zone, "example.test")
         v2.put_email_identity_dkim_attributes(EmailIdentity="example.test", SigningEnabled=False)
         v2.put_email_identity_mail_from_attributes(
             EmailIdentity="example.test",
@@ -438,7 +413,7 @@ def test_boto3_templates_bulk_and_identity_attributes_in_v1_and_policies_and_acc
         v1.verify_domain_identity(Domain="example.test")
         tokens = v1.verify_domain_dkim(Domain="example.test")["DkimTokens"]
         assert tokens
-        _verify_domain(mesh, api_key, zone, "example.test")
+        verify_domain(mesh, api_key, zone, "example.test")
         dkim_attributes = v1.get_identity_dkim_attributes(Identities=["example.test", "nothing.test"])
         assert dkim_attributes["DkimAttributes"] == {
             "example.test": {"DkimEnabled": True, "DkimVerificationStatus": "Success", "DkimTokens": tokens}
@@ -552,7 +527,7 @@ def test_quota_refusals_are_ses_errors_and_the_aws_cli_sends(
     with running_gateway(mesh) as gateway:
         v2, v1 = boto("sesv2", gateway, key), boto("ses", gateway, key)
         v2.create_email_identity(EmailIdentity="example.test")
-        _verify_domain(mesh, api_key, zone, "example.test")
+        verify_domain(mesh, api_key, zone, "example.test")
         simple = {"Simple": {"Subject": {"Data": "s"}, "Body": {"Text": {"Data": "b"}}}}
         message = {"Subject": {"Data": "s"}, "Body": {"Text": {"Data": "b"}}}
         with mesh.admin() as admin:
@@ -608,7 +583,7 @@ def test_quota_refusals_are_ses_errors_and_the_aws_cli_sends(
                 Destination={"ToAddresses": ["b@example.test"]},
                 Content=simple,
             )
-        assert _code(
+        assert error_code(
             lambda: v1.send_email(
                 Source="news@example.test", Destination={"ToAddresses": ["b@example.test"]}, Message=message
             )

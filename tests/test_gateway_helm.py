@@ -33,3 +33,7 @@ def test_the_gateway_has_its_own_deployment_and_service(rendered: list[dict[str,
         d for d in rendered if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "pm-postmesh-gateway"
     )
     assert policy["spec"]["ingress"][0]["ports"] == [{"port": "http"}]
+    # Its metrics (requests by SES operation and status) are scraped like the services'.
+    assert {"name": "metrics", "containerPort": 9464} in container["ports"]
+    assert env["METRICS_PORT"]["value"] == "9464"
+    assert policy["spec"]["ingress"][1]["ports"] == [{"port": "metrics"}]

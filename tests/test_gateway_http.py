@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 from xml.etree import ElementTree
 
@@ -21,7 +23,7 @@ from hypothesis import strategies as st
 
 from postmesh.common import sigv4
 from postmesh.testing import MeshThread
-from services.gateway import v1
+from services.gateway import v1, v2
 from services.gateway.server import Gateway
 from tests.gateway_helpers import access_key, running_gateway
 
@@ -242,6 +244,21 @@ V1_PARAMETERS = [
     "DkimEnabled",
     "MailFromDomain",
     "BehaviorOnMXFailure",
+    "NotificationType",
+    "SnsTopic",
+    "ForwardingEnabled",
+    "Enabled",
+    "ConfigurationSet.Name",
+    "ConfigurationSetName",
+    "ConfigurationSetAttributeNames.member.1",
+    "EventDestination.Name",
+    "EventDestination.Enabled",
+    "EventDestination.MatchingEventTypes.member.1",
+    "EventDestination.SNSDestination.TopicARN",
+    "EventDestination.CloudWatchDestination.DimensionConfigurations.member.1.DimensionName",
+    "EventDestinationName",
+    "DeliveryOptions.TlsPolicy",
+    "TrackingOptions.CustomRedirectDomain",
 ]
 
 
@@ -260,6 +277,66 @@ def test_no_v1_action_is_answered_with_a_server_error(
     assert status < 500, content
     if status >= 400:
         assert _v1_code(content)
+
+
+# The members of the configuration set, event destination, account and identity operations.
+V2_MEMBERS = [
+    "ConfigurationSetName",
+    "SendingOptions",
+    "SendingEnabled",
+    "DeliveryOptions",
+    "TlsPolicy",
+    "MaxDeliverySeconds",
+    "ReputationOptions",
+    "ReputationMetricsEnabled",
+    "SuppressionOptions",
+    "SuppressedReasons",
+    "TrackingOptions",
+    "CustomRedirectDomain",
+    "EventDestinationName",
+    "EventDestination",
+    "Enabled",
+    "MatchingEventTypes",
+    "SnsDestination",
+    "TopicArn",
+    "PinpointDestination",
+    "EmailForwardingEnabled",
+    "PageSize",
+    "NextToken",
+]
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63)
+    | st.text(max_size=20)
+    | st.sampled_from(["BOUNCE", "SEND", "REQUIRE", "http://127.0.0.1:9/x", "arn:aws:sns:x"]),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(V2_MEMBERS), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    route=st.sampled_from(
+        [(m, t) for m, t, _ in v2.ROUTES if "configuration-set" in t or "/account" in t or "insights" in t]
+        + [("PUT", "/v2/email/identities/{EmailIdentity}/feedback")]
+    ),
+    label=st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=20),
+    body=st.dictionaries(st.sampled_from(V2_MEMBERS), _JSON_VALUES, max_size=5),
+)
+def test_no_configuration_set_account_or_insights_request_is_answered_with_a_server_error(
+    gateway_and_key: tuple[Gateway, tuple[str, str]], route: tuple[str, str], label: str, body: dict[str, Any]
+) -> None:
+    gateway, key = gateway_and_key
+    method, template = route
+    path = re.sub(r"\{\w+\}", quote(label, safe=""), template)
+    data = json.dumps(body).encode() if method in ("POST", "PUT") else b""
+    status, headers, content = _send(gateway, method, path, data, {"Content-Type": "application/json"}, key)
+    assert status < 500, content
+    if status >= 400:
+        assert headers["x-amzn-ErrorType"]
 
 
 def test_a_body_over_the_limit_is_refused(mesh: MeshThread) -> None:

@@ -154,6 +154,9 @@ def test_production_values_one_database_per_service_autoscaling_and_one_grpc_end
         pod = deployments[component]["spec"]["template"]["spec"]
         env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
         assert env["GRPC_TLS_CERT_FILE"] == "/etc/postmesh/tls/tls.crt"
+        if component == "gateway":  # a gRPC client only: mutual TLS to the services, no gRPC port
+            assert env["GRPC_TLS_CA_FILE"] == "/etc/postmesh/tls/ca.crt"
+            continue
         assert env["GRPC_TLS_CLIENT_CA_FILE"] == env["GRPC_TLS_CA_FILE"] == "/etc/postmesh/tls/ca.crt"
         assert env["GRPC_TLS_SERVER_NAME"] == "postmesh.internal"
         # Probes speak plain text to the health-only port; the API port is TLS only.
@@ -164,7 +167,9 @@ def test_production_values_one_database_per_service_autoscaling_and_one_grpc_end
     monitor = next(d for d in production if d["kind"] == "ServiceMonitor")
     assert monitor["spec"]["selector"]["matchLabels"]["postmesh.dev/headless"] == "true"
     headless = [d for d in production if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None"]
-    assert {d["metadata"]["name"] for d in headless} == {f"pm-postmesh-{c}-headless" for c in COMPONENTS}
+    assert {d["metadata"]["name"] for d in headless} == {
+        f"pm-postmesh-{c}-headless" for c in [*COMPONENTS, "gateway"]
+    }
 
 
 def test_migrations_run_as_a_hook_job_before_upgrades(rendered: list[dict[str, Any]]) -> None:

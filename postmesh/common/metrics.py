@@ -32,6 +32,13 @@ DKIM_SIGNING_FAILURES = Counter(
 # Domain errors answered to callers by reason: MAX_SEND_RATE_EXCEEDED, DAILY_QUOTA_EXCEEDED (quota
 # refusals), MESSAGE_REJECTED, ...
 REFUSALS = Counter("postmesh_refusals_total", "Calls refused with a postmesh reason", ["method", "reason"])
+# The SES-compatible HTTP API: requests by SES operation (v2 operation or v1 Action; "unknown" for
+# paths and actions SES does not have) and HTTP status.
+HTTP_API_REQUESTS = Counter(
+    "postmesh_http_api_requests_total",
+    "SES-compatible HTTP API requests by operation and HTTP status",
+    ["operation", "status"],
+)
 
 STREAM_MESSAGES = Gauge("postmesh_stream_messages", "Messages stored in a JetStream stream", ["stream"])
 STREAM_BYTES = Gauge("postmesh_stream_bytes", "Bytes stored in a JetStream stream", ["stream"])

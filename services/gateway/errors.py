@@ -45,6 +45,16 @@ ACCESS_DENIED = SesError("AccessDeniedException", 403, "AccessDenied", 403)
 SERVICE_UNAVAILABLE = SesError("ServiceUnavailable", 503, "ServiceUnavailable", 503)
 INTERNAL_FAILURE = SesError("InternalFailure", 500, "InternalFailure", 500)
 
+# SES v1's own codes for configuration sets (v2 says NotFound / AlreadyExists).
+CONFIGURATION_SET_DOES_NOT_EXIST = SesError("NotFoundException", 404, "ConfigurationSetDoesNotExist")
+CONFIGURATION_SET_ALREADY_EXISTS = SesError("AlreadyExistsException", 400, "ConfigurationSetAlreadyExists")
+EVENT_DESTINATION_DOES_NOT_EXIST = SesError("NotFoundException", 404, "EventDestinationDoesNotExist")
+EVENT_DESTINATION_ALREADY_EXISTS = SesError("AlreadyExistsException", 400, "EventDestinationAlreadyExists")
+TRACKING_OPTIONS_ALREADY_EXIST = SesError(
+    "AlreadyExistsException", 400, "TrackingOptionsAlreadyExistsException"
+)
+TRACKING_OPTIONS_DO_NOT_EXIST = SesError("NotFoundException", 404, "TrackingOptionsDoesNotExistException")
+
 # Authentication and request format (AWS's common errors, named per protocol).
 MISSING_AUTHENTICATION = SesError(
     "MissingAuthenticationTokenException", 403, "MissingAuthenticationToken", 403

@@ -7,6 +7,8 @@ import asyncio
 import logging
 import signal
 
+from prometheus_client import start_http_server
+
 import services.gateway.settings  # noqa: F401 - registers the gateway's settings
 from postmesh.common.clients import MeshClients
 from postmesh.common.config import SERVICE_NAMES, Settings
@@ -68,6 +70,9 @@ async def serve(settings: Settings, mesh_names: list[str]) -> None:
         await clients.close()
         raise ValueError(f"HTTP_API_LISTEN={settings.get('HTTP_API_LISTEN')}: {exc.strerror or exc}") from exc
     print(f"SES-compatible HTTP API on {gateway.url} (HTTP_API_LISTEN)", flush=True)
+    if mesh is None and settings.metrics_port:  # with services, their server exports the metrics
+        host = settings.get("HTTP_API_LISTEN").rpartition(":")[0].strip("[]")
+        start_http_server(settings.metrics_port, addr=host or "")
     try:
         if mesh is not None:
             await mesh.serve_until_signalled()

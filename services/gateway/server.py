@@ -16,6 +16,7 @@ from aiohttp import web
 from grpc import aio
 
 from postmesh.common.clients import MeshClients
+from postmesh.common.metrics import HTTP_API_REQUESTS
 from postmesh.common.service import Clock, SystemClock
 from postmesh.identity.v1 import identity_pb2
 from services.gateway import v1, v2
@@ -89,10 +90,12 @@ class Gateway:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        response = await self._respond(request)
+        response, operation = await self._respond(request)
+        HTTP_API_REQUESTS.labels(operation, str(response.status)).inc()
         log.info(
             "http",
             extra={
+                "operation": operation,
                 "method": request.method,
                 "path": request.path[:200],
                 "status": response.status,
@@ -102,10 +105,12 @@ class Gateway:
         )
         return response
 
-    async def _respond(self, request: web.Request) -> web.StreamResponse:
+    async def _respond(self, request: web.Request) -> tuple[web.StreamResponse, str]:
+        """The response, and the SES operation it answered (for metrics; "unknown" if none)."""
         request_id = secrets.token_hex(16)
         is_v2 = request.path.startswith("/v2/")
         render: Callable[[ApiError, str], web.Response] = v2.error_response if is_v2 else v1.error_response
+        operation = v2.UNKNOWN
         try:
             try:
                 body = await request.read()
@@ -114,6 +119,17 @@ class Gateway:
                     PAYLOAD_TOO_LARGE, f"The request body exceeds {self._max_body} bytes."
                 ) from None
             raw_path, _, raw_query = request.raw_path.partition("?")
+            # The operation is known before authentication, so refused signatures are counted by it;
+            # a body that is not form data is still reported only once the signature holds.
+            form: v1.Form | ApiError = {}
+            if is_v2:
+                operation = v2.operation_name(request.method, raw_path)
+            else:
+                try:
+                    form = v1.request_form(request.method, request.query, body)
+                    operation = v1.operation_name(form)
+                except ApiError as exc:
+                    form = exc
             check = signature_check(
                 HttpRequest(request.method, raw_path, raw_query, request.headers.items(), body),
                 self._clock.now().astimezone(dt.UTC),
@@ -122,12 +138,13 @@ class Gateway:
             account_id = await self._verify(check)
             calls = AccountCalls(self._clients, account_id, request_id)
             if is_v2:
-                return await v2.dispatch(calls, request, raw_path, body, request_id)
-            return await v1.dispatch(calls, request, body, request_id)
+                return await v2.dispatch(calls, request, raw_path, body, request_id), operation
+            if isinstance(form, ApiError):
+                raise form
+            return await v1.dispatch(calls, form, request_id), operation
         except ApiError as exc:
-            return render(exc, request_id)
+            return render(exc, request_id), operation
         except Exception:
             log.exception("HTTP API request failed", extra={"request_id": request_id})
-            return render(
-                ApiError(INTERNAL_FAILURE, "Internal failure; the request id is in the log."), request_id
-            )
+            error = ApiError(INTERNAL_FAILURE, "Internal failure; the request id is in the log.")
+            return render(error, request_id), operation

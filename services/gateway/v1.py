@@ -6,17 +6,36 @@ import base64
 import binascii
 import re
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import parse_qsl
 from xml.sax.saxutils import escape
 
 from aiohttp import web
+from multidict import MultiMapping
 
+from postmesh.events.v1 import events_pb2 as ev
+from postmesh.feedback.v1 import configuration_sets_pb2 as cs
 from postmesh.identity.v1 import identity_pb2 as ib
 from postmesh.quota.v1 import quota_pb2 as qb
+from postmesh.sender.v1 import queue_pb2 as qpb
 from postmesh.sender.v1 import sender_pb2 as sb
 from services.gateway.calls import AccountCalls
-from services.gateway.errors import ALREADY_EXISTS, NOT_FOUND, SERIALIZATION, UNKNOWN_OPERATION, ApiError
+from services.gateway.errors import (
+    ALREADY_EXISTS,
+    BAD_REQUEST,
+    CONFIGURATION_SET_ALREADY_EXISTS,
+    CONFIGURATION_SET_DOES_NOT_EXIST,
+    EVENT_DESTINATION_ALREADY_EXISTS,
+    EVENT_DESTINATION_DOES_NOT_EXIST,
+    NOT_FOUND,
+    SERIALIZATION,
+    TRACKING_OPTIONS_ALREADY_EXIST,
+    TRACKING_OPTIONS_DO_NOT_EXIST,
+    UNKNOWN_OPERATION,
+    ApiError,
+)
 from services.gateway.shapes import iso
+from services.gateway.v2_configsets import event_destination_definition
 
 NAMESPACE = "http://ses.amazonaws.com/doc/2010-12-01/"
 VERSION = "2010-12-01"
@@ -387,6 +406,16 @@ async def get_account_sending_enabled(call: AccountCalls, form: Form) -> str:
     return f"<Enabled>{'true' if reply.sending_enabled else 'false'}</Enabled>"
 
 
+async def update_account_sending_enabled(call: AccountCalls, form: Form) -> str:
+    # As in SES, leaving out Enabled disables sending.
+    enabled = _boolean(form, "Enabled") if "Enabled" in form else False
+    await call(
+        call.clients.quota.PutAccountSendingAttributes,
+        qb.PutAccountSendingAttributesRequest(sending_enabled=enabled),
+    )
+    return ""
+
+
 # --- identity attributes
 
 
@@ -560,6 +589,365 @@ async def delete_verified_email_address(call: AccountCalls, form: Form) -> str:
     return await delete_identity(call, {"Identity": form.get("EmailAddress", "")})
 
 
+# --- identity notifications (SES v1): the "topic" is an event destination, "<set>/<destination>"
+
+_NOTIFICATION_TYPES = {
+    "Bounce": ib.NOTIFICATION_TYPE_BOUNCE,
+    "Complaint": ib.NOTIFICATION_TYPE_COMPLAINT,
+    "Delivery": ib.NOTIFICATION_TYPE_DELIVERY,
+}
+
+
+def _notification_type(form: Form) -> ib.NotificationType.ValueType:
+    text = form.get("NotificationType", "")
+    if text not in _NOTIFICATION_TYPES:
+        raise ApiError(BAD_REQUEST, "NotificationType must be Bounce, Complaint or Delivery.")
+    return _NOTIFICATION_TYPES[text]
+
+
+async def set_identity_notification_topic(call: AccountCalls, form: Form) -> str:
+    await call(
+        call.clients.identity.SetIdentityNotificationTopic,
+        ib.SetIdentityNotificationTopicRequest(
+            identity=form.get("Identity", ""),
+            notification_type=_notification_type(form),
+            destination=form.get("SnsTopic", ""),
+        ),
+    )
+    return ""
+
+
+async def set_identity_headers_in_notifications_enabled(call: AccountCalls, form: Form) -> str:
+    await call(
+        call.clients.identity.SetIdentityHeadersInNotificationsEnabled,
+        ib.SetIdentityHeadersInNotificationsEnabledRequest(
+            identity=form.get("Identity", ""),
+            notification_type=_notification_type(form),
+            enabled=_boolean(form, "Enabled"),
+        ),
+    )
+    return ""
+
+
+async def set_identity_feedback_forwarding_enabled(call: AccountCalls, form: Form) -> str:
+    await call(
+        call.clients.identity.SetIdentityFeedbackForwardingEnabled,
+        ib.SetIdentityFeedbackForwardingEnabledRequest(
+            identity=form.get("Identity", ""), forwarding_enabled=_boolean(form, "ForwardingEnabled")
+        ),
+    )
+    return ""
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+async def get_identity_notification_attributes(call: AccountCalls, form: Form) -> str:
+    names = members(form, "Identities")[:100]
+    reply = await call(
+        call.clients.identity.GetIdentityNotificationAttributes,
+        ib.GetIdentityNotificationAttributesRequest(identities=names),
+    )
+    entries = []
+    for name in names:
+        if name not in reply.notification_attributes:
+            continue  # SES leaves out identities that do not exist
+        found = reply.notification_attributes[name]
+        topics = "".join(
+            f"<{tag}>{escape(value)}</{tag}>"
+            for tag, value in (
+                ("BounceTopic", found.bounce_destination),
+                ("ComplaintTopic", found.complaint_destination),
+                ("DeliveryTopic", found.delivery_destination),
+            )
+            if value
+        )
+        entries.append(
+            f"<entry><key>{escape(name)}</key><value>{topics}"
+            f"<ForwardingEnabled>{_flag(found.forwarding_enabled)}</ForwardingEnabled>"
+            "<HeadersInBounceNotificationsEnabled>"
+            f"{_flag(found.headers_in_bounce_notifications_enabled)}</HeadersInBounceNotificationsEnabled>"
+            "<HeadersInComplaintNotificationsEnabled>"
+            f"{_flag(found.headers_in_complaint_notifications_enabled)}"
+            "</HeadersInComplaintNotificationsEnabled>"
+            "<HeadersInDeliveryNotificationsEnabled>"
+            f"{_flag(found.headers_in_delivery_notifications_enabled)}"
+            "</HeadersInDeliveryNotificationsEnabled></value></entry>"
+        )
+    return f"<NotificationAttributes>{''.join(entries)}</NotificationAttributes>"
+
+
+# --- configuration sets (SES v1's names for the same feedback RPCs as v2's)
+
+_V1_EVENT_TYPES = {
+    "send": "SEND",
+    "reject": "REJECT",
+    "bounce": "BOUNCE",
+    "complaint": "COMPLAINT",
+    "delivery": "DELIVERY",
+    "open": "OPEN",
+    "click": "CLICK",
+    "renderingFailure": "RENDERING_FAILURE",
+}
+_V1_EVENT_NAMES = {
+    getattr(ev, f"EMAIL_EVENT_TYPE_{upper}"): lower for lower, upper in _V1_EVENT_TYPES.items()
+}
+_V1_TLS = {qpb.TLS_POLICY_REQUIRE: "Require", qpb.TLS_POLICY_OPTIONAL: "Optional"}
+
+
+async def _set_call(call: AccountCalls, method: Any, request: Any) -> Any:
+    """A call about one configuration set: its absence or presence in v1's own codes."""
+    try:
+        return await call(method, request)
+    except ApiError as exc:
+        if exc.error is NOT_FOUND:
+            raise ApiError(CONFIGURATION_SET_DOES_NOT_EXIST, exc.message) from None
+        if exc.error is ALREADY_EXISTS:
+            raise ApiError(CONFIGURATION_SET_ALREADY_EXISTS, exc.message) from None
+        raise
+
+
+async def create_configuration_set(call: AccountCalls, form: Form) -> str:
+    await _set_call(
+        call,
+        call.clients.feedback.CreateConfigurationSet,
+        cs.CreateConfigurationSetRequest(configuration_set_name=form.get("ConfigurationSet.Name", "")),
+    )
+    return ""
+
+
+async def delete_configuration_set(call: AccountCalls, form: Form) -> str:
+    await _set_call(
+        call,
+        call.clients.feedback.DeleteConfigurationSet,
+        cs.DeleteConfigurationSetRequest(configuration_set_name=form.get("ConfigurationSetName", "")),
+    )
+    return ""
+
+
+async def update_configuration_set_sending_enabled(call: AccountCalls, form: Form) -> str:
+    await _set_call(
+        call,
+        call.clients.feedback.PutConfigurationSetSendingOptions,
+        cs.PutConfigurationSetSendingOptionsRequest(
+            configuration_set_name=form.get("ConfigurationSetName", ""),
+            sending_enabled=_boolean(form, "Enabled"),
+        ),
+    )
+    return ""
+
+
+async def list_configuration_sets(call: AccountCalls, form: Form) -> str:
+    reply = await call(
+        call.clients.feedback.ListConfigurationSets,
+        cs.ListConfigurationSetsRequest(page_size=_max_items(form), page_token=form.get("NextToken", "")),
+    )
+    names = "".join(f"<member><Name>{escape(n)}</Name></member>" for n in reply.configuration_sets)
+    token = f"<NextToken>{escape(reply.next_page_token)}</NextToken>" if reply.next_page_token else ""
+    return f"<ConfigurationSets>{names}</ConfigurationSets>{token}"
+
+
+async def update_configuration_set_reputation_metrics_enabled(call: AccountCalls, form: Form) -> str:
+    await _set_call(
+        call,
+        call.clients.feedback.PutConfigurationSetReputationOptions,
+        cs.PutConfigurationSetReputationOptionsRequest(
+            configuration_set_name=form.get("ConfigurationSetName", ""),
+            reputation_metrics_enabled=_boolean(form, "Enabled"),
+        ),
+    )
+    return ""
+
+
+async def _configuration_set(call: AccountCalls, name: str) -> cs.ConfigurationSet:
+    reply = await _set_call(
+        call,
+        call.clients.feedback.GetConfigurationSet,
+        cs.GetConfigurationSetRequest(configuration_set_name=name),
+    )
+    found: cs.ConfigurationSet = reply.configuration_set
+    return found
+
+
+async def put_configuration_set_delivery_options(call: AccountCalls, form: Form) -> str:
+    name = form.get("ConfigurationSetName", "")
+    text = form.get("DeliveryOptions.TlsPolicy", "Optional")
+    tls = {label: value for value, label in _V1_TLS.items()}.get(text)
+    if tls is None:
+        raise ApiError(BAD_REQUEST, "DeliveryOptions.TlsPolicy must be Require or Optional.")
+    # v1 has no MaxDeliverySeconds: the set keeps its own.
+    kept = (await _configuration_set(call, name)).delivery_options.max_delivery_seconds
+    await _set_call(
+        call,
+        call.clients.feedback.PutConfigurationSetDeliveryOptions,
+        cs.PutConfigurationSetDeliveryOptionsRequest(
+            configuration_set_name=name, tls_policy=tls, max_delivery_seconds=kept
+        ),
+    )
+    return ""
+
+
+async def _put_tracking(call: AccountCalls, name: str, domain: str) -> None:
+    await _set_call(
+        call,
+        call.clients.feedback.PutConfigurationSetTrackingOptions,
+        cs.PutConfigurationSetTrackingOptionsRequest(
+            configuration_set_name=name, custom_redirect_domain=domain
+        ),
+    )
+
+
+async def create_configuration_set_tracking_options(call: AccountCalls, form: Form) -> str:
+    name = form.get("ConfigurationSetName", "")
+    if (await _configuration_set(call, name)).tracking_options.custom_redirect_domain:
+        raise ApiError(TRACKING_OPTIONS_ALREADY_EXIST, f"Configuration set {name} has tracking options.")
+    domain = form.get("TrackingOptions.CustomRedirectDomain", "")
+    if not domain:
+        raise ApiError(BAD_REQUEST, "TrackingOptions.CustomRedirectDomain is required.")
+    await _put_tracking(call, name, domain)
+    return ""
+
+
+async def update_configuration_set_tracking_options(call: AccountCalls, form: Form) -> str:
+    name = form.get("ConfigurationSetName", "")
+    if not (await _configuration_set(call, name)).tracking_options.custom_redirect_domain:
+        raise ApiError(TRACKING_OPTIONS_DO_NOT_EXIST, f"Configuration set {name} has no tracking options.")
+    domain = form.get("TrackingOptions.CustomRedirectDomain", "")
+    if not domain:
+        raise ApiError(BAD_REQUEST, "TrackingOptions.CustomRedirectDomain is required.")
+    await _put_tracking(call, name, domain)
+    return ""
+
+
+async def delete_configuration_set_tracking_options(call: AccountCalls, form: Form) -> str:
+    name = form.get("ConfigurationSetName", "")
+    if not (await _configuration_set(call, name)).tracking_options.custom_redirect_domain:
+        raise ApiError(TRACKING_OPTIONS_DO_NOT_EXIST, f"Configuration set {name} has no tracking options.")
+    await _put_tracking(call, name, "")
+    return ""
+
+
+def _v1_destination(found: cs.EventDestination) -> str:
+    types = "".join(
+        f"<member>{_V1_EVENT_NAMES[t]}</member>" for t in found.matching_event_types if t in _V1_EVENT_NAMES
+    )
+    sns = ""
+    if found.WhichOneof("target") == "webhook" and found.webhook.format == cs.WEBHOOK_FORMAT_SNS:
+        sns = f"<SNSDestination><TopicARN>{escape(found.webhook.url)}</TopicARN></SNSDestination>"
+    return (
+        f"<member><Name>{escape(found.name)}</Name><Enabled>{_flag(found.enabled)}</Enabled>"
+        f"<MatchingEventTypes>{types}</MatchingEventTypes>{sns}</member>"
+    )
+
+
+async def describe_configuration_set(call: AccountCalls, form: Form) -> str:
+    name = form.get("ConfigurationSetName", "")
+    found = await _configuration_set(call, name)
+    wanted = set(members(form, "ConfigurationSetAttributeNames"))
+    parts = [f"<ConfigurationSet><Name>{escape(found.configuration_set_name)}</Name></ConfigurationSet>"]
+    if "eventDestinations" in wanted:
+        destinations = await _set_call(
+            call,
+            call.clients.feedback.GetConfigurationSetEventDestinations,
+            cs.GetConfigurationSetEventDestinationsRequest(configuration_set_name=name),
+        )
+        listed = "".join(_v1_destination(d) for d in destinations.event_destinations)
+        parts.append(f"<EventDestinations>{listed}</EventDestinations>")
+    if "trackingOptions" in wanted and found.tracking_options.custom_redirect_domain:
+        domain = escape(found.tracking_options.custom_redirect_domain)
+        parts.append(
+            f"<TrackingOptions><CustomRedirectDomain>{domain}</CustomRedirectDomain></TrackingOptions>"
+        )
+    if "deliveryOptions" in wanted:
+        tls = _V1_TLS.get(found.delivery_options.tls_policy, "Optional")
+        parts.append(f"<DeliveryOptions><TlsPolicy>{tls}</TlsPolicy></DeliveryOptions>")
+    if "reputationOptions" in wanted:
+        reputation = found.reputation_options
+        fresh = reputation.last_fresh_start
+        parts.append(
+            f"<ReputationOptions><SendingEnabled>{_flag(found.sending_options.sending_enabled)}</SendingEnabled>"
+            f"<ReputationMetricsEnabled>{_flag(reputation.reputation_metrics_enabled)}</ReputationMetricsEnabled>"
+            + (f"<LastFreshStart>{iso(fresh)}</LastFreshStart>" if fresh.seconds else "")
+            + "</ReputationOptions>"
+        )
+    return "".join(parts)
+
+
+def _v1_definition(form: Form) -> cs.EventDestinationDefinition:
+    prefix = "EventDestination."
+    types = []
+    for value in members(form, prefix + "MatchingEventTypes"):
+        if value not in _V1_EVENT_TYPES:
+            raise ApiError(BAD_REQUEST, f"MatchingEventTypes {value[:64]!r} is not a valid event type.")
+        types.append(_V1_EVENT_TYPES[value])
+    # The SES v2 shape of the same definition, so both APIs check it alike.
+    data: dict[str, Any] = {
+        "Enabled": form.get(prefix + "Enabled", "false").lower() == "true",
+        "MatchingEventTypes": types,
+    }
+    for v1_name, v2_name in (
+        ("CloudWatchDestination", "CloudWatchDestination"),
+        ("KinesisFirehoseDestination", "KinesisFirehoseDestination"),
+    ):
+        if any(k.startswith(prefix + v1_name + ".") for k in form):
+            data[v2_name] = {}
+    if any(k.startswith(prefix + "SNSDestination.") for k in form):
+        data["SnsDestination"] = {"TopicArn": form.get(prefix + "SNSDestination.TopicARN", "")}
+    return event_destination_definition(data)
+
+
+async def _destination_names(call: AccountCalls, set_name: str) -> set[str]:
+    reply = await _set_call(
+        call,
+        call.clients.feedback.GetConfigurationSetEventDestinations,
+        cs.GetConfigurationSetEventDestinationsRequest(configuration_set_name=set_name),
+    )
+    return {d.name for d in reply.event_destinations}
+
+
+async def create_configuration_set_event_destination(call: AccountCalls, form: Form) -> str:
+    set_name, name = form.get("ConfigurationSetName", ""), form.get("EventDestination.Name", "")
+    definition = _v1_definition(form)
+    if name in await _destination_names(call, set_name):
+        raise ApiError(EVENT_DESTINATION_ALREADY_EXISTS, f"Event destination {name} already exists.")
+    await _set_call(
+        call,
+        call.clients.feedback.CreateConfigurationSetEventDestination,
+        cs.CreateConfigurationSetEventDestinationRequest(
+            configuration_set_name=set_name, event_destination_name=name, event_destination=definition
+        ),
+    )
+    return ""
+
+
+async def update_configuration_set_event_destination(call: AccountCalls, form: Form) -> str:
+    set_name, name = form.get("ConfigurationSetName", ""), form.get("EventDestination.Name", "")
+    definition = _v1_definition(form)
+    if name not in await _destination_names(call, set_name):
+        raise ApiError(EVENT_DESTINATION_DOES_NOT_EXIST, f"Event destination {name} does not exist.")
+    await call(
+        call.clients.feedback.UpdateConfigurationSetEventDestination,
+        cs.UpdateConfigurationSetEventDestinationRequest(
+            configuration_set_name=set_name, event_destination_name=name, event_destination=definition
+        ),
+    )
+    return ""
+
+
+async def delete_configuration_set_event_destination(call: AccountCalls, form: Form) -> str:
+    set_name, name = form.get("ConfigurationSetName", ""), form.get("EventDestinationName", "")
+    if name not in await _destination_names(call, set_name):
+        raise ApiError(EVENT_DESTINATION_DOES_NOT_EXIST, f"Event destination {name} does not exist.")
+    await call(
+        call.clients.feedback.DeleteConfigurationSetEventDestination,
+        cs.DeleteConfigurationSetEventDestinationRequest(
+            configuration_set_name=set_name, event_destination_name=name
+        ),
+    )
+    return ""
+
+
 ACTIONS: dict[str, Action] = {
     "SendEmail": send_email,
     "SendRawEmail": send_raw_email,
@@ -581,6 +969,7 @@ ACTIONS: dict[str, Action] = {
     "ListTemplates": list_templates,
     "TestRenderTemplate": test_render_template,
     "GetAccountSendingEnabled": get_account_sending_enabled,
+    "UpdateAccountSendingEnabled": update_account_sending_enabled,
     "GetIdentityDkimAttributes": get_identity_dkim_attributes,
     "SetIdentityDkimEnabled": set_identity_dkim_enabled,
     "GetIdentityMailFromDomainAttributes": get_identity_mail_from_domain_attributes,
@@ -591,6 +980,23 @@ ACTIONS: dict[str, Action] = {
     "DeleteIdentityPolicy": delete_identity_policy,
     "ListVerifiedEmailAddresses": list_verified_email_addresses,
     "DeleteVerifiedEmailAddress": delete_verified_email_address,
+    "SetIdentityNotificationTopic": set_identity_notification_topic,
+    "SetIdentityHeadersInNotificationsEnabled": set_identity_headers_in_notifications_enabled,
+    "SetIdentityFeedbackForwardingEnabled": set_identity_feedback_forwarding_enabled,
+    "GetIdentityNotificationAttributes": get_identity_notification_attributes,
+    "CreateConfigurationSet": create_configuration_set,
+    "DeleteConfigurationSet": delete_configuration_set,
+    "DescribeConfigurationSet": describe_configuration_set,
+    "ListConfigurationSets": list_configuration_sets,
+    "UpdateConfigurationSetSendingEnabled": update_configuration_set_sending_enabled,
+    "UpdateConfigurationSetReputationMetricsEnabled": update_configuration_set_reputation_metrics_enabled,
+    "PutConfigurationSetDeliveryOptions": put_configuration_set_delivery_options,
+    "CreateConfigurationSetTrackingOptions": create_configuration_set_tracking_options,
+    "UpdateConfigurationSetTrackingOptions": update_configuration_set_tracking_options,
+    "DeleteConfigurationSetTrackingOptions": delete_configuration_set_tracking_options,
+    "CreateConfigurationSetEventDestination": create_configuration_set_event_destination,
+    "UpdateConfigurationSetEventDestination": update_configuration_set_event_destination,
+    "DeleteConfigurationSetEventDestination": delete_configuration_set_event_destination,
 }
 
 
@@ -598,13 +1004,21 @@ def _request_id(request_id: str) -> str:
     return f"<ResponseMetadata><RequestId>{request_id}</RequestId></ResponseMetadata>"
 
 
-async def dispatch(call: AccountCalls, request: web.Request, body: bytes, request_id: str) -> web.Response:
-    if request.method == "POST":
-        form = parse_form(body)
-    elif request.method == "GET":
-        form = dict(request.query)
-    else:
-        raise ApiError(UNKNOWN_OPERATION, f"The Query API takes GET or POST, not {request.method[:16]}.")
+def request_form(method: str, query: MultiMapping[str], body: bytes) -> Form:
+    if method == "POST":
+        return parse_form(body)
+    if method == "GET":
+        return dict(query)
+    raise ApiError(UNKNOWN_OPERATION, f"The Query API takes GET or POST, not {method[:16]}.")
+
+
+def operation_name(form: Form) -> str:
+    """The SES action a request is for ("unknown" if none), as metrics label it."""
+    name = form.get("Action", "")
+    return name if name in ACTIONS else "unknown"
+
+
+async def dispatch(call: AccountCalls, form: Form, request_id: str) -> web.Response:
     name = form.get("Action", "")
     action = ACTIONS.get(name)
     if action is None:

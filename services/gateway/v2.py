@@ -6,14 +6,14 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
-from multidict import MultiMapping
 
+from postmesh.cli.events import recipients as event_recipients
+from postmesh.events.v1 import events_pb2 as ev
+from postmesh.feedback.v1 import configuration_sets_pb2 as cs
 from postmesh.feedback.v1 import feedback_pb2 as fb
 from postmesh.identity.v1 import identity_pb2 as ib
 from postmesh.quota.v1 import quota_pb2 as qb
@@ -38,41 +38,16 @@ from services.gateway.shapes import (
     strings,
     without_none,
 )
-
-JSON = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class V2Request:
-    path: dict[str, str]
-    query: MultiMapping[str]
-    body: JSON
-
-
-Handler = Callable[[AccountCalls, V2Request], Awaitable[JSON]]
-
-
-def enum_name(enum: Any, value: int, prefix: str) -> str | None:
-    name: str = enum.Name(value)
-    return None if name.endswith("_UNSPECIFIED") else name.removeprefix(prefix)
-
-
-def enum_value(enum: Any, text: str, prefix: str, member: str) -> Any:
-    if not text:
-        return 0
-    try:
-        value = enum.Value(prefix + text)
-    except ValueError:
-        raise ApiError(BAD_REQUEST, f"{member} {text[:64]!r} is not a valid value.") from None
-    return value
-
-
-def unsupported(data: JSON, *members: str) -> None:
-    """SES members postmesh does not implement yet are refused, never silently dropped."""
-    given = [m for m in members if data.get(m) not in (None, [], {})]
-    if given:
-        raise ApiError(BAD_REQUEST, f"postmesh does not support {', '.join(given)} yet.")
-
+from services.gateway.v2_common import (
+    JSON,
+    Handler,
+    V2Request,
+    enum_name,
+    enum_value,
+    page_size,
+    unsupported,
+)
+from services.gateway.v2_configsets import ROUTES as CONFIGURATION_SET_ROUTES
 
 # --- shapes: SES JSON <-> postmesh messages
 
@@ -174,12 +149,25 @@ def _identity_type(value: int) -> str | None:
 
 
 async def create_email_identity(call: AccountCalls, req: V2Request) -> JSON:
-    unsupported(req.body, "Tags", "ConfigurationSetName")
+    unsupported(req.body, "Tags")
     dkim = obj(req.body, "DkimSigningAttributes")
     request = ib.CreateEmailIdentityRequest(email_identity=string(req.body, "EmailIdentity"))
     if dkim:
         request.dkim_signing_attributes.CopyFrom(_dkim_signing_attributes(dkim))
+    configuration_set = string(req.body, "ConfigurationSetName")
+    if configuration_set:  # a missing set fails before the identity is made
+        await call(
+            call.clients.feedback.GetConfigurationSet,
+            cs.GetConfigurationSetRequest(configuration_set_name=configuration_set),
+        )
     reply = await call(call.clients.identity.CreateEmailIdentity, request)
+    if configuration_set:
+        await call(
+            call.clients.identity.PutEmailIdentityConfigurationSetAttributes,
+            ib.PutEmailIdentityConfigurationSetAttributesRequest(
+                email_identity=reply.email_identity, configuration_set_name=configuration_set
+            ),
+        )
     return without_none(
         {
             "IdentityType": _identity_type(reply.identity_type),
@@ -200,7 +188,8 @@ async def get_email_identity(call: AccountCalls, req: V2Request) -> JSON:
     return without_none(
         {
             "IdentityType": _identity_type(reply.identity_type),
-            "FeedbackForwardingStatus": True,
+            "FeedbackForwardingStatus": reply.feedback_forwarding_status,
+            "ConfigurationSetName": reply.configuration_set_name or None,
             "VerifiedForSendingStatus": reply.verified_for_sending_status,
             "DkimAttributes": _dkim_attributes(reply.dkim_attributes),
             "MailFromAttributes": {
@@ -363,6 +352,9 @@ async def put_email_identity_mail_from_attributes(call: AccountCalls, req: V2Req
 
 async def get_account(call: AccountCalls, req: V2Request) -> JSON:
     reply = await call(call.clients.quota.GetAccount, qb.GetAccountRequest())
+    suppression = await call(
+        call.clients.feedback.GetAccountSuppressionAttributes, fb.GetAccountSuppressionAttributesRequest()
+    )
     details = reply.details
     result: JSON = {
         "DedicatedIpAutoWarmupEnabled": False,
@@ -373,6 +365,13 @@ async def get_account(call: AccountCalls, req: V2Request) -> JSON:
             "Max24HourSend": reply.send_quota.max_24_hour_send,
             "MaxSendRate": reply.send_quota.max_send_rate,
             "SentLast24Hours": reply.send_quota.sent_last_24_hours,
+        },
+        "SuppressionAttributes": {
+            "SuppressedReasons": [
+                name
+                for value in suppression.suppressed_reasons
+                if (name := enum_name(fb.SuppressionListReason, value, _REASON_PREFIX))
+            ]
         },
     }
     if reply.HasField("details"):
@@ -549,19 +548,10 @@ async def delete_suppressed_destination(call: AccountCalls, req: V2Request) -> J
     return {}
 
 
-def _page_size(query: MultiMapping[str]) -> int:
-    text = query.get("PageSize", "")
-    if not text:
-        return 0
-    if not text.isdigit() or len(text) > 9:
-        raise ApiError(SERIALIZATION, "PageSize must be a non-negative integer.")
-    return int(text)
-
-
 async def list_suppressed_destinations(call: AccountCalls, req: V2Request) -> JSON:
     request = fb.ListSuppressedDestinationsRequest(
         reasons=[_reason(r) for r in req.query.getall("Reason", [])],
-        page_size=_page_size(req.query),
+        page_size=page_size(req.query),
         page_token=req.query.get("NextToken", ""),
     )
     if req.query.get("StartDate"):
@@ -582,6 +572,109 @@ async def list_suppressed_destinations(call: AccountCalls, req: V2Request) -> JS
                 for s in reply.suppressed_destination_summaries
             ],
             "NextToken": reply.next_page_token or None,
+        }
+    )
+
+
+async def put_account_sending_attributes(call: AccountCalls, req: V2Request) -> JSON:
+    await call(
+        call.clients.quota.PutAccountSendingAttributes,
+        qb.PutAccountSendingAttributesRequest(sending_enabled=bool(boolean(req.body, "SendingEnabled"))),
+    )
+    return {}
+
+
+async def put_account_suppression_attributes(call: AccountCalls, req: V2Request) -> JSON:
+    unsupported(req.body, "ValidationAttributes")
+    await call(
+        call.clients.feedback.PutAccountSuppressionAttributes,
+        fb.PutAccountSuppressionAttributesRequest(
+            suppressed_reasons=[
+                # An empty string is not a reason (enum_value would read it as "not given").
+                enum_value(fb.SuppressionListReason, r or "''", _REASON_PREFIX, "SuppressedReasons")
+                for r in dict.fromkeys(strings(req.body, "SuppressedReasons"))
+            ]
+        ),
+    )
+    return {}
+
+
+async def put_email_identity_feedback_attributes(call: AccountCalls, req: V2Request) -> JSON:
+    await call(
+        call.clients.identity.PutEmailIdentityFeedbackAttributes,
+        ib.PutEmailIdentityFeedbackAttributesRequest(
+            email_identity=req.path["EmailIdentity"],
+            email_forwarding_enabled=bool(boolean(req.body, "EmailForwardingEnabled")),
+        ),
+    )
+    return {}
+
+
+async def put_email_identity_configuration_set_attributes(call: AccountCalls, req: V2Request) -> JSON:
+    await call(
+        call.clients.identity.PutEmailIdentityConfigurationSetAttributes,
+        ib.PutEmailIdentityConfigurationSetAttributesRequest(
+            email_identity=req.path["EmailIdentity"],
+            configuration_set_name=string(req.body, "ConfigurationSetName"),
+        ),
+    )
+    return {}
+
+
+def _insights_details(email: ev.EmailEvent) -> JSON | None:
+    if email.event_type == ev.EMAIL_EVENT_TYPE_BOUNCE:
+        bounce = email.bounce
+        first = bounce.bounced_recipients[0] if bounce.bounced_recipients else ev.BouncedRecipient()
+        sub_type = enum_name(ev.BounceSubType, bounce.bounce_sub_type, "BOUNCE_SUB_TYPE_") or ""
+        return {
+            "Bounce": without_none(
+                {
+                    "BounceType": enum_name(ev.BounceType, bounce.bounce_type, "BOUNCE_TYPE_"),
+                    "BounceSubType": "".join(part.title() for part in sub_type.split("_")) or None,
+                    "DiagnosticCode": first.diagnostic_code or None,
+                }
+            )
+        }
+    if email.event_type == ev.EMAIL_EVENT_TYPE_COMPLAINT:
+        complaint = email.complaint
+        return {
+            "Complaint": without_none(
+                {
+                    "ComplaintSubType": complaint.complaint_sub_type or None,
+                    "ComplaintFeedbackType": complaint.complaint_feedback_type or None,
+                }
+            )
+        }
+    return None
+
+
+async def get_message_insights(call: AccountCalls, req: V2Request) -> JSON:
+    reply = await call(
+        call.clients.feedback.GetMessageInsights,
+        fb.GetMessageInsightsRequest(message_id=req.path["MessageId"]),
+    )
+    by_recipient: dict[str, list[JSON]] = {}
+    for event in reply.events:
+        email = event.email
+        entry = without_none(
+            {
+                "Timestamp": epoch(event.time),
+                "Type": enum_name(ev.EmailEventType, email.event_type, "EMAIL_EVENT_TYPE_"),
+                "Details": _insights_details(email),
+            }
+        )
+        for recipient in event_recipients(email):
+            by_recipient.setdefault(recipient, []).append(entry)
+    return without_none(
+        {
+            "MessageId": reply.message_id,
+            "FromEmailAddress": reply.from_email_address or None,
+            "Subject": reply.subject or None,
+            "EmailTags": [{"Name": t.name, "Value": t.value} for t in reply.email_tags],
+            # SES also names the recipient's mailbox provider (Isp); postmesh does not guess it.
+            "Insights": [
+                {"Destination": recipient, "Events": events} for recipient, events in by_recipient.items()
+            ],
         }
     )
 
@@ -642,7 +735,7 @@ async def list_email_templates(call: AccountCalls, req: V2Request) -> JSON:
     reply = await call(
         call.clients.sender.ListEmailTemplates,
         sb.ListEmailTemplatesRequest(
-            page_size=_page_size(req.query), page_token=req.query.get("NextToken", "")
+            page_size=page_size(req.query), page_token=req.query.get("NextToken", "")
         ),
     )
     return without_none(
@@ -696,9 +789,21 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("DELETE", "/v2/email/templates/{TemplateName}", delete_email_template),
     ("GET", "/v2/email/templates", list_email_templates),
     ("POST", "/v2/email/templates/{TemplateName}/render", test_render_email_template),
+    ("PUT", "/v2/email/account/sending", put_account_sending_attributes),
+    ("PUT", "/v2/email/account/suppression", put_account_suppression_attributes),
+    ("PUT", "/v2/email/identities/{EmailIdentity}/feedback", put_email_identity_feedback_attributes),
+    (
+        "PUT",
+        "/v2/email/identities/{EmailIdentity}/configuration-set",
+        put_email_identity_configuration_set_attributes,
+    ),
+    # The model's requestUri ends in "/"; paths are matched without their trailing slash.
+    ("GET", "/v2/email/insights/{MessageId}", get_message_insights),
+    *CONFIGURATION_SET_ROUTES,
 ]
 
 _LABEL = re.compile(r"^\{(\w+)\}$")
+UNKNOWN = "unknown"
 
 
 def match(method: str, raw_path: str) -> tuple[Handler, dict[str, str]] | None:
@@ -717,6 +822,14 @@ def match(method: str, raw_path: str) -> tuple[Handler, dict[str, str]] | None:
         else:
             return handler, labels
     return None
+
+
+def operation_name(method: str, raw_path: str) -> str:
+    """The SES operation a request is for ("unknown" if none), as metrics label it."""
+    found = match(method, raw_path)
+    if found is None:
+        return UNKNOWN
+    return "".join(part.title() for part in found[0].__name__.split("_"))
 
 
 def _body(body: bytes) -> JSON:

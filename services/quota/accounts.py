@@ -388,6 +388,20 @@ class QuotaAccounts:
         await self._notifier.account_changed(state.quota, reason, title="sending quota changed")
         return state
 
+    async def set_sending_enabled(self, account_id: str, enabled: bool) -> AccountState:
+        """The account pauses or resumes its own sending; a pause by enforcement stays as it is."""
+        require_account_id(account_id)
+        reason = "Sending resumed by the account." if enabled else "Sending paused by the account."
+        async with self.locked(account_id) as (session, row):
+            row.paused_by_account = not enabled
+            row.sending_enabled = enabled and row.enforcement_status != SHUTDOWN
+            self.record(session, row, "SENDING", reason, ACCOUNT)
+            state = AccountState(row, row.window_sent)
+        await self._notifier.account_changed(
+            state.quota, reason, title="sending resumed" if enabled else "sending paused by the account"
+        )
+        return state
+
     async def set_enforcement(
         self, account_id: str, status: str, reason: str, actor: str, *, reset_reputation: bool = False
     ) -> AccountState:
@@ -417,7 +431,7 @@ class QuotaAccounts:
             now = self._clock.now()
             await self._advance(session, row, now)
             row.enforcement_status = status
-            row.sending_enabled = status != SHUTDOWN
+            row.sending_enabled = status != SHUTDOWN and not row.paused_by_account
             row.enforcement_reason = "" if status == HEALTHY else reason
             if reset_reputation:
                 await self._reset_reputation(session, row, now)

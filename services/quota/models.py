@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, Boolean, Float, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, Float, Integer, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from postmesh.common.db import UTCDateTime, service_metadata
@@ -26,7 +26,10 @@ class AccountQuota(Base):
 
     account_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     production_access: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Whether the account may send now: not paused by enforcement (SHUTDOWN) nor by itself.
     sending_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # The account paused its own sending (PutAccountSendingAttributes), whatever its enforcement.
+    paused_by_account: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     enforcement_status: Mapped[str] = mapped_column(String(16), default="HEALTHY")
     max_24_hour_send: Mapped[float] = mapped_column(Float)
     max_send_rate: Mapped[float] = mapped_column(Float)

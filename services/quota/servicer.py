@@ -308,3 +308,9 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             OPERATOR,
         )
         return pb.SetAccountQuotaResponse(account=await self._sending_state(state))
+
+    async def PutAccountSendingAttributes(
+        self, request: pb.PutAccountSendingAttributesRequest, context: aio.ServicerContext
+    ) -> pb.PutAccountSendingAttributesResponse:
+        await self.accounts.set_sending_enabled(caller_account_id(), request.sending_enabled)
+        return pb.PutAccountSendingAttributesResponse()
