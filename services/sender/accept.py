@@ -47,7 +47,7 @@ from postmesh.common.protoutil import timestamp
 from postmesh.common.sendquota import Reservation
 from postmesh.common.service import Clock
 from postmesh.events.v1 import events_pb2
-from postmesh.sender.v1 import queue_pb2
+from postmesh.sender.v1 import queue_pb2, tracking_pb2
 from services.sender import rendering
 from services.sender.idempotency import Claim, IdempotencyKeys
 from services.sender.mime import (
@@ -107,6 +107,11 @@ class SetOptions:
     max_delivery_seconds: int = 0
     # The suppression reasons that apply to the set's messages (SES: the set's own, or the account's).
     suppressed_reasons: tuple[str, ...] = ALL_SUPPRESSION_REASONS
+    # Open and click tracking, as SES decides it: on when the set has an enabled event destination
+    # matching OPEN (the pixel) or CLICK (the links); the set's CustomRedirectDomain for their host.
+    track_opens: bool = False
+    track_clicks: bool = False
+    custom_redirect_domain: str = ""
 
 
 NO_SET = SetOptions()
@@ -702,6 +707,14 @@ class Acceptor:
             headers_truncated=message.headers[1],
             tls_policy=options.tls_policy,
         )
+        if options.track_opens or options.track_clicks:
+            queued.tracking.CopyFrom(
+                tracking_pb2.TrackingOptions(
+                    opens=options.track_opens,
+                    clicks=options.track_clicks,
+                    custom_redirect_domain=options.custom_redirect_domain,
+                )
+            )
         if options.max_delivery_seconds:
             queued.expire_time.FromDatetime(accepted + dt.timedelta(seconds=options.max_delivery_seconds))
         if not self._queue_connected():
