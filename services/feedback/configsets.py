@@ -107,6 +107,8 @@ class Target:
     target: str
     format: str
     subscription_status: str = CONFIRMED
+    # SNS format: the SignatureVersion of its messages.
+    signature_version: int = 1
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,7 @@ class ConfigurationSets:
                     target=spec.target.target,
                     format=spec.target.format,
                     subscription_status=spec.target.subscription_status,
+                    signature_version=spec.target.signature_version,
                     sealed_secret=sealed_secret,
                     created_at=self._clock.now(),
                 )
@@ -293,6 +296,7 @@ class ConfigurationSets:
             row.kind = spec.target.kind
             row.target = spec.target.target
             row.format = spec.target.format
+            row.signature_version = spec.target.signature_version
         await self._changed(account_id, set_name)
 
     async def remove_destination(self, account_id: str, set_name: str, name: str) -> None:
