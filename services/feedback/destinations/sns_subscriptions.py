@@ -21,7 +21,7 @@ import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 
-from sqlalchemy import delete, select
+from sqlalchemy import ColumnElement, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from postmesh.common.db import transaction
@@ -65,6 +65,20 @@ def subscription_of(destination: EventDestination) -> str:
     return subscription_arn(destination.topic_arn, destination.subscription_id)
 
 
+async def _with_set(
+    session: AsyncSession, *conditions: ColumnElement[bool]
+) -> tuple[EventDestination, str] | None:
+    """The SNS destination matching `conditions`, and its set's name."""
+    found = (
+        await session.execute(
+            select(EventDestination, ConfigurationSet.name)
+            .join(ConfigurationSet, ConfigurationSet.id == EventDestination.configuration_set_id)
+            .where(EventDestination.format == SNS, *conditions)
+        )
+    ).first()
+    return None if found is None else (found[0], found[1])
+
+
 class SnsSubscriptions:
     """The subscriptions of SNS-format destinations; the SNS endpoint's SubscriptionCallbacks, and the
     dispatcher's formatter for them."""
@@ -100,17 +114,11 @@ class SnsSubscriptions:
     async def confirm(self, topic_arn: str, token: str) -> str | None:
         """The SubscribeURL: confirms the pending subscription with this token (again: the same ARN)."""
         async with transaction(self._sessions) as session:
-            found = (
-                await session.execute(
-                    select(EventDestination, ConfigurationSet.name)
-                    .join(ConfigurationSet, ConfigurationSet.id == EventDestination.configuration_set_id)
-                    .where(
-                        EventDestination.topic_arn == topic_arn,
-                        EventDestination.subscription_token_hash == _hash(token),
-                        EventDestination.format == SNS,
-                    )
-                )
-            ).first()
+            found = await _with_set(
+                session,
+                EventDestination.topic_arn == topic_arn,
+                EventDestination.subscription_token_hash == _hash(token),
+            )
             if found is None:
                 return None
             row, set_name = found
@@ -137,18 +145,12 @@ class SnsSubscriptions:
         if not topic or not subscription_id:
             return False
         async with transaction(self._sessions) as session:
-            found = (
-                await session.execute(
-                    select(EventDestination, ConfigurationSet.name)
-                    .join(ConfigurationSet, ConfigurationSet.id == EventDestination.configuration_set_id)
-                    .where(
-                        EventDestination.topic_arn == topic,
-                        EventDestination.subscription_id == subscription_id,
-                        EventDestination.subscription_status == CONFIRMED,
-                        EventDestination.format == SNS,
-                    )
-                )
-            ).first()
+            found = await _with_set(
+                session,
+                EventDestination.topic_arn == topic,
+                EventDestination.subscription_id == subscription_id,
+                EventDestination.subscription_status == CONFIRMED,
+            )
             if found is None:
                 return False
             row, set_name = found
