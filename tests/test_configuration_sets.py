@@ -198,7 +198,10 @@ def test_event_destinations_validate_targets_types_and_limits(accept_mesh: MeshT
             code, _, _, metadata = refusal(
                 lambda types=types: create("bad", webhook("http://127.0.0.1:9/x", *types))  # type: ignore[misc]
             )
-            assert (code, metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "matching_event_types")
+            assert (code, metadata["field"]) == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "event_destination.matching_event_types",
+            )
         code, _, _, _ = refusal(lambda: create("hook", webhook("http://127.0.0.1:9/other", bounce)))
         assert code == grpc.StatusCode.ALREADY_EXISTS
         code, _, _, _ = refusal(

@@ -107,7 +107,8 @@ def _identity_notifications(client: Client) -> None:
     assert list(shown) == ["example.test"]
     assert shown["example.test"].bounce_destination == "app/hook"
     assert shown["example.test"].headers_in_bounce_notifications_enabled
-    assert shown["example.test"].forwarding_enabled and not shown["example.test"].complaint_destination
+    # Never chosen: FEEDBACK_FORWARDING_DEFAULT, which MeshThread sets to false.
+    assert not shown["example.test"].forwarding_enabled and not shown["example.test"].complaint_destination
 
 
 def _records(deliveries: list[Delivery], secret: str) -> list[dict[str, object]]:

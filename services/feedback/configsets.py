@@ -59,14 +59,16 @@ def check_reasons(reasons: Sequence[str]) -> str:
     return ",".join(sorted(set(reasons)))
 
 
+# The request field a refusal names, as the other fields of an event destination are named.
+_TYPES_FIELD = "event_destination.matching_event_types"
+
+
 def check_event_types(types: Sequence[str]) -> str:
     if not types:
-        raise InvalidArgument(
-            "matching_event_types needs at least one event type.", field="matching_event_types"
-        )
+        raise InvalidArgument("matching_event_types needs at least one event type.", field=_TYPES_FIELD)
     for name in types:
         if name not in EVENT_TYPES:
-            raise InvalidArgument(f"Unknown event type {name!r}.", field="matching_event_types")
+            raise InvalidArgument(f"Unknown event type {name!r}.", field=_TYPES_FIELD)
     return ",".join(t for t in EVENT_TYPES if t in set(types))
 
 
