@@ -212,3 +212,71 @@ def test_hostile_subscribe_and_unsubscribe_parameters_change_nothing(
         assert [q.id for q in still] == [q.id for q in queued]
 
     runner.run(check())
+
+
+async def test_the_dispatcher_sends_a_pending_subscription_its_handshake_only(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Through the real dispatcher and HTTP: the SubscriptionConfirmation goes out; an event queued for
+    the pending subscription is dropped, never posted; a handshake left for a destination since turned
+    to JSON is dropped too."""
+    from sqlalchemy import update
+
+    from services.feedback.destinations.signing import SecretBox
+    from services.feedback.destinations.webhooks import WebhookDispatcher, WebhookOutbox
+    from tests.delivery_helpers import wait_until
+    from tests.destinations_helpers import WebhookReceiver
+
+    world = await _world(database_url, tmp_path)
+    receiver = WebhookReceiver().start()
+    async with db.transaction(world.sessions) as session:
+        await session.execute(update(EventDestination).values(target=receiver.url))
+    outbox = WebhookOutbox(
+        world.sessions, Clock(), retry_period=dt.timedelta(hours=24), backoff=0.2, backoff_max=1.0
+    )
+    dispatcher = WebhookDispatcher(
+        outbox, SecretBox.from_setting("", tmp_path), timeout=30, poll_seconds=0.1, allow_private=True
+    )
+    dispatcher.add_format("SNS", world.subscriptions.request)
+    running = asyncio.create_task(dispatcher.run())
+    try:
+        await world.subscriptions.subscribe("acct1", "app", "sns")
+        await wait_until(lambda: len(receiver.deliveries) >= 1, what="the handshake")
+        assert json.loads(receiver.deliveries[0].body)["Type"] == "SubscriptionConfirmation"
+        row, _ = await _state(world)
+        event = new_event("acct1", email=ev.EmailEvent(event_type=ev.EMAIL_EVENT_TYPE_BOUNCE))
+        await outbox.enqueue(row, event)
+        dispatcher.wake()
+
+        # Dropped, as SNS drops what a pending subscription would get.
+        assert await _outbox_empties(world)
+
+        await _stop(running)
+        await world.subscriptions.subscribe("acct1", "app", "sns")  # a second handshake, queued
+        async with db.transaction(world.sessions) as session:
+            await session.execute(
+                update(EventDestination)
+                .where(EventDestination.name == "sns")
+                .values(format="JSON", subscription_status=CONFIRMED)
+            )
+        running = asyncio.create_task(dispatcher.run())
+        assert await _outbox_empties(world)
+        assert len(receiver.deliveries) == 1  # the first handshake only
+    finally:
+        await _stop(running)
+        receiver.stop()
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    if not task.done():
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def _outbox_empties(world: World, within: float = 60.0) -> bool:
+    for _ in range(int(within * 10)):
+        if not (await _state(world))[1]:
+            return True
+        await asyncio.sleep(0.1)
+    return False

@@ -61,6 +61,7 @@ Formatter = Callable[[EventDestination, WebhookDelivery], Request]
 EVENT = "event"
 NOTIFICATION = "notification"
 NOTIFICATION_WITH_HEADERS = "notification+headers"
+_EVENT_SHAPES = (EVENT, NOTIFICATION, NOTIFICATION_WITH_HEADERS)
 
 
 def json_request(
@@ -304,13 +305,16 @@ class WebhookDispatcher:
         try:
             while True:
                 destination, rows = await self._outbox.due(destination_id)
-                if destination is not None and destination.subscription_status != CONFIRMED:
+                if destination is None:
+                    return
+                if destination.subscription_status != CONFIRMED:
                     # A pending subscription gets its handshake and nothing else; events queued just
                     # before it became pending are dropped, as SNS drops them.
-                    events = {EVENT, NOTIFICATION, NOTIFICATION_WITH_HEADERS}
-                    await self._outbox.discard([r.id for r in rows if r.shape in events])
-                    rows = [r for r in rows if r.shape not in events]
-                if destination is None or not rows:
+                    rows = await self._drop(rows, lambda r: r.shape in _EVENT_SHAPES)
+                elif destination.format not in self._formatters:
+                    # A format's own messages (SNS's handshake) for a destination since turned to JSON.
+                    rows = await self._drop(rows, lambda r: r.shape not in _EVENT_SHAPES)
+                if not rows:
                     return
                 for row in rows:
                     error = await self._attempt(client, destination, row)
@@ -323,6 +327,12 @@ class WebhookDispatcher:
             raise
         except Exception:
             log.exception("webhook drain failed", extra={"destination": destination_id})
+
+    async def _drop(
+        self, rows: list[WebhookDelivery], dropped: Callable[[WebhookDelivery], bool]
+    ) -> list[WebhookDelivery]:
+        await self._outbox.discard([r.id for r in rows if dropped(r)])
+        return [r for r in rows if not dropped(r)]
 
     async def _attempt(
         self, client: httpx.AsyncClient, destination: EventDestination, row: WebhookDelivery
