@@ -242,3 +242,82 @@ def test_a_subscriber_that_never_acknowledges_holds_a_bounded_number_of_events(
         ids = {r.event.email.mail.message_id for r in again.wait_for(3)}
         assert ids <= set(sent[1:]) and len(ids) == 3
         again.close()
+
+
+def test_sns_destinations_are_added_and_confirmed_through_the_cli(
+    start_mesh: MeshFactory,
+    accept_mesh: MeshThread,
+    zone: LoopbackDns,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mesh = start_mesh(
+        dns_resolver=zone.address,
+        dns_check_poll_seconds=3600,
+        sns_https_listen="127.0.0.1:0",
+        sns_cert_host="localhost",
+        webhook_allow_private_targets=True,
+        webhook_poll_seconds=0.2,
+    )
+    account_id, key = mesh.create_account()
+    monkeypatch.setenv("POSTMESH_ENDPOINT", mesh.address)
+    monkeypatch.setenv("POSTMESH_API_KEY", key)
+    receiver = WebhookReceiver().start()
+    assert _run(capsys, "config-set", "create", "app")[0] == 0
+    add = ("config-set", "destination", "add", "app")
+    code, out, err = _run(
+        capsys, *add, "sns", "--webhook", receiver.url, "--events", "bounce", "--format", "sns"
+    )
+    assert code == 0 and "SubscriptionConfirmation" in out and "destination confirm app sns" in out, err
+    code, _, err = _run(
+        capsys,
+        *add,
+        "v2",
+        "--webhook",
+        receiver.url,
+        "--events",
+        "bounce",
+        "--format",
+        "sns",
+        "--signature-version",
+        "2",
+    )
+    assert code == 0, err
+    code, _, err = _run(
+        capsys, *add, "bad", "--webhook", receiver.url, "--events", "bounce", "--signature-version", "2"
+    )
+    assert code == 1 and "signature_version" in err  # a JSON webhook has no SignatureVersion
+    assert _run(capsys, *add, "json", "--webhook", receiver.url, "--events", "bounce")[0] == 0
+    code, out, _ = _run(capsys, "config-set", "destination", "list", "app")
+    topic = f"arn:postmesh:sns:postmesh:{account_id}:app-sns"
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert f"({topic}, SignatureVersion 1)" in rows["sns"] and "PENDING_CONFIRMATION" in rows["sns"]
+    assert "SignatureVersion 2" in rows["v2"] and "CONFIRMED" in rows["json"]
+    # Both handshakes arrive first, signed with the version each destination chose.
+    handshakes = [json.loads(d.body) for d in receiver.wait_for(lambda d: len(d) >= 2)]
+    assert {(h["Type"], h["TopicArn"], h["SignatureVersion"]) for h in handshakes} == {
+        ("SubscriptionConfirmation", topic, "1"),
+        ("SubscriptionConfirmation", topic.replace("app-sns", "app-v2"), "2"),
+    }
+
+    code, out, _ = _run(capsys, "config-set", "destination", "confirm", "app", "sns")
+    assert code == 0 and re.fullmatch(rf"subscription confirmed: {re.escape(topic)}:[0-9a-f-]{{36}}\n", out)
+    code, out, _ = _run(capsys, "config-set", "destination", "list", "app")
+    assert "PENDING" not in next(line for line in out.splitlines() if line.startswith("sns "))
+    code, _, err = _run(capsys, "config-set", "destination", "confirm", "app", "json")
+    assert code == 1 and "NOT_SNS_FORMAT" in err
+    code, _, err = _run(capsys, "config-set", "destination", "confirm", "app", "missing")
+    assert code == 1 and "does not exist" in err
+    receiver.stop()
+
+    # Without SNS_HTTPS_LISTEN there is no SNS format to add or confirm.
+    _, other_key = accept_mesh.create_account()
+    monkeypatch.setenv("POSTMESH_ENDPOINT", accept_mesh.address)
+    monkeypatch.setenv("POSTMESH_API_KEY", other_key)
+    assert _run(capsys, "config-set", "create", "app")[0] == 0
+    code, _, err = _run(
+        capsys, *add, "sns", "--webhook", receiver.url, "--events", "bounce", "--format", "sns"
+    )
+    assert code == 1 and "UNSUPPORTED_FORMAT" in err
+    code, _, err = _run(capsys, "config-set", "destination", "confirm", "app", "sns")
+    assert code == 1 and "UNSUPPORTED_FORMAT" in err

@@ -4,11 +4,14 @@ received by a real HTTP server, and the SubscribeEvents stream read by a real gR
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dkim
 import grpc
 import pytest
 
@@ -26,7 +29,8 @@ from services.feedback.destinations.signing import verify
 from tests.conftest import MeshFactory
 from tests.delivery_helpers import EmailEvents
 from tests.destinations_helpers import Delivery, Follower, WebhookReceiver, webhook
-from tests.identity_helpers import create_verified_domain
+from tests.dkim_verifiers import dkimpy_dns
+from tests.identity_helpers import create_verified_domain, mail_to
 from tests.sending_helpers import own_nats_server, refusal
 
 SEND, DELIVERY, BOUNCE = ev.EMAIL_EVENT_TYPE_SEND, ev.EMAIL_EVENT_TYPE_DELIVERY, ev.EMAIL_EVENT_TYPE_BOUNCE
@@ -103,7 +107,8 @@ def _identity_notifications(client: Client) -> None:
     assert list(shown) == ["example.test"]
     assert shown["example.test"].bounce_destination == "app/hook"
     assert shown["example.test"].headers_in_bounce_notifications_enabled
-    assert shown["example.test"].forwarding_enabled and not shown["example.test"].complaint_destination
+    # Never chosen: FEEDBACK_FORWARDING_DEFAULT, which MeshThread sets to false.
+    assert not shown["example.test"].forwarding_enabled and not shown["example.test"].complaint_destination
 
 
 def _records(deliveries: list[Delivery], secret: str) -> list[dict[str, object]]:
@@ -307,3 +312,140 @@ def test_tls_required_by_the_set_is_never_delivered_in_plain_text(
         assert DELIVERY not in kinds
         assert all(e.mail.configuration_set_name == "secure" for e in received)
         assert smtp.received == []
+
+
+def _send_html(client: Client, to: str, configuration_set: str) -> str:
+    html = '<html><body><p>Hello</p><a href="https://shop.example.test/spring?a=1&amp;b=2">Shop</a></body></html>'
+    return client.sender.SendEmail(
+        pb.SendEmailRequest(
+            from_email_address="news@example.test",
+            destination=pb.Destination(to_addresses=[to]),
+            configuration_set_name=configuration_set,
+            content=pb.EmailContent(
+                simple=pb.Message(
+                    subject=pb.Content(data="Offer"),
+                    body=pb.Body(text=pb.Content(data="Hello"), html=pb.Content(data=html)),
+                )
+            ),
+        )
+    ).message_id
+
+
+def test_a_set_publishing_opens_and_clicks_tracks_its_mail_and_the_webhook_gets_them(
+    start_mesh: MeshFactory, zone: LoopbackDns, nats_url: str
+) -> None:
+    """As SES: a set with an enabled destination for OPEN and CLICK gets the pixel and tracked links
+    (on its CustomRedirectDomain when it has one); a set without gets neither. The delivered message's
+    link and pixel, fetched over HTTP, reach the webhook as SES's Open and Click records, signed, and
+    the message's DKIM signature still verifies."""
+    port = free_port("127.0.0.2")
+    receiver, others = WebhookReceiver().start(), WebhookReceiver().start()
+    listen = f"127.0.0.1:{free_port()}"
+    with SmtpServer("127.0.0.2", port) as smtp:
+        zone.add_mx("example.test", "mx.example.test", 10)
+        zone.add_a("mx.example.test", "127.0.0.2")
+        mesh = _mesh(
+            start_mesh, zone, port, tracking_secret="wiring-test-secret", tracking_http_listen=listen
+        )
+        _, key = mesh.create_account()
+        with mesh.client(key) as client:
+            create_verified_domain(client, zone, "example.test")
+            for name in ("app", "plain", "branded"):
+                client.feedback.CreateConfigurationSet(
+                    cs.CreateConfigurationSetRequest(configuration_set_name=name)
+                )
+            secret = client.feedback.CreateConfigurationSetEventDestination(
+                cs.CreateConfigurationSetEventDestinationRequest(
+                    configuration_set_name="app",
+                    event_destination_name="engagement",
+                    event_destination=webhook(
+                        receiver.url, ev.EMAIL_EVENT_TYPE_OPEN, ev.EMAIL_EVENT_TYPE_CLICK
+                    ),
+                )
+            ).signing_secret
+            secrets = {}
+            for name, types, enabled in (
+                ("plain", (DELIVERY,), True),
+                ("plain", (ev.EMAIL_EVENT_TYPE_OPEN,), False),
+                ("branded", (ev.EMAIL_EVENT_TYPE_CLICK,), True),
+            ):
+                destination = f"{name}-{types[0]}"
+                secrets[destination] = client.feedback.CreateConfigurationSetEventDestination(
+                    cs.CreateConfigurationSetEventDestinationRequest(
+                        configuration_set_name=name,
+                        event_destination_name=destination,
+                        event_destination=webhook(others.url + "/" + destination, *types, enabled=enabled),
+                    )
+                ).signing_secret
+            client.feedback.PutConfigurationSetTrackingOptions(
+                cs.PutConfigurationSetTrackingOptionsRequest(
+                    configuration_set_name="branded", custom_redirect_domain="click.example.test"
+                )
+            )
+            tracked = _send_html(client, "reader@example.test", "app")
+            plain = _send_html(client, "plain@example.test", "plain")
+            branded = _send_html(client, "branded@example.test", "branded")
+            html = {
+                to: mail_to(smtp, to).message
+                for to in ("reader@example.test", "plain@example.test", "branded@example.test")
+            }
+            for message in html.values():
+                data = message.as_bytes()
+                assert b"DKIM-Signature:" in data and dkim.DKIM(data).verify(dnsfunc=dkimpy_dns(zone))
+
+            def body(to: str) -> str:
+                part = next(p for p in html[to].walk() if p.get_content_type() == "text/html")
+                payload = part.get_payload(decode=True)
+                assert isinstance(payload, bytes)
+                return payload.decode()
+
+            base = f"http://{listen}"
+            links = re.findall(re.escape(base) + r"/c/[A-Za-z0-9_.\-]+", body("reader@example.test"))
+            pixels = re.findall(re.escape(base) + r"/o/[A-Za-z0-9_.\-]+", body("reader@example.test"))
+            assert len(links) == 1 and len(pixels) == 1
+            assert "/c/" not in body("plain@example.test") and "/o/" not in body("plain@example.test")
+            assert "https://shop.example.test/spring" in body("plain@example.test")
+            branded_links = re.findall(
+                r"http://click\.example\.test/c/[A-Za-z0-9_.\-]+", body("branded@example.test")
+            )
+            assert len(branded_links) == 1 and "/o/" not in body("branded@example.test")
+
+            agent = "Mozilla/5.0 (postmesh wiring test)"
+            shop = "https://shop.example.test/spring?a=1&b=2"
+            branded_link = branded_links[0].replace("http://click.example.test", base)
+            for url, status in ((links[0], 302), (pixels[0], 200), (branded_link, 302)):
+                assert _fetch(url, agent) == (status, shop if status == 302 else None)
+            records = _records(receiver.wait_for(lambda d: len(d) >= 2, within=60), secret)
+            # The plain set's Delivery (the destination for OPEN is disabled) and the branded Click.
+            other = others.wait_for(lambda d: len(d) >= 2, within=60)
+            for delivery in other:
+                assert _records([delivery], secrets[delivery.path.rsplit("/", 1)[1]])
+    receiver.stop()
+    others.stop()
+    by_kind = {(r["mail"]["messageId"], r["eventType"]): r for r in records}  # type: ignore[index]
+    assert set(by_kind) == {(tracked, "Click"), (tracked, "Open")}
+    other_kinds = {(r["mail"]["messageId"], r["eventType"]) for r in map(json.loads, (d.body for d in other))}
+    assert other_kinds == {(plain, "Delivery"), (branded, "Click")}
+    click = by_kind[(tracked, "Click")]["click"]
+    opened = by_kind[(tracked, "Open")]["open"]
+    assert isinstance(click, dict) and isinstance(opened, dict)
+    assert click["link"] == "https://shop.example.test/spring?a=1&b=2" and click["linkTags"] == {}
+    assert click["userAgent"] == agent == opened["userAgent"]
+    assert click["ipAddress"] == "127.0.0.1" == opened["ipAddress"]
+    assert click["timestamp"].endswith("Z") and opened["timestamp"].endswith("Z")
+    mail = by_kind[(tracked, "Open")]["mail"]
+    assert isinstance(mail, dict) and mail["tags"]["ses:configuration-set"] == ["app"]
+    assert mail["destination"] == ["reader@example.test"]
+
+
+def _fetch(url: str, agent: str) -> tuple[int, str | None]:
+    """GET without following redirects: the status and the Location."""
+    host, _, path = url.removeprefix("http://").partition("/")
+    connection = http.client.HTTPConnection(host, timeout=30)
+    try:
+        connection.request("GET", "/" + path, headers={"User-Agent": agent})
+        reply = connection.getresponse()
+        reply.read()
+        return reply.status, reply.getheader("Location")
+    finally:
+        connection.close()

@@ -10,6 +10,7 @@ import json
 import ssl
 import sys
 import threading
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import aiohttp
 import pytest
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
@@ -325,3 +327,215 @@ def test_topic_arns_are_stable_and_names_checked(tmp_path: Path) -> None:
         SnsFormat(signer=signer, endpoint="https://sns.postmesh.test").notification(
             topic="arn", subscription="arn:s", message="{}", signature_version=3
         )
+
+
+# ---- end to end: a configuration set's SNS-format destinations in a real mesh ------------------------
+
+SIMULATOR = "simulator.postmesh.test"
+
+
+def _sns_send(client: Any, to: str) -> str:
+    from postmesh.sender.v1 import sender_pb2 as pb
+
+    return str(
+        client.sender.SendEmail(
+            pb.SendEmailRequest(
+                from_email_address="news@example.test",
+                destination=pb.Destination(to_addresses=[to]),
+                configuration_set_name="app",
+                content=pb.EmailContent(
+                    simple=pb.Message(subject=pb.Content(data="Hi"), body=pb.Body(text=pb.Content(data="Hi")))
+                ),
+            )
+        ).message_id
+    )
+
+
+def _sns_destination(url: str, version: int, *types: Any) -> Any:
+    from postmesh.feedback.v1 import configuration_sets_pb2 as cs
+
+    return cs.EventDestinationDefinition(
+        enabled=True,
+        matching_event_types=list(types),
+        webhook=cs.WebhookDestination(url=url, format=cs.WEBHOOK_FORMAT_SNS, signature_version=version),
+    )
+
+
+def _wait(done: Any, within: float = 60.0) -> None:
+    deadline = time.monotonic() + within
+    while not done():
+        assert time.monotonic() < deadline, "never happened"
+        time.sleep(0.1)
+
+
+def _sns_verified(body: dict[str, str], http: Any) -> bool:
+    """Verifies an SNS message as SNS's own consumers do: the certificate from SigningCertURL."""
+    certificate = x509.load_pem_x509_certificate(http.get(body["SigningCertURL"], timeout=30).content)
+    public = certificate.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    digest = hashes.SHA1() if body["SignatureVersion"] == "1" else hashes.SHA256()
+    try:
+        public.verify(base64.b64decode(body["Signature"]), string_to_sign(body), padding.PKCS1v15(), digest)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def test_a_set_with_sns_destinations_reaches_django_ses_once_confirmed(
+    start_mesh: Any, monkeypatch: pytest.MonkeyPatch, django_app: tuple[str, Received]
+) -> None:
+    """django-ses's event webhook as a configuration set's SNS destination: created pending, confirmed
+    with the RPC (django-ses fetches SubscribeURL only from AWS), then the mailbox simulator's bounce@
+    and complaint@ reach its bounce and complaint handlers, signatures verified against postmesh's
+    certificate and the TopicArn pinned. Beside it, a plain endpoint sees the protocol itself: the
+    SubscriptionConfirmation first, nothing before its SubscribeURL is fetched, SignatureVersion 2, and
+    the UnsubscribeURL ending the subscription."""
+    import requests
+
+    from postmesh.common.natsserver import free_port
+    from postmesh.events.v1 import events_pb2 as ev
+    from postmesh.feedback.v1 import configuration_sets_pb2 as cs
+    from postmesh.testing_mail import LoopbackDns
+    from tests.destinations_helpers import WebhookReceiver
+    from tests.identity_helpers import create_verified_domain
+
+    webhook, received = django_app
+    plain, probe = WebhookReceiver().start(), WebhookReceiver().start()
+    sns_port = free_port()
+    with LoopbackDns() as zone:
+        mesh = start_mesh(
+            dns_resolver=zone.address,
+            dns_check_poll_seconds=3600,
+            dns_timeout_seconds=2,
+            sns_https_listen=f"127.0.0.1:{sns_port}",
+            sns_cert_host="localhost",
+            webhook_allow_private_targets=True,
+            webhook_backoff_seconds=0.2,
+            webhook_backoff_max_seconds=1.0,
+            webhook_poll_seconds=0.2,
+            sandbox_max_send_rate=1000.0,
+            delivery_workers=2,
+        )
+        account_id, key = mesh.create_account()
+        identity = load_or_create(host="localhost", data_dir=Path(mesh.settings.data_dir))
+        # What a django-ses user sets: trust postmesh's certificate (self-signed here) and its host.
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(identity.cert_file))
+        from django.conf import settings
+
+        monkeypatch.setattr(settings, "AWS_SNS_EVENT_CERT_TRUSTED_DOMAINS", [f"localhost:{sns_port}"])
+        topic = f"arn:postmesh:sns:postmesh:{account_id}:app-django"  # stable: pinned before it exists
+        monkeypatch.setattr(settings, "AWS_SNS_EVENT_TRUSTED_TOPIC_ARNS", [topic])
+        http = requests.Session()
+        http.verify = str(identity.cert_file)
+        with mesh.client(key) as client:
+            feedback = client.feedback
+            create_verified_domain(client, zone, "example.test")
+            feedback.CreateConfigurationSet(cs.CreateConfigurationSetRequest(configuration_set_name="app"))
+            bounce_and_complaint = (ev.EMAIL_EVENT_TYPE_BOUNCE, ev.EMAIL_EVENT_TYPE_COMPLAINT)
+            for name, url, version in (("django", webhook, 0), ("plain", plain.url, 2)):
+                feedback.CreateConfigurationSetEventDestination(
+                    cs.CreateConfigurationSetEventDestinationRequest(
+                        configuration_set_name="app",
+                        event_destination_name=name,
+                        event_destination=_sns_destination(url, version, *bounce_and_complaint),
+                    )
+                )
+            shown = {
+                d.name: d.webhook
+                for d in feedback.GetConfigurationSetEventDestinations(
+                    cs.GetConfigurationSetEventDestinationsRequest(configuration_set_name="app")
+                ).event_destinations
+            }
+            assert shown["django"].topic_arn == topic and shown["plain"].topic_arn.endswith(":app-plain")
+            assert (shown["django"].signature_version, shown["plain"].signature_version) == (1, 2)
+            for destination in shown.values():
+                assert destination.subscription_status == cs.SUBSCRIPTION_STATUS_PENDING_CONFIRMATION
+                assert destination.subscription_arn == ""
+
+            # The plain endpoint: the handshake first, signed (version 2) with the served certificate.
+            handshake = json.loads(plain.wait_for(lambda d: len(d) >= 1)[0].body)
+            assert handshake["Type"] == "SubscriptionConfirmation"
+            assert handshake["TopicArn"] == shown["plain"].topic_arn
+            assert handshake["SignatureVersion"] == "2" and _sns_verified(handshake, http)
+            # Sent while no one is subscribed: once a JSON destination of the same set has its bounce,
+            # the router has passed the SNS ones by.
+            feedback.CreateConfigurationSetEventDestination(
+                cs.CreateConfigurationSetEventDestinationRequest(
+                    configuration_set_name="app",
+                    event_destination_name="probe",
+                    event_destination=cs.EventDestinationDefinition(
+                        enabled=True,
+                        matching_event_types=[ev.EMAIL_EVENT_TYPE_BOUNCE],
+                        webhook=cs.WebhookDestination(url=probe.url),
+                    ),
+                )
+            )
+            early = _sns_send(client, f"bounce@{SIMULATOR}")
+            assert early in probe.wait_for(lambda d: len(d) >= 1)[0].body.decode()
+
+            arn = feedback.ConfirmConfigurationSetEventDestination(
+                cs.ConfirmConfigurationSetEventDestinationRequest(
+                    configuration_set_name="app", event_destination_name="django"
+                )
+            ).subscription_arn
+            assert arn.startswith(topic + ":")
+            reply = http.get(handshake["SubscribeURL"], timeout=30)
+            assert reply.status_code == 200 and "<SubscriptionArn>" in reply.text
+            plain_arn = reply.text.split("<SubscriptionArn>")[1].split("<")[0]
+            for destination in feedback.GetConfigurationSetEventDestinations(
+                cs.GetConfigurationSetEventDestinationsRequest(configuration_set_name="app")
+            ).event_destinations:
+                if destination.name == "probe":
+                    continue
+                assert destination.webhook.subscription_status == cs.SUBSCRIPTION_STATUS_CONFIRMED
+                assert (
+                    destination.webhook.subscription_arn
+                    == {"django": arn, "plain": plain_arn}[destination.name]
+                )
+
+            bounced = _sns_send(client, f"bounce@{SIMULATOR}")
+            complained = _sns_send(client, f"complaint@{SIMULATOR}")
+            _wait(lambda: received.bounces and received.complaints)
+            assert [b["mail"]["messageId"] for b in received.bounces] == [bounced]
+            assert received.bounces[0]["bounce"]["bounceType"] == "Permanent"
+            assert (
+                received.bounces[0]["bounce"]["bouncedRecipients"][0]["emailAddress"] == f"bounce@{SIMULATOR}"
+            )
+            assert [c["mail"]["messageId"] for c in received.complaints] == [complained]
+            assert received.complaints[0]["complaint"]["complainedRecipients"] == [
+                {"emailAddress": f"complaint@{SIMULATOR}"}
+            ]
+            assert received.complaints[0]["mail"]["tags"]["ses:configuration-set"] == ["app"]
+
+            # The plain endpoint got the same two events, as Notifications, and nothing from before.
+            notes = [json.loads(d.body) for d in plain.wait_for(lambda d: len(d) >= 3)[1:]]
+            assert [n["Type"] for n in notes] == ["Notification", "Notification"]
+            messages = [json.loads(n["Message"]) for n in notes]
+            assert {(m["mail"]["messageId"], m["eventType"]) for m in messages} == {
+                (bounced, "Bounce"),
+                (complained, "Complaint"),
+            }
+            assert early not in {m["mail"]["messageId"] for m in messages}
+            for note in notes:
+                assert note["TopicArn"] == shown["plain"].topic_arn and _sns_verified(note, http)
+                assert not _sns_verified({**note, "Message": note["Message"].replace("o", "0")}, http)
+
+            # The UnsubscribeURL ends it: pending again, told so, and nothing more is sent.
+            reply = http.get(notes[0]["UnsubscribeURL"], timeout=30)
+            assert reply.status_code == 200 and "UnsubscribeResponse" in reply.text
+            assert http.get(notes[0]["UnsubscribeURL"], timeout=30).status_code == 404
+            goodbye = json.loads(plain.wait_for(lambda d: len(d) >= 4)[3].body)
+            assert goodbye["Type"] == "UnsubscribeConfirmation" and _sns_verified(goodbye, http)
+            shown = {
+                d.name: d.webhook
+                for d in feedback.GetConfigurationSetEventDestinations(
+                    cs.GetConfigurationSetEventDestinationsRequest(configuration_set_name="app")
+                ).event_destinations
+            }
+            assert shown["plain"].subscription_status == cs.SUBSCRIPTION_STATUS_PENDING_CONFIRMATION
+            last = _sns_send(client, f"bounce@{SIMULATOR}")
+            _wait(lambda: len(received.bounces) == 2)
+            assert received.bounces[1]["mail"]["messageId"] == last
+            assert len(plain.deliveries) == 4
+    plain.stop()
+    probe.stop()

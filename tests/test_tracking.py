@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from postmesh.common.bus import EventPublisher, ensure_streams
+from postmesh.common.bus import EventPublisher, ensure_streams, new_event
 from postmesh.common.natsserver import free_port
 from postmesh.common.outbound import enqueue
 from postmesh.common.service import SystemClock
@@ -35,9 +35,9 @@ from postmesh.events.v1 import tracking_pb2 as tracking_events
 from postmesh.identity.v1 import identity_pb2
 from postmesh.sender.v1 import tracking_pb2
 from postmesh.testing_mail import LoopbackDns, SmtpServer
+from services.feedback.destinations.sesjson import event_record
 from services.feedback.tracking.http import TrackingServer
 from services.feedback.tracking.recorder import TrackingRecorder
-from services.feedback.tracking.ses_json import click_json, open_json
 from services.sender.tracking import Tracker, rewrite_html
 from tests.conftest import MeshFactory
 from tests.delivery_helpers import EmailEvents, forget_delivery_consumer, queued_message
@@ -460,6 +460,9 @@ async def test_endpoint_behind_a_proxy_and_never_lends_another_accounts_message(
 
 
 def test_open_and_click_render_as_in_aws_examples() -> None:
+    """Through the event destinations' one renderer: the whole record's keys, and the open and click
+    objects value for value."""
+
     def example(name: str) -> dict[str, Any]:
         event: dict[str, Any] = json.loads((SES_EXAMPLES / name).read_text())
         return event
@@ -467,16 +470,41 @@ def test_open_and_click_render_as_in_aws_examples() -> None:
     def moment(text: str) -> dt.datetime:
         return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
 
-    expected = example("event-open.json")["open"]
-    opened = tracking_events.Open(ip_address=expected["ipAddress"], user_agent=expected["userAgent"])
-    opened.timestamp.FromDatetime(moment(expected["timestamp"]))
-    assert open_json(opened) == expected
-
-    expected = example("event-click.json")["click"]
-    clicked = tracking_events.Click(
-        ip_address=expected["ipAddress"], user_agent=expected["userAgent"], link=expected["link"]
+    mail = ev.Mail(
+        message_id="m1",
+        sending_account_id="acct1",
+        source="sender@example.com",
+        destination=["recipient@example.com"],
+        configuration_set_name="ConfigSet",
+        subject="Message sent from Amazon SES",
     )
-    clicked.timestamp.FromDatetime(moment(expected["timestamp"]))
-    for tag, values in expected["linkTags"].items():
+    mail.timestamp.FromDatetime(moment("2017-08-09T21:59:49.927Z"))
+    mail.headers.add(name="From", value="sender@example.com")
+    mail.headers.add(name="To", value="recipient@example.com")
+
+    expected = example("event-open.json")
+    opened = tracking_events.Open(
+        ip_address=expected["open"]["ipAddress"], user_agent=expected["open"]["userAgent"]
+    )
+    opened.timestamp.FromDatetime(moment(expected["open"]["timestamp"]))
+    record = event_record(
+        new_event("acct1", email=ev.EmailEvent(event_type=ev.EMAIL_EVENT_TYPE_OPEN, mail=mail, open=opened))
+    )
+    assert record["eventType"] == "Open" and record["open"] == expected["open"]
+    assert set(record) == set(expected) and set(expected["mail"]) <= set(record["mail"])
+
+    expected = example("event-click.json")
+    shown = expected["click"]
+    clicked = tracking_events.Click(
+        ip_address=shown["ipAddress"], user_agent=shown["userAgent"], link=shown["link"]
+    )
+    clicked.timestamp.FromDatetime(moment(shown["timestamp"]))
+    for tag, values in shown["linkTags"].items():
         clicked.link_tags.extend(tracking_events.LinkTag(name=tag, value=v) for v in values)
-    assert click_json(clicked) == expected
+    record = event_record(
+        new_event(
+            "acct1", email=ev.EmailEvent(event_type=ev.EMAIL_EVENT_TYPE_CLICK, mail=mail, click=clicked)
+        )
+    )
+    assert record["eventType"] == "Click" and record["click"] == shown
+    assert set(record) == set(expected) and set(expected["mail"]) <= set(record["mail"])

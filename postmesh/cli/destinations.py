@@ -104,6 +104,8 @@ def _destination_rows(destinations: list[cs.EventDestination]) -> str:
                 "SUBSCRIPTION_STATUS_"
             )
             kind = "webhook/" + cs.WebhookFormat.Name(d.webhook.format).removeprefix("WEBHOOK_FORMAT_")
+            if d.webhook.topic_arn:
+                target += f" ({d.webhook.topic_arn}, SignatureVersion {d.webhook.signature_version})"
         else:
             target, status = d.nats_subject.full_subject, "-"
             kind = "nats/" + cs.NatsPayloadFormat.Name(d.nats_subject.format).removeprefix(
@@ -239,7 +241,9 @@ def _destination_add(args: argparse.Namespace) -> int:
     )
     if args.webhook:
         fmt = cs.WEBHOOK_FORMAT_SNS if args.format == "sns" else cs.WEBHOOK_FORMAT_JSON
-        definition.webhook.CopyFrom(cs.WebhookDestination(url=args.webhook, format=fmt))
+        definition.webhook.CopyFrom(
+            cs.WebhookDestination(url=args.webhook, format=fmt, signature_version=args.signature_version)
+        )
     else:
         fmt_nats = (
             cs.NATS_PAYLOAD_FORMAT_PROTOBUF if args.format == "protobuf" else cs.NATS_PAYLOAD_FORMAT_JSON
@@ -256,7 +260,13 @@ def _destination_add(args: argparse.Namespace) -> int:
             )
         )
     text = f"event destination {args.name} added to {args.set}"
-    if reply.signing_secret:
+    if args.webhook and args.format == "sns":
+        text += (
+            "\nSNS format: a SubscriptionConfirmation was sent; nothing else is sent until the endpoint "
+            "fetches its SubscribeURL or you run `postmesh config-set destination confirm "
+            f"{args.set} {args.name}`."
+        )
+    elif reply.signing_secret:
         text += (
             f"\nsigning secret: {reply.signing_secret}\n"
             "This secret is shown once. Verify X-Postmesh-Signature with it (see docs/events.md)."
@@ -271,6 +281,17 @@ def _destination_list(args: argparse.Namespace) -> int:
             cs.GetConfigurationSetEventDestinationsRequest(configuration_set_name=args.set)
         )
     emit(args, reply, _destination_rows(list(reply.event_destinations)))
+    return 0
+
+
+def _destination_confirm(args: argparse.Namespace) -> int:
+    with client_for(args) as client:
+        reply = client.feedback.ConfirmConfigurationSetEventDestination(
+            cs.ConfirmConfigurationSetEventDestinationRequest(
+                configuration_set_name=args.set, event_destination_name=args.name
+            )
+        )
+    emit(args, reply, f"subscription confirmed: {reply.subscription_arn}")
     return 0
 
 
@@ -517,6 +538,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     target.add_argument("--nats-subject", metavar="SUBJECT")
     add.add_argument("--events", required=True, help=f"comma-separated: {','.join(_TYPES)}")
     add.add_argument("--format", choices=["json", "sns", "protobuf"], default="json")
+    add.add_argument(
+        "--signature-version",
+        type=int,
+        choices=[1, 2],
+        default=0,
+        help="SNS format: SignatureVersion 1 (SHA1, the default) or 2 (SHA256)",
+    )
     add.add_argument("--disabled", action="store_true")
     add_connection_flags(add)
     add.set_defaults(handler=_destination_add)
@@ -524,6 +552,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     dlist.add_argument("set")
     add_connection_flags(dlist)
     dlist.set_defaults(handler=_destination_list)
+    confirm = dsub.add_parser(
+        "confirm", help="confirm an SNS-format destination's subscription (as its SubscribeURL does)"
+    )
+    confirm.add_argument("set")
+    confirm.add_argument("name")
+    add_connection_flags(confirm)
+    confirm.set_defaults(handler=_destination_confirm)
     remove = dsub.add_parser("remove", help="remove a destination")
     remove.add_argument("set")
     remove.add_argument("name")

@@ -59,17 +59,16 @@ def check_reasons(reasons: Sequence[str]) -> str:
     return ",".join(sorted(set(reasons)))
 
 
+# The request field a refusal names, as the other fields of an event destination are named.
+_TYPES_FIELD = "event_destination.matching_event_types"
+
+
 def check_event_types(types: Sequence[str]) -> str:
     if not types:
-        raise InvalidArgument(
-            "matching_event_types needs at least one event type.",
-            field="event_destination.matching_event_types",
-        )
+        raise InvalidArgument("matching_event_types needs at least one event type.", field=_TYPES_FIELD)
     for name in types:
         if name not in EVENT_TYPES:
-            raise InvalidArgument(
-                f"Unknown event type {name!r}.", field="event_destination.matching_event_types"
-            )
+            raise InvalidArgument(f"Unknown event type {name!r}.", field=_TYPES_FIELD)
     return ",".join(t for t in EVENT_TYPES if t in set(types))
 
 
@@ -130,6 +129,8 @@ class Target:
     target: str
     format: str
     subscription_status: str = CONFIRMED
+    # SNS format: the SignatureVersion of its messages.
+    signature_version: int = 1
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,7 @@ class ConfigurationSets:
                     target=spec.target.target,
                     format=spec.target.format,
                     subscription_status=spec.target.subscription_status,
+                    signature_version=spec.target.signature_version,
                     sealed_secret=sealed_secret,
                     created_at=self._clock.now(),
                 )
@@ -324,6 +326,7 @@ class ConfigurationSets:
             row.kind = spec.target.kind
             row.target = spec.target.target
             row.format = spec.target.format
+            row.signature_version = spec.target.signature_version
         await self._changed(account_id, set_name)
 
     async def remove_destination(self, account_id: str, set_name: str, name: str) -> None:

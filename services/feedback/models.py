@@ -106,6 +106,13 @@ class EventDestination(Base):
     # The webhook signing secret, sealed (AES-GCM) under the destinations' secrets key.
     sealed_secret: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    # SNS format: SignatureVersion (1: SHA1, 2: SHA256), the stable TopicArn, the confirmed
+    # subscription's id (its SubscriptionArn is the TopicArn and this id; empty while pending), and
+    # the SHA-256 of the token its SubscribeURL carries (the token itself goes out only in the handshake).
+    signature_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    topic_arn: Mapped[str] = mapped_column(String(512), default="", server_default="", index=True)
+    subscription_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    subscription_token_hash: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
 
 class WebhookDelivery(Base):

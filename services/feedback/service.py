@@ -37,6 +37,7 @@ from services.feedback.destinations.signing import SecretBox
 from services.feedback.destinations.sns import SnsFormat, SnsSigner
 from services.feedback.destinations.sns_http import SnsEndpoint
 from services.feedback.destinations.sns_keys import load_or_create
+from services.feedback.destinations.sns_subscriptions import SNS, SnsSubscriptions
 from services.feedback.destinations.subscriptions import Subscriptions
 from services.feedback.destinations.webhooks import WebhookDispatcher, WebhookOutbox
 from services.feedback.forwarding import FeedbackForwarder, notice_sender
@@ -151,12 +152,12 @@ class FeedbackService(Service):
             ),
             "housekeeping",
         )
+        await self._start_sns()
         await self._start_destinations()
         self.inbound = Inbound(runtime)
         self.servicer.inbound = self.inbound
         await self.inbound.start()
         await self._start_tracking()
-        await self._start_sns()
 
     async def _start_sns(self) -> None:
         settings = self.runtime.settings
@@ -239,6 +240,19 @@ class FeedbackService(Service):
             poll_seconds=settings.webhook_poll_seconds,
             allow_private=settings.webhook_allow_private_targets,
         )
+        servicer.sns_subscriptions = None
+        if self.sns_format is not None and self.sns_endpoint is not None:
+            subscriptions = SnsSubscriptions(
+                runtime.sessions,
+                runtime.clock,
+                sns=self.sns_format,
+                region=settings.sns_region,
+                changed=changed,
+                queued=dispatcher.wake,
+            )
+            dispatcher.add_format(SNS, subscriptions.request)
+            self.sns_endpoint.callbacks = subscriptions
+            servicer.sns_subscriptions = subscriptions
         servicer.configuration_sets = sets
         servicer.secret_box = box
         servicer.outbox = outbox

@@ -25,6 +25,8 @@ from services.feedback.configsets import (
 )
 from services.feedback.destinations import sesjson
 from services.feedback.destinations.signing import SecretBox, new_secret
+from services.feedback.destinations.sns import SIGNATURE_VERSIONS
+from services.feedback.destinations.sns_subscriptions import SNS, SnsSubscriptions, subscription_of
 from services.feedback.destinations.subscriptions import Subscriptions, opening_of
 from services.feedback.destinations.targets import check_subject, check_webhook_url, full_subject
 from services.feedback.destinations.webhooks import WebhookOutbox
@@ -110,6 +112,10 @@ def destination_message(row: EventDestination, nats_prefix: str) -> cs.EventDest
                 ),
             )
         )
+        if row.format == SNS:
+            message.webhook.signature_version = row.signature_version
+            message.webhook.topic_arn = row.topic_arn
+            message.webhook.subscription_arn = subscription_of(row)
     else:
         message.nats_subject.CopyFrom(
             cs.NatsSubjectDestination(
@@ -129,6 +135,8 @@ class ConfigurationSetsServicer:
     outbox: WebhookOutbox
     subscriptions: Subscriptions
     webhook_formats: Callable[[], set[str]]
+    # None when SNS-format destinations are off (no SNS_HTTPS_LISTEN).
+    sns_subscriptions: SnsSubscriptions | None
     allow_private_targets: bool
     own_endpoints: list[str]
     nats_prefix: str
@@ -263,8 +271,17 @@ class ConfigurationSetsServicer:
                     f"The {name} webhook format is not available on this postmesh.",
                     reason="UNSUPPORTED_FORMAT",
                 )
-            status = PENDING_CONFIRMATION if name == "SNS" else CONFIRMED
-            return DestinationSpec(definition.enabled, types, Target(WEBHOOK, url, name, status))
+            status = PENDING_CONFIRMATION if name == SNS else CONFIRMED
+            version = definition.webhook.signature_version
+            if name != SNS and version:
+                raise InvalidArgument(
+                    "signature_version applies to the SNS format only.", field="signature_version"
+                )
+            if version and version not in SIGNATURE_VERSIONS:
+                raise InvalidArgument("signature_version must be 1 or 2.", field="signature_version")
+            return DestinationSpec(
+                definition.enabled, types, Target(WEBHOOK, url, name, status, signature_version=version or 1)
+            )
         if kind == "nats_subject":
             subject = check_subject(definition.nats_subject.subject)
             nats_format = definition.nats_subject.format
@@ -291,7 +308,27 @@ class ConfigurationSetsServicer:
             spec,
             self.secret_box.seal(account_id, secret) if secret else b"",
         )
+        await self._subscribe(
+            account_id, request.configuration_set_name, request.event_destination_name, spec
+        )
         return cs.CreateConfigurationSetEventDestinationResponse(signing_secret=secret)
+
+    async def _subscribe(self, account_id: str, set_name: str, name: str, spec: DestinationSpec) -> None:
+        """An SNS destination, new or re-pointed, gets its SubscriptionConfirmation first."""
+        if spec.target.format == SNS and self.sns_subscriptions is not None:
+            await self.sns_subscriptions.subscribe(account_id, set_name, name)
+
+    async def ConfirmConfigurationSetEventDestination(
+        self, request: cs.ConfirmConfigurationSetEventDestinationRequest, context: aio.ServicerContext
+    ) -> cs.ConfirmConfigurationSetEventDestinationResponse:
+        if self.sns_subscriptions is None:
+            raise FailedPrecondition(
+                "The SNS webhook format is not available on this postmesh.", reason="UNSUPPORTED_FORMAT"
+            )
+        arn = await self.sns_subscriptions.confirm_destination(
+            caller_account_id(), request.configuration_set_name, request.event_destination_name
+        )
+        return cs.ConfirmConfigurationSetEventDestinationResponse(subscription_arn=arn)
 
     async def GetConfigurationSetEventDestinations(
         self, request: cs.GetConfigurationSetEventDestinationsRequest, context: aio.ServicerContext
@@ -304,11 +341,13 @@ class ConfigurationSetsServicer:
     async def UpdateConfigurationSetEventDestination(
         self, request: cs.UpdateConfigurationSetEventDestinationRequest, context: aio.ServicerContext
     ) -> cs.UpdateConfigurationSetEventDestinationResponse:
+        account_id = caller_account_id()
+        spec = self._spec(request.event_destination)
         await self.configuration_sets.update_destination(
-            caller_account_id(),
-            request.configuration_set_name,
-            request.event_destination_name,
-            self._spec(request.event_destination),
+            account_id, request.configuration_set_name, request.event_destination_name, spec
+        )
+        await self._subscribe(
+            account_id, request.configuration_set_name, request.event_destination_name, spec
         )
         return cs.UpdateConfigurationSetEventDestinationResponse()
 

@@ -47,7 +47,7 @@ from postmesh.common.protoutil import timestamp
 from postmesh.common.sendquota import Reservation
 from postmesh.common.service import Clock
 from postmesh.events.v1 import events_pb2
-from postmesh.sender.v1 import filtration_pb2, queue_pb2
+from postmesh.sender.v1 import filtration_pb2, queue_pb2, tracking_pb2
 from services.sender import rendering
 from services.sender.idempotency import Claim, IdempotencyKeys
 from services.sender.mime import (
@@ -109,6 +109,11 @@ class SetOptions:
     suppressed_reasons: tuple[str, ...] = ALL_SUPPRESSION_REASONS
     # The set's own spam policy (mode UNSPECIFIED: none), judged beside the account's at delivery.
     spam_policy: filtration_pb2.SpamPolicy = field(default_factory=filtration_pb2.SpamPolicy)
+    # Open and click tracking, as SES decides it: on when the set has an enabled event destination
+    # matching OPEN (the pixel) or CLICK (the links); the set's CustomRedirectDomain for their host.
+    track_opens: bool = False
+    track_clicks: bool = False
+    custom_redirect_domain: str = ""
 
 
 NO_SET = SetOptions()
@@ -706,6 +711,14 @@ class Acceptor:
         )
         if options.spam_policy.mode:
             queued.set_spam_policy.CopyFrom(options.spam_policy)
+        if options.track_opens or options.track_clicks:
+            queued.tracking.CopyFrom(
+                tracking_pb2.TrackingOptions(
+                    opens=options.track_opens,
+                    clicks=options.track_clicks,
+                    custom_redirect_domain=options.custom_redirect_domain,
+                )
+            )
         if options.max_delivery_seconds:
             queued.expire_time.FromDatetime(accepted + dt.timedelta(seconds=options.max_delivery_seconds))
         if not self._queue_connected():

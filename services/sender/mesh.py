@@ -32,6 +32,7 @@ from postmesh.common.cache import TtlCache
 from postmesh.common.clients import MeshClients, domain_error_from, for_account
 from postmesh.common.sendquota import Reservation, SendQuotaClient
 from postmesh.common.streams import CONFIGURATION_SET_CHANGED_SUBJECT, IDENTITY_CHANGED_SUBJECT
+from postmesh.events.v1 import events_pb2
 from postmesh.feedback.v1 import configuration_sets_pb2, feedback_pb2
 from postmesh.identity.v1 import identity_pb2
 from postmesh.sender.v1 import queue_pb2
@@ -215,6 +216,20 @@ class MeshChecks:
                 metadata=for_account(account_id),
                 timeout=TIMEOUT,
             )
+            # SES tracks opens and clicks for a set that publishes them somewhere.
+            destinations = await self._clients.feedback.GetConfigurationSetEventDestinations(
+                configuration_sets_pb2.GetConfigurationSetEventDestinationsRequest(
+                    configuration_set_name=name
+                ),
+                metadata=for_account(account_id),
+                timeout=TIMEOUT,
+            )
+        tracked = {
+            event_type
+            for destination in destinations.event_destinations
+            if destination.enabled
+            for event_type in destination.matching_event_types
+        }
         found = reply.configuration_set
         options = SetOptions(
             sending_enabled=found.sending_options.sending_enabled,
@@ -226,6 +241,9 @@ class MeshChecks:
                 else ALL_SUPPRESSION_REASONS
             ),
             spam_policy=found.filtration_options.spam_policy,
+            track_opens=events_pb2.EMAIL_EVENT_TYPE_OPEN in tracked,
+            track_clicks=events_pb2.EMAIL_EVENT_TYPE_CLICK in tracked,
+            custom_redirect_domain=found.tracking_options.custom_redirect_domain,
         )
         self._sets.put((account_id, name), options)
         return options

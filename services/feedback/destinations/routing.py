@@ -16,8 +16,8 @@ from nats.js import JetStreamContext
 
 from postmesh.common.streams import account_events_subject
 from postmesh.events.v1 import events_pb2 as ev
+from services.feedback.configsets import CONFIRMED, WEBHOOK, ConfigurationSets
 from services.feedback.configsets import NATS as NATS_KIND
-from services.feedback.configsets import WEBHOOK, ConfigurationSets
 from services.feedback.destinations import sesjson
 from services.feedback.destinations.notifications import IdentityNotifications
 from services.feedback.destinations.targets import full_subject
@@ -87,6 +87,8 @@ class EventRouter:
             if type_name not in destination.event_types.split(","):
                 continue
             if destination.kind == WEBHOOK:
+                if destination.subscription_status != CONFIRMED:
+                    continue  # an SNS subscription not yet confirmed gets nothing, as with SNS
                 await self._outbox.enqueue(destination, event)
                 self._queued()
             elif destination.kind == NATS_KIND:
@@ -108,7 +110,7 @@ class EventRouter:
         path, headers = target
         set_name, _, name = path.partition("/")
         destination = await self._sets.webhook(event.account_id, set_name, name)
-        if destination is not None:
+        if destination is not None and destination.subscription_status == CONFIRMED:
             await self._outbox.enqueue(
                 destination, event, NOTIFICATION_WITH_HEADERS if headers else NOTIFICATION
             )

@@ -17,6 +17,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from postmesh.events.v1 import events_pb2 as ev
+from postmesh.events.v1 import tracking_pb2
 
 # SES's ARN layout with postmesh's own partition: no AWS region or account stands behind it.
 SOURCE_ARN = "arn:postmesh:ses:postmesh:{account}:identity/{identity}"
@@ -208,6 +209,27 @@ def _delay(delay: ev.DeliveryDelay) -> dict[str, Any]:
     return result
 
 
+def _open(detail: tracking_pb2.Open) -> dict[str, Any]:
+    return {
+        "ipAddress": detail.ip_address,
+        "timestamp": timestamp_text(detail.timestamp),
+        "userAgent": detail.user_agent,
+    }
+
+
+def _click(detail: tracking_pb2.Click) -> dict[str, Any]:
+    link_tags: dict[str, list[str]] = {}
+    for tag in detail.link_tags:
+        link_tags.setdefault(tag.name, []).append(tag.value)
+    return {
+        "ipAddress": detail.ip_address,
+        "link": detail.link,
+        "linkTags": link_tags,
+        "timestamp": timestamp_text(detail.timestamp),
+        "userAgent": detail.user_agent,
+    }
+
+
 def event_record(event: ev.Event) -> dict[str, Any]:
     """The event publishing record of an email event (what a configuration set destination gets)."""
     email = event.email
@@ -233,6 +255,10 @@ def event_record(event: ev.Event) -> dict[str, Any]:
             "errorMessage": email.rendering_failure.error_message,
             "templateName": email.rendering_failure.template_name,
         }
+    elif kind == ev.EMAIL_EVENT_TYPE_OPEN:
+        record["open"] = _open(email.open)
+    elif kind == ev.EMAIL_EVENT_TYPE_CLICK:
+        record["click"] = _click(email.click)
     return record
 
 

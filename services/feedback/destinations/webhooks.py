@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from postmesh.common.db import transaction
-from postmesh.common.errors import InvalidArgument, PostmeshError
+from postmesh.common.errors import FailedPrecondition, InvalidArgument, PostmeshError
 from postmesh.common.paging import keyset_page, split_page
 from postmesh.common.service import Clock
 from postmesh.events.v1 import events_pb2 as ev
@@ -53,13 +53,15 @@ class Request:
     headers: dict[str, str]
 
 
-# What a webhook format makes of an event: the SNS format (branch tracking) plugs in here.
-Formatter = Callable[[EventDestination, str, ev.Event], Request]
+# What a webhook format other than JSON makes of a queued row (an event, or that format's own
+# messages, such as SNS's SubscriptionConfirmation): see sns_subscriptions.py.
+Formatter = Callable[[EventDestination, WebhookDelivery], Request]
 
 
 EVENT = "event"
 NOTIFICATION = "notification"
 NOTIFICATION_WITH_HEADERS = "notification+headers"
+_EVENT_SHAPES = (EVENT, NOTIFICATION, NOTIFICATION_WITH_HEADERS)
 
 
 def json_request(
@@ -172,6 +174,11 @@ class WebhookOutbox:
                     .values(next_attempt_at=self._clock.now())
                 )
 
+    async def discard(self, ids: Sequence[int]) -> None:
+        if ids:
+            async with transaction(self._sessions) as session:
+                await session.execute(delete(WebhookDelivery).where(WebhookDelivery.id.in_(list(ids))))
+
     async def failed(self, row: WebhookDelivery, error: str) -> None:
         now = self._clock.now()
         attempts = row.attempts + 1
@@ -256,6 +263,9 @@ class WebhookDispatcher:
         self._active: dict[int, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
 
+    def add_format(self, name: str, formatter: Formatter) -> None:
+        self._formatters[name] = formatter
+
     def formats(self) -> set[str]:
         return {"JSON", *self._formatters}
 
@@ -295,7 +305,16 @@ class WebhookDispatcher:
         try:
             while True:
                 destination, rows = await self._outbox.due(destination_id)
-                if destination is None or not rows or destination.subscription_status != CONFIRMED:
+                if destination is None:
+                    return
+                if destination.subscription_status != CONFIRMED:
+                    # A pending subscription gets its handshake and nothing else; events queued just
+                    # before it became pending are dropped, as SNS drops them.
+                    rows = await self._drop(rows, lambda r: r.shape in _EVENT_SHAPES)
+                elif destination.format not in self._formatters:
+                    # A format's own messages (SNS's handshake) for a destination since turned to JSON.
+                    rows = await self._drop(rows, lambda r: r.shape not in _EVENT_SHAPES)
+                if not rows:
                     return
                 for row in rows:
                     error = await self._attempt(client, destination, row)
@@ -309,14 +328,18 @@ class WebhookDispatcher:
         except Exception:
             log.exception("webhook drain failed", extra={"destination": destination_id})
 
+    async def _drop(
+        self, rows: list[WebhookDelivery], dropped: Callable[[WebhookDelivery], bool]
+    ) -> list[WebhookDelivery]:
+        await self._outbox.discard([r.id for r in rows if dropped(r)])
+        return [r for r in rows if not dropped(r)]
+
     async def _attempt(
         self, client: httpx.AsyncClient, destination: EventDestination, row: WebhookDelivery
     ) -> str:
         """ "" when the endpoint took the event (2xx), else why not."""
         try:
-            event = ev.Event.FromString(row.event)
-            secret = self._box.open(destination.account_id, destination.sealed_secret)
-            request = self.request(destination, secret, event, row.shape)
+            request = self.request(destination, row)
             url, host, server_name = await self._pinned(destination.target)
             response = await client.post(
                 url, content=request.body, headers={**request.headers, **host}, extensions=server_name
@@ -329,13 +352,18 @@ class WebhookDispatcher:
             return ""
         return f"HTTP {response.status_code}"
 
-    def request(
-        self, destination: EventDestination, secret: str, event: ev.Event, shape: str = EVENT
-    ) -> Request:
+    def request(self, destination: EventDestination, row: WebhookDelivery) -> Request:
         formatter = self._formatters.get(destination.format)
         if formatter is not None:
-            return formatter(destination, secret, event)
-        return json_request(destination, secret, event, now=int(time.time()), shape=shape)
+            return formatter(destination, row)
+        if destination.format != "JSON":
+            raise FailedPrecondition(
+                f"The {destination.format} webhook format is not available on this postmesh.",
+                reason="UNSUPPORTED_FORMAT",
+            )
+        secret = self._box.open(destination.account_id, destination.sealed_secret)
+        event = ev.Event.FromString(row.event)
+        return json_request(destination, secret, event, now=int(time.time()), shape=row.shape)
 
     async def _pinned(self, url: str) -> tuple[str, dict[str, str], dict[str, str]]:
         """The URL with its host replaced by an address checked now (DNS may have changed since the
