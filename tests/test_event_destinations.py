@@ -135,8 +135,6 @@ def _mesh(start_mesh: MeshFactory, zone: LoopbackDns, port: int, **extra: object
         webhook_backoff_max_seconds=1.0,
         webhook_poll_seconds=0.2,
         event_subscription_ack_wait_seconds=5.0,
-        # SES's default (tests default it off so mail counts stay exact): the notification rules need it.
-        feedback_forwarding_default=True,
         **extra,
     )
 
