@@ -41,6 +41,7 @@ from postmesh.common.metrics import REFUSALS, collect_jetstream_forever
 from postmesh.common.service import Clock, Runtime, Service, SystemClock
 from postmesh.common.streams import API_KEY_REVOKED_SUBJECT
 from postmesh.common.tls import ServerTlsFiles, mesh_client_tls
+from postmesh.common.workers import WorkerRole
 from postmesh.events.v1 import events_pb2
 from postmesh.identity.v1 import identity_pb2
 
@@ -370,9 +371,15 @@ class MeshServer:
     each service turns SERVING when its database and NATS are ready."""
 
     def __init__(
-        self, settings: Settings, service_names: Sequence[str], *, clock: Clock | None = None
+        self,
+        settings: Settings,
+        service_names: Sequence[str],
+        *,
+        clock: Clock | None = None,
+        worker: WorkerRole | None = None,
     ) -> None:
         self.settings = settings
+        self.worker = worker or WorkerRole()
         self.names = resolve_service_names(service_names)
         self.clock = clock or SystemClock()
         service_key = settings.service_api_key
@@ -434,9 +441,12 @@ class MeshServer:
             cache_seconds=self.settings.auth_cache_seconds,
         )
         by_full_name: dict[str, Service] = {}
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", GRPC_RECEIVE_LIMIT_BYTES)]
+        if self.worker.shares_ports:
+            options.append(("grpc.so_reuseport", 1))
         self.server = aio.server(
             interceptors=[MeshInterceptor(by_full_name, self.authenticator, self._on_outage)],
-            options=[("grpc.max_receive_message_length", GRPC_RECEIVE_LIMIT_BYTES)],
+            options=options,
         )
         tls = self._server_tls()
         if tls is None:
@@ -454,6 +464,7 @@ class MeshServer:
                 clients=self.clients,
                 authenticator=self.authenticator,
                 clock=self.clock,
+                worker=self.worker,
             )
             service = service_class(name)(runtime)
             service.register(self.server)
@@ -470,8 +481,10 @@ class MeshServer:
             await self.health.set(full_name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
         if self.settings.metrics_port:
+            # Each worker process counts its own calls: worker i serves them on METRICS_PORT + i.
             start_http_server(
-                self.settings.metrics_port, addr=self.settings.grpc_listen.rpartition(":")[0] or ""
+                self.settings.metrics_port + self.worker.index,
+                addr=self.settings.grpc_listen.rpartition(":")[0] or "",
             )
         await self.server.start()
         await self._start_health_port()
@@ -541,6 +554,7 @@ class MeshServer:
             self._collector = asyncio.create_task(collect_jetstream_forever(js), name="jetstream-metrics")
         await asyncio.gather(*(self._bring_up_service(s, js, publisher) for s in self.services.values()))
         await self._refresh_health()
+        self.worker.announce_ready()
         log.info("all services serving", extra={"services": ",".join(self.names)})
 
     async def _bring_up_service(self, service: Service, js: Any, publisher: EventPublisher) -> None:

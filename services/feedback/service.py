@@ -110,7 +110,9 @@ class FeedbackService(Service):
             max_bytes=runtime.settings.suppression_import_max_bytes,
         )
         self.servicer.exports = ExportJobs(runtime.sessions, runtime.clock, suppression, runner)
-        runtime.spawn(runner.run_forever, "suppression-jobs")
+        # Jobs run in the worker that took the request; the unfinished ones of a past run are resumed
+        # by one worker only.
+        runtime.spawn(lambda: runner.run_forever(resume=runtime.worker.primary), "suppression-jobs")
         feedback_subjects = [
             email_event_subject(events_pb2.EMAIL_EVENT_TYPE_BOUNCE),
             email_event_subject(events_pb2.EMAIL_EVENT_TYPE_COMPLAINT),
@@ -142,7 +144,7 @@ class FeedbackService(Service):
             ),
             "feedback-forwarding",
         )
-        runtime.spawn(
+        runtime.spawn_once(
             lambda: every(
                 HOUSEKEEPING_SECONDS,
                 lambda: events.expire(retention),
@@ -160,7 +162,8 @@ class FeedbackService(Service):
 
     async def _start_sns(self) -> None:
         settings = self.runtime.settings
-        if not settings.sns_https_listen:
+        # Its subscription callbacks belong to the webhook dispatcher, which runs in one worker.
+        if not settings.sns_https_listen or not self.runtime.worker.primary:
             return
         identity = load_or_create(
             host=settings.sns_cert_host,
@@ -190,6 +193,7 @@ class FeedbackService(Service):
             settings.tracking_http_listen,
             recorder,
             trust_forwarded_for=settings.tracking_trust_forwarded_for,
+            reuse_port=runtime.worker.shares_ports,
         )
         await self.tracking.start()
 
@@ -304,7 +308,9 @@ class FeedbackService(Service):
             ),
             "event-routing",
         )
-        runtime.spawn(dispatcher.run, "webhook-dispatcher")
+        # One dispatcher per machine: two would post a destination's rows twice. Rows queued by the
+        # other workers wait for its poll (WEBHOOK_POLL_SECONDS) instead of its wake-up.
+        runtime.spawn_once(dispatcher.run, "webhook-dispatcher")
 
 
 def _own_endpoints(grpc_endpoints: Iterable[str], settings: Settings) -> list[str]:
