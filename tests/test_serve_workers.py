@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ from postmesh.client import Client, error_details
 from postmesh.common.natsserver import NatsServerProcess, free_port
 from postmesh.quota.v1 import quota_pb2
 from postmesh.sender.v1 import sender_pb2_grpc
+from postmesh.testing import LOOPBACK_PROCESS_ENV
 from tests.faults_helpers import (
     DELIVERY_WORKERS,
     DUPLICATE_WINDOW,
@@ -202,6 +205,37 @@ def test_two_workers_share_the_port_deliver_and_lose_nothing_to_a_kill(tmp_path:
             spread.close()
         assert set(spread.burst.codes) - {grpc.StatusCode.OK} <= RETRYABLE, spread.burst.codes
         assert_delivered_once(spread.burst, mesh.sink, in_hand_at_kill=DELIVERY_WORKERS)
+
+        # No worker outlives `serve all`, even killed with SIGKILL.
+        workers = mesh.workers()
+        mesh.kill("all")
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 30, "workers gone")
+
+
+def test_a_worker_that_cannot_start_stops_serve_all_with_an_error(tmp_path: Path, nats_url: str) -> None:
+    env = {
+        **os.environ,
+        **LOOPBACK_PROCESS_ENV,
+        "GRPC_LISTEN": f"127.0.0.1:{free_port()}",
+        "METRICS_PORT": "0",
+        "DATA_DIR": str(tmp_path / "var"),
+        "NATS_URL": nats_url,
+        "SERVE_PROCESSES": str(WORKERS),
+        "DKIM_MASTER_KEYS": "not a key",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "postmesh.cli.main", "serve", "all"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode not in (0, None), output.decode()
+    assert b"DKIM_MASTER_KEYS" in output
 
 
 def test_the_24_hour_quota_holds_exactly_across_workers(tmp_path: Path, nats_url: str) -> None:
