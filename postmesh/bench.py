@@ -482,7 +482,12 @@ class Bench:
                         delivered += 1
                         last_delivery = time.perf_counter()
 
-        channels = [aio.insecure_channel(self.address) for _ in range(4)]
+        # Connections of their own (gRPC shares one between channels of the same target otherwise), so
+        # that the kernel spreads them over the workers of `serve all`, as it does many clients'.
+        channels = [
+            aio.insecure_channel(self.address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(8)
+        ]
         stubs = [sender_pb2_grpc.SenderServiceStub(c) for c in channels]
         metadata = (("authorization", f"Bearer {key}"),)
 
