@@ -105,12 +105,18 @@ def process_count(configured: int) -> int:
 
 def with_fixed_ports(environ: Mapping[str, str], defaults: Mapping[str, str]) -> dict[str, str]:
     """The listen settings that ask for port 0, each given one free port for every worker to share."""
+    values = {name: environ.get(name, defaults.get(name, "")) for name in SHARED_LISTEN_SETTINGS}
+    # The ports already named: a free port is free until someone binds it, and none is bound yet.
+    taken = {value.rpartition(":")[2] for value in values.values()}
     fixed = {}
-    for name in SHARED_LISTEN_SETTINGS:
-        value = environ.get(name, defaults.get(name, ""))
+    for name, value in values.items():
         host, sep, port = value.rpartition(":")
         if sep and port == "0":
-            fixed[name] = f"{host}:{free_port(host.strip('[]') or '0.0.0.0')}"
+            chosen = str(free_port(host.strip("[]") or "0.0.0.0"))
+            while chosen in taken:
+                chosen = str(free_port(host.strip("[]") or "0.0.0.0"))
+            taken.add(chosen)
+            fixed[name] = f"{host}:{chosen}"
     return fixed
 
 
