@@ -89,7 +89,13 @@ class FeedbackService(Service):
 
     async def on_ready(self) -> None:
         runtime = self.runtime
-        suppression = SuppressionList(runtime.sessions, runtime.clock)
+
+        async def added(account_id: str) -> None:
+            await runtime.events.publish(
+                new_event(account_id, suppression_list_changed=events_pb2.SuppressionListChanged())
+            )
+
+        suppression = SuppressionList(runtime.sessions, runtime.clock, added=added)
         self.servicer.suppression = suppression
         events = EventStore(runtime.sessions, runtime.clock)
         self.servicer.events = events
