@@ -100,9 +100,8 @@ class Runtime:
 
     def spawn_once(self, coro_factory: Callable[[], Awaitable[None]], name: str) -> None:
         """spawn() for background work that must not run in every worker process of one `serve all`
-        (housekeeping, pollers, counters): it runs in worker 0 only. Replicas in processes of their
-        own (Kubernetes) each run it, as they always have: such work is safe beside itself, only
-        wasteful N times on one machine."""
+        (housekeeping, pollers, counters): it runs in worker 0 only. A process started on its own
+        (a Kubernetes replica) is worker 0 of 1 and runs it, as before."""
         if self.worker.primary:
             self.spawn(coro_factory, name)
 
