@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NATS
 from opentelemetry.trace import SpanKind
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from postmesh.client import error_details
 from postmesh.common import db, tracing
@@ -64,6 +64,12 @@ MAX_ERROR_METADATA_CHARS = 256
 
 RPC_COUNT = Counter("postmesh_grpc_requests_total", "gRPC calls handled", ["method", "code"])
 RPC_SECONDS = Histogram("postmesh_grpc_request_seconds", "gRPC call latency", ["method"])
+# Per process, so that each worker of `serve all` (its own metrics port) says whether it serves.
+SERVING = Gauge(
+    "postmesh_serving",
+    "1 while this process reports the service SERVING (service empty: the whole process)",
+    ["service"],
+)
 
 
 def service_class(name: str) -> type[Service]:
@@ -593,8 +599,10 @@ class MeshServer:
             up = up and service.name not in self._databases_down
             everything = everything and up
             await self.health.set(service.full_name, serving if up else not_serving)
+            SERVING.labels(service.full_name).set(up)
         started = self._startup is not None and (self._startup.done() or everything)
         await self.health.set("", serving if everything and started else not_serving)
+        SERVING.labels("").set(everything and started)
 
     async def _on_nats_disconnected(self) -> None:
         log.warning("NATS disconnected: services NOT_SERVING until it is back")
