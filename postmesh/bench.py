@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 import nats
 from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from postmesh.client import Client
@@ -90,6 +91,49 @@ def _peak_rss_mb(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The worker processes of a `postmesh serve all` supervisor (none when it runs alone)."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _cpu_seconds_of_serve(pid: int) -> float:
+    """CPU of `serve all`: itself, its live workers, and the workers it already reaped."""
+    return _cpu_seconds(pid, with_children=True) + sum(_cpu_seconds(child) for child in _workers_of(pid))
+
+
+def _peak_rss_of_serve(pid: int) -> float:
+    """The largest peak RSS of one process of `serve all` (a worker's, when it has workers)."""
+    return max([_peak_rss_mb(pid), *(_peak_rss_mb(child) for child in _workers_of(pid))])
+
+
+def _wait_workers(pid: int, processes: int, address: str, deadline: float) -> None:
+    """Every worker of `serve all` started and SERVING: health asked on fresh connections, which the
+    kernel spreads over the workers."""
+    while len(_workers_of(pid)) < processes:
+        if time.monotonic() > deadline:
+            raise TimeoutError("postmesh serve all did not start its workers")
+        time.sleep(0.2)
+    for _ in range(8 * processes):
+        channel = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+        try:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError("a worker of postmesh serve all did not become SERVING")
+                time.sleep(0.2)
+        finally:
+            channel.close()
 
 
 def _cpu_seconds(pid: int, *, with_children: bool = False) -> float:
@@ -161,6 +205,7 @@ class Bench:
         concurrency: int,
         delivery_processes: int,
         *,
+        serve_processes: int = 1,
         log_level: str = "WARNING",
         profile: str = "",
         sandbox: bool = False,
@@ -174,6 +219,7 @@ class Bench:
         self.messages = messages
         self.concurrency = concurrency
         self.delivery_processes = delivery_processes
+        self.serve_processes = serve_processes
         self.processes: list[subprocess.Popen[bytes]] = []
         self.deliverers: list[subprocess.Popen[bytes]] = []
 
@@ -235,6 +281,7 @@ class Bench:
             "SMTP_STARTTLS_LISTEN": f"127.0.0.1:{self.smtp_port}",
             "SMTP_TLS_CERT_FILE": str(self.workdir / "smtp-cert.pem"),
             "SMTP_TLS_KEY_FILE": str(self.workdir / "smtp-key.pem"),
+            "SERVE_PROCESSES": str(self.serve_processes),
             **self.extra_env,
         }
         log = (self.workdir / "postmesh.log").open("wb")
@@ -243,12 +290,15 @@ class Bench:
         )
         self.processes.append(self.mesh)
         _wait_serving(self.address, time.monotonic() + 60)
+        if self.serve_processes > 1:
+            _wait_workers(self.mesh.pid, self.serve_processes, self.address, time.monotonic() + 90)
         if self.profile:
             # Samples the all-in-one process until it exits (py-spy: `pip install py-spy`).
             subprocess.Popen(
                 [
                     shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")),
                     "record",
+                    "--subprocesses",
                     "-p",
                     str(self.mesh.pid),
                     "-r",
@@ -297,6 +347,7 @@ class Bench:
         if self.nats.process is not None:
             named["nats-server"] = self.nats.process.pid
         seconds = {name: _cpu_seconds(pid) for name, pid in named.items()}
+        seconds["postmesh serve all"] = _cpu_seconds_of_serve(self.mesh.pid)
         seconds["bench client (this)"] = time.process_time()
         return seconds
 
@@ -431,7 +482,12 @@ class Bench:
                         delivered += 1
                         last_delivery = time.perf_counter()
 
-        channels = [aio.insecure_channel(self.address) for _ in range(4)]
+        # Connections of their own (gRPC shares one between channels of the same target otherwise), so
+        # that the kernel spreads them over the workers of `serve all`, as it does many clients'.
+        channels = [
+            aio.insecure_channel(self.address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(8)
+        ]
         stubs = [sender_pb2_grpc.SenderServiceStub(c) for c in channels]
         metadata = (("authorization", f"Bearer {key}"),)
 
@@ -658,6 +714,12 @@ def main() -> int:
         help="delivery-only `postmesh serve sender` replicas (0: `serve all` delivers itself)",
     )
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="worker processes of `serve all` (SERVE_PROCESSES; 0: one per core, as `make run`)",
+    )
+    parser.add_argument(
         "--sandbox", action="store_true", help="keep the account in the sandbox (recipients checked)"
     )
     parser.add_argument("--smtp-connections", type=int, default=20, help="SMTP sessions in parallel")
@@ -692,6 +754,7 @@ def main() -> int:
             args.messages,
             args.concurrency,
             args.delivery_processes,
+            serve_processes=args.processes or len(os.sched_getaffinity(0)),
             log_level=args.log_level,
             profile=args.profile or "",
             sandbox=args.sandbox,
@@ -706,7 +769,7 @@ def main() -> int:
                 {"skipped": "--no-postfix"} if args.no_postfix else bench.run_postfix_peer()
             )
             rss = {
-                "postmesh serve all": _peak_rss_mb(bench.mesh.pid),
+                "postmesh serve all": _peak_rss_of_serve(bench.mesh.pid),
                 **{
                     f"postmesh serve sender #{n + 1}": _peak_rss_mb(p.pid)
                     for n, p in enumerate(bench.deliverers)
@@ -729,6 +792,7 @@ def main() -> int:
     ok = "ok"
     print(
         f"\npostmesh bench: {args.messages} messages of ~5 KB, {args.concurrency} SendEmail calls in flight, "
+        f"`serve all` in {bench.serve_processes} worker process(es), "
         f"DKIM RSA-{bits} signed, delivered by SMTP to a local sink by "
         f"{args.delivery_processes or 'the same'} process(es); {os.cpu_count()} CPUs, "
         f"{time.monotonic() - wall:.0f} s in all.\n"

@@ -146,6 +146,9 @@ def serve_process(nats_url: str, tmp_path: Path, request: pytest.FixtureRequest)
         "DNS_RESOLVER": "127.0.0.1:9",
         # Delivery workers would hold the outbound work queue's consumer after the process is gone.
         "DELIVERY_WORKERS": "0",
+        # One process, whose metrics, traces and shutdown these tests read (tests/test_serve_workers.py
+        # runs several).
+        "SERVE_PROCESSES": "1",
         **getattr(request, "param", {}),
     }
     process = subprocess.Popen(

@@ -168,10 +168,14 @@ class Burst:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _one(self, client: Client, n: int) -> None:
+        self.send_one(lambda r: client.sender.SendEmail(r, timeout=10), n)
+
+    def send_one(self, send: Callable[[pb.SendEmailRequest], pb.SendEmailResponse], n: int) -> None:
+        """Request `n` through `send` until its answer is final; the outcome is recorded here."""
         give_up = time.monotonic() + self.deadline
         while time.monotonic() < give_up:
             try:
-                reply = client.sender.SendEmail(request(n), timeout=10)
+                reply = send(request(n))
             except grpc.RpcError as error:
                 with self._lock:
                     self.codes[error.code()] += 1

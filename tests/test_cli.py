@@ -111,6 +111,8 @@ def test_dev_takes_its_ports_and_data_folder_as_flags(tmp_path: Path) -> None:
             "0",
             "--http-api-listen",
             "127.0.0.1:0",
+            "--processes",
+            "1",
         ],
         env=env,
         stdout=subprocess.PIPE,

@@ -35,24 +35,59 @@ def _start_tracing(settings: Settings, services: list[str]) -> None:
 GATEWAY = "gateway"
 
 
+def _worker_processes(args: argparse.Namespace, settings: Settings, names: list[str]) -> int:
+    """How many worker processes this `serve` runs: SERVE_PROCESSES (or --processes) for `serve all`
+    and `dev`, one for a subset of the services (their replicas are processes of their own already)
+    unless --processes says otherwise. 1 inside a worker the supervisor started."""
+    from postmesh.common.workers import WorkerRole, process_count
+
+    if WorkerRole.from_environment().count > 1:
+        return 1
+    if args.processes is not None:
+        return process_count(args.processes)
+    if "all" not in names:
+        return 1
+    return process_count(settings.serve_processes)
+
+
+def _supervise(argv: list[str], count: int, settings: Settings, overrides: dict[str, str]) -> int:
+    """Runs `count` workers of the `postmesh` command `argv`, all with the same secrets and ports."""
+    from postmesh.common.workers import Supervisor, with_fixed_ports
+
+    env = {**os.environ, **overrides}
+    env.update(with_fixed_ports(env, {"GRPC_LISTEN": settings.grpc_listen}))
+    # Secrets a single process would make up for itself must be the same in every worker: a call to
+    # "this process's port" lands on any of them, and a bounce address made by one is read by another.
+    for name in ("SERVICE_API_KEY", "VERP_SECRET"):
+        if not env.get(name):
+            env[name] = secrets.token_urlsafe(32)
+    print(f"postmesh: {count} worker processes sharing {env['GRPC_LISTEN']} (SERVE_PROCESSES)", flush=True)
+    return Supervisor(argv, count, env).run()
+
+
 def _serve(args: argparse.Namespace) -> int:
     from postmesh.common.logging import configure_logging
     from postmesh.common.server import MeshServer, load_all_service_settings
     from postmesh.common.tracing import shutdown_tracing
+    from postmesh.common.workers import WorkerRole
 
     load_all_service_settings()
     settings = load_settings()
     configure_logging(settings.log_level)
     names = list(args.services) or ["all"]
     try:
+        processes = _worker_processes(args, settings, names)
+        if processes > 1:
+            return _supervise(["serve", *names], processes, settings, {})
         mesh_names = [n for n in names if n != GATEWAY]
         _start_tracing(settings, mesh_names or ["all"])
+        worker = WorkerRole.from_environment()
         if GATEWAY in names or "all" in names:
             from services.gateway.serve import serve as serve_with_gateway
 
-            asyncio.run(serve_with_gateway(settings, mesh_names))
+            asyncio.run(serve_with_gateway(settings, mesh_names, worker=worker))
         else:
-            asyncio.run(MeshServer(settings, names).serve_until_signalled())
+            asyncio.run(MeshServer(settings, names, worker=worker).serve_until_signalled())
     except ValueError as exc:  # a missing or malformed setting: say which, without a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -176,6 +211,7 @@ def _dev(args: argparse.Namespace) -> int:
         overrides["NATS_URL"] = nats_process.url
     settings = base.with_overrides(**overrides)
     configure_logging(settings.log_level)
+    processes = _worker_processes(args, settings, ["all"])
     admin_key = settings.admin_api_key
     filters = [
         *([f"virus scanning (clamd {settings.clamd_url})"] if settings.clamd_url else []),
@@ -191,7 +227,7 @@ def _dev(args: argparse.Namespace) -> int:
     )
     print(
         f"""
-postmesh is starting on {settings.grpc_listen} (identity, quota, sender, feedback in one process).
+postmesh is starting on {settings.grpc_listen} (identity, quota, sender, feedback in {processes} process(es)).
   NATS:      {settings.nats_url}{started_here}
   databases: SQLite files in {data_dir}
 {metrics_line}  tracking:  http://{settings.tracking_http_listen} (tracked links and the open pixel)
@@ -212,8 +248,12 @@ Stop with Ctrl-C.
 """,
         flush=True,
     )
-    _start_tracing(settings, ["all"])
     try:
+        if processes > 1:
+            # The workers run `serve all` with what `dev` chose (secrets, NATS, SMTP listeners).
+            env = {name: str(value) for name, value in overrides.items()}
+            return _supervise(["serve", "all"], processes, settings, env)
+        _start_tracing(settings, ["all"])
         from services.gateway.serve import serve as serve_with_gateway
 
         asyncio.run(serve_with_gateway(settings, ["all"]))
@@ -249,6 +289,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=["all"],
         help=f"all, or any of: {', '.join(UNIT_NAMES)}, {GATEWAY} (the SES-compatible HTTP API)",
     )
+    serve.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="worker processes sharing the ports (default: SERVE_PROCESSES for all, else 1; 0: per core)",
+    )
     serve.set_defaults(handler=_serve)
 
     migrate = commands.add_parser(
@@ -277,6 +323,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     dev.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (METRICS_PORT; 0: off)")
     dev.add_argument("--http-api-listen", help="SES-compatible HTTP API address (HTTP_API_LISTEN)")
+    dev.add_argument(
+        "--processes", type=int, default=None, help="worker processes (default: SERVE_PROCESSES; 0: per core)"
+    )
     dev.set_defaults(handler=_dev)
 
     config = commands.add_parser("config", help="print the settings in force")

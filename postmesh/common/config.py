@@ -50,6 +50,12 @@ SCHEMA: list[Setting] = [
         "Address the gRPC server listens on (0.0.0.0:50051 in Kubernetes).",
     ),
     Setting("METRICS_PORT", int, 9464, "Port of the Prometheus /metrics HTTP endpoint; 0 disables it."),
+    Setting(
+        "SERVE_PROCESSES",
+        int,
+        0,
+        "Worker processes of `serve all` and `postmesh dev`, sharing their ports; 0: one per core.",
+    ),
     Setting("LOG_LEVEL", str, "INFO", "Log level of the JSON logs on stderr (DEBUG, INFO, WARNING, ERROR)."),
     Setting(
         "DATA_DIR", str, "./var", "Folder for the embedded defaults: SQLite files, NATS store, sink mail."

@@ -16,9 +16,9 @@ from postmesh.common.errors import InvalidArgument
 def new_message_id(now: dt.datetime) -> str:
     """SES-like: time-ordered (milliseconds, hex) then random, e.g. 0000019abc...-1f2e...-000000."""
     millis = int(now.timestamp() * 1000)
-    return f"{millis:016x}-{secrets.token_hex(4)}-{secrets.token_hex(2)}-{secrets.token_hex(2)}-" + (
-        f"{secrets.token_hex(2)}-{secrets.token_hex(6)}-000000"
-    )
+    # One draw of 16 random bytes (one system call, not five), cut into the same groups.
+    r = secrets.token_hex(16)
+    return f"{millis:016x}-{r[:8]}-{r[8:12]}-{r[12:16]}-{r[16:20]}-{r[20:32]}-000000"
 
 
 def message_id_header(message_id: str, domain: str) -> str:

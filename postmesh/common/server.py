@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NATS
 from opentelemetry.trace import SpanKind
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from postmesh.client import error_details
 from postmesh.common import db, tracing
@@ -41,6 +41,7 @@ from postmesh.common.metrics import REFUSALS, collect_jetstream_forever
 from postmesh.common.service import Clock, Runtime, Service, SystemClock
 from postmesh.common.streams import API_KEY_REVOKED_SUBJECT
 from postmesh.common.tls import ServerTlsFiles, mesh_client_tls
+from postmesh.common.workers import WorkerRole
 from postmesh.events.v1 import events_pb2
 from postmesh.identity.v1 import identity_pb2
 
@@ -63,6 +64,12 @@ MAX_ERROR_METADATA_CHARS = 256
 
 RPC_COUNT = Counter("postmesh_grpc_requests_total", "gRPC calls handled", ["method", "code"])
 RPC_SECONDS = Histogram("postmesh_grpc_request_seconds", "gRPC call latency", ["method"])
+# Per process, so that each worker of `serve all` (its own metrics port) says whether it serves.
+SERVING = Gauge(
+    "postmesh_serving",
+    "1 while this process reports the service SERVING (service empty: the whole process)",
+    ["service"],
+)
 
 
 def service_class(name: str) -> type[Service]:
@@ -378,9 +385,15 @@ class MeshServer:
     each service turns SERVING when its database and NATS are ready."""
 
     def __init__(
-        self, settings: Settings, service_names: Sequence[str], *, clock: Clock | None = None
+        self,
+        settings: Settings,
+        service_names: Sequence[str],
+        *,
+        clock: Clock | None = None,
+        worker: WorkerRole | None = None,
     ) -> None:
         self.settings = settings
+        self.worker = worker or WorkerRole()
         self.names = resolve_service_names(service_names)
         self.clock = clock or SystemClock()
         service_key = settings.service_api_key
@@ -442,9 +455,12 @@ class MeshServer:
             cache_seconds=self.settings.auth_cache_seconds,
         )
         by_full_name: dict[str, Service] = {}
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", GRPC_RECEIVE_LIMIT_BYTES)]
+        if self.worker.shares_ports:
+            options.append(("grpc.so_reuseport", 1))
         self.server = aio.server(
             interceptors=[MeshInterceptor(by_full_name, self.authenticator, self._on_outage)],
-            options=[("grpc.max_receive_message_length", GRPC_RECEIVE_LIMIT_BYTES)],
+            options=options,
         )
         tls = self._server_tls()
         if tls is None:
@@ -462,6 +478,7 @@ class MeshServer:
                 clients=self.clients,
                 authenticator=self.authenticator,
                 clock=self.clock,
+                worker=self.worker,
             )
             service = service_class(name)(runtime)
             service.register(self.server)
@@ -478,8 +495,10 @@ class MeshServer:
             await self.health.set(full_name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
         if self.settings.metrics_port:
+            # Each worker process counts its own calls: worker i serves them on METRICS_PORT + i.
             start_http_server(
-                self.settings.metrics_port, addr=self.settings.grpc_listen.rpartition(":")[0] or ""
+                self.settings.metrics_port + self.worker.index,
+                addr=self.settings.grpc_listen.rpartition(":")[0] or "",
             )
         await self.server.start()
         await self._start_health_port()
@@ -549,6 +568,7 @@ class MeshServer:
             self._collector = asyncio.create_task(collect_jetstream_forever(js), name="jetstream-metrics")
         await asyncio.gather(*(self._bring_up_service(s, js, publisher) for s in self.services.values()))
         await self._refresh_health()
+        self.worker.announce_ready()
         log.info("all services serving", extra={"services": ",".join(self.names)})
 
     async def _bring_up_service(self, service: Service, js: Any, publisher: EventPublisher) -> None:
@@ -587,8 +607,10 @@ class MeshServer:
             up = up and service.name not in self._databases_down
             everything = everything and up
             await self.health.set(service.full_name, serving if up else not_serving)
+            SERVING.labels(service.full_name).set(up)
         started = self._startup is not None and (self._startup.done() or everything)
         await self.health.set("", serving if everything and started else not_serving)
+        SERVING.labels("").set(everything and started)
 
     async def _on_nats_disconnected(self) -> None:
         log.warning("NATS disconnected: services NOT_SERVING until it is back")

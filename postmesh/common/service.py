@@ -27,6 +27,7 @@ from postmesh.common.bus import EventPublisher
 from postmesh.common.clients import MeshClients
 from postmesh.common.config import Settings
 from postmesh.common.errors import Unavailable
+from postmesh.common.workers import WorkerRole
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class Runtime:
     clients: MeshClients
     authenticator: Authenticator
     clock: Clock = field(default_factory=SystemClock)
+    # Which of `serve all`'s worker processes this is (postmesh.common.workers).
+    worker: WorkerRole = field(default_factory=WorkerRole)
     engine: AsyncEngine | None = None
     _sessions: async_sessionmaker[AsyncSession] | None = None
     nats: NATS | None = None
@@ -94,6 +97,13 @@ class Runtime:
                     await asyncio.sleep(1.0)
 
         self.tasks.append(asyncio.create_task(supervise(), name=f"{self.name}:{name}"))
+
+    def spawn_once(self, coro_factory: Callable[[], Awaitable[None]], name: str) -> None:
+        """spawn() for background work that must not run in every worker process of one `serve all`
+        (housekeeping, pollers, counters): it runs in worker 0 only. A process started on its own
+        (a Kubernetes replica) is worker 0 of 1 and runs it, as before."""
+        if self.worker.primary:
+            self.spawn(coro_factory, name)
 
 
 class Service(abc.ABC):

@@ -100,6 +100,7 @@ IDENTITY_CHANGED_SUBJECT = f"{EVENTS_SUBJECT_PREFIX}.identity.changed"
 ACCOUNT_CHANGED_SUBJECT = f"{EVENTS_SUBJECT_PREFIX}.account.changed"
 API_KEY_REVOKED_SUBJECT = f"{EVENTS_SUBJECT_PREFIX}.apikey.revoked"
 CONFIGURATION_SET_CHANGED_SUBJECT = f"{EVENTS_SUBJECT_PREFIX}.configset.changed"
+SUPPRESSION_LIST_CHANGED_SUBJECT = f"{EVENTS_SUBJECT_PREFIX}.suppression.changed"
 
 
 def account_events_subject(account_id: str, event_type: events_pb2.EmailEventType.ValueType) -> str:
@@ -129,4 +130,6 @@ def event_subject(event: events_pb2.Event) -> str:
         return API_KEY_REVOKED_SUBJECT
     if kind == "configuration_set_changed":
         return CONFIGURATION_SET_CHANGED_SUBJECT
+    if kind == "suppression_list_changed":
+        return SUPPRESSION_LIST_CHANGED_SUBJECT
     raise ValueError(f"event has no payload: {event!r}")

@@ -90,7 +90,13 @@ class FeedbackService(Service):
 
     async def on_ready(self) -> None:
         runtime = self.runtime
-        suppression = SuppressionList(runtime.sessions, runtime.clock)
+
+        async def added(account_id: str) -> None:
+            await runtime.events.publish(
+                new_event(account_id, suppression_list_changed=events_pb2.SuppressionListChanged())
+            )
+
+        suppression = SuppressionList(runtime.sessions, runtime.clock, added=added)
         self.servicer.suppression = suppression
         events = EventStore(runtime.sessions, runtime.clock)
         self.servicer.events = events
@@ -111,7 +117,9 @@ class FeedbackService(Service):
             max_bytes=runtime.settings.suppression_import_max_bytes,
         )
         self.servicer.exports = ExportJobs(runtime.sessions, runtime.clock, suppression, runner)
-        runtime.spawn(runner.run_forever, "suppression-jobs")
+        # Jobs run in the worker that took the request; the unfinished ones of a past run are resumed
+        # by one worker only.
+        runtime.spawn(lambda: runner.run_forever(resume=runtime.worker.primary), "suppression-jobs")
         feedback_subjects = [
             email_event_subject(events_pb2.EMAIL_EVENT_TYPE_BOUNCE),
             email_event_subject(events_pb2.EMAIL_EVENT_TYPE_COMPLAINT),
@@ -143,7 +151,7 @@ class FeedbackService(Service):
             ),
             "feedback-forwarding",
         )
-        runtime.spawn(
+        runtime.spawn_once(
             lambda: every(
                 HOUSEKEEPING_SECONDS,
                 lambda: events.expire(retention),
@@ -161,7 +169,8 @@ class FeedbackService(Service):
 
     async def _start_sns(self) -> None:
         settings = self.runtime.settings
-        if not settings.sns_https_listen:
+        # Its subscription callbacks belong to the webhook dispatcher, which runs in one worker.
+        if not settings.sns_https_listen or not self.runtime.worker.primary:
             return
         identity = load_or_create(
             host=settings.sns_cert_host,
@@ -191,6 +200,7 @@ class FeedbackService(Service):
             settings.tracking_http_listen,
             recorder,
             trust_forwarded_for=settings.tracking_trust_forwarded_for,
+            reuse_port=runtime.worker.shares_ports,
         )
         await self.tracking.start()
 
@@ -318,7 +328,9 @@ class FeedbackService(Service):
             ),
             "event-routing",
         )
-        runtime.spawn(dispatcher.run, "webhook-dispatcher")
+        # One dispatcher per machine: two would post a destination's rows twice. Rows queued by the
+        # other workers wait for its poll (WEBHOOK_POLL_SECONDS) instead of its wake-up.
+        runtime.spawn_once(dispatcher.run, "webhook-dispatcher")
 
 
 def _own_endpoints(grpc_endpoints: Iterable[str], settings: Settings) -> list[str]:

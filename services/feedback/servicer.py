@@ -88,4 +88,7 @@ class FeedbackServicer(
     ) -> pb.CheckSuppressedDestinationsResponse:
         account_id = account_for_internal_call(request.account_id)
         rows = await self.suppression.check(account_id, list(request.email_addresses))
-        return pb.CheckSuppressedDestinationsResponse(suppressed=[suppressed_message(r) for r in rows])
+        return pb.CheckSuppressedDestinationsResponse(
+            suppressed=[suppressed_message(r) for r in rows],
+            list_empty=not rows and await self.suppression.is_empty(account_id),
+        )

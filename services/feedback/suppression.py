@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -23,9 +23,21 @@ _BULK_ROWS = 400
 
 
 class SuppressionList:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], clock: Clock) -> None:
+    """`added(account_id)` runs after every committed addition (the SuppressionListChanged event):
+    a sender that knows an account's list to be empty answers from memory until it hears of one. It
+    runs after the commit, so a sender asking again sees the row; if it fails, the caller sees the
+    error and retries (adding is idempotent)."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        clock: Clock,
+        *,
+        added: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self._sessions = sessions
         self._clock = clock
+        self._added = added
         self._insert = (
             postgresql.insert if sessions.kw["bind"].dialect.name == "postgresql" else sqlite.insert
         )
@@ -65,6 +77,8 @@ class SuppressionList:
                         },
                     )
                 )
+        if values and self._added is not None:
+            await self._added(account_id)
 
     async def delete_many(self, account_id: str, addresses: Sequence[str]) -> None:
         keys = list({address_key(a) for a in addresses})
@@ -98,6 +112,8 @@ class SuppressionList:
             row.message_id = message_id
             row.feedback_id = feedback_id
             row.updated_at = self._clock.now()
+        if self._added is not None:
+            await self._added(account_id)
         return row
 
     async def get(self, account_id: str, address: str) -> SuppressedDestination:
@@ -144,6 +160,15 @@ class SuppressionList:
         async with self._sessions() as session:
             rows = (await session.scalars(statement)).all()
         return split_page(rows, size, lambda r: r.address_key)
+
+    async def is_empty(self, account_id: str) -> bool:
+        async with self._sessions() as session:
+            found = await session.scalar(
+                select(SuppressedDestination.address_key)
+                .where(SuppressedDestination.account_id == account_id)
+                .limit(1)
+            )
+        return found is None
 
     async def check(self, account_id: str, addresses: Sequence[str]) -> Sequence[SuppressedDestination]:
         """The given addresses that are suppressed (addresses are compared case-insensitively)."""

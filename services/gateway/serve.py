@@ -14,6 +14,7 @@ from postmesh.common.clients import MeshClients
 from postmesh.common.config import SERVICE_NAMES, Settings
 from postmesh.common.server import MeshServer
 from postmesh.common.tls import mesh_client_tls
+from postmesh.common.workers import WorkerRole
 from services.gateway.server import Gateway
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,9 @@ def _local_address(listen: str) -> str:
     return f"{host}:{port}"
 
 
-def build_gateway(settings: Settings, service_key: str) -> tuple[Gateway, MeshClients]:
+def build_gateway(
+    settings: Settings, service_key: str, *, reuse_port: bool = False
+) -> tuple[Gateway, MeshClients]:
     if not service_key:
         raise ValueError("SERVICE_API_KEY must be set for the HTTP gateway to call the services")
     local = _local_address(settings.grpc_listen)
@@ -48,6 +51,7 @@ def build_gateway(settings: Settings, service_key: str) -> tuple[Gateway, MeshCl
         clients=clients,
         max_skew_seconds=settings.get("HTTP_API_MAX_CLOCK_SKEW_SECONDS"),
         max_body_bytes=settings.get("HTTP_API_MAX_BODY_BYTES"),
+        reuse_port=reuse_port,
     )
     return gateway, clients
 
@@ -60,10 +64,13 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
-async def serve(settings: Settings, mesh_names: list[str]) -> None:
+async def serve(settings: Settings, mesh_names: list[str], *, worker: WorkerRole | None = None) -> None:
     """Runs the gateway, and the services named (if any), until SIGTERM or SIGINT."""
-    mesh = MeshServer(settings, mesh_names) if mesh_names else None
-    gateway, clients = build_gateway(settings, mesh.service_key if mesh else settings.service_api_key)
+    worker = worker or WorkerRole()
+    mesh = MeshServer(settings, mesh_names, worker=worker) if mesh_names else None
+    gateway, clients = build_gateway(
+        settings, mesh.service_key if mesh else settings.service_api_key, reuse_port=worker.shares_ports
+    )
     try:
         await gateway.start()
     except OSError as exc:  # the port is taken, or the address is not ours: say which setting

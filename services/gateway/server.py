@@ -36,6 +36,7 @@ class Gateway:
         clock: Clock | None = None,
         max_skew_seconds: float = 900.0,
         max_body_bytes: int = 60 * 1024 * 1024,
+        reuse_port: bool = False,
     ) -> None:
         host, _, port = listen.rpartition(":")
         self._host = host.strip("[]") or "127.0.0.1"
@@ -44,6 +45,7 @@ class Gateway:
         self._clock = clock or SystemClock()
         self._max_skew = max_skew_seconds
         self._max_body = max_body_bytes
+        self._reuse_port = reuse_port
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -57,7 +59,7 @@ class Gateway:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
+        site = web.TCPSite(self._runner, self._host, self._port, reuse_port=self._reuse_port or None)
         await site.start()
         server = site._server
         sockets = getattr(server, "sockets", None) or []

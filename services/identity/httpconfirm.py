@@ -45,16 +45,19 @@ def _response(status: str, title: str, text: str, *, head: bool = False) -> byte
 
 
 class ConfirmationServer:
-    def __init__(self, listen: str, confirm: Confirm) -> None:
+    def __init__(self, listen: str, confirm: Confirm, *, reuse_port: bool = False) -> None:
         host, _, port = listen.rpartition(":")
         self._host = host.strip("[]") or "127.0.0.1"
         self._port = int(port)
         self._confirm = confirm
+        self._reuse_port = reuse_port
         self._server: asyncio.Server | None = None
         self.port = 0
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, self._host, self._port, limit=MAX_LINE)
+        self._server = await asyncio.start_server(
+            self._handle, self._host, self._port, limit=MAX_LINE, reuse_port=self._reuse_port or None
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 

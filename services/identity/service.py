@@ -134,10 +134,12 @@ class IdentityService(Service):
                 identity, _ = await store.confirm(token)
                 return identity
 
-            self.http = ConfirmationServer(settings.identity_http_listen, confirm)
+            self.http = ConfirmationServer(
+                settings.identity_http_listen, confirm, reuse_port=runtime.worker.shares_ports
+            )
             await self.http.start()
         poll = settings.dns_check_poll_seconds
-        runtime.spawn(lambda: self.verifier.run(poll), "dns-checker")
+        runtime.spawn_once(lambda: self.verifier.run(poll), "dns-checker")
 
     async def on_stop(self) -> None:
         if self.http is not None:

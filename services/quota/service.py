@@ -53,10 +53,10 @@ class QuotaService(Service):
         self.servicer.statistics = statistics
         self.increases = QuotaIncreases(sessions, clock, settings, accounts, statistics)
         consumer = EventConsumer(runtime.jetstream, statistics)
-        runtime.spawn(consumer.run, "statistics")
-        runtime.spawn(self.increases.run, "quota-increases")
+        runtime.spawn_once(consumer.run, "statistics")
+        runtime.spawn_once(self.increases.run, "quota-increases")
         self.housekeeping = Housekeeping(sessions, clock, settings, accounts)
-        runtime.spawn(self.housekeeping.run, "housekeeping")
+        runtime.spawn_once(self.housekeeping.run, "housekeeping")
 
 
 SERVICE = QuotaService

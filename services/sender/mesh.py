@@ -31,7 +31,11 @@ from postmesh.common.addresses import address_key
 from postmesh.common.cache import TtlCache
 from postmesh.common.clients import MeshClients, domain_error_from, for_account
 from postmesh.common.sendquota import Reservation, SendQuotaClient
-from postmesh.common.streams import CONFIGURATION_SET_CHANGED_SUBJECT, IDENTITY_CHANGED_SUBJECT
+from postmesh.common.streams import (
+    CONFIGURATION_SET_CHANGED_SUBJECT,
+    IDENTITY_CHANGED_SUBJECT,
+    SUPPRESSION_LIST_CHANGED_SUBJECT,
+)
 from postmesh.events.v1 import events_pb2
 from postmesh.feedback.v1 import configuration_sets_pb2, feedback_pb2
 from postmesh.identity.v1 import identity_pb2
@@ -119,8 +123,16 @@ class MeshChecks:
         self._sets: TtlCache[tuple[str, str], SetOptions] = TtlCache(
             CACHE_SECONDS, max_entries=_CACHE_LIMIT, clock=clock
         )
+        # Accounts whose suppression list the feedback service found empty, dropped by the
+        # SuppressionListChanged event naming them (or after CACHE_SECONDS, should one be missed).
+        self._empty_lists: TtlCache[str, bool] = TtlCache(
+            CACHE_SECONDS, max_entries=_CACHE_LIMIT, clock=clock
+        )
+        # Additions heard per account: an answer asked for before one is not kept.
+        self._list_changes: dict[str, int] = {}
         self._subscription: Subscription | None = None
         self._set_subscription: Subscription | None = None
+        self._suppression_subscription: Subscription | None = None
         self._suppression = _Coalesced(self._check_suppressed)
         self._sandbox = _Coalesced(self._check_verified)
 
@@ -134,8 +146,18 @@ class MeshChecks:
         async def forget_sets(_: Any) -> None:
             self._sets.clear()
 
+        async def list_changed(msg: Any) -> None:
+            self.suppression_list_changed(events_pb2.Event.FromString(msg.data).account_id)
+
         self._subscription = await nats.subscribe(IDENTITY_CHANGED_SUBJECT, cb=forget)
         self._set_subscription = await nats.subscribe(CONFIGURATION_SET_CHANGED_SUBJECT, cb=forget_sets)
+        self._suppression_subscription = await nats.subscribe(
+            SUPPRESSION_LIST_CHANGED_SUBJECT, cb=list_changed
+        )
+
+    def suppression_list_changed(self, account_id: str) -> None:
+        self._list_changes[account_id] = self._list_changes.get(account_id, 0) + 1
+        self._empty_lists.discard(account_id)
 
     def forget(self) -> None:
         self._authorized.clear()
@@ -143,7 +165,7 @@ class MeshChecks:
 
     async def close(self) -> None:
         """Gives back quota leases still held (on shutdown)."""
-        for subscription in (self._subscription, self._set_subscription):
+        for subscription in (self._subscription, self._set_subscription, self._suppression_subscription):
             if subscription is not None:
                 try:
                     await subscription.unsubscribe()
@@ -203,6 +225,8 @@ class MeshChecks:
     async def suppressed(
         self, account_id: str, addresses: list[str], reasons: Sequence[str] = ALL_SUPPRESSION_REASONS
     ) -> list[str]:
+        if self._empty_lists.get(account_id):
+            return []
         suppressed = await self._suppression.flagged(account_id, addresses)
         return [a for a in addresses if any(_flag(address_key(a), r) in suppressed for r in reasons)]
 
@@ -249,6 +273,7 @@ class MeshChecks:
         return options
 
     async def _check_suppressed(self, account_id: str, addresses: list[str]) -> set[str]:
+        changes = self._list_changes.get(account_id, 0)
         async with _refusals_as_domain_errors():
             reply = await self._clients.feedback.CheckSuppressedDestinations(
                 feedback_pb2.CheckSuppressedDestinationsRequest(
@@ -256,6 +281,8 @@ class MeshChecks:
                 ),
                 timeout=TIMEOUT,
             )
+        if reply.list_empty and self._list_changes.get(account_id, 0) == changes:
+            self._empty_lists.put(account_id, True)
         # Each flag names the reason too, so a configuration set's own reasons can be applied.
         return {
             _flag(address_key(s.email_address), feedback_pb2.SuppressionListReason.Name(s.reason))

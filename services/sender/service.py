@@ -67,7 +67,7 @@ class SenderService(Service):
             message_id_domain=runtime.settings.message_id_domain,
             simulator=MailboxSimulator(runtime.settings.simulator_domain),
         )
-        runtime.spawn(lambda: _purge_keys(keys), "purge-request-ids")
+        runtime.spawn_once(lambda: _purge_keys(keys), "purge-request-ids")
         self.servicer.held = HeldStore(
             sessions=runtime.sessions, js=runtime.jetstream, events=runtime.events, clock=runtime.clock
         )

@@ -48,6 +48,8 @@ class ListenerConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     timeout_seconds: float = 300.0
+    # Beside the other worker processes of one `serve all` (postmesh.common.workers).
+    reuse_port: bool = False
 
 
 class InboundHandler:
@@ -219,7 +221,9 @@ class InboundListener:
             )
 
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(factory, host=config.host or None, port=config.port)
+        self._server = await loop.create_server(
+            factory, host=config.host or None, port=config.port, reuse_port=config.reuse_port or None
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("inbound SMTP listening", extra={"host": config.host, "port": self.port})
 

@@ -71,6 +71,7 @@ class Inbound:
                     max_connections_per_client=settings.inbound_max_connections_per_client,
                     tls_cert_file=settings.inbound_tls_cert_file,
                     tls_key_file=settings.inbound_tls_key_file,
+                    reuse_port=runtime.worker.shares_ports,
                 ),
                 self.domains,
             )
@@ -109,7 +110,7 @@ class Inbound:
             ),
             "sent-index",
         )
-        runtime.spawn(self._prune, "sent-index-prune")
+        runtime.spawn_once(self._prune, "sent-index-prune")
         if self.listener is not None:
             assert runtime.nats is not None
 

@@ -85,12 +85,13 @@ class JobRunner:
     def submit(self, kind: str, job_id: str) -> None:
         self._queue.put_nowait((kind, job_id))
 
-    async def run_forever(self) -> None:
+    async def run_forever(self, *, resume: bool = True) -> None:
         assert self.imports is not None and self.exports is not None
-        for job_id in await self.imports.unfinished():
-            self.submit("import", job_id)
-        for job_id in await self.exports.unfinished():
-            self.submit("export", job_id)
+        if resume:
+            for job_id in await self.imports.unfinished():
+                self.submit("import", job_id)
+            for job_id in await self.exports.unfinished():
+                self.submit("export", job_id)
         while True:
             kind, job_id = await self._queue.get()
             try:

@@ -32,12 +32,15 @@ def _not_found() -> web.Response:
 
 
 class TrackingServer:
-    def __init__(self, listen: str, recorder: TrackingRecorder, *, trust_forwarded_for: bool) -> None:
+    def __init__(
+        self, listen: str, recorder: TrackingRecorder, *, trust_forwarded_for: bool, reuse_port: bool = False
+    ) -> None:
         host, _, port = listen.rpartition(":")
         self._host = host.strip("[]") or "127.0.0.1"
         self._port = int(port)
         self.recorder = recorder
         self.trust_forwarded_for = trust_forwarded_for
+        self._reuse_port = reuse_port
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -53,7 +56,7 @@ class TrackingServer:
             self.app(), access_log=None, handler_args={"max_line_size": MAX_TOKEN_LENGTH + 256}
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
+        site = web.TCPSite(self._runner, self._host, self._port, reuse_port=self._reuse_port or None)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         return self.port

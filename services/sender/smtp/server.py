@@ -385,7 +385,7 @@ class SubmissionServer:
             ident="postmesh",
         )
 
-    async def listen(self, address: str, *, implicit_tls: bool) -> int:
+    async def listen(self, address: str, *, implicit_tls: bool, reuse_port: bool = False) -> int:
         host, _, port = address.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
         loop = asyncio.get_running_loop()
@@ -394,6 +394,7 @@ class SubmissionServer:
             host=host,
             port=int(port),
             ssl=self._tls if implicit_tls else None,
+            reuse_port=reuse_port or None,
         )
         self._servers.append(server)
         bound = int(server.sockets[0].getsockname()[1])

@@ -117,9 +117,9 @@ class SmtpService(Service):
             hostname=settings.smtp_hostname,
         )
         for address in self.starttls:
-            await self.server.listen(address, implicit_tls=False)
+            await self.server.listen(address, implicit_tls=False, reuse_port=runtime.worker.shares_ports)
         for address in self.implicit_tls:
-            await self.server.listen(address, implicit_tls=True)
+            await self.server.listen(address, implicit_tls=True, reuse_port=runtime.worker.shares_ports)
         tls = self.tls
         runtime.spawn(lambda: tls.watch(settings.smtp_tls_reload_seconds), "smtp-tls-reload")
 
