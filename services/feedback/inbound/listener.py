@@ -14,7 +14,6 @@ import datetime as dt
 import logging
 import ssl
 import tempfile
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from postmesh.common.connlimits import ConnectionLimits
 from services.feedback.inbound.domains import BounceDomains
 from services.feedback.inbound.processing import InboundProcessor
 
@@ -96,37 +96,10 @@ class InboundHandler:
         return "250 2.0.0 Recorded"
 
 
-class _Connections:
-    """Inbound connections open now, in total and per client address. One sending host cannot take
-    every slot: a provider's flood of reports leaves room for the others'."""
-
-    def __init__(self, config: ListenerConfig) -> None:
-        self._config = config
-        self._open: Counter[str] = Counter()
-
-    @property
-    def total(self) -> int:
-        return sum(self._open.values())
-
-    def enter(self, client: str) -> bool:
-        per_client = self._config.max_connections_per_client
-        if self.total >= self._config.max_connections or (
-            per_client > 0 and self._open[client] >= per_client
-        ):
-            return False
-        self._open[client] += 1
-        return True
-
-    def leave(self, client: str) -> None:
-        self._open[client] -= 1
-        if self._open[client] <= 0:
-            del self._open[client]
-
-
 class _CountedSMTP(SMTP):
     """aiosmtpd's SMTP, refusing with 421 a connection over the limits (before any greeting)."""
 
-    def __init__(self, connections: _Connections, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, connections: ConnectionLimits, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._connections = connections
         self._client: str | None = None
@@ -198,7 +171,8 @@ class InboundListener:
         self.config = config
         self.handler = InboundHandler(processor, config, domains)
         self._server: asyncio.base_events.Server | None = None
-        self._connections = _Connections(config)
+        # One sending host cannot take every slot: a provider's flood of reports leaves room for others'.
+        self._connections = ConnectionLimits(config.max_connections, config.max_connections_per_client)
         self.port = 0
 
     async def start(self) -> None:

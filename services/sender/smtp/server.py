@@ -13,7 +13,6 @@ import logging
 import socket
 import ssl
 from base64 import b64decode
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 from prometheus_client import Counter as MetricCounter
 from prometheus_client import Gauge
 
+from postmesh.common.connlimits import ConnectionLimits
 from postmesh.common.errors import PostmeshError, Unauthenticated
 from services.sender.accept import MAX_RECIPIENTS, Acceptor, Destination, SendRequest
 from services.sender.accept import Envelope as SendEnvelope
@@ -70,29 +70,22 @@ class ConnectionGate:
     """Connections open now, in total and per client address, across every listener of the process."""
 
     def __init__(self, limits: Limits) -> None:
-        self._limits = limits
-        self._open: Counter[str] = Counter()
+        self._connections = ConnectionLimits(limits.max_connections, limits.max_connections_per_client)
 
     @property
     def open(self) -> int:
-        return sum(self._open.values())
+        return self._connections.total
 
     def enter(self, client: str) -> bool:
-        if (
-            self.open >= self._limits.max_connections
-            or self._open[client] >= self._limits.max_connections_per_client
-        ):
+        if not self._connections.enter(client):
             SMTP_CONNECTIONS_REFUSED.inc()
             return False
-        self._open[client] += 1
         SMTP_CONNECTIONS.inc()
         return True
 
     def leave(self, client: str) -> None:
         SMTP_CONNECTIONS.dec()
-        self._open[client] -= 1
-        if self._open[client] <= 0:
-            del self._open[client]
+        self._connections.leave(client)
 
 
 def submission_request(mail_from: str, recipients: Sequence[str], data: bytes) -> SendRequest:
