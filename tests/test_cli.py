@@ -112,7 +112,7 @@ def test_dev_takes_its_ports_and_data_folder_as_flags(tmp_path: Path) -> None:
             "--http-api-listen",
             "127.0.0.1:0",
             "--processes",
-            "1",
+            "2",
         ],
         env=env,
         stdout=subprocess.PIPE,

@@ -61,7 +61,8 @@ def _supervise(argv: list[str], count: int, settings: Settings, overrides: dict[
     for name in ("SERVICE_API_KEY", "VERP_SECRET"):
         if not env.get(name):
             env[name] = secrets.token_urlsafe(32)
-    print(f"postmesh: {count} worker processes sharing {env['GRPC_LISTEN']} (SERVE_PROCESSES)", flush=True)
+    listen = env.get("GRPC_LISTEN") or settings.grpc_listen
+    print(f"postmesh: {count} worker processes sharing {listen} (SERVE_PROCESSES)", flush=True)
     return Supervisor(argv, count, env).run()
 
 
