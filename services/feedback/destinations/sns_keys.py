@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+
+from postmesh.common.certs import pem, self_signed
 
 
 @dataclass(frozen=True)
@@ -35,26 +35,6 @@ class SigningIdentity:
         return hashlib.sha256(first.public_bytes(serialization.Encoding.DER)).hexdigest()[:32]
 
 
-def _self_signed(host: str, key: rsa.RSAPrivateKey, now: dt.datetime) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    try:
-        alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
-    except ValueError:
-        alt = x509.DNSName(host)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=3650))
-        .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-
-
 def load_or_create(
     *, host: str, data_dir: Path, cert_file: str = "", key_file: str = "", now: dt.datetime | None = None
 ) -> SigningIdentity:
@@ -68,14 +48,11 @@ def load_or_create(
         if not (cert_path.exists() and key_path.exists()):
             folder.mkdir(parents=True, exist_ok=True)
             key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            cert = _self_signed(host, key, now or dt.datetime.now(dt.UTC))
-            key_pem = key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
+            cert_pem, key_pem = pem(*self_signed([host], key=key, ca=True, now=now))
             descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(descriptor, "wb") as out:
                 out.write(key_pem)
-            cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            cert_path.write_bytes(cert_pem)
     private_key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     if not isinstance(private_key, rsa.RSAPrivateKey):
         raise ValueError(f"{key_path}: SNS signatures need an RSA key")

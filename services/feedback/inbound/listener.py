@@ -10,7 +10,6 @@ and the feedback-loop address. Everything else gets 550.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import ssl
 import tempfile
@@ -19,11 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from postmesh.common.certs import pem, self_signed
 from postmesh.common.connlimits import ConnectionLimits
 from services.feedback.inbound.domains import BounceDomains
 from services.feedback.inbound.processing import InboundProcessor
@@ -136,27 +132,11 @@ class _CountedSMTP(SMTP):
 def self_signed_context(hostname: str) -> ssl.SSLContext:
     """A TLS context with a certificate made now: MTAs delivering bounces do not verify it, and
     STARTTLS still keeps reports (recipient addresses) off the wire in clear text."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64] or "postmesh")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=3650))
-        .sign(key, hashes.SHA256())
-    )
+    cert_pem, key_pem = pem(*self_signed([hostname or "postmesh"]))
     with tempfile.TemporaryDirectory() as folder:
         cert_path, key_path = Path(folder, "cert.pem"), Path(folder, "key.pem")
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
+        cert_path.write_bytes(cert_pem)
+        key_path.write_bytes(key_pem)
         return _context(str(cert_path), str(key_path))
 
 

@@ -4,17 +4,12 @@ self-signed pair for `postmesh dev`."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import ipaddress
 import logging
 import os
 import ssl
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from postmesh.common.certs import pem, self_signed
 
 log = logging.getLogger(__name__)
 
@@ -62,30 +57,8 @@ class ReloadingTls:
 
 def write_self_signed(cert_file: Path, key_file: Path, hostname: str = "localhost") -> None:
     """A self-signed certificate for `postmesh dev` (clients must not verify it, or trust it)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=825))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(hostname), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
+    cert_pem, key_pem = pem(*self_signed([hostname, "127.0.0.1"], days=825))
     key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    key_file.write_bytes(key_pem)
     key_file.chmod(0o600)
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    cert_file.write_bytes(cert_pem)
