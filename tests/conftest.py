@@ -109,7 +109,10 @@ def mesh(start_mesh: MeshFactory) -> MeshThread:
     return start_mesh()
 
 
-def _wait_serving(address: str, timeout: float = 60.0) -> None:
+def _wait_serving(
+    address: str, process: subprocess.Popen[bytes], output: Path, timeout: float = 90.0
+) -> None:
+    """Waits for the process's health to say SERVING; fails at once, with what it printed, if it exits."""
     deadline = time.monotonic() + timeout
     with Client(address) as client:
         while True:
@@ -118,7 +121,14 @@ def _wait_serving(address: str, timeout: float = 60.0) -> None:
                     return
             except grpc.RpcError:
                 pass
-            assert time.monotonic() < deadline, "postmesh serve did not become SERVING"
+            exited = process.poll() is not None
+            if exited or time.monotonic() > deadline:
+                if not exited:
+                    process.kill()
+                    process.wait(30)
+                printed = output.read_text(errors="replace")
+                state = f"exited with {process.returncode}" if exited else "did not become SERVING"
+                pytest.fail(f"postmesh serve {state}; it printed:\n{printed[-6000:]}")
             time.sleep(0.2)
 
 
@@ -151,14 +161,17 @@ def serve_process(nats_url: str, tmp_path: Path, request: pytest.FixtureRequest)
         "SERVE_PROCESSES": "1",
         **getattr(request, "param", {}),
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "postmesh.cli.main", "serve", "all"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    # Its output goes to a file: a pipe nobody reads would stall the process once full.
+    output = tmp_path / "serve.log"
+    with output.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "postmesh.cli.main", "serve", "all"],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        _wait_serving(f"127.0.0.1:{port}")
+        _wait_serving(f"127.0.0.1:{port}", process, output)
         yield process, f"127.0.0.1:{port}", metrics_port, tmp_path / "var"
     finally:
         if process.poll() is None:

