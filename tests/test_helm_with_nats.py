@@ -79,13 +79,15 @@ def _nats_settings(docs: list[dict[str, Any]]) -> set[tuple[str, str]]:
 
 
 def test_the_nats_dependency_is_the_official_chart_pinned_and_optional() -> None:
-    dependencies = {d["name"]: d for d in yaml.safe_load((UMBRELLA / "Chart.yaml").read_text())["dependencies"]}
+    chart = yaml.safe_load((UMBRELLA / "Chart.yaml").read_text())
+    dependencies = {d["name"]: d for d in chart["dependencies"]}
     nats = dependencies["nats"]
     assert nats["repository"] == "https://nats-io.github.io/k8s/helm/charts/"
     assert all(part.isdigit() for part in nats["version"].split(".")), "pinned: an exact version"
     assert nats["condition"] == "nats.enabled"
     assert dependencies["postmesh"]["repository"] == "file://../k8s"
-    assert dependencies["postmesh"]["version"] == yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
+    postmesh_chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert dependencies["postmesh"]["version"] == postmesh_chart["version"]
     values = yaml.safe_load((UMBRELLA / "values.yaml").read_text())["nats"]
     assert values["enabled"] is True
     assert values["config"]["jetstream"]["enabled"] is True
