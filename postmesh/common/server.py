@@ -699,7 +699,10 @@ class MeshServer:
                 async with asyncio.timeout(5):
                     await self.nats.drain()
             except (TimeoutError, nats.errors.Error):
-                await self.nats.close()
+                try:
+                    await self.nats.close()
+                except (ConnectionError, OSError):
+                    pass  # the server went away while we stopped: nothing left to flush to it
         self._stopped.set()
         log.info("stopped")
 
