@@ -13,9 +13,11 @@ from pathlib import Path
 import grpc
 import nats
 import pytest
+from nats.js.api import DiscardPolicy
 
 from postmesh.common.natsserver import NatsServerProcess
-from postmesh.common.streams import outbound_subject
+from postmesh.common.streams import EVENTS, outbound_subject
+from postmesh.events.v1 import events_pb2
 from postmesh.sender.v1 import sender_pb2 as pb
 from postmesh.testing import MeshThread
 from postmesh.testing_mail import LoopbackDns
@@ -24,7 +26,7 @@ from services.sender.mime import Body
 from services.sender.service import SenderService
 from tests.conftest import MeshFactory
 from tests.identity_helpers import create_verified_domain
-from tests.sending_helpers import queued_messages
+from tests.sending_helpers import email_events, of_type, queued_messages, refusal
 
 REQUESTS = 40
 
@@ -220,3 +222,43 @@ def test_a_bulk_send_with_transient_failures_can_be_retried_with_its_request_id(
     assert sorted(q.message_id for q in queued) == sorted(
         r.message_id for r in after.bulk_email_entry_results
     )
+
+
+def test_a_send_whose_event_is_not_stored_is_unavailable_and_its_retry_stores_one_of_each(
+    sending: tuple[MeshThread, str, str],
+) -> None:
+    """The message and its Send event are published together and both confirmed before the reply:
+    when the events stream refuses the event (full, here), the call answers UNAVAILABLE though its
+    message was queued, and the retry with the same request_id stores the Send event under the same
+    message id, without a second copy of the message."""
+    mesh, account_id, key = sending
+
+    async def events_stream_full(full: bool) -> None:
+        connection = await nats.connect(mesh.settings.nats_url)
+        try:
+            js = connection.jetstream()
+            config = (await js.stream_info(EVENTS.name)).config
+            stored = (await js.stream_info(EVENTS.name)).state.messages
+            config.max_msgs = stored if full else -1
+            config.discard = DiscardPolicy.NEW if full else DiscardPolicy.OLD
+            await js.update_stream(config)
+        finally:
+            await connection.close()
+
+    request = _request(0)
+    request.request_id = "event-refused"
+    with mesh.client(key) as client:
+        asyncio.run(events_stream_full(True))
+        try:
+            code, reason, _, _ = refusal(lambda: client.sender.SendEmail(request, timeout=30))
+        finally:
+            asyncio.run(events_stream_full(False))
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "QUEUE_UNAVAILABLE")
+        message_id = client.sender.SendEmail(request, timeout=30).message_id
+    queued = queued_messages(mesh.settings.nats_url, account_id, wait_for=1)
+    assert [q.message_id for q in queued] == [message_id]
+    sends = of_type(
+        email_events(mesh.settings.nats_url, account_id, until=lambda found: len(found) >= 1),
+        events_pb2.EMAIL_EVENT_TYPE_SEND,
+    )
+    assert [e.email.mail.message_id for e in sends] == [message_id]

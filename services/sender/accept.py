@@ -76,6 +76,8 @@ MAX_TAGS = 50
 _TAG = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 _TAG_VALUE = re.compile(r"^[A-Za-z0-9_.@-]{0,256}$")
 _CONFIGURATION_SET = re.compile(r"^[A-Za-z0-9_-]{0,64}$")
+# Pauses before publishing an unconfirmed email event again, within the call that accepted it.
+_EVENT_RETRY_PAUSES = (0.1, 0.5)
 T = TypeVar("T")
 
 
@@ -609,14 +611,30 @@ class Acceptor:
                             account_id, recipients, options.suppressed_reasons
                         )
             deliverable = [r for r in recipients if address_key(r) not in suppressed]
-            if deliverable:
-                await self._queue(account_id, message, authorization, deliverable, options)
+            events = self._accepted_events(account_id, message, authorization, sorted(suppressed.values()))
+            # The message and its events are stored together, one round trip instead of two; both
+            # are confirmed before the reply, so a Send event is never lost (a retry republishes it
+            # under the same event id, which JetStream and the consumers take once).
+            queued, published = await asyncio.gather(
+                self._queue(account_id, message, authorization, deliverable, options)
+                if deliverable
+                else _nothing(),
+                self._publish_confirmed(events),
+                return_exceptions=True,
+            )
+            if isinstance(queued, BaseException):
+                raise queued
+            if isinstance(published, BaseException):
+                raise QueueOutcomeUnknown(
+                    "The message queue did not confirm the message's events; retry with the same request_id.",
+                    reason="QUEUE_UNAVAILABLE",
+                    retry_after_seconds=1.0,
+                ) from published
         except BaseException:
             await self._release(reservation, reservation.messages)
             raise
         if suppressed:
             await self._release(reservation, len(suppressed))
-        await self._publish_accepted(account_id, message, authorization, sorted(suppressed.values()))
 
     async def _configuration_set_options(self, account_id: str, name: str) -> SetOptions:
         if not name:
@@ -766,9 +784,10 @@ class Acceptor:
             source_identity=identity,
         )
 
-    async def _publish_accepted(
+    def _accepted_events(
         self, account_id: str, message: Outgoing, authorization: Authorization, suppressed: list[str]
-    ) -> None:
+    ) -> list[events_pb2.Event]:
+        """The Send event of an accepted message and a Bounce for each suppressed recipient."""
         mail = self._mail(
             account_id,
             message.message_id,
@@ -817,7 +836,25 @@ class Acceptor:
                 )
             )
             events[-1].event_id = _event_id(message.message_id, f"suppressed:{address_key(address)}")
-        await self._publish(events)
+        return events
+
+    async def _publish_confirmed(self, events: list[events_pb2.Event]) -> None:
+        """Publishes every event, retrying a failed publish a few times; raises if one stays unconfirmed."""
+        pending = events
+        for pause in (*_EVENT_RETRY_PAUSES, None):
+            results = await asyncio.gather(
+                *(self._events.publish(e) for e in pending), return_exceptions=True
+            )
+            failed = [(e, r) for e, r in zip(pending, results, strict=True) if isinstance(r, BaseException)]
+            if not failed:
+                return
+            if pause is None:
+                raise failed[0][1]
+            log.warning(
+                "an email event was not confirmed; publishing it again", extra={"error": repr(failed[0][1])}
+            )
+            await asyncio.sleep(pause)
+            pending = [e for e, _ in failed]
 
     async def _publish_rendering_failure(
         self,
@@ -1018,6 +1055,10 @@ class Acceptor:
         body = Body(subject, text, html)
         no_line_breaks(subject, field="subject")
         return build_message(None, body, message_id=None, date=self._clock.now()), body
+
+
+async def _nothing() -> None:
+    return None
 
 
 async def _done(value: Authorization) -> Authorization:
