@@ -24,6 +24,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from postmesh.common.cache import TtlCache, within_domain
+
+# The signature is computed over what goes on the wire: CRLF line endings (still importable from here).
+from postmesh.common.mailformat import to_crlf as to_crlf
 from services.sender import dkim_direct
 from services.sender.dkim_direct import load_private_key
 
@@ -111,11 +114,6 @@ class SigningKey:
 class SigningConfig:
     domain: str
     keys: tuple[SigningKey, ...] = ()
-
-
-def to_crlf(mime: bytes) -> bytes:
-    """SMTP's line ending everywhere (the signature is computed over what goes on the wire)."""
-    return mime.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 def sign_message(mime: bytes, config: SigningConfig) -> bytes:
