@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from postmesh.common.errors import InvalidArgument
-from postmesh.common.mailformat import check_wire, too_long_line
+from postmesh.common.mailformat import _LONG_LINE, check_wire, too_long_line
 from services.sender.mime import (
     Addressing,
     Body,
@@ -197,3 +197,18 @@ def test_generated_messages_match_the_email_package(
         assert _new(Addressing(sender, to, cc), body, None, None) is None
         return
     _check_same(Addressing(sender, to, cc), body)
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from([b"\r\n", b"\n", b"\r", b"\r\r\n", b"x" * 500, b"y" * 998, b"z" * 999]),
+            st.binary(max_size=40),
+        ),
+        max_size=12,
+    ).map(b"".join)
+)
+@fuzz_settings(examples=300)
+def test_the_line_length_check_finds_what_the_regex_found(data: bytes) -> None:
+    match = _LONG_LINE.search(data)
+    assert too_long_line(data) == (None if match is None else data.count(b"\n", 0, match.start()) + 1)

@@ -4,8 +4,8 @@ dkimpy re-splits the whole message into lines with a regex and canonicalises eve
 more; that was half of its time on the mail postmesh writes itself (CRLF lines, a plain header block).
 Here the header block is split once with `bytes.split`, relaxed canonicalisation is `bytes.split`
 and `join`, the body hash is one `hashlib` call, and the RSA or Ed25519 operation is `cryptography`'s
-with the key object parsed once per PEM. The signature field itself is folded and blanked with
-dkimpy's own `fold` and `RE_BTAG`, so tag order and folding cannot drift from dkimpy's.
+with the key object parsed once per PEM. The signature field itself is folded with dkimpy's own
+`fold` (and its tags taken from dkimpy's lists), so tag order and folding cannot drift from dkimpy's.
 
 A message this does not take apart exactly as dkimpy would (a bare CR or LF, no header/body
 separator, a header line dkimpy refuses or skips, vertical tab or form feed in the header block, no
@@ -32,6 +32,8 @@ _SIGNED = frozenset(dkim.DKIM.SHOULD) | frozenset(dkim.DKIM.FROZEN)
 _FROZEN = frozenset(dkim.DKIM.FROZEN)
 _CANONICALIZATIONS = (b"relaxed", b"simple")
 _HEADER_NAME = b"DKIM-Signature"
+# dkim.sign's b= before signing: 60 characters, so that folding puts b= on a line of its own.
+_PLACEHOLDER = b"0" * 60
 # dkimpy's header-name pattern ([\x21-\x7e]+?:) up to the first colon; anything else it refuses or skips.
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+\Z")
 # What a selector or domain may hold here: plain DNS labels (nothing the b= blanking could mistake).
@@ -204,11 +206,15 @@ def direct_signature(
         (b"t", str(int(time.time()) if timestamp is None else timestamp).encode("ascii")),
         (b"h", b" : ".join(included)),
         (b"bh", _body_hash(body, body_canon)),
-        (b"b", b"0" * 60),  # dkimpy folds b= onto its own line with this placeholder
+        (b"b", _PLACEHOLDER),
     ]
     namelen = len(_HEADER_NAME)
     unsigned = dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=namelen, linesep=b"\r\n")
-    unsigned = b" " + dkim.RE_BTAG.sub(b"\\1", unsigned)
+    # dkimpy blanks b= with RE_BTAG; the placeholder is the only b= value and ends the field, unfolded.
+    if unsigned.endswith(b"b=" + _PLACEHOLDER):
+        unsigned = b" " + unsigned[: -len(_PLACEHOLDER)]
+    else:
+        unsigned = b" " + dkim.RE_BTAG.sub(b"\\1", unsigned)
     if relaxed:
         hashed.append(b"dkim-signature:" + b" ".join(unsigned.split()))
     else:
