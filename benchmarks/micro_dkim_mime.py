@@ -19,7 +19,7 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from postmesh.common.mailformat import _LONG_LINE, check_wire
+from postmesh.common.mailformat import _LONG_LINE, check_wire, too_long_line
 from services.sender import dkim_signing  # installs dkimpy's cryptography-backed RSA, as production
 from services.sender.dkim_direct import direct_signature, ed25519_seed
 from services.sender.mime import (
@@ -85,7 +85,10 @@ def main() -> None:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     assert dkim_signing.CANONICALIZE == (b"relaxed", b"simple")
-    rows = [("build a SendEmail message (text+HTML)", old_build, new_build)]
+    rows = [
+        ("build a SendEmail message (text+HTML)", old_build, new_build),
+        ("of which: line-length check", lambda: _LONG_LINE.search(mime), lambda: too_long_line(mime)),
+    ]
     for label, algorithm, pem, secret in (
         ("DKIM sign, RSA-2048", b"rsa-sha256", rsa_pem, rsa_pem),
         ("DKIM sign, Ed25519", b"ed25519-sha256", ed_pem, ed25519_seed(ed_pem)),
