@@ -32,6 +32,11 @@ def split_head(data: bytes) -> tuple[bytes, bytes]:
     return data[: match.start()], data[match.end() :]
 
 
+def to_crlf(data: bytes) -> bytes:
+    """SMTP's line ending everywhere: every LF preceded by a CR (two C passes, not a regex's)."""
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
 BARE_CR = re.compile(rb"\r(?!\n)")
 HEADER_LINE = re.compile(rb"^(?:[\x21-\x39\x3b-\x7e]+[ \t]*:|[ \t])")
 MAX_LINE = 998
@@ -42,6 +47,10 @@ _LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
 
 def too_long_line(data: bytes) -> int | None:
     """The number of the first line longer than 998 characters (line breaks aside), if any."""
+    # bytes.splitlines breaks at CR, LF and CRLF, as the pattern does: a C pass where the regex took
+    # a millisecond per 5 KB. The regex only finds the line's number when there is one.
+    if len(data) <= MAX_LINE or max(map(len, data.splitlines())) <= MAX_LINE:
+        return None
     match = _LONG_LINE.search(data)
     return None if match is None else data.count(b"\n", 0, match.start()) + 1
 

@@ -1,15 +1,16 @@
-"""DKIM signing with dkimpy, its RSA arithmetic done by the `cryptography` package.
+"""DKIM signing: signing configurations, their cache, and one signature per key.
 
-dkimpy signs RSA with pure-Python big numbers (~136 RSA-2048 signatures/s on one core). It looks up
-`RSASSA_PKCS1_v1_5_sign` and `parse_pem_private_key` by name in its own module namespace, so we put
-cryptography-backed functions with the same contracts there, with each parsed key cached: the
-signature bytes are identical (PKCS#1 v1.5 is deterministic), only faster. Ed25519 goes through
-dkimpy's own PyNaCl path, fed the raw seed it expects.
+Signatures are computed by `dkim_direct` (dkimpy's bytes without its parsing), falling back to dkimpy
+for messages or inputs it does not take. For that fallback: dkimpy signs RSA with pure-Python big
+numbers (~136 RSA-2048 signatures/s on one core). It looks up `RSASSA_PKCS1_v1_5_sign` and
+`parse_pem_private_key` by name in its own module namespace, so we put cryptography-backed functions
+with the same contracts there, with each parsed key cached: the signature bytes are identical
+(PKCS#1 v1.5 is deterministic), only faster. Ed25519 goes through dkimpy's own PyNaCl path, fed the
+raw seed it expects (`dkim_direct.ed25519_seed`).
 """
 
 from __future__ import annotations
 
-import base64
 import functools
 import logging
 import time
@@ -19,10 +20,15 @@ from typing import Any
 
 import dkim
 import dkim.crypto
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from postmesh.common.cache import TtlCache, within_domain
+
+# The signature is computed over what goes on the wire: CRLF line endings (still importable from here).
+from postmesh.common.mailformat import to_crlf as to_crlf
+from services.sender import dkim_direct
+from services.sender.dkim_direct import load_private_key
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +50,8 @@ class _RsaKey(dict[str, int]):
 @functools.lru_cache(maxsize=1024)
 def _parse_pem_private_key(pem: bytes) -> _RsaKey:
     try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as exc:
+        key = load_private_key(pem)
+    except ValueError as exc:
         raise dkim.crypto.UnparsableKeyError(str(exc)) from exc
     if not isinstance(key, rsa.RSAPrivateKey):
         raise dkim.crypto.UnparsableKeyError("not an RSA private key")
@@ -97,15 +103,6 @@ def install_fast_rsa() -> None:
 install_fast_rsa()
 
 
-@functools.lru_cache(maxsize=1024)
-def _ed25519_seed(pem: bytes) -> bytes:
-    """dkimpy wants the 32-byte ed25519 seed, base64; identity hands out PKCS#8 PEM."""
-    key = serialization.load_pem_private_key(pem, password=None)
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise ValueError("not an ed25519 private key")
-    return base64.b64encode(key.private_bytes_raw())
-
-
 @dataclass(frozen=True)
 class SigningKey:
     selector: str
@@ -119,11 +116,6 @@ class SigningConfig:
     keys: tuple[SigningKey, ...] = ()
 
 
-def to_crlf(mime: bytes) -> bytes:
-    """SMTP's line ending everywhere (the signature is computed over what goes on the wire)."""
-    return mime.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-
-
 def sign_message(mime: bytes, config: SigningConfig) -> bytes:
     """`mime` (CRLF) with one DKIM-Signature per key prepended; unchanged when there is no key.
 
@@ -132,23 +124,17 @@ def sign_message(mime: bytes, config: SigningConfig) -> bytes:
     signatures: list[bytes] = []
     domain = config.domain.encode("ascii")
     for key in config.keys:
-        pem = key.private_key_pem.encode("ascii")
-        if key.algorithm == RSA_SHA256:
-            secret, algorithm = pem, b"rsa-sha256"
-        elif key.algorithm == ED25519_SHA256:
-            secret, algorithm = _ed25519_seed(pem), b"ed25519-sha256"
-        else:
+        if key.algorithm not in (RSA_SHA256, ED25519_SHA256):
             log.warning("unknown DKIM algorithm skipped", extra={"algorithm": key.algorithm})
             continue
         signatures.append(
-            dkim.sign(
+            dkim_direct.sign(
                 mime,
-                key.selector.encode("ascii"),
-                domain,
-                secret,
-                signature_algorithm=algorithm,
+                selector=key.selector.encode("ascii"),
+                domain=domain,
+                private_key_pem=key.private_key_pem.encode("ascii"),
+                algorithm=key.algorithm.encode("ascii"),
                 canonicalize=CANONICALIZE,
-                linesep=b"\r\n",
             )
         )
     return b"".join(signatures) + mime
