@@ -366,7 +366,7 @@ class ReputationJudge:
 
     def __init__(self, statistics: SendStatistics, interval_seconds: float) -> None:
         self._statistics = statistics
-        self._interval = interval_seconds
+        self._interval = max(interval_seconds, 0.01)  # 0 would spin, judging nothing new
 
     async def run(self) -> None:
         while True:
