@@ -66,6 +66,8 @@ class MeshThread:
         # Delivery workers take every message off the outbound work queue: a test that wants
         # delivery turns them on (delivery_workers=N), others may read the queue themselves.
         settings.setdefault("delivery_workers", 0)
+        # Reputation is judged within a test's patience, not every few seconds.
+        settings.setdefault("reputation_evaluation_seconds", 0.1)
         self.settings = load_settings(
             {},
             grpc_listen="127.0.0.1:0",

@@ -130,3 +130,15 @@ class ProcessedEvent(Base):
 
     event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     processed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class ReputationPending(Base):
+    """Accounts whose reputation counts changed since they were last judged. Written in the same
+    transaction as the counts, so an account is judged even if the process dies before its judge
+    runs; `version` grows with each change, so a change counted while the judge works keeps the row
+    for the next round."""
+
+    __tablename__ = "reputation_pending"
+
+    account_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, default=1)

@@ -17,7 +17,7 @@ from services.quota.increases import QuotaIncreases
 from services.quota.models import Base
 from services.quota.notify import Notifier
 from services.quota.servicer import QuotaServicer
-from services.quota.statistics import EventConsumer, SendStatistics
+from services.quota.statistics import EventConsumer, ReputationJudge, SendStatistics
 
 
 class QuotaService(Service):
@@ -54,6 +54,8 @@ class QuotaService(Service):
         self.increases = QuotaIncreases(sessions, clock, settings, accounts, statistics)
         consumer = EventConsumer(runtime.jetstream, statistics)
         runtime.spawn_once(consumer.run, "statistics")
+        judge = ReputationJudge(statistics, settings.reputation_evaluation_seconds)
+        runtime.spawn_once(judge.run, "reputation")
         runtime.spawn_once(self.increases.run, "quota-increases")
         self.housekeeping = Housekeeping(sessions, clock, settings, accounts)
         runtime.spawn_once(self.housekeeping.run, "housekeeping")

@@ -59,6 +59,13 @@ register(
         "REPUTATION_COMPLAINT_PAUSE_RATE", float, 0.005, "Complaint rate that pauses an account's sending."
     ),
     Setting(
+        "REPUTATION_EVALUATION_SECONDS",
+        float,
+        5.0,
+        "How often the accounts whose sending statistics changed are judged against the review and "
+        "pause thresholds.",
+    ),
+    Setting(
         "NOTIFICATION_FROM_ADDRESS",
         str,
         "no-reply@postmesh.test",

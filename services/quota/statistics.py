@@ -2,19 +2,21 @@
 
 Events are counted per account in 15-minute intervals (what GetSendStatistics returns). The bounce
 and complaint rates are computed from those intervals over the representative window, and judged
-against the review and pause thresholds after every batch of events.
+against the review and pause thresholds every REPUTATION_EVALUATION_SECONDS for the accounts whose
+counts changed since (not per batch: an account sending steadily would be judged many times a second).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from nats.js import JetStreamContext
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -23,10 +25,10 @@ from postmesh.common.bus import consume_event_batches
 from postmesh.common.config import Settings
 from postmesh.common.db import transaction
 from postmesh.common.service import Clock
-from postmesh.common.streams import EMAIL_EVENTS_SUBJECT
+from postmesh.common.streams import email_event_subject
 from postmesh.events.v1 import events_pb2
 from services.quota.accounts import HEALTHY, PROBATION, SHUTDOWN, SYSTEM, QuotaAccounts, slot_start
-from services.quota.models import AccountQuota, ProcessedEvent, SendStatsSlot
+from services.quota.models import AccountQuota, ProcessedEvent, ReputationPending, SendStatsSlot
 from services.quota.notify import SYSTEM_ACCOUNT_ID
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,17 @@ _COLUMN_BY_HOLD_ACTION = {
     events_pb2.HOLD_ACTION_DROPPED: "held_dropped",
 }
 COLUMNS = ("delivery_attempts", "bounces", "complaints", "rejects", "held", "held_released", "held_dropped")
-# Rows per multi-row INSERT, well under SQLite's limit on bound parameters.
-_ROWS_PER_STATEMENT = 500
+# What reputation is judged on: a change of any of them may change the verdict (a bounce raises the
+# rate, more delivery attempts lower it or bring the account up to the minimum volume).
+REPUTATION_COLUMNS = ("delivery_attempts", "bounces", "complaints")
+# The email event types counted() counts, and the subjects they are published on: the consumer is
+# handed no others (a Delivery or an Open would only be fetched, decoded and acked for nothing).
+COUNTED_TYPES = (*_COLUMN_BY_TYPE, events_pb2.EMAIL_EVENT_TYPE_HOLD)
+COUNTED_SUBJECTS = tuple(email_event_subject(t) for t in COUNTED_TYPES)
+
+_PROCESSED = cast(Table, ProcessedEvent.__table__)
+_SLOTS = cast(Table, SendStatsSlot.__table__)
+_PENDING = cast(Table, ReputationPending.__table__)
 
 
 def counted(event: events_pb2.Event) -> tuple[str, int] | None:
@@ -146,6 +157,27 @@ def judge(reputation: Reputation, t: Thresholds) -> tuple[str, str] | None:
     return HEALTHY, f"Bounce and complaint rates {over} are below the review thresholds."
 
 
+SlotKey = tuple[str, dt.datetime]
+
+
+def _slot_counts(events: Iterable[tuple[events_pb2.Event, str, int]]) -> dict[SlotKey, dict[str, int]]:
+    """What counted events add to each (account, 15-minute interval)."""
+    counts: dict[SlotKey, dict[str, int]] = {}
+    for event, column, messages in events:
+        key = (event.account_id, slot_start(event.time.ToDatetime(tzinfo=dt.UTC)))
+        slot = counts.get(key)
+        if slot is None:
+            slot = counts[key] = dict.fromkeys(COLUMNS, 0)
+        slot[column] += messages
+        if column == "rejects" and event.email.mail.HasField("timestamp"):
+            # Counted as a delivery attempt by its Send event when accepted; SES never tried to
+            # deliver a rejected message, so it leaves the attempts (and the bounce rate's
+            # denominator) of the interval it was sent in.
+            sent = (event.account_id, slot_start(event.email.mail.timestamp.ToDatetime(tzinfo=dt.UTC)))
+            counts.setdefault(sent, dict.fromkeys(COLUMNS, 0))["delivery_attempts"] -= messages
+    return counts
+
+
 def _upsert(dialect: str) -> Any:
     return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
@@ -162,12 +194,33 @@ class SendStatistics:
         self._clock = clock
         self._settings = settings
         self._accounts = accounts
-        self._insert = _upsert(sessions.kw["bind"].dialect.name)
+        # Built once, so SQLAlchemy compiles each once (its cache) and every batch runs it as an
+        # executemany (PostgreSQL and SQLite alike).
+        insert = _upsert(sessions.kw["bind"].dialect.name)
+        processed = insert(_PROCESSED)
+        self._first_time = processed.on_conflict_do_nothing(index_elements=["event_id"]).returning(
+            _PROCESSED.c.event_id
+        )
+        counts = insert(_SLOTS)
+        self._add_counts = counts.on_conflict_do_update(
+            index_elements=["account_id", "slot_start"],
+            set_={c: _SLOTS.c[c] + counts.excluded[c] for c in COLUMNS},
+        )
+        pending = insert(_PENDING).values(version=1)
+        self._mark_pending = pending.on_conflict_do_update(
+            index_elements=["account_id"], set_={"version": _PENDING.c.version + 1}
+        )
+        self._unmark_pending = delete(_PENDING).where(
+            _PENDING.c.account_id == bindparam("judged_account"),
+            _PENDING.c.version == bindparam("judged_version"),
+        )
 
     async def record(self, events: Iterable[events_pb2.Event]) -> set[str]:
         """Counts the events not counted before (by event id), in one transaction; returns the
-        accounts whose counts changed. A few statements per batch, not two per event: on SQLite the
-        batch holds the one write lock that quota reservations wait for."""
+        accounts whose counts changed, and marks those whose reputation counts changed for the next
+        judge's round in the same transaction. Three statements per batch whatever its size, each
+        an executemany of one cached statement: on SQLite the batch holds the one write lock that
+        quota reservations wait for."""
         wanted: dict[str, tuple[events_pb2.Event, str, int]] = {}
         for event in events:
             what = counted(event)
@@ -177,45 +230,20 @@ class SendStatistics:
             return set()
         now = self._clock.now()
         async with self._accounts.write_lock(), transaction(self._sessions) as session:
-            first_time: set[str] = set()
-            ids = list(wanted)
-            for start in range(0, len(ids), _ROWS_PER_STATEMENT):
-                inserted = await session.scalars(
-                    self._insert(ProcessedEvent)
-                    .values(
-                        [
-                            {"event_id": i, "processed_at": now}
-                            for i in ids[start : start + _ROWS_PER_STATEMENT]
-                        ]
-                    )
-                    .on_conflict_do_nothing(index_elements=["event_id"])
-                    .returning(ProcessedEvent.event_id)
+            # A redelivered or republished event inserts nothing: it was counted already. Rows go in
+            # key order, so that two replicas writing the same rows on PostgreSQL cannot deadlock.
+            first_time = (
+                await session.scalars(
+                    self._first_time, [{"event_id": i, "processed_at": now} for i in sorted(wanted)]
                 )
-                first_time.update(inserted)  # a redelivery inserts nothing: counted already
-            counts: dict[tuple[str, dt.datetime], dict[str, int]] = {}
-            for event_id in first_time:
-                event, column, messages = wanted[event_id]
-                key = (event.account_id, slot_start(event.time.ToDatetime(tzinfo=dt.UTC)))
-                slot = counts.setdefault(key, dict.fromkeys(COLUMNS, 0))
-                slot[column] += messages
-                if column == "rejects" and event.email.mail.HasField("timestamp"):
-                    # Counted as a delivery attempt by its Send event when accepted; SES never tried
-                    # to deliver a rejected message, so it leaves the attempts (and the bounce rate's
-                    # denominator) of the interval it was sent in.
-                    sent = (
-                        event.account_id,
-                        slot_start(event.email.mail.timestamp.ToDatetime(tzinfo=dt.UTC)),
-                    )
-                    counts.setdefault(sent, dict.fromkeys(COLUMNS, 0))["delivery_attempts"] -= messages
-            rows = [{"account_id": a, "slot_start": s, **c} for (a, s), c in counts.items()]
-            for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-                statement = self._insert(SendStatsSlot).values(rows[start : start + _ROWS_PER_STATEMENT])
-                await session.execute(
-                    statement.on_conflict_do_update(
-                        index_elements=["account_id", "slot_start"],
-                        set_={c: getattr(SendStatsSlot, c) + getattr(statement.excluded, c) for c in COLUMNS},
-                    )
-                )
+            ).all()
+            counts = _slot_counts(wanted[event_id] for event_id in first_time)
+            if counts:
+                rows = [{"account_id": a, "slot_start": s, **c} for (a, s), c in sorted(counts.items())]
+                await session.execute(self._add_counts, rows)
+            to_judge = sorted({a for (a, _), c in counts.items() if any(c[k] for k in REPUTATION_COLUMNS)})
+            if to_judge:
+                await session.execute(self._mark_pending, [{"account_id": a} for a in to_judge])
         return {account_id for account_id, _ in counts}
 
     async def data_points(self, account_id: str) -> Sequence[SendStatsSlot]:
@@ -283,13 +311,34 @@ class SendStatistics:
         )
         log.info("enforcement status changed", extra={"account_id": account_id, "status": status})
 
+    async def evaluate_pending(self) -> int:
+        """Judges every account marked by record() and unmarks it; returns how many were judged. An
+        account marked again meanwhile (its version moved) stays for the next round, as does one
+        whose judgement failed."""
+        async with self._sessions() as session:
+            pending = (await session.execute(select(_PENDING.c.account_id, _PENDING.c.version))).all()
+        judged = []
+        for account_id, version in sorted(pending):
+            try:
+                await self.evaluate(account_id)
+            except Exception:
+                log.exception(
+                    "reputation not judged; tried again next round", extra={"account_id": account_id}
+                )
+                continue
+            judged.append({"judged_account": account_id, "judged_version": version})
+        if judged:
+            async with self._accounts.write_lock(), transaction(self._sessions) as session:
+                await session.execute(self._unmark_pending, judged)
+        return len(judged)
+
 
 class EventConsumer:
-    """A durable pull consumer on the events stream, filtered to email events: shared by every
-    quota replica, each event taken by one. Unlike postmesh.common.bus.consume_events (one event at a
-    time) it counts a whole batch in one transaction and judges each account once per batch, which
-    keeps up with thousands of events a second. Acked only after the counts are committed; counting
-    is idempotent by event id, so a redelivery counts nothing twice."""
+    """A durable pull consumer on the events stream, filtered to the email events that count: shared
+    by every quota replica, each event taken by one. Unlike postmesh.common.bus.consume_events (one
+    event at a time) it counts a whole batch in one transaction, which keeps up with thousands of
+    events a second. Acked only after the counts are committed; counting is idempotent by event id,
+    so a redelivery counts nothing twice. Reputation is left to the ReputationJudge."""
 
     def __init__(self, js: JetStreamContext, statistics: SendStatistics, *, batch: int = 256) -> None:
         self._js = js
@@ -297,17 +346,32 @@ class EventConsumer:
         self._batch = batch
 
     async def run(self) -> None:
+        # A durable made with another filter (all email events, before) is updated in place by the
+        # server (2.10 and later), keeping its position in the stream.
         await consume_event_batches(
             self._js,
             durable=CONSUMER,
-            subjects=[EMAIL_EVENTS_SUBJECT],
+            subjects=COUNTED_SUBJECTS,
             handle=self._process,
             batch=self._batch,
         )
 
     async def _process(self, events: list[events_pb2.Event]) -> None:
         await self._statistics.record(events)
-        # Every account of the batch, not only those whose counts changed now: after a failure
-        # the redelivered events count nothing, but their account must still be judged.
-        for account_id in sorted({e.account_id for e in events if counted(e) is not None}):
-            await self._statistics.evaluate(account_id)
+
+
+class ReputationJudge:
+    """Judges the accounts whose counts changed, every `interval_seconds` (first at once: what a
+    stopped process had counted but not judged is judged on start)."""
+
+    def __init__(self, statistics: SendStatistics, interval_seconds: float) -> None:
+        self._statistics = statistics
+        self._interval = max(interval_seconds, 0.01)  # 0 would spin, judging nothing new
+
+    async def run(self) -> None:
+        while True:
+            await self.run_once()
+            await asyncio.sleep(self._interval)
+
+    async def run_once(self) -> int:
+        return await self._statistics.evaluate_pending()
