@@ -70,7 +70,7 @@ class MeshThread:
         settings.setdefault("reputation_evaluation_seconds", 0.1)
         self.settings = load_settings(
             {},
-            grpc_listen="127.0.0.1:0",
+            grpc_listen=settings.pop("grpc_listen", "127.0.0.1:0"),
             metrics_port=0,
             data_dir=str(data_dir),
             nats_url=nats_url,

@@ -242,7 +242,11 @@ def assert_delivered_once(
     assert len(burst.message_ids) == burst.count
     assert len(set(burst.message_ids.values())) == burst.count
     expected = set(burst.message_ids.values())
-    wait_for(lambda: expected <= set(arrivals(sink)), 120, "every accepted message to arrive")
+    try:
+        wait_for(lambda: expected <= set(arrivals(sink)), 120, "every accepted message to arrive")
+    except AssertionError:
+        missing = sorted(expected - set(arrivals(sink)))
+        raise AssertionError(f"{len(missing)} accepted messages never arrived: {missing}") from None
     # Long enough for a second copy to show up: past the duplicate window, the claim lease and the
     # delivery workers' ack wait.
     time.sleep(settle)
@@ -332,6 +336,9 @@ class TcpProxy:
 
     def cut(self) -> None:
         if self._listener is not None:
+            # shutdown first: close() alone leaves a thread blocked in accept() listening (Linux).
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
             self._listener = None
         with self._lock:

@@ -52,7 +52,13 @@ from postmesh.common.verp import VerpKey, bounce_address
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.sender.v1 import queue_pb2
 from services.sender.backoff import RetryPolicy
-from services.sender.dkim_signing import SigningConfigCache, SigningUnavailable, sign_message, to_crlf
+from services.sender.dkim_signing import (
+    SigningConfig,
+    SigningConfigCache,
+    SigningUnavailable,
+    sign_message,
+    to_crlf,
+)
 from services.sender.filtration.stage import ContentFilters, Verdict
 from services.sender.filtration.stage import Kind as ScanKind
 from services.sender.simulator import MailboxSimulator, SimulatedBounce
@@ -64,6 +70,9 @@ log = logging.getLogger(__name__)
 DURABLE = "sender-delivery"
 # Queued copies whose SMTP outcome is known but whose ack is not confirmed, remembered per worker.
 _ATTEMPTED_MEMORY = 100_000
+# How long a message whose DKIM keys cannot be fetched (the identity service starting, or its database
+# out) waits before a worker tries again: no delivery attempt is made or counted meanwhile.
+_SIGNING_KEYS_WAIT_SECONDS = 5.0
 
 
 def mail_object(queued: queue_pb2.QueuedMessage) -> ev.Mail:
@@ -286,6 +295,17 @@ class DeliveryWorker:
                     attempted=self._attempted.get(sequence),
                     on_attempted=lambda outcomes: self._remember(sequence, outcomes),
                 )
+        except SigningUnavailable as unavailable:
+            # A local dependency, not the recipient's server: the message waits for it, and its retry
+            # schedule (minutes apart) is kept for the recipients' own failures.
+            log.warning(
+                "DKIM keys unavailable; the message waits for them",
+                extra={"id": queued.message_id, "error": str(unavailable)},
+            )
+            DKIM_SIGNING_FAILURES.labels("keys_unavailable").inc()
+            heartbeat.cancel()
+            await msg.nak(delay=min(self.config.ack_wait_seconds, _SIGNING_KEYS_WAIT_SECONDS))
+            return
         except Exception:
             # Unexpected (a bug, or NATS gone): leave it to JetStream to hand out again, a little later.
             log.exception("delivery failed; the message will be redelivered", extra={"id": queued.message_id})
@@ -340,6 +360,11 @@ class DeliveryWorker:
             await forget_mime(self.js, queued)
             return
         simulated = [r for r in recipients if self.simulator.handles(r)]
+        to_send = [r for r in recipients if r not in simulated]
+        if to_send and not (attempted is not None and set(to_send) <= set(attempted)):
+            # The keys before any step with an outcome: without them the message waits, untouched
+            # (SigningUnavailable), instead of counting a failed attempt.
+            await self._signing_config(queued)
         if simulated:
             await self._simulate(queued, simulated)
             recipients = [r for r in recipients if r not in simulated]
@@ -457,13 +482,16 @@ class DeliveryWorker:
         except (ObjectNotFoundError, NotFoundError):
             return b""
 
+    async def _signing_config(self, queued: queue_pb2.QueuedMessage) -> SigningConfig:
+        return await self.signing.get(
+            queued.identity_owner_account_id or queued.account_id, _domain(queued.from_address)
+        )
+
     async def _attempt(
         self, queued: queue_pb2.QueuedMessage, recipients: list[str], mime: bytes | None = None
     ) -> dict[str, Outcome]:
         try:
-            config = await self.signing.get(
-                queued.identity_owner_account_id or queued.account_id, _domain(queued.from_address)
-            )
+            config = await self._signing_config(queued)
         except SigningUnavailable as exc:
             DKIM_SIGNING_FAILURES.labels("keys_unavailable").inc()
             failed = Outcome(
