@@ -56,9 +56,12 @@ class PostfixPeer:
     def _write_opendkim(self) -> Path:
         opendkim_user = "opendkim" if _user_exists("opendkim") else "root"
         self.dir.mkdir(parents=True, exist_ok=True)
-        # Postfix's and OpenDKIM's own users must reach their files inside the bench's private folder.
-        for folder in (self.dir.parent, self.dir):
-            folder.chmod(folder.stat().st_mode | 0o011)
+        # Postfix's and OpenDKIM's own users must reach their files inside the bench's private folders
+        # (made 0700 by tempfile): they may pass through them, not list them.
+        for folder in (self.dir, *self.dir.parents):
+            mode = folder.stat().st_mode
+            if not mode & 0o001:
+                folder.chmod(mode | 0o011)
         key = self.dir / "dkim.key"
         key.write_bytes(self.key_pem)
         key.chmod(0o600)

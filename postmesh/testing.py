@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from postmesh.client import Client
+from postmesh.common import eventloop
 from postmesh.common.config import load_settings
 from postmesh.common.server import MeshServer, load_all_service_settings
 from postmesh.common.service import Clock
@@ -82,7 +83,7 @@ class MeshThread:
         )
         self.services = services
         self.clock = clock
-        self.loop = asyncio.new_event_loop()
+        self.loop = eventloop.new_event_loop(self.settings.event_loop)
         self._thread = threading.Thread(target=self.loop.run_forever, name="mesh", daemon=True)
         self.server: MeshServer | None = None
 

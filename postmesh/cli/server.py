@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import secrets
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from postmesh.common import eventloop
 from postmesh.common.config import SERVICE_NAMES, UNIT_NAMES, load_settings, markdown_table
 
 if TYPE_CHECKING:
@@ -86,9 +86,11 @@ def _serve(args: argparse.Namespace) -> int:
         if GATEWAY in names or "all" in names:
             from services.gateway.serve import serve as serve_with_gateway
 
-            asyncio.run(serve_with_gateway(settings, mesh_names, worker=worker))
+            eventloop.run(serve_with_gateway(settings, mesh_names, worker=worker), settings.event_loop)
         else:
-            asyncio.run(MeshServer(settings, names, worker=worker).serve_until_signalled())
+            eventloop.run(
+                MeshServer(settings, names, worker=worker).serve_until_signalled(), settings.event_loop
+            )
     except ValueError as exc:  # a missing or malformed setting: say which, without a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -105,7 +107,7 @@ def _migrate(args: argparse.Namespace) -> int:
     settings = load_settings()
     configure_logging(settings.log_level)
     try:
-        migrated = asyncio.run(migrate_services(settings, args.services))
+        migrated = eventloop.run(migrate_services(settings, args.services), settings.event_loop)
     except ValueError as exc:  # an unknown service name
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -257,7 +259,7 @@ Stop with Ctrl-C.
         _start_tracing(settings, ["all"])
         from services.gateway.serve import serve as serve_with_gateway
 
-        asyncio.run(serve_with_gateway(settings, ["all"]))
+        eventloop.run(serve_with_gateway(settings, ["all"]), settings.event_loop)
     finally:
         shutdown_tracing()
         if nats_process:

@@ -56,6 +56,12 @@ SCHEMA: list[Setting] = [
         0,
         "Worker processes of `serve all` and `postmesh dev`, sharing their ports; 0: one per core.",
     ),
+    Setting(
+        "EVENT_LOOP",
+        str,
+        "auto",
+        "Event loop of each process: asyncio, uvloop, or auto (uvloop when it is installed, else asyncio).",
+    ),
     Setting("LOG_LEVEL", str, "INFO", "Log level of the JSON logs on stderr (DEBUG, INFO, WARNING, ERROR)."),
     Setting(
         "DATA_DIR", str, "./var", "Folder for the embedded defaults: SQLite files, NATS store, sink mail."

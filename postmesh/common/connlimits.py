@@ -3,7 +3,9 @@ submission server and the inbound listener): one client cannot take every slot."
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from typing import cast
 
 
 class ConnectionLimits:
@@ -31,3 +33,14 @@ class ConnectionLimits:
         self._open[client] -= 1
         if self._open[client] <= 0:
             del self._open[client]
+
+
+def say_and_close(transport: asyncio.BaseTransport, reply: str) -> None:
+    """Writes one SMTP reply line and closes the connection (a refusal, a goodbye at shutdown).
+    uvloop's transports implement asyncio's transport methods without being instances of its classes
+    (isinstance(transport, asyncio.WriteTransport) is False there), hence a cast, not a check."""
+    if transport.is_closing():
+        return
+    writer = cast(asyncio.WriteTransport, transport)
+    writer.write(f"{reply}\r\n".encode())
+    writer.close()

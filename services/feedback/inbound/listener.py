@@ -20,7 +20,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from postmesh.common.certs import pem, self_signed
-from postmesh.common.connlimits import ConnectionLimits
+from postmesh.common.connlimits import ConnectionLimits, say_and_close
 from services.feedback.inbound.domains import BounceDomains
 from services.feedback.inbound.processing import InboundProcessor
 
@@ -108,9 +108,7 @@ class _CountedSMTP(SMTP):
             client = str(peer[0]) if peer else ""
             if not self._connections.enter(client):
                 self._refused = True
-                assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(b"421 4.7.0 Too many connections; try again later\r\n")
-                transport.close()
+                say_and_close(transport, "421 4.7.0 Too many connections; try again later")
                 return
             self._client = client
         super().connection_made(transport)

@@ -21,7 +21,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 from prometheus_client import Counter as MetricCounter
 from prometheus_client import Gauge
 
-from postmesh.common.connlimits import ConnectionLimits
+from postmesh.common.connlimits import ConnectionLimits, say_and_close
 from postmesh.common.errors import PostmeshError, Unauthenticated
 from services.sender.accept import MAX_RECIPIENTS, Acceptor, Destination, SendRequest
 from services.sender.accept import Envelope as SendEnvelope
@@ -294,9 +294,7 @@ class SubmissionSMTP(SMTP):
             client = str(peer[0]) if peer else ""
             if not self._gate.enter(client):
                 self._refused = True
-                assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(f"{replies.TOO_MANY_CONNECTIONS_REPLY}\r\n".encode())
-                transport.close()
+                say_and_close(transport, replies.TOO_MANY_CONNECTIONS_REPLY)
                 return
             self._client = client
             self._sessions.add(self)
@@ -313,10 +311,8 @@ class SubmissionSMTP(SMTP):
 
     def say_goodbye(self) -> None:
         """At shutdown: tells the client to come back (421) and closes the connection."""
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            transport.write(f"{replies.SHUTTING_DOWN_REPLY}\r\n".encode())
-            transport.close()
+        if self.transport is not None:
+            say_and_close(self.transport, replies.SHUTTING_DOWN_REPLY)
 
     def eof_received(self) -> bool | None:
         if self._refused:
