@@ -8,11 +8,11 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
-from xml.sax.saxutils import escape
 
 from aiohttp import web
 from multidict import MultiMapping
 
+from postmesh.common.xmltext import escape
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.feedback.v1 import configuration_sets_pb2 as cs
 from postmesh.identity.v1 import identity_pb2 as ib

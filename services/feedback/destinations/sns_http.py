@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 import ssl
 import uuid
-from xml.sax.saxutils import escape
 
 from aiohttp import web
 
+from postmesh.common.xmltext import escape
 from services.feedback.destinations.sns import SubscriptionCallbacks
 from services.feedback.destinations.sns_keys import SigningIdentity
 
