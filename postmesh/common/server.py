@@ -701,8 +701,10 @@ class MeshServer:
             except (TimeoutError, nats.errors.Error):
                 try:
                     await self.nats.close()
-                except (ConnectionError, OSError):
-                    pass  # the server went away while we stopped: nothing left to flush to it
+                except (ConnectionError, OSError, RuntimeError):
+                    # The server went away while we stopped: nothing left to flush to it (uvloop
+                    # says so with RuntimeError, "the handler is closed").
+                    pass
         self._stopped.set()
         log.info("stopped")
 
