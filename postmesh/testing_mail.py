@@ -3,6 +3,7 @@ behaviours, and a dnslib DNS server serving a small zone (MX, A, TXT) from memor
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import threading
@@ -41,12 +42,27 @@ class Received:
 @dataclass
 class Behaviour:
     """What the server answers. `reject` maps a recipient (lower case) to its RCPT reply;
-    `defer_first` answers that many DATA commands with 451 before accepting."""
+    `defer_first` answers that many DATA commands with 451 before accepting.
+
+    `pipelining` advertises PIPELINING (RFC 2920; aiosmtpd reads pipelined commands in order either
+    way). `reject_mail` / `reject_data` answer MAIL FROM / DATA (instead of 354) with that reply;
+    `data_without_recipients` answers DATA with 354 even when no RCPT was accepted (RFC 2920 3.1
+    says a client must cope), refusing the empty message then. `hang_up_at` closes the connection
+    instead of replying to "MAIL", "RCPT" (the one of `hang_up_rcpt`, or the first), "DATA" or "END"
+    (the end of the message data, which is then not kept). `slow_rcpt` waits that many seconds before
+    answering a recipient's RCPT."""
 
     reject: dict[str, str] = field(default_factory=dict)
     reject_all_rcpt: str = ""
     defer_first: int = 0
     defer_reply: str = "451 4.3.0 Try again later"
+    pipelining: bool = False
+    reject_mail: str = ""
+    reject_data: str = ""
+    data_without_recipients: bool = False
+    hang_up_at: str = ""
+    hang_up_rcpt: str = ""
+    slow_rcpt: dict[str, float] = field(default_factory=dict)
 
 
 class _Handler:
@@ -57,9 +73,32 @@ class _Handler:
         self.data_commands = 0
         self.lock = threading.Lock()
 
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.behaviour.pipelining:
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return responses
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        if self.behaviour.hang_up_at == "MAIL":
+            return _hang_up(server)
+        if self.behaviour.reject_mail:
+            return self.behaviour.reject_mail
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
+        if self.behaviour.hang_up_at == "RCPT" and self.behaviour.hang_up_rcpt in ("", address.lower()):
+            return _hang_up(server)
+        if address.lower() in self.behaviour.slow_rcpt:
+            await asyncio.sleep(self.behaviour.slow_rcpt[address.lower()])
         refusal = self.behaviour.reject.get(address.lower()) or self.behaviour.reject_all_rcpt
         if refusal:
             return refusal
@@ -67,6 +106,8 @@ class _Handler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.behaviour.hang_up_at == "END":
+            return _hang_up(server)
         with self.lock:
             self.data_commands += 1
             if self.deferred < self.behaviour.defer_first:
@@ -85,6 +126,42 @@ class _Handler:
         return "250 2.0.0 OK queued"
 
 
+def _hang_up(server: SMTP) -> str:
+    assert isinstance(server.transport, asyncio.Transport)
+    server.transport.abort()
+    return "421 4.4.2 gone"  # written to a closed transport: never sent
+
+
+class _Smtp(SMTP):
+    """aiosmtpd's server with the DATA behaviours its hooks cannot express (they run after 354)."""
+
+    def __init__(self, handler: _Handler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.behaviour = handler.behaviour
+
+    async def smtp_DATA(self, arg: str) -> None:
+        behaviour = self.behaviour
+        if behaviour.hang_up_at == "DATA":
+            _hang_up(self)
+            return
+        if behaviour.reject_data and self.envelope is not None and self.envelope.rcpt_tos:
+            await self.push(behaviour.reject_data)
+            return
+        if behaviour.data_without_recipients and self.envelope is not None and not self.envelope.rcpt_tos:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            while await self._reader.readuntil(b"\r\n") != b".\r\n":
+                pass
+            await self.push("554 5.5.1 Error: no valid recipients")
+            return
+        await super().smtp_DATA(arg)
+
+
+class _Controller(Controller):
+    def factory(self) -> SMTP:
+        assert isinstance(self.handler, _Handler)
+        return _Smtp(self.handler, **self.SMTP_kwargs)
+
+
 class SmtpServer:
     """An aiosmtpd server on `host`:`port` (port 0: a free one) in its own thread."""
 
@@ -94,7 +171,7 @@ class SmtpServer:
         self.handler = _Handler(behaviour or Behaviour())
         self.host = host
         self.port = port or free_port(host)
-        self.controller = Controller(
+        self.controller = _Controller(
             self.handler, hostname=host, port=self.port, server_hostname="mx.test", **smtp_kwargs
         )
 

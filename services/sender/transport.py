@@ -6,6 +6,7 @@ Every attempt ends, per recipient, in one Outcome: delivered, transient (retry l
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import logging
 import re
@@ -275,11 +276,16 @@ def _needs_smtputf8(*addresses: str) -> bool:
     return any(not a.isascii() for a in addresses)
 
 
+# A connection lost, timed out or answering garbage: the session is out of step and is closed.
+_LOST = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError)
+
+
 async def _transaction(
     conn: _Connection, envelope: Envelope, data: bytes, dest: Destination
 ) -> dict[str, Outcome]:
     """MAIL FROM once, RCPT TO per recipient, DATA once for those accepted: an outcome per recipient.
-    Raises aiosmtplib errors only for a connection lost before the server took responsibility."""
+    Raises aiosmtplib errors only for a connection lost before the server took responsibility.
+    Pipelined (RFC 2920) when the server offers it, with the same outcome per recipient."""
     smtp = conn.smtp
     where = {"remote_mta": dest.host, "remote_ip": dest.address}
     outcomes: dict[str, Outcome] = {}
@@ -297,6 +303,8 @@ async def _transaction(
         options, encoding = ["SMTPUTF8"], "utf-8"
     if smtp.supports_extension("8bitmime") and not data.isascii():
         options.append("BODY=8BITMIME")
+    if smtp.supports_extension("pipelining"):
+        return await _pipelined(smtp, envelope, data, options, encoding, where)
     try:
         reply = await _command(smtp, b"MAIL", b"FROM:", envelope.mail_from, options, encoding)
         if reply.code != 250:
@@ -321,7 +329,7 @@ async def _transaction(
     except aiosmtplib.SMTPDataError as exc:
         final = reply_outcome(exc.code, exc.message, **where)
         await _reset(smtp)
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+    except _LOST as exc:
         # The message may or may not have been taken: retrying risks a duplicate, never a loss.
         final = failure_outcome(f"connection lost during DATA: {exc}", **where)
     outcomes.update(dict.fromkeys(accepted, final))
@@ -335,6 +343,201 @@ async def _command(
     quoting re-parses it as a header (slow, and it rewrites quoted local parts)."""
     words = [o.encode("ascii") for o in options]
     return await smtp.execute_command(verb, prefix + f"<{address}>".encode(encoding), *words)
+
+
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
+
+
+def _command_line(verb: bytes, address: str, options: list[str], encoding: str) -> bytes:
+    line = b" ".join([verb + f"<{address}>".encode(encoding), *(o.encode("ascii") for o in options)])
+    if _CONTROL.search(line):  # as aiosmtplib refuses: CR or LF would inject a command
+        raise ValueError("Command arg contains a prohibited control character")
+    return line + b"\r\n"
+
+
+def data_payload(data: bytes) -> bytes:
+    """What follows DATA's 354: every line ended by CRLF, a leading dot doubled, then CRLF.CRLF.
+    The message is CRLF already (signed as sent), so the usual case is one pass of bytes.replace;
+    other line endings are normalized as aiosmtplib does for the one-by-one path."""
+    if not data.count(b"\n") == data.count(b"\r") == data.count(b"\r\n"):
+        data = _LINE_END.sub(b"\r\n", data)
+    stuffed = data.replace(b"\n.", b"\n..")
+    head = b"." if stuffed.startswith(b".") else b""
+    tail = b".\r\n" if stuffed.endswith(b"\r\n") else b"\r\n.\r\n"
+    return b"".join((head, stuffed, tail))
+
+
+class _ReplyReader(asyncio.Protocol):
+    """The replies to several pipelined commands, in order. aiosmtplib's protocol reads one reply
+    per command sent and drops bytes arriving while no command waits, so a second reply arriving
+    with or right after the first would be lost: while a pipelined exchange runs, this protocol
+    takes the connection's bytes instead."""
+
+    def __init__(self, seconds_per_reply: float | None) -> None:
+        self.seconds_per_reply = seconds_per_reply
+        self._buffer = bytearray()
+        self._lines: list[bytes] = []
+        self._replies: collections.deque[aiosmtplib.SMTPResponse] = collections.deque()
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _fail(self, error: Exception) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        start = 0
+        while (end := self._buffer.find(b"\n", start)) != -1:
+            line = bytes(self._buffer[start : end + 1])
+            start = end + 1
+            code = line[:3]
+            if not code.isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
+                self._fail(aiosmtplib.SMTPResponseException(-1, f"malformed SMTP reply line: {line!r}"))
+                return
+            self._lines.append(line[4:].strip(b" \t\r\n"))
+            if line[3:4] != b"-":
+                text = b"\n".join(self._lines).decode("utf-8", "surrogateescape")
+                self._replies.append(aiosmtplib.SMTPResponse(int(code), text))
+                self._lines = []
+        del self._buffer[:start]
+        if len(self._buffer) + sum(map(len, self._lines)) > 1 << 15:
+            self._fail(aiosmtplib.SMTPResponseException(-1, "SMTP reply too long"))
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        lost = aiosmtplib.SMTPServerDisconnected("Connection lost")
+        lost.__cause__ = exc
+        self._fail(lost)
+
+    async def read(self) -> aiosmtplib.SMTPResponse:
+        """The next reply. After a 421 the server closes: the replies after it count as lost,
+        as for the one-by-one path, where aiosmtplib closes on 421."""
+        while not self._replies:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, self.seconds_per_reply)
+            except TimeoutError as exc:
+                raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
+        reply = self._replies.popleft()
+        if reply.code == 421:
+            self._replies.clear()
+            self._fail(
+                aiosmtplib.SMTPServerDisconnected(f"the server is closing: {reply.code} {reply.message}")
+            )
+        return reply
+
+    @property
+    def idle(self) -> bool:
+        """Nothing read beyond the replies taken: the session is in step."""
+        return not (self._replies or self._lines or self._buffer or self._error)
+
+
+async def _pipelined(
+    smtp: aiosmtplib.SMTP,
+    envelope: Envelope,
+    data: bytes,
+    options: list[str],
+    encoding: str,
+    where: dict[str, str],
+) -> dict[str, Outcome]:
+    """RFC 2920: MAIL FROM, every RCPT TO and DATA in one write, their replies read in order, then
+    the message in one write. Outcomes as `_transaction`'s one-by-one path gives them; the session
+    goes back to aiosmtplib only when every reply was read and nothing else arrived, and is closed
+    otherwise (a reply read out of step would be taken for the next message's)."""
+    protocol = smtp.protocol
+    transport = protocol.transport if protocol is not None else None
+    if protocol is None or not isinstance(transport, asyncio.Transport) or transport.is_closing():
+        raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+    commands = [_command_line(b"MAIL FROM:", envelope.mail_from, options, encoding)]
+    commands += [_command_line(b"RCPT TO:", r, [], encoding) for r in envelope.recipients]
+    commands.append(b"DATA\r\n")
+    reader = _ReplyReader(smtp.timeout)
+    transport.set_protocol(reader)
+    in_step = False
+    reset = False
+    try:
+        transport.write(b"".join(commands))
+        outcomes, in_step, reset = await _pipelined_replies(reader, transport, envelope, data, where)
+        return outcomes
+    finally:
+        if in_step and reader.idle and not transport.is_closing():
+            transport.set_protocol(protocol)
+            if reset:
+                await _reset(smtp)
+        else:
+            smtp.close()
+
+
+async def _pipelined_replies(
+    reader: _ReplyReader,
+    transport: asyncio.Transport,
+    envelope: Envelope,
+    data: bytes,
+    where: dict[str, str],
+) -> tuple[dict[str, Outcome], bool, bool]:
+    """The outcomes, whether the session is in step, and whether it needs an RSET."""
+    mail = await reader.read()
+    if mail.code != 250:
+        refused = reply_outcome(mail.code, mail.message, **where)
+        in_step = await _after_refused_mail(reader, transport, len(envelope.recipients))
+        return dict.fromkeys(envelope.recipients, refused), in_step, in_step
+    outcomes: dict[str, Outcome] = {}
+    accepted: list[str] = []
+    for recipient in envelope.recipients:
+        reply = await reader.read()
+        if reply.code in (250, 251):
+            accepted.append(recipient)
+        else:
+            outcomes[recipient] = reply_outcome(reply.code, reply.message, **where)
+    try:
+        data_reply = await reader.read()
+        if data_reply.code != 354:
+            if accepted:
+                final = reply_outcome(data_reply.code, data_reply.message, **where)
+                outcomes.update(dict.fromkeys(accepted, final))
+            return outcomes, True, True
+        if not accepted:
+            # RFC 2920 3.1: DATA accepted with no recipient: a lone dot ends it, nothing is sent.
+            transport.write(b".\r\n")
+            await reader.read()
+            return outcomes, False, False
+        transport.write(data_payload(data))
+        reply = await reader.read()
+    except (*_LOST, aiosmtplib.SMTPResponseException) as exc:
+        if accepted:
+            # The message may or may not have been taken: retrying risks a duplicate, never a loss.
+            lost = failure_outcome(f"connection lost during DATA: {exc}", **where)
+            outcomes.update(dict.fromkeys(accepted, lost))
+        return outcomes, False, False
+    outcomes.update(dict.fromkeys(accepted, reply_outcome(reply.code, reply.message, **where)))
+    return outcomes, True, reply.code != 250
+
+
+async def _after_refused_mail(reader: _ReplyReader, transport: asyncio.Transport, recipients: int) -> bool:
+    """Reads the RCPT and DATA replies following a refused MAIL FROM (RFC 2920 expects them all
+    refused): whether the session is still in step."""
+    try:
+        replies = [await reader.read() for _ in range(recipients)]
+        data_reply = await reader.read()
+    except (*_LOST, aiosmtplib.SMTPResponseException):
+        return False
+    if data_reply.code == 354:  # RFC 2920 3.1: a DATA accepted anyway is ended by a lone dot
+        transport.write(b".\r\n")
+        return False
+    return all(r.code >= 300 for r in replies)
 
 
 async def _reset(smtp: aiosmtplib.SMTP) -> None:
