@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -108,6 +109,13 @@ def sink_main(port: int, count_file: str) -> None:
     received = 0
 
     class Accept:
+        async def handle_EHLO(
+            self, server: object, session: Any, envelope: object, hostname: str, responses: list[str]
+        ) -> list[str]:
+            # As every real MX host does: the delivery workers pipeline (RFC 2920) when offered.
+            session.host_name = hostname
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
         async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
             nonlocal received
             received += 1

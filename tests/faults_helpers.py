@@ -26,7 +26,7 @@ from postmesh.common.natsserver import free_port
 from postmesh.identity.v1 import identity_pb2
 from postmesh.sender.v1 import sender_pb2 as pb
 from postmesh.testing import LOOPBACK_PROCESS_ENV
-from postmesh.testing_mail import LoopbackDns, SmtpServer
+from postmesh.testing_mail import Behaviour, LoopbackDns, SmtpServer
 from tests.identity_helpers import create_verified_domain
 
 ADMIN_KEY = "faults-admin-key"
@@ -280,7 +280,8 @@ def health(address: str, service: str) -> str:
 
 @contextmanager
 def loopback_mail() -> Iterator[tuple[LoopbackDns, SmtpServer]]:
-    with LoopbackDns() as dns, SmtpServer() as sink:
+    # Offering PIPELINING as real MX hosts do: workers killed mid-transaction take the pipelined path.
+    with LoopbackDns() as dns, SmtpServer(behaviour=Behaviour(pipelining=True)) as sink:
         yield dns, sink
 
 
