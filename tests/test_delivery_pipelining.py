@@ -382,3 +382,20 @@ async def test_delivery_into_postfix_pipelined() -> None:
         finally:
             await asyncio.to_thread(peer.stop)
             shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_a_pooled_session_the_server_dropped_is_retried_fresh_without_a_loss() -> None:
+    behaviour = Behaviour(pipelining=True)
+    with SmtpServer(behaviour=behaviour) as first:
+        port = first.port
+        pool = _Pool(SmtpOptions(helo_name="postmesh.test", timeout=20.0))
+        transport = SmtpTransport(pool, smarthost=("127.0.0.1", port))
+        assert (await transport.deliver(_envelope("a@ok.test"), MESSAGE))["a@ok.test"].kind is Kind.DELIVERED
+        assert _idle(transport) == 1
+    # The server went away (and came back): the pooled session's pipelined MAIL finds it closed.
+    with SmtpServer(port=port, behaviour=behaviour) as second:
+        outcomes = await transport.deliver(_envelope("b@ok.test", "c@ok.test", message_id="m2"), MESSAGE)
+        assert {o.kind for o in outcomes.values()} == {Kind.DELIVERED}
+        await transport.close()
+        assert [r.recipients for r in second.received] == [["b@ok.test", "c@ok.test"]]
+    assert pool.pipelining == [True, True]  # the stale session was given up, a fresh one opened
