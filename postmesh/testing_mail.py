@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -127,8 +127,8 @@ class _Handler:
 
 
 def _hang_up(server: SMTP) -> str:
-    assert isinstance(server.transport, asyncio.Transport)
-    server.transport.abort()
+    assert server.transport is not None
+    cast(asyncio.Transport, server.transport).abort()  # uvloop's transports are not asyncio's classes
     return "421 4.4.2 gone"  # written to a closed transport: never sent
 
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import uvloop
 
 from postmesh.client import Client
 from postmesh.common.natsserver import NatsServerProcess, free_port
@@ -21,6 +23,17 @@ from postmesh.testing import LOOPBACK_PROCESS_ENV, MeshThread
 POSTGRES_ADMIN_URL = os.environ.get(
     "POSTMESH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
+
+
+# Code that handles transports itself (swaps protocols, writes and aborts) runs its async tests on
+# both loops: uvloop, the default (EVENT_LOOP=auto), has transports that are none of asyncio's classes.
+_ON_BOTH_LOOPS = {"test_delivery_pipelining.py", "test_smtp_units.py"}
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any] | None:
+    if item.path.name in _ON_BOTH_LOOPS:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return None
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import aiosmtplib
 
@@ -458,9 +458,10 @@ async def _pipelined(
     goes back to aiosmtplib only when every reply was read and nothing else arrived, and is closed
     otherwise (a reply read out of step would be taken for the next message's)."""
     protocol = smtp.protocol
-    transport = protocol.transport if protocol is not None else None
-    if protocol is None or not isinstance(transport, asyncio.Transport) or transport.is_closing():
+    if protocol is None or protocol.transport is None or protocol.transport.is_closing():
         raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+    # A cast, not an isinstance check: uvloop's transports are none of asyncio's transport classes.
+    transport = cast(asyncio.Transport, protocol.transport)
     commands = [_command_line(b"MAIL FROM:", envelope.mail_from, options, encoding)]
     commands += [_command_line(b"RCPT TO:", r, [], encoding) for r in envelope.recipients]
     commands.append(b"DATA\r\n")
