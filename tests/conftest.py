@@ -30,10 +30,10 @@ POSTGRES_ADMIN_URL = os.environ.get(
 _ON_BOTH_LOOPS = {"test_delivery_pipelining.py", "test_smtp_units.py"}
 
 
-def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any] | None:
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any]:
     if item.path.name in _ON_BOTH_LOOPS:
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-    return None
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture(scope="session")
