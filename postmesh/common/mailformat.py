@@ -33,7 +33,10 @@ def split_head(data: bytes) -> tuple[bytes, bytes]:
 
 
 def to_crlf(data: bytes) -> bytes:
-    """SMTP's line ending everywhere: every LF preceded by a CR (two C passes, not a regex's)."""
+    """SMTP's line ending everywhere: every LF preceded by a CR (C passes, not a regex's). Mail
+    postmesh wrote is CRLF already and is returned as it is, not copied twice."""
+    if data.count(b"\n") == data.count(b"\r\n"):
+        return data
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 

@@ -43,6 +43,7 @@ from opentelemetry.trace import SpanKind
 from postmesh.common import tracing
 from postmesh.common.bounces import classify
 from postmesh.common.bus import EventPublisher, fetch_batch, new_event
+from postmesh.common.mailformat import to_crlf
 from postmesh.common.metrics import DELIVERY_OUTCOMES, DELIVERY_RETRIES, DKIM_SIGNING_FAILURES
 from postmesh.common.outbound import enqueue, first_copy, forget_mime, load_mime, queued_ledger
 from postmesh.common.protoutil import from_timestamp, timestamp
@@ -52,13 +53,7 @@ from postmesh.common.verp import VerpKey, bounce_address
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.sender.v1 import queue_pb2
 from services.sender.backoff import RetryPolicy
-from services.sender.dkim_signing import (
-    SigningConfig,
-    SigningConfigCache,
-    SigningUnavailable,
-    sign_message,
-    to_crlf,
-)
+from services.sender.dkim_signing import SigningConfig, SigningConfigCache, SigningUnavailable, sign_message
 from services.sender.filtration.stage import ContentFilters, Verdict
 from services.sender.filtration.stage import Kind as ScanKind
 from services.sender.simulator import MailboxSimulator, SimulatedBounce
@@ -367,7 +362,7 @@ class DeliveryWorker:
             await self._signing_config(queued)
         if simulated:
             await self._simulate(queued, simulated)
-            recipients = [r for r in recipients if r not in simulated]
+            recipients = to_send
             if not recipients:
                 await forget_mime(self.js, queued)
                 return

@@ -24,9 +24,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from postmesh.common.cache import TtlCache, within_domain
-
-# The signature is computed over what goes on the wire: CRLF line endings (still importable from here).
-from postmesh.common.mailformat import to_crlf as to_crlf
 from services.sender import dkim_direct
 from services.sender.dkim_direct import load_private_key
 
