@@ -665,17 +665,7 @@ def _measure_shape(
 ) -> tuple[Measured, dict[str, Any] | None]:
     """One mesh of `shape`: the burst and the queue, SMTP, (the Postfix peer on its sink when
     `peer_wanted`), then the open loop; the peak RSS of its processes."""
-    bench = Bench(
-        workdir,
-        args.messages,
-        args.concurrency,
-        args.delivery_processes,
-        serve_processes=shape.processes,
-        event_loop=shape.loop,
-        log_level=args.log_level,
-        profile=args.profile or "",
-        sandbox=args.sandbox,
-    )
+    bench = _bench(workdir, shape, args, profile=args.profile or "")
     peer = None
     try:
         bench.start()
@@ -699,6 +689,30 @@ def _measure_shape(
     return Measured(shape, _resolved_loop(shape.loop), bits, burst, smtp, open_loop, rss), peer
 
 
+def _bench(
+    workdir: Path,
+    shape: Shape,
+    args: argparse.Namespace,
+    *,
+    delivery_processes: int | None = None,
+    profile: str = "",
+    extra_env: dict[str, str] | None = None,
+) -> Bench:
+    """A Bench of `shape` with the command line's settings."""
+    return Bench(
+        workdir,
+        args.messages,
+        args.concurrency,
+        args.delivery_processes if delivery_processes is None else delivery_processes,
+        serve_processes=shape.processes,
+        event_loop=shape.loop,
+        log_level=args.log_level,
+        profile=profile,
+        sandbox=args.sandbox,
+        extra_env=extra_env or {},
+    )
+
+
 def _resolved_loop(loop: str) -> str:
     """The loop the mesh runs on when the bench sets EVENT_LOOP to `loop` ('': it does not)."""
     return eventloop.resolve(loop or os.environ.get("EVENT_LOOP") or "auto")
@@ -708,17 +722,7 @@ def _queued_pass(workdir: Path, shape: Shape, args: argparse.Namespace) -> dict[
     """A mesh whose delivery workers are off (DELIVERY_WORKERS=0: `serve all` only accepts), so that
     every message accepted stays queued in JetStream: the peak RSS of each process once `--queued`
     messages wait there."""
-    bench = Bench(
-        workdir,
-        args.messages,
-        args.concurrency,
-        0,
-        serve_processes=shape.processes,
-        event_loop=shape.loop,
-        log_level=args.log_level,
-        sandbox=args.sandbox,
-        extra_env={"DELIVERY_WORKERS": "0"},
-    )
+    bench = _bench(workdir, shape, args, delivery_processes=0, extra_env={"DELIVERY_WORKERS": "0"})
     try:
         bench.start()
         _, key, _ = bench.set_up_account()
@@ -735,17 +739,7 @@ def _virus_scan_pass(
     local clamd (the EICAR database only: the scan cost is clamd's parsing of the message, not the
     size of a real signature set, which adds clamd memory more than time per message)."""
     clamd = ClamdProcess(workdir / "clamd", binary=clamd_binary).start()
-    bench = Bench(
-        workdir / "scanned",
-        args.messages,
-        args.concurrency,
-        args.delivery_processes,
-        serve_processes=shape.processes,
-        event_loop=shape.loop,
-        log_level=args.log_level,
-        sandbox=args.sandbox,
-        extra_env={"CLAMD_URL": clamd.url},
-    )
+    bench = _bench(workdir / "scanned", shape, args, extra_env={"CLAMD_URL": clamd.url})
     try:
         bench.start()
         account_id, key, _ = bench.set_up_account()
