@@ -65,15 +65,8 @@ def peak_rss_of_serve(pid: int) -> dict[str, float]:
 
 def wait_serving(address: str, deadline: float) -> None:
     with Client(address) as client:
-        while True:
-            try:
-                if client.health_status("", timeout=2) == "SERVING":
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("postmesh did not become SERVING")
-            time.sleep(0.2)
+        if not client.wait_serving(deadline - time.monotonic()):
+            raise TimeoutError("postmesh did not become SERVING")
 
 
 def wait_workers(pid: int, processes: int, address: str, deadline: float) -> None:

@@ -13,6 +13,7 @@ certificate for servers that require mutual TLS.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -122,6 +123,20 @@ class Client:
     def health_status(self, service: str = "", timeout: float = 5.0) -> str:
         reply = self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    def wait_serving(self, timeout: float, *, exited: Callable[[], bool] = lambda: False) -> bool:
+        """Asks the server's health until it says SERVING (True), `timeout` seconds pass or `exited()`
+        says the server's process is gone (False): servers start without their port open yet."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.health_status("", timeout=2) == "SERVING":
+                    return True
+            except grpc.RpcError:
+                pass
+            if exited() or time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
 
     def close(self) -> None:
         self._raw_channel.close()

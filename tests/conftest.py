@@ -6,13 +6,11 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import uvloop
 
@@ -126,23 +124,16 @@ def _wait_serving(
     address: str, process: subprocess.Popen[bytes], output: Path, timeout: float = 90.0
 ) -> None:
     """Waits for the process's health to say SERVING; fails at once, with what it printed, if it exits."""
-    deadline = time.monotonic() + timeout
     with Client(address) as client:
-        while True:
-            try:
-                if client.health_status("", timeout=2) == "SERVING":
-                    return
-            except grpc.RpcError:
-                pass
-            exited = process.poll() is not None
-            if exited or time.monotonic() > deadline:
-                if not exited:
-                    process.kill()
-                    process.wait(30)
-                printed = output.read_text(errors="replace")
-                state = f"exited with {process.returncode}" if exited else "did not become SERVING"
-                pytest.fail(f"postmesh serve {state}; it printed:\n{printed[-6000:]}")
-            time.sleep(0.2)
+        if client.wait_serving(timeout, exited=lambda: process.poll() is not None):
+            return
+    exited = process.poll() is not None
+    if not exited:
+        process.kill()
+        process.wait(30)
+    printed = output.read_text(errors="replace")
+    state = f"exited with {process.returncode}" if exited else "did not become SERVING"
+    pytest.fail(f"postmesh serve {state}; it printed:\n{printed[-6000:]}")
 
 
 @pytest.fixture

@@ -40,16 +40,8 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 def wait_serving(address: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
     with Client(address) as client:
-        while True:
-            try:
-                if client.health_status("", timeout=2) == "SERVING":
-                    return
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, f"{address} did not become SERVING"
-            time.sleep(0.2)
+        assert client.wait_serving(timeout), f"{address} did not become SERVING"
 
 
 @dataclass
