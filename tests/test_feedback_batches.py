@@ -17,6 +17,7 @@ import nats as nats_client
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -173,6 +174,44 @@ async def test_a_failing_event_step_retries_that_event_alone(nats: NATS) -> None
 
     assert batches == [[e.event_id for e in events]] + [[poison]] * (MAX_DELIVER - 1)
     assert sorted(handled) == sorted([e.event_id for e in events] + [poison] * (MAX_DELIVER - 1))
+
+
+async def test_a_durable_of_the_one_event_at_a_time_consumer_is_taken_over_as_it_is(nats: NATS) -> None:
+    """The feedback-sent-index and feedback-destinations durables keep their configuration: one an
+    earlier release declared, part way through its events, goes on where it was."""
+    js = nats.jetstream()
+    subject = f"{EVENTS_SUBJECT_PREFIX}.test.{uuid.uuid4().hex}"
+    durable = f"test-takeover-{uuid.uuid4().hex[:8]}"
+    # As postmesh.common.bus.consume_events declared it before the batch consumers.
+    old = ConsumerConfig(
+        durable_name=durable,
+        filter_subjects=[subject],
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        max_deliver=10,
+        ack_wait=60,
+    )
+    await js.add_consumer(EVENTS.name, old)
+    events = [send_event("acct", f"m{i}") for i in range(6)]
+    await publish_all(js, subject, events[:4])
+    subscription = await js.pull_subscribe_bind(durable=durable, stream=EVENTS.name)
+    for message in await subscription.fetch(2, timeout=5):
+        await message.ack()  # the old consumer's work before it stopped
+    await subscription.unsubscribe()
+    await publish_all(js, subject, events[4:])
+    seen: list[str] = []
+
+    async def handle_batch(batch: list[ev.Event]) -> None:
+        seen.extend(e.event_id for e in batch)
+
+    async with consuming(
+        consume_events_batched(js, durable=durable, subjects=[subject], handle_batch=handle_batch)
+    ):
+        await settled(js, durable, lambda: len(seen) >= 4)
+
+    assert seen == [e.event_id for e in events[2:]]
+    info = await js.consumer_info(EVENTS.name, durable)
+    assert (info.config.max_deliver, info.config.ack_wait, info.config.filter_subjects) == (10, 60, [subject])
 
 
 async def _indexed(sessions: async_sessionmaker[AsyncSession]) -> list[tuple[str, str, str, dt.datetime]]:

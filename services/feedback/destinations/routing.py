@@ -1,10 +1,10 @@
 """Every email event, routed: to the account's own event stream (SubscribeEvents), and to the enabled
 destinations of its configuration set that match its type (webhook outbox rows, NATS subjects).
 
-Events reach here at least once (a durable JetStream consumer, a batch at a time: the account stream
-publishes of a batch are in flight together, then each event is routed); each step is idempotent: the
-account stream de-duplicates by event id, the outbox keeps one row per destination and event. A NATS subject
-destination is plain NATS (at most once for its subscribers, as core NATS is).
+Events reach here at least once, a batch at a time (a durable JetStream consumer): `publish` puts the
+whole batch on the account stream, then `route` takes each event on. Each step is idempotent: the
+account stream de-duplicates by event id, the outbox keeps one row per destination and event. A NATS
+subject destination is plain NATS (at most once for its subscribers, as core NATS is).
 """
 
 from __future__ import annotations
@@ -67,16 +67,12 @@ class EventRouter:
         self._routes[(account_id, set_name)] = (now + _ROUTES_SECONDS, routes)
         return routes
 
-    async def handle(self, event: ev.Event) -> None:
-        """One event, the whole way (what a batch does, for a batch of one)."""
-        await self.publish([event])
-        await self.route(event)
-
     async def publish(self, events: list[ev.Event]) -> None:
         """Puts each email event on its account's stream (SubscribeEvents), every publish in flight at
-        once: a batch waits for the slowest acknowledgement instead of the sum of them. Raises the
-        first failure once all are answered (the ones that went through are de-duplicated when the
-        batch is done again)."""
+        once: a batch waits for the slowest acknowledgement instead of the sum of them. They are
+        written in the batch's order (each task writes its publish before its first wait). Raises the
+        first failure once all are answered; the ones that went through are de-duplicated by event id
+        when they are published again."""
         results = await asyncio.gather(
             *(
                 self._js.publish(
