@@ -150,6 +150,47 @@ async def pull_forever(
             await subscription.unsubscribe()
 
 
+def _per_event_config(durable: str, subjects: Sequence[str], max_deliver: int) -> ConsumerConfig:
+    """The durable of a consumer that retries event by event (consume_events and
+    consume_events_batched declare the same, so a consumer can move between them in place)."""
+    return ConsumerConfig(
+        durable_name=durable,
+        filter_subjects=list(subjects),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        max_deliver=max_deliver,
+        ack_wait=60,
+    )
+
+
+async def _decoded(messages: list[Msg]) -> list[tuple[Msg, events_pb2.Event]]:
+    """The messages that hold an Event, with it; the others are dropped (no redelivery would help)."""
+    decoded = []
+    for message in messages:
+        try:
+            decoded.append((message, events_pb2.Event.FromString(message.data)))
+        except DecodeError:
+            log.error("undecodable event dropped", extra={"subject": message.subject})
+            await message.term()
+    return decoded
+
+
+async def _failed(
+    message: Msg, event: events_pb2.Event, *, durable: str, max_deliver: int, retry_delay: float
+) -> None:
+    """After a handler error: the event again after `retry_delay`, or, on its `max_deliver`th try,
+    logged and dropped (one bad event must not stop the stream). Call from an except block."""
+    deliveries = message.metadata.num_delivered if message.metadata else 0
+    log.exception(
+        "event handler failed",
+        extra={"consumer": durable, "event_id": event.event_id, "delivery": deliveries},
+    )
+    if deliveries >= max_deliver:
+        await message.term()
+    else:
+        await message.nak(delay=retry_delay)
+
+
 async def consume_events(
     js: JetStreamContext,
     *,
@@ -168,36 +209,17 @@ async def consume_events(
     """
 
     async def process(messages: list[Msg]) -> None:
-        for message in messages:
-            try:
-                event = events_pb2.Event.FromString(message.data)
-            except DecodeError:
-                log.error("undecodable event dropped", extra={"subject": message.subject})
-                await message.term()
-                continue
+        for message, event in await _decoded(messages):
             try:
                 await handle(event)
             except Exception:
-                deliveries = message.metadata.num_delivered if message.metadata else 0
-                log.exception(
-                    "event handler failed",
-                    extra={"consumer": durable, "event_id": event.event_id, "delivery": deliveries},
+                await _failed(
+                    message, event, durable=durable, max_deliver=max_deliver, retry_delay=retry_delay
                 )
-                if deliveries >= max_deliver:
-                    await message.term()
-                else:
-                    await message.nak(delay=retry_delay)
                 continue
             await message.ack()
 
-    config = ConsumerConfig(
-        durable_name=durable,
-        filter_subjects=list(subjects),
-        ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL,
-        max_deliver=max_deliver,
-        ack_wait=60,
-    )
+    config = _per_event_config(durable, subjects, max_deliver)
     await pull_forever(js, EVENTS.name, config, process, batch=batch)
 
 
@@ -245,3 +267,65 @@ async def consume_event_batches(
         max_ack_pending=4096,
     )
     await pull_forever(js, EVENTS.name, config, process, batch=batch, wait_seconds=1)
+
+
+async def consume_events_batched(
+    js: JetStreamContext,
+    *,
+    durable: str,
+    subjects: Sequence[str],
+    handle_batch: EventBatchHandler,
+    handle_event: EventHandler | None = None,
+    batch: int = 64,
+    max_deliver: int = 10,
+    retry_delay: float = 5.0,
+) -> None:
+    """Feeds every event on `subjects` through `handle_batch` a fetched batch at a time (one statement,
+    publishes in flight together), then, in order, through `handle_event` one at a time; at least once,
+    and with the per-event failures of consume_events (same durable configuration).
+
+    An event is acked once both steps are done with it. A `handle_event` error redelivers that event
+    alone after `retry_delay`. A `handle_batch` error takes the batch apart: each event goes through
+    `handle_batch([event])` and `handle_event` on its own, so a bad event is retried alone, and logged
+    and dropped after `max_deliver` tries, while the others of its batch are acked. Both handlers must
+    be idempotent by event id: after such an error, events the batch step had already done are done
+    again.
+    """
+
+    async def one_at_a_time(message: Msg, event: events_pb2.Event, *, with_batch_step: bool) -> None:
+        try:
+            if with_batch_step:
+                await handle_batch([event])
+            if handle_event is not None:
+                await handle_event(event)
+        except Exception:
+            await _failed(message, event, durable=durable, max_deliver=max_deliver, retry_delay=retry_delay)
+            return
+        await message.ack()
+
+    async def process(messages: list[Msg]) -> None:
+        decoded = await _decoded(messages)
+        if not decoded:
+            return
+        try:
+            await handle_batch([event for _, event in decoded])
+        except Exception:
+            if len(decoded) == 1:
+                message, event = decoded[0]
+                await _failed(
+                    message, event, durable=durable, max_deliver=max_deliver, retry_delay=retry_delay
+                )
+                return
+            log.warning(
+                "event batch failed; its events are handled one at a time",
+                exc_info=True,
+                extra={"consumer": durable, "events": len(decoded)},
+            )
+            for message, event in decoded:
+                await one_at_a_time(message, event, with_batch_step=True)
+            return
+        for message, event in decoded:
+            await one_at_a_time(message, event, with_batch_step=False)
+
+    config = _per_event_config(durable, subjects, max_deliver)
+    await pull_forever(js, EVENTS.name, config, process, batch=batch)

@@ -22,8 +22,9 @@ from typing import Any
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import DateTime, MetaData, event
+from sqlalchemy import DateTime, MetaData, Table, event
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.types import TypeDecorator
@@ -219,6 +220,17 @@ async def connect_with_retry(
                 raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, max_delay)
+
+
+def insert_ignoring_duplicates(
+    sessions: async_sessionmaker[AsyncSession], table: Table, key: list[str]
+) -> Any:
+    """INSERT … ON CONFLICT (`key`) DO NOTHING on the sessions' database (PostgreSQL or SQLite).
+    Build it once and run it with a list of rows: SQLAlchemy compiles it once and runs each batch as
+    an executemany."""
+    dialect = sessions.kw["bind"].dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(table).on_conflict_do_nothing(index_elements=key)
 
 
 @asynccontextmanager

@@ -14,7 +14,7 @@ from nats.aio.subscription import Subscription
 
 import services.feedback.settings  # noqa: F401 - registers the service's settings
 from postmesh.common.auth import Access
-from postmesh.common.bus import consume_events, new_event
+from postmesh.common.bus import consume_events, consume_events_batched, new_event
 from postmesh.common.clients import for_account
 from postmesh.common.config import Settings
 from postmesh.common.service import Service
@@ -320,11 +320,12 @@ class FeedbackService(Service):
 
         self._set_changes = await runtime.nats.subscribe(CONFIGURATION_SET_CHANGED_SUBJECT, cb=forget_routes)
         runtime.spawn(
-            lambda: consume_events(
+            lambda: consume_events_batched(
                 runtime.jetstream,
                 durable="feedback-destinations",
                 subjects=[EMAIL_EVENTS_SUBJECT],
-                handle=router.handle,
+                handle_batch=router.publish,
+                handle_event=router.route,
             ),
             "event-routing",
         )

@@ -1,13 +1,15 @@
 """Every email event, routed: to the account's own event stream (SubscribeEvents), and to the enabled
 destinations of its configuration set that match its type (webhook outbox rows, NATS subjects).
 
-Events reach here at least once (a durable JetStream consumer); each step is idempotent: the account
-stream de-duplicates by event id, the outbox keeps one row per destination and event. A NATS subject
-destination is plain NATS (at most once for its subscribers, as core NATS is).
+Events reach here at least once, a batch at a time (a durable JetStream consumer): `publish` puts the
+whole batch on the account stream, then `route` takes each event on. Each step is idempotent: the
+account stream de-duplicates by event id, the outbox keeps one row per destination and event. A NATS
+subject destination is plain NATS (at most once for its subscribers, as core NATS is).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -65,17 +67,35 @@ class EventRouter:
         self._routes[(account_id, set_name)] = (now + _ROUTES_SECONDS, routes)
         return routes
 
-    async def handle(self, event: ev.Event) -> None:
-        if event.WhichOneof("payload") != "email" or not event.account_id:
-            return
-        email = event.email
-        await self._js.publish(
-            account_events_subject(event.account_id, email.event_type),
-            event.SerializeToString(),
-            headers={"Nats-Msg-Id": event.event_id},
+    async def publish(self, events: list[ev.Event]) -> None:
+        """Puts each email event on its account's stream (SubscribeEvents), every publish in flight at
+        once: a batch waits for the slowest acknowledgement instead of the sum of them. They are
+        written in the batch's order (each task writes its publish before its first wait). Raises the
+        first failure once all are answered; the ones that went through are de-duplicated by event id
+        when they are published again."""
+        results = await asyncio.gather(
+            *(
+                self._js.publish(
+                    account_events_subject(event.account_id, event.email.event_type),
+                    event.SerializeToString(),
+                    headers={"Nats-Msg-Id": event.event_id},
+                )
+                for event in _routed(events)
+            ),
+            return_exceptions=True,
         )
-        if email.mail.configuration_set_name:
-            await self._route_to_set(event, email.mail.configuration_set_name)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def route(self, event: ev.Event) -> None:
+        """An event already on its account's stream, to its set's destinations and its identity's
+        notification topics."""
+        if not _routed([event]):
+            return
+        set_name = event.email.mail.configuration_set_name
+        if set_name:
+            await self._route_to_set(event, set_name)
         # Last: a failure here (the identity service unreachable) retries the event, and what was
         # queued above is not queued twice.
         await self._notify_identity(event)
@@ -115,3 +135,8 @@ class EventRouter:
                 destination, event, NOTIFICATION_WITH_HEADERS if headers else NOTIFICATION
             )
             self._queued()
+
+
+def _routed(events: list[ev.Event]) -> list[ev.Event]:
+    """The events this router handles: email events of an account."""
+    return [e for e in events if e.WhichOneof("payload") == "email" and e.account_id]

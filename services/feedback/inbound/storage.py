@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import Table, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from postmesh.common.db import transaction
+from postmesh.common.db import insert_ignoring_duplicates, transaction
 from postmesh.common.errors import NotFound
 from postmesh.common.paging import keyset_page, split_page
 from postmesh.common.protoutil import from_timestamp
@@ -30,21 +31,35 @@ class SentMessages:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], clock: Clock) -> None:
         self._sessions = sessions
         self._clock = clock
+        self._add_new = insert_ignoring_duplicates(
+            sessions, cast(Table, SentMessage.__table__), ["message_id"]
+        )
 
     async def record(self, account_id: str, mail: ev.Mail) -> None:
         """Indexes one Send event's message (idempotent: a redelivered event changes nothing)."""
+        await self.record_many([(account_id, mail)])
+
+    async def record_many(self, sent: Iterable[tuple[str, ev.Mail]]) -> None:
+        """Indexes the messages of a batch of Send events in one statement (an executemany); a
+        message indexed before, by a redelivered event or an earlier one of the batch, is left as it
+        is. Rows go in key order, so that two replicas inserting the same ones on PostgreSQL wait
+        for each other instead of deadlocking."""
+        rows: dict[str, dict[str, object]] = {}
+        now = self._clock.now()
+        for account_id, mail in sent:
+            if mail.message_id in rows:
+                continue
+            rows[mail.message_id] = {
+                "message_id": mail.message_id,
+                "account_id": account_id,
+                "header_message_id": header_message_id(mail),
+                "mail": mail.SerializeToString(),
+                "sent_at": from_timestamp(mail.timestamp) or now,
+            }
+        if not rows:
+            return
         async with transaction(self._sessions) as session:
-            if await session.get(SentMessage, mail.message_id) is not None:
-                return
-            session.add(
-                SentMessage(
-                    message_id=mail.message_id,
-                    account_id=account_id,
-                    header_message_id=header_message_id(mail),
-                    mail=mail.SerializeToString(),
-                    sent_at=from_timestamp(mail.timestamp) or self._clock.now(),
-                )
-            )
+            await session.execute(self._add_new, [rows[key] for key in sorted(rows)])
 
     async def by_id(self, message_id: str) -> SentMessage | None:
         async with self._sessions() as session:

@@ -7,12 +7,13 @@ import asyncio
 import datetime as dt
 import logging
 import socket
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grpc
 from grpc import aio
 
-from postmesh.common.bus import consume_events
+from postmesh.common.bus import consume_events_batched
 from postmesh.common.config import Settings
 from postmesh.common.service import Runtime
 from postmesh.common.streams import IDENTITY_CHANGED_SUBJECT, email_event_subject
@@ -26,9 +27,19 @@ from services.feedback.inbound.storage import KeptReports, SentMessages
 
 log = logging.getLogger(__name__)
 
+# Send events indexed per statement. Under the durable's max_ack_pending (the server's default, 1000).
+SENT_INDEX_BATCH = 256
+
 
 def feedback_loop_address(settings: Settings) -> str:
     return str(settings.feedback_loop_address or f"fbl@{settings.default_bounce_domain}")
+
+
+def sent_mails(events: Iterable[ev.Event]) -> Iterator[tuple[str, ev.Mail]]:
+    """(account, mail) of each Send event: what the index of sent messages keeps."""
+    for event in events:
+        if event.WhichOneof("payload") == "email" and event.email.event_type == ev.EMAIL_EVENT_TYPE_SEND:
+            yield event.account_id, event.email.mail
 
 
 def _host_port(listen: str) -> tuple[str, int]:
@@ -87,9 +98,8 @@ class Inbound:
             raise
         return bool(reply.in_use)
 
-    async def _index(self, event: ev.Event) -> None:
-        if event.WhichOneof("payload") == "email" and event.email.event_type == ev.EMAIL_EVENT_TYPE_SEND:
-            await self.messages.record(event.account_id, event.email.mail)
+    async def _index(self, events: list[ev.Event]) -> None:
+        await self.messages.record_many(sent_mails(events))
 
     async def _prune(self) -> None:
         settings = self.runtime.settings
@@ -102,11 +112,13 @@ class Inbound:
     async def start(self) -> None:
         runtime = self.runtime
         runtime.spawn(
-            lambda: consume_events(
+            # A batch in one statement; an event it fails on is retried alone (see the helper).
+            lambda: consume_events_batched(
                 runtime.jetstream,
                 durable="feedback-sent-index",
                 subjects=[email_event_subject(ev.EMAIL_EVENT_TYPE_SEND)],
-                handle=self._index,
+                handle_batch=self._index,
+                batch=SENT_INDEX_BATCH,
             ),
             "sent-index",
         )
