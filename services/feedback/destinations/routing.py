@@ -14,6 +14,7 @@ from collections.abc import Callable
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from postmesh.common import jspublish
 from postmesh.common.streams import account_events_subject
 from postmesh.events.v1 import events_pb2 as ev
 from services.feedback.configsets import CONFIRMED, WEBHOOK, ConfigurationSets
@@ -69,7 +70,8 @@ class EventRouter:
         if event.WhichOneof("payload") != "email" or not event.account_id:
             return
         email = event.email
-        await self._js.publish(
+        await jspublish.publish(
+            self._js,
             account_events_subject(event.account_id, email.event_type),
             event.SerializeToString(),
             headers={"Nats-Msg-Id": event.event_id},
