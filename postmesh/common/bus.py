@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError
 
-from postmesh.common import tracing
+from postmesh.common import jspublish, tracing
 from postmesh.common.streams import ALL_STREAMS, EVENTS, StreamSpec, event_subject
 from postmesh.events.v1 import events_pb2
 
@@ -102,7 +102,7 @@ class EventPublisher:
             raise nats.errors.ConnectionClosedError
         headers = {"Nats-Msg-Id": event.event_id}
         tracing.inject(headers)
-        await self._js.publish(event_subject(event), event.SerializeToString(), headers=headers)
+        await jspublish.publish(self._js, event_subject(event), event.SerializeToString(), headers=headers)
 
 
 EventHandler = Callable[[events_pb2.Event], Awaitable[None]]

@@ -12,7 +12,7 @@ from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from postmesh.common import tracing
+from postmesh.common import jspublish, tracing
 from postmesh.common.streams import DAY, MESSAGE_STORE_BUCKET, QUEUED_LEDGER_BUCKET, outbound_subject
 from postmesh.sender.v1 import queue_pb2
 
@@ -75,7 +75,9 @@ async def enqueue(js: JetStreamContext, message: queue_pb2.QueuedMessage) -> Non
     headers = {"Nats-Msg-Id": _queue_id(message)}
     # The delivery worker's span continues the trace of the call that queued the message.
     tracing.inject(headers)
-    await js.publish(outbound_subject(message.account_id), message.SerializeToString(), headers=headers)
+    await jspublish.publish(
+        js, outbound_subject(message.account_id), message.SerializeToString(), headers=headers
+    )
 
 
 def _queue_id(message: queue_pb2.QueuedMessage) -> str:

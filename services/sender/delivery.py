@@ -40,7 +40,7 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 from opentelemetry.trace import SpanKind
 
-from postmesh.common import tracing
+from postmesh.common import jspublish, tracing
 from postmesh.common.bounces import classify
 from postmesh.common.bus import EventPublisher, fetch_batch, new_event
 from postmesh.common.mailformat import to_crlf
@@ -310,7 +310,7 @@ class DeliveryWorker:
         finally:
             heartbeat.cancel()
         try:
-            await msg.ack_sync(timeout=5.0)
+            await jspublish.ack_sync(msg, wait_seconds=5.0)
         except Exception:
             # NATS went away: the copy comes back, and is then finished without sending it again.
             log.warning("ack not confirmed; kept as attempted", extra={"id": queued.message_id})

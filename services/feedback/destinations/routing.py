@@ -16,6 +16,7 @@ from collections.abc import Callable
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from postmesh.common import jspublish
 from postmesh.common.streams import account_events_subject
 from postmesh.events.v1 import events_pb2 as ev
 from services.feedback.configsets import CONFIRMED, WEBHOOK, ConfigurationSets
@@ -75,7 +76,8 @@ class EventRouter:
         when they are published again."""
         results = await asyncio.gather(
             *(
-                self._js.publish(
+                jspublish.publish(
+                    self._js,
                     account_events_subject(event.account_id, event.email.event_type),
                     event.SerializeToString(),
                     headers={"Nats-Msg-Id": event.event_id},

@@ -1,0 +1,146 @@
+"""Confirmed JetStream publishes and synchronous acks at less CPU per message than nats-py's.
+
+nats-py (2.16) sends both through `Client.request`, which per call reads os.urandom (secrets.token_hex),
+decodes the token twice, adds a done-callback and waits with asyncio.wait_for (a task on Python 3.11).
+Here each connection gets one wildcard reply subscription (`<inbox>.*`); a request's reply subject ends
+in a counter, its future waits in a dict under that subject, and asyncio.timeout bounds the wait.
+
+What callers see is nats-py's: the same PubAck, the same exceptions (nats.errors.TimeoutError when no
+reply comes, NoStreamResponseError when no stream takes the subject, APIError.from_error for a stream's
+refusal), and Nats-Msg-Id de-duplication reported by PubAck.duplicate. One difference: a request still
+waiting when the connection is closed fails at once with ConnectionClosedError instead of timing out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import weakref
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import Header, PubAck
+
+# What nats-py's JetStreamContext waits for a PubAck unless told otherwise.
+_DEFAULT_JS_TIMEOUT = 5.0
+# The status of the server's reply when nothing subscribes to the subject (nats-py's constant).
+_NO_RESPONDERS_STATUS = "503"
+
+
+class _Replies:
+    """The reply subscription of one connection and the requests waiting on it."""
+
+    def __init__(self, nc: NATS) -> None:
+        # No reference to the connection (it keys a WeakKeyDictionary whose values must not hold it).
+        self._prefix = nc.new_inbox() + "."
+        self._tokens = itertools.count(1)
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._subscribed = False
+        self._lock = asyncio.Lock()
+
+    async def request(
+        self, nc: NATS, subject: str, payload: bytes, headers: dict[str, str] | None, wait_seconds: float
+    ) -> Msg:
+        if not self._subscribed:
+            await self._subscribe(nc)
+        # A counter, never reused: a late reply to a request that timed out finds no future.
+        reply = self._prefix + str(next(self._tokens))
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._waiting[reply] = future
+        try:
+            await nc.publish(subject, payload, reply=reply, headers=headers)
+            try:
+                async with asyncio.timeout(wait_seconds):
+                    msg = await future
+            except TimeoutError:
+                raise nats.errors.TimeoutError from None
+        finally:
+            self._waiting.pop(reply, None)
+        if msg.headers and msg.headers.get(Header.STATUS) == _NO_RESPONDERS_STATUS:
+            raise nats.errors.NoRespondersError
+        return msg
+
+    async def _subscribe(self, nc: NATS) -> None:
+        async with self._lock:
+            if self._subscribed:
+                return
+            subscription = await nc.subscribe(self._prefix + "*", cb=self._on_reply)
+            self._subscribed = True
+            # nats-py replays the subscription after a reconnect, and cancels its task when the
+            # connection closes (or the subscription is drained): then nothing can answer.
+            task = subscription._wait_for_msgs_task
+            if task is not None:
+                task.add_done_callback(lambda _: self._closed())
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._waiting.pop(msg.subject, None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    def _closed(self) -> None:
+        self._subscribed = False
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(nats.errors.ConnectionClosedError())
+
+
+_replies: weakref.WeakKeyDictionary[NATS, _Replies] = weakref.WeakKeyDictionary()
+
+
+def _replies_of(nc: NATS) -> _Replies:
+    replies = _replies.get(nc)
+    if replies is None:
+        replies = _replies[nc] = _Replies(nc)
+    return replies
+
+
+async def request(
+    nc: NATS,
+    subject: str,
+    payload: bytes = b"",
+    *,
+    wait_seconds: float,
+    headers: dict[str, str] | None = None,
+) -> Msg:
+    """nats-py's `Client.request` (new style): the reply, NoRespondersError on a 503 status,
+    nats.errors.TimeoutError when none comes within `wait_seconds`."""
+    return await _replies_of(nc).request(nc, subject, payload, headers, wait_seconds)
+
+
+async def publish(
+    js: JetStreamContext,
+    subject: str,
+    payload: bytes,
+    *,
+    headers: dict[str, str] | None = None,
+    wait_seconds: float | None = None,
+) -> PubAck:
+    """`js.publish(subject, payload, headers=headers)`: returns once the stream has stored the message.
+
+    Like nats-py's publish, this goes to `subject` itself (a JetStream API prefix or domain applies
+    only to $JS.API requests, not to publishes). `wait_seconds` defaults to the context's own.
+    """
+    nc: NATS = js._nc
+    if wait_seconds is None:
+        wait_seconds = getattr(js, "_timeout", _DEFAULT_JS_TIMEOUT)
+    try:
+        msg = await _replies_of(nc).request(nc, subject, payload, headers, wait_seconds)
+    except nats.errors.NoRespondersError:
+        raise nats.js.errors.NoStreamResponseError from None
+    response = json.loads(msg.data)
+    if "error" in response:
+        raise nats.js.errors.APIError.from_error(response["error"])
+    return PubAck.from_response(response)
+
+
+async def ack_sync(msg: Msg, wait_seconds: float = 1.0) -> Msg:
+    """`msg.ack_sync(timeout=wait_seconds)`: acks a JetStream message, waits for the server to confirm."""
+    msg._check_reply()  # NotJSMessageError, MsgAlreadyAckdError, as nats-py raises them
+    response = await request(msg._client, msg.reply, wait_seconds=wait_seconds)
+    msg._ackd = True
+    return response
