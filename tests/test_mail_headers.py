@@ -123,8 +123,12 @@ def _assert_same(mime: bytes) -> list[tuple[str, str]] | None:
     direct = direct_fields(mime)
     if direct is not None:
         assert direct == email_package_fields(mime), mime
-    got = _outcome(lambda: (lambda hs, t: ([(h.name, h.value) for h in hs], t))(*top_headers(mime)))
-    assert got == _outcome(lambda: _email_package_top_headers(mime)), mime
+
+    def read() -> tuple[list[tuple[str, str]], bool]:
+        headers, truncated = top_headers(mime)
+        return [(h.name, h.value) for h in headers], truncated
+
+    assert _outcome(read) == _outcome(lambda: _email_package_top_headers(mime)), mime
     return direct
 
 
