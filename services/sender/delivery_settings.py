@@ -27,6 +27,12 @@ register(
         60.0,
         "A message whose worker stops reporting progress this long is redelivered to another worker.",
     ),
+    Setting(
+        "DKIM_SIGNING_THREADS",
+        int,
+        2,
+        "Threads of each sender process computing DKIM signatures off its event loop; 0: on the loop.",
+    ),
     DEFAULT_BOUNCE_DOMAIN,
     Setting(
         "RETRY_BASE_MINUTES", float, 5.0, "Wait before the second delivery attempt; doubles per attempt."
