@@ -192,16 +192,20 @@ async def test_the_delivery_workers_signer_signs_as_sign_message_in_its_threads(
         (
             SigningKey("rsa1", RSA_SHA256, keys[0].pem.decode()),
             SigningKey("ed1", ED25519_SHA256, keys[1].pem.decode()),
+            SigningKey("other", "rsa-sha1", keys[0].pem.decode()),  # skipped
         ),
     )
     others = _signing_threads()  # any other test's
     signer = Signer(threads)
-    for _ in range(3):  # t= is the current second: the two signatures may straddle one
-        signed, expected = await signer.sign(message, config), sign_message(message, config)
-        if signed == expected:
-            break
-    assert signed == expected
-    assert _verified(signed, zone)
+    # Signed directly (the RSA operation in a thread), by dkimpy (a bare LF), whole in a thread (large).
+    large = message.replace(b"\r\n\r\n", b"\r\n\r\n" + b"a long body line\r\n" * 20_000, 1)
+    for mime in (message, ODD_MESSAGES[0], large):
+        for _ in range(3):  # t= is the current second: the two signatures may straddle one
+            signed, expected = await signer.sign(mime, config), sign_message(mime, config)
+            if signed == expected:
+                break
+        assert signed == expected
+        assert _verified(signed, zone)
     started = _signing_threads() - others
     assert 1 <= len(started) <= threads if threads else not started
     assert await signer.sign(message, SigningConfig("example.test")) is message
