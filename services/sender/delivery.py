@@ -122,7 +122,7 @@ class DeliveryConfig:
     shutdown_grace_seconds: float = 10.0
     # Waits between scans while a content scanner is unreachable (attempts counted apart).
     scan_policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(base_minutes=0.5, max_minutes=10.0))
-    # Threads computing DKIM signatures off the event loop (0: on the loop).
+    # Threads computing DKIM signatures' RSA operations off the event loop (0: on the loop).
     signing_threads: int = 2
 
 

@@ -6,7 +6,8 @@ numbers (~136 RSA-2048 signatures/s on one core). It looks up `RSASSA_PKCS1_v1_5
 `parse_pem_private_key` by name in its own module namespace, so we put cryptography-backed functions
 with the same contracts there, with each parsed key cached: the signature bytes are identical
 (PKCS#1 v1.5 is deterministic), only faster. Ed25519 goes through dkimpy's own PyNaCl path, fed the
-raw seed it expects (`dkim_direct.ed25519_seed`).
+raw seed it expects (`dkim_direct.ed25519_seed`). The delivery workers sign through `Signer`, which
+computes the RSA operations in a small thread pool, off the event loop.
 """
 
 from __future__ import annotations
