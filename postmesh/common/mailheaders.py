@@ -18,7 +18,9 @@ from postmesh.events.v1 import events_pb2
 MAX_HEADER_BYTES = 10 * 1024
 
 # A field name as the feed parser's headerRE takes it: printable ASCII but ':' (nothing if empty).
-_FIELD_NAMES = re.compile(rb"[\x21-\x39\x3b-\x7e]*")
+_FIELD_NAMES = re.compile(r"[\x21-\x39\x3b-\x7e]*")
+# Where a field ends: a line ending not followed by a continuation line (one starting with white space).
+_FIELD_ENDS = {b"\r\n": re.compile(r"\r\n(?![ \t])"), b"\n": re.compile(r"\n(?![ \t])")}
 
 
 def top_headers(mime: bytes, limit: int = MAX_HEADER_BYTES) -> tuple[list[events_pb2.Header], bool]:
@@ -65,23 +67,19 @@ def direct_fields(mime: bytes) -> list[tuple[str, str]] | None:
         crlf = head.count(b"\r\n")
         if head.count(b"\r") != crlf or head.count(b"\n") != crlf:
             return None
-    fields: list[tuple[bytes, list[bytes]]] = []
-    for line in head.split(eol):  # no line is empty: the first empty one ended the header block
-        if line[:1] in (b" ", b"\t"):
-            if not fields:
-                return None  # the feed parser drops it as a defect
-            fields[-1][1].append(line)
-            continue
-        colon = line.find(b":")
-        if colon <= 0:
-            return None  # not a field (the body starts there) or no name (a defect)
-        fields.append((line[:colon], [line[colon + 1 :]]))
-    # One pass over all the names: a 'From ' line (an envelope line to the parser) fails it too.
-    if not _FIELD_NAMES.fullmatch(b"".join(name for name, _ in fields)):
+    # The email package's text: 8-bit bytes as surrogates.
+    text = head.decode("ascii", "surrogateescape")
+    fold = "\r\n" if eol == b"\r\n" else "\n"
+    fields: list[tuple[str, str]] = []
+    for field in _FIELD_ENDS[eol].split(text):  # no line is empty: the first empty one ended the block
+        name, colon, value = field.partition(":")
+        if not name or not colon:
+            return None  # a line that is not a field (the body starts there), or no name (a defect)
+        # compat32's value is the first line's rest and the continuation lines, line endings kept;
+        # unfolded and stripped as email_package_fields does (no other CR or LF is left in it).
+        fields.append((name, value.replace(fold, "").strip()))
+    # One pass over all the names: a 'From ' line (an envelope line to the parser), a continuation line
+    # first (a defect), white space before the colon, or a colon only in a continuation line fails it.
+    if not _FIELD_NAMES.fullmatch("".join([name for name, _ in fields])):
         return None
-    # compat32's value: the first line's rest and the continuation lines, line endings kept; unfolded
-    # and stripped as email_package_fields does (no CR or LF is left inside a line here).
-    return [
-        (name.decode("ascii"), b"".join(parts).decode("ascii", "surrogateescape").strip())
-        for name, parts in fields
-    ]
+    return fields
