@@ -142,6 +142,34 @@ async def _signing_round(
     return thread_cpu / messages * 1e6, process_cpu / messages * 1e6, messages / wall
 
 
+async def _busy_round(
+    signer: Signer, mime: bytes, config: SigningConfig, signers: int, seconds: float
+) -> tuple[float, float]:
+    """(signatures per second, steps of other loop work per second) while the loop is kept busy by
+    work of its own (four tasks of 50 µs steps, as accepting mail would keep it) and `signers`
+    tasks sign one message after another (yielding to the loop between two)."""
+    stop = time.perf_counter() + seconds
+    work = _iterations_for(50)
+    steps = signed = 0
+
+    async def busy() -> None:
+        nonlocal steps
+        while time.perf_counter() < stop:
+            _loop_work(work)
+            steps += 1
+            await asyncio.sleep(0)
+
+    async def sign() -> None:
+        nonlocal signed
+        while time.perf_counter() < stop:
+            await signer.sign(mime, config)
+            signed += 1
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(busy() for _ in range(4)), *(sign() for _ in range(signers)))
+    return signed / seconds, steps / seconds
+
+
 def _signing(args: argparse.Namespace) -> None:
     mime = _send_email_message()
     pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
@@ -177,6 +205,27 @@ def _signing(args: argparse.Namespace) -> None:
                 rows = runner.run(measure(threads, work))
                 loop_cpu, process_cpu, rate = ([row[i] for row in rows] for i in range(3))
                 print(f"{label:34} {_spread(loop_cpu):>19} {_spread(process_cpu):>19} {_spread(rate):>19}")
+
+        async def busy(threads: int, signers: int) -> list[tuple[float, float]]:
+            signer = Signer(threads)
+            try:
+                return [await _busy_round(signer, mime, config, signers, 1.0) for _ in range(args.repeat)]
+            finally:
+                signer.close()
+
+        print(
+            f"\nThe loop busy with work of its own (50 µs steps) while {args.concurrency} tasks sign, 1 s"
+            f" rounds; min / median of {args.repeat}"
+        )
+        print(f"{'':34} {'signatures/s':>19} {'loop work steps/s':>19}")
+        for label, threads, signers in (
+            ("no signing", 0, 0),
+            ("on the loop (before, threads=0)", 0, args.concurrency),
+            ("signing pool (after, threads=2)", 2, args.concurrency),
+        ):
+            rows2 = runner.run(busy(threads, signers))
+            rate, steps = ([row[i] for row in rows2] for i in range(2))
+            print(f"{label:34} {_spread(rate):>19} {_spread(steps):>19}")
 
 
 def _per_call(run: Callable[[], object], number: int, repeat: int) -> list[float]:

@@ -122,8 +122,10 @@ class DeliveryConfig:
     shutdown_grace_seconds: float = 10.0
     # Waits between scans while a content scanner is unreachable (attempts counted apart).
     scan_policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(base_minutes=0.5, max_minutes=10.0))
-    # Threads computing DKIM signatures' RSA operations off the event loop (0: on the loop).
-    signing_threads: int = 2
+    # Threads computing DKIM signatures' RSA operations off the event loop (0: on the loop). Off by
+    # default: a thread waits for the GIL while the loop is busy (up to the 5 ms switch interval per
+    # hand-over), and under a saturated loop signatures then trickle (benchmarks/micro_loop_hot_path.py).
+    signing_threads: int = 0
 
 
 class HeldMessages(Protocol):

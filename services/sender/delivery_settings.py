@@ -30,8 +30,8 @@ register(
     Setting(
         "DKIM_SIGNING_THREADS",
         int,
-        2,
-        "Threads of each sender process computing DKIM signatures off its event loop; 0: on the loop.",
+        0,
+        "Threads computing DKIM RSA signatures off the event loop; 0: on it (a busy loop starves them).",
     ),
     DEFAULT_BOUNCE_DOMAIN,
     Setting(

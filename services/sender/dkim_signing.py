@@ -168,8 +168,11 @@ class Signer:
     loop waits for it, which cost more than those µs. Ed25519 (tens of µs) stays on the loop; what
     only dkimpy signs, and messages of 256 KiB or more, are signed in a thread whole.
 
-    `threads` 0 signs on the loop (a thread for large messages only). The pool starts with the first
-    signature, and `close` (the worker stopping) shuts it down."""
+    But a thread needs the GIL back after each signature, and a loop that never waits (100% busy)
+    hands it over only when the interpreter forces a switch (every 5 ms): signatures then trickle
+    (~20-130/s against ~3,000/s on the loop, benchmarks/micro_loop_hot_path.py). Hence `threads` 0,
+    the default (DKIM_SIGNING_THREADS), signs on the loop (a thread for large messages only). The
+    pool starts with the first signature, and `close` (the worker stopping) shuts it down."""
 
     def __init__(self, threads: int) -> None:
         self._threads = threads
