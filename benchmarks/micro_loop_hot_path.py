@@ -5,7 +5,8 @@
    a thread), and a prototype of a helper process doing the RSA operation over pipes (not in postmesh).
    Three cases:
    - `--concurrency` signings in flight and nothing else: CPU of the loop's thread per signed message
-     (time.thread_time in the loop), CPU of this process (and of the prototype's helper) per message, messages per second;
+     (time.thread_time in the loop), CPU of this process (and of the prototype's helper) per
+     message, messages per second;
    - the same with `--other-work-us` of pure Python loop work per message before its signature;
    - the loop kept busy by work of its own (as accepting mail keeps it) while `--concurrency` tasks
      sign: signatures per second and how much of its own work the loop still gets done. This is where
