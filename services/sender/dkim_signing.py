@@ -170,7 +170,7 @@ class Signer:
 
     But a thread needs the GIL back after each signature, and a loop that never waits (100% busy)
     hands it over only when the interpreter forces a switch (every 5 ms): signatures then trickle
-    (~20-130/s against ~3,000/s on the loop, benchmarks/micro_loop_hot_path.py). Hence `threads` 0,
+    (tens a second against ~3,000/s on the loop, benchmarks/micro_loop_hot_path.py). Hence `threads` 0,
     the default (DKIM_SIGNING_THREADS), signs on the loop (a thread for large messages only). The
     pool starts with the first signature, and `close` (the worker stopping) shuts it down."""
 
