@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,7 +23,6 @@ from services.sender.dkim_direct import direct_signature, ed25519_seed, load_pri
 from services.sender.dkim_signing import (
     ED25519_SHA256,
     RSA_SHA256,
-    Signer,
     SigningConfig,
     SigningKey,
     sign_message,
@@ -176,52 +174,6 @@ def test_the_signer_postmesh_uses_signs_directly_and_mail_dkim_agrees(
     rsa_signed = sign_message(message, SigningConfig("example.test", config.keys[:1]))
     assert perl_dkim_result(rsa_signed, zone.port) == "pass"
     assert perl_dkim_result(rsa_signed.replace(b"world", b"w0rld", 1), zone.port) != "pass"
-
-
-def _signing_threads() -> set[threading.Thread]:
-    return {thread for thread in threading.enumerate() if thread.name.startswith("dkim-sign")}
-
-
-@pytest.mark.parametrize("threads", [2, 0])
-async def test_the_delivery_workers_signer_signs_as_sign_message_in_its_threads(
-    keys: list[Key], zone: LoopbackDns, threads: int
-) -> None:
-    message = _built_messages()[1]
-    config = SigningConfig(
-        "example.test",
-        (
-            SigningKey("rsa1", RSA_SHA256, keys[0].pem.decode()),
-            SigningKey("ed1", ED25519_SHA256, keys[1].pem.decode()),
-            SigningKey("other", "rsa-sha1", keys[0].pem.decode()),  # skipped
-        ),
-    )
-    others = _signing_threads()  # any other test's
-    signer = Signer(threads)
-    # Signed directly (the RSA operation in a thread), by dkimpy (a bare LF), whole in a thread (large).
-    large = message.replace(b"\r\n\r\n", b"\r\n\r\n" + b"a long body line\r\n" * 20_000, 1)
-    for mime in (message, ODD_MESSAGES[0], large):
-        for _ in range(3):  # t= is the current second: the two signatures may straddle one
-            signed, expected = await signer.sign(mime, config), sign_message(mime, config)
-            if signed == expected:
-                break
-        assert signed == expected
-        assert _verified(signed, zone)
-    started = _signing_threads() - others
-    assert 1 <= len(started) <= threads if threads else not started
-    assert await signer.sign(message, SigningConfig("example.test")) is message
-    # What sign_message raises, the signer raises: the worker turns it into the same outcome.
-    for mime, broken in [
-        (b"To: b@example.test\r\nSubject: no From\r\n\r\nbody\r\n", config),
-        (message, SigningConfig("example.test", (SigningKey("rsa1", RSA_SHA256, "not a key"),))),
-    ]:
-        with pytest.raises(Exception) as expected_error:
-            sign_message(mime, broken)
-        with pytest.raises(expected_error.type, match=re.escape(str(expected_error.value))):
-            await signer.sign(mime, broken)
-    signer.close()
-    for thread in started:
-        thread.join(timeout=10)
-        assert not thread.is_alive()
 
 
 # Shapes dkimpy reads its own way: bare LF or CR, a space before the colon, a continuation line

@@ -53,7 +53,7 @@ from postmesh.common.verp import VerpKey, bounce_address
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.sender.v1 import queue_pb2
 from services.sender.backoff import RetryPolicy
-from services.sender.dkim_signing import Signer, SigningConfig, SigningConfigCache, SigningUnavailable
+from services.sender.dkim_signing import SigningConfig, SigningConfigCache, SigningUnavailable, sign_message
 from services.sender.filtration.stage import ContentFilters, Verdict
 from services.sender.filtration.stage import Kind as ScanKind
 from services.sender.simulator import MailboxSimulator, SimulatedBounce
@@ -122,10 +122,6 @@ class DeliveryConfig:
     shutdown_grace_seconds: float = 10.0
     # Waits between scans while a content scanner is unreachable (attempts counted apart).
     scan_policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(base_minutes=0.5, max_minutes=10.0))
-    # Threads computing DKIM signatures' RSA operations off the event loop (0: on the loop). Off by
-    # default: a thread waits for the GIL while the loop is busy (up to the 5 ms switch interval per
-    # hand-over), and under a saturated loop signatures then trickle (benchmarks/micro_loop_hot_path.py).
-    signing_threads: int = 0
 
 
 class HeldMessages(Protocol):
@@ -196,7 +192,6 @@ class DeliveryWorker:
         self.held = held
         self.events = events
         self.signing = signing
-        self._signer = Signer(config.signing_threads)
         self.transport = transport
         self.config = config
         self.clock = clock
@@ -242,7 +237,6 @@ class DeliveryWorker:
             for task in list(self._inflight):
                 task.cancel()
             await asyncio.gather(*self._inflight, return_exceptions=True)
-            self._signer.close()
             await sub.unsubscribe()
 
     def _done(self, task: asyncio.Task[None]) -> None:
@@ -508,7 +502,11 @@ class DeliveryWorker:
             mime = await self._track(queued, mime)
         # Signed once per message: a DKIM signature does not depend on the envelope.
         try:
-            signed = await self._signer.sign(mime, config)
+            signed = (
+                sign_message(mime, config)
+                if len(mime) < 1 << 18
+                else await asyncio.to_thread(sign_message, mime, config)
+            )
         except _UNSIGNABLE as exc:
             raise Undeliverable(f"Bad content: the message cannot be DKIM-signed ({exc}).") from exc
         require_tls = queued.tls_policy == queue_pb2.TLS_POLICY_REQUIRE

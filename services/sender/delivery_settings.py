@@ -27,12 +27,6 @@ register(
         60.0,
         "A message whose worker stops reporting progress this long is redelivered to another worker.",
     ),
-    Setting(
-        "DKIM_SIGNING_THREADS",
-        int,
-        0,
-        "Threads computing DKIM RSA signatures off the event loop; 0: on it (a busy loop starves them).",
-    ),
     DEFAULT_BOUNCE_DOMAIN,
     Setting(
         "RETRY_BASE_MINUTES", float, 5.0, "Wait before the second delivery attempt; doubles per attempt."

@@ -148,7 +148,6 @@ class Delivery:
                 verp_key=VerpKey.from_settings(settings),
                 ack_wait_seconds=settings.delivery_ack_wait_seconds,
                 shutdown_grace_seconds=settings.shutdown_grace_seconds,
-                signing_threads=settings.dkim_signing_threads,
                 scan_policy=RetryPolicy(
                     base_minutes=settings.scan_retry_base_seconds / 60,
                     max_minutes=settings.scan_retry_max_seconds / 60,

@@ -20,7 +20,6 @@ import functools
 import hashlib
 import re
 import time
-from dataclasses import dataclass
 
 import dkim
 from cryptography.hazmat.primitives import hashes, serialization
@@ -154,57 +153,6 @@ def direct_signature(
     """The DKIM-Signature field `dkim.sign` gives, or None for what only dkimpy handles.
 
     `timestamp` (t=) defaults to now, as dkimpy's; tests pass dkimpy's to compare bytes."""
-    unsigned = prepare(
-        message,
-        selector=selector,
-        domain=domain,
-        private_key_pem=private_key_pem,
-        algorithm=algorithm,
-        canonicalize=canonicalize,
-        timestamp=timestamp,
-    )
-    if unsigned is None:
-        return None
-    signature = unsigned.signature()
-    return None if signature is None else unsigned.field(signature)
-
-
-@dataclass(frozen=True)
-class Unsigned:
-    """A DKIM-Signature field but for its b= value: the key operation apart, so that an RSA one (the
-    bulk of the CPU, computed by `cryptography` without the GIL) can run in another thread."""
-
-    key: PrivateKey
-    digest: bytes  # SHA-256 of the canonicalised header data, the signature's input
-    fields: tuple[tuple[bytes, bytes], ...]  # the tags, b= last
-
-    def signature(self) -> bytes | None:
-        """The key operation; None when dkimpy would refuse it (a modulus too small for the digest)."""
-        if isinstance(self.key, rsa.RSAPrivateKey):
-            try:
-                return self.key.sign(self.digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
-            except ValueError:
-                return None  # dkimpy says so
-        return self.key.sign(self.digest)  # RFC 8463: Ed25519 over the SHA-256 of the header data
-
-    def field(self, signature: bytes) -> bytes:
-        """The DKIM-Signature header field (ending in CRLF) with that signature."""
-        fields = (*self.fields[:-1], (b"b", base64.b64encode(signature)))
-        value = b"; ".join(b"=".join(f) for f in fields) + b"\r\n"
-        return _HEADER_NAME + b": " + dkim.fold(value, namelen=len(_HEADER_NAME), linesep=b"\r\n")
-
-
-def prepare(
-    message: bytes,
-    *,
-    selector: bytes,
-    domain: bytes,
-    private_key_pem: bytes,
-    algorithm: bytes,
-    canonicalize: tuple[bytes, bytes],
-    timestamp: int | None = None,
-) -> Unsigned | None:
-    """What `direct_signature` signs, or None for what only dkimpy handles."""
     header_canon, body_canon = canonicalize
     if header_canon not in _CANONICALIZATIONS or body_canon not in _CANONICALIZATIONS:
         return None
@@ -271,4 +219,14 @@ def prepare(
         hashed.append(b"dkim-signature:" + b" ".join(unsigned.split()))
     else:
         hashed.append(_HEADER_NAME + b":" + unsigned.rstrip())
-    return Unsigned(key, hashlib.sha256(b"".join(hashed)).digest(), tuple(fields))
+    digest = hashlib.sha256(b"".join(hashed)).digest()
+    if isinstance(key, rsa.RSAPrivateKey):
+        try:
+            signature = key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        except ValueError:
+            return None  # a modulus too small for the digest: dkimpy says so
+    else:
+        signature = key.sign(digest)  # RFC 8463: Ed25519 over the SHA-256 of the header data
+    fields[-1] = (b"b", base64.b64encode(signature))
+    value = b"; ".join(b"=".join(f) for f in fields) + b"\r\n"
+    return _HEADER_NAME + b": " + dkim.fold(value, namelen=namelen, linesep=b"\r\n")

@@ -6,21 +6,17 @@ numbers (~136 RSA-2048 signatures/s on one core). It looks up `RSASSA_PKCS1_v1_5
 `parse_pem_private_key` by name in its own module namespace, so we put cryptography-backed functions
 with the same contracts there, with each parsed key cached: the signature bytes are identical
 (PKCS#1 v1.5 is deterministic), only faster. Ed25519 goes through dkimpy's own PyNaCl path, fed the
-raw seed it expects (`dkim_direct.ed25519_seed`). The delivery workers sign through `Signer`, which
-computes the RSA operations in a small thread pool, off the event loop.
+raw seed it expects (`dkim_direct.ed25519_seed`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypedDict, TypeVar
+from typing import Any
 
 import dkim
 import dkim.crypto
@@ -32,7 +28,6 @@ from services.sender import dkim_direct
 from services.sender.dkim_direct import load_private_key
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 RSA_SHA256 = "rsa-sha256"
 ED25519_SHA256 = "ed25519-sha256"
@@ -118,26 +113,20 @@ class SigningConfig:
     keys: tuple[SigningKey, ...] = ()
 
 
-class _Inputs(TypedDict):
-    """What dkim_direct signs with, but the message."""
+def sign_message(mime: bytes, config: SigningConfig) -> bytes:
+    """`mime` (CRLF) with one DKIM-Signature per key prepended; unchanged when there is no key.
 
-    selector: bytes
-    domain: bytes
-    private_key_pem: bytes
-    algorithm: bytes
-    canonicalize: tuple[bytes, bytes]
-
-
-def _inputs(config: SigningConfig) -> list[_Inputs]:
-    """One per key of a known algorithm (the others skipped, with a warning)."""
-    inputs: list[_Inputs] = []
+    Each signature is computed over the unsigned message, so neither covers the other and a
+    verifier may check either."""
+    signatures: list[bytes] = []
     domain = config.domain.encode("ascii")
     for key in config.keys:
         if key.algorithm not in (RSA_SHA256, ED25519_SHA256):
             log.warning("unknown DKIM algorithm skipped", extra={"algorithm": key.algorithm})
             continue
-        inputs.append(
-            _Inputs(
+        signatures.append(
+            dkim_direct.sign(
+                mime,
                 selector=key.selector.encode("ascii"),
                 domain=domain,
                 private_key_pem=key.private_key_pem.encode("ascii"),
@@ -145,78 +134,7 @@ def _inputs(config: SigningConfig) -> list[_Inputs]:
                 canonicalize=CANONICALIZE,
             )
         )
-    return inputs
-
-
-def sign_message(mime: bytes, config: SigningConfig) -> bytes:
-    """`mime` (CRLF) with one DKIM-Signature per key prepended; unchanged when there is no key.
-
-    Each signature is computed over the unsigned message, so neither covers the other and a
-    verifier may check either."""
-    return b"".join(dkim_direct.sign(mime, **inputs) for inputs in _inputs(config)) + mime
-
-
-# A message this large is signed in a thread whole: hashing its body alone would hold the loop.
-_INLINE_LIMIT = 1 << 18
-
-
-class Signer:
-    """`sign_message` for a delivery worker, its RSA operations off the event loop: an RSA-2048
-    signature is ~270 µs of CPU, which `cryptography` computes without the GIL, so the loop serves
-    other messages meanwhile. Only the key operation goes to a thread (the canonicalisation and the
-    field's formatting, tens of µs, stay on the loop): a thread that needs the GIL back from a busy
-    loop waits for it, which cost more than those µs. Ed25519 (tens of µs) stays on the loop; what
-    only dkimpy signs, and messages of 256 KiB or more, are signed in a thread whole.
-
-    But a thread needs the GIL back after each signature, and a loop that never waits (100% busy)
-    hands it over only when the interpreter forces a switch (every 5 ms): signatures then trickle
-    (tens a second against ~3,000/s on the loop, benchmarks/micro_loop_hot_path.py). Hence `threads` 0,
-    the default (DKIM_SIGNING_THREADS), signs on the loop (a thread for large messages only). The
-    pool starts with the first signature, and `close` (the worker stopping) shuts it down."""
-
-    def __init__(self, threads: int) -> None:
-        self._threads = threads
-        self._pool: ThreadPoolExecutor | None = None
-
-    async def sign(self, mime: bytes, config: SigningConfig) -> bytes:
-        """`sign_message(mime, config)`: the same bytes, and what it raises."""
-        if not config.keys:
-            return mime  # nothing to sign: not worth a thread's round trip
-        if self._threads <= 0:
-            if len(mime) < _INLINE_LIMIT:
-                return sign_message(mime, config)
-            return await asyncio.to_thread(sign_message, mime, config)
-        if len(mime) >= _INLINE_LIMIT:
-            return await self._in_thread(functools.partial(sign_message, mime, config))
-        signatures: list[bytes] = []
-        for inputs in _inputs(config):
-            unsigned = dkim_direct.prepare(mime, **inputs)
-            field = None
-            if unsigned is not None:
-                if isinstance(unsigned.key, rsa.RSAPrivateKey):
-                    signature = await self._in_thread(unsigned.signature)
-                else:
-                    signature = unsigned.signature()
-                if signature is not None:
-                    field = unsigned.field(signature)
-            if field is None:  # dkim_direct.sign goes to dkimpy, as sign_message would
-                field = await self._in_thread(functools.partial(dkim_direct.sign, mime, **inputs))
-            signatures.append(field)
-        return b"".join(signatures) + mime
-
-    async def _in_thread(self, call: Callable[[], T]) -> T:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="dkim-sign")
-        # In the caller's context, as asyncio.to_thread would: its log fields go with dkimpy's warnings.
-        context = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(self._pool, context.run, call)
-
-    def close(self) -> None:
-        """Shuts the pool down (a signature being computed finishes, nothing waits for it); a later
-        `sign` starts a new one."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+    return b"".join(signatures) + mime
 
 
 class SigningUnavailable(Exception):
