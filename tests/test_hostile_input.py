@@ -12,7 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from postmesh.common.errors import InvalidArgument
+from postmesh.common.server import _may_hold_enums, _unknown_enum_value
 from postmesh.common.service import SystemClock
+from postmesh.feedback.v1 import configuration_sets_pb2 as cs
+from postmesh.sender.v1 import sender_pb2
 from services.sender import rendering
 from services.sender.accept import Acceptor, RenderFailure
 from services.sender.mime import (
@@ -253,3 +256,19 @@ async def test_rendering_runs_off_the_event_loop() -> None:
         ticker.cancel()
         acceptor.close()
     assert ticks > 2
+
+
+def test_unknown_enum_numbers_are_refused_at_any_depth_naming_the_field() -> None:
+    request = cs.CreateConfigurationSetEventDestinationRequest(configuration_set_name="set")
+    request.event_destination.webhook.url = "https://127.0.0.1/hook"
+    assert _unknown_enum_value(request) is None
+    request.event_destination.webhook.format = 77  # type: ignore[assignment]
+    refused = _unknown_enum_value(request)
+    assert refused is not None and refused.field == "event_destination.webhook.format"
+    request.event_destination.webhook.format = cs.WEBHOOK_FORMAT_JSON
+    request.event_destination.matching_event_types.extend([1, 4000])  # type: ignore[list-item]
+    refused = _unknown_enum_value(request)
+    assert refused is not None and refused.field == "event_destination.matching_event_types"
+    # Parts that cannot hold an enum are not walked; parts that can, are.
+    assert not _may_hold_enums(sender_pb2.Destination.DESCRIPTOR)
+    assert _may_hold_enums(cs.EventDestinationDefinition.DESCRIPTOR)

@@ -8,6 +8,7 @@ interceptor for auth, errors, metrics and logs, Prometheus metrics, and graceful
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 import random
@@ -20,6 +21,7 @@ from typing import Any
 import grpc
 import nats.errors
 from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
@@ -193,12 +195,30 @@ def _unknown_enum_value(message: Message, prefix: str = "") -> InvalidArgument |
             for number in values:
                 if enum.values_by_number.get(number) is None:
                     return InvalidArgument(f"{number} is not a valid value of {enum.name}.", field=name)
-        elif child_type is not None and not child_type.GetOptions().map_entry:
+        elif child_type is not None and not child_type.GetOptions().map_entry and _may_hold_enums(child_type):
             for child in values:
                 found = _unknown_enum_value(child, f"{name}.")
                 if found is not None:
                     return found
     return None
+
+
+@functools.cache
+def _may_hold_enums(message_type: Descriptor) -> bool:
+    """Whether a message of this type can hold an enum field at any depth (most parts of a request,
+    a body or a destination, cannot: no need to walk them)."""
+    seen, waiting = set(), [message_type]
+    while waiting:
+        current = waiting.pop()
+        if current.full_name in seen:
+            continue
+        seen.add(current.full_name)
+        for field in current.fields:
+            if field.enum_type is not None:
+                return True
+            if field.message_type is not None:
+                waiting.append(field.message_type)
+    return False
 
 
 DATABASE_RETRY_SECONDS = 2.0
