@@ -514,7 +514,7 @@ async def test_a_subscription_reopened_with_other_event_types_follows_the_new_on
 
     from postmesh.common.bus import ensure_streams
     from postmesh.common.streams import ACCOUNT_EVENTS
-    from services.feedback.destinations.subscriptions import Opening, Subscriptions
+    from services.feedback.destinations.subscriptions import Opening, Subscriptions, consumer_name
 
     connection = await nats_client.connect(nats_url)
     try:
@@ -526,7 +526,7 @@ async def test_a_subscription_reopened_with_other_event_types_follows_the_new_on
         again = await subscriptions.open(
             "acct-reopen", Opening("s", [ev.EMAIL_EVENT_TYPE_DELIVERY, ev.EMAIL_EVENT_TYPE_COMPLAINT])
         )
-        info = await again.consumer_info()
+        info = await js.consumer_info(ACCOUNT_EVENTS.name, consumer_name("acct-reopen", "s"))
         assert sorted(info.config.filter_subjects or []) == [
             "postmesh.account-events.acct-reopen.complaint",
             "postmesh.account-events.acct-reopen.delivery",

@@ -20,6 +20,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError
 
 from postmesh.common import jspublish, tracing
+from postmesh.common.pull import Puller
 from postmesh.common.streams import ALL_STREAMS, EVENTS, StreamSpec, event_subject
 from postmesh.events.v1 import events_pb2
 
@@ -108,14 +109,13 @@ class EventPublisher:
 EventHandler = Callable[[events_pb2.Event], Awaitable[None]]
 
 
-async def fetch_batch(
-    subscription: JetStreamContext.PullSubscription, batch: int, wait_seconds: float
-) -> list[Msg]:
-    """Up to `batch` messages from a pull subscription; none when `wait_seconds` pass first.
+async def fetch_batch(subscription: Puller, batch: int, wait_seconds: float) -> list[Msg]:
+    """Up to `batch` messages from a pull consumer; none when `wait_seconds` pass first.
 
-    On Python 3.11, asyncio.wait_for (inside nats-py's fetch) can turn a cancellation that arrives as
-    the timeout fires into a TimeoutError; a loop that retries on timeouts would then never stop. A
-    task that is being cancelled is therefore cancelled here, whatever fetch raised.
+    On Python 3.11, asyncio.wait_for (inside nats-py's fetch, which Puller does not use) can turn a
+    cancellation that arrives as the timeout fires into a TimeoutError; a loop that retries on
+    timeouts would then never stop. A task that is being cancelled is therefore cancelled here,
+    whatever fetch raised.
     """
     try:
         return await subscription.fetch(batch, timeout=wait_seconds)
@@ -137,15 +137,16 @@ async def pull_forever(
 ) -> None:
     """Declares the durable pull consumer `config` on `stream` (replicas share it, so each message
     goes to one of them) and hands every fetched batch to `process`, which acks, naks or terms."""
+    assert config.durable_name, "a durable consumer"
     await js.add_consumer(stream, config)
-    subscription = await js.pull_subscribe_bind(durable=config.durable_name, stream=stream)
+    subscription = await Puller.bind(js, stream=stream, durable=config.durable_name)
     try:
         while True:
             messages = await fetch_batch(subscription, batch, wait_seconds)
             if messages:
                 await process(messages)
     finally:
-        # A pull subscription left behind would keep drain() waiting at shutdown.
+        # A subscription left behind would keep drain() waiting at shutdown.
         with contextlib.suppress(Exception):
             await subscription.unsubscribe()
 

@@ -47,6 +47,7 @@ from postmesh.common.mailformat import to_crlf
 from postmesh.common.metrics import DELIVERY_OUTCOMES, DELIVERY_RETRIES, DKIM_SIGNING_FAILURES
 from postmesh.common.outbound import enqueue, first_copy, forget_mime, load_mime, queued_ledger
 from postmesh.common.protoutil import from_timestamp, timestamp
+from postmesh.common.pull import Puller
 from postmesh.common.service import Clock
 from postmesh.common.streams import OUTBOUND, OUTBOUND_SUBJECT_PREFIX
 from postmesh.common.verp import VerpKey, bounce_address
@@ -218,7 +219,7 @@ class DeliveryWorker:
         """Pulls and delivers until cancelled, with at most `concurrency` messages in hand."""
         # Creates the shared durable consumer, or brings its configuration up to date.
         await self.js.add_consumer(OUTBOUND.name, self.consumer_config())
-        sub = await self.js.pull_subscribe_bind(durable=DURABLE, stream=OUTBOUND.name)
+        sub = await Puller.bind(self.js, stream=OUTBOUND.name, durable=DURABLE)
         try:
             while True:
                 while len(self._inflight) >= self.config.concurrency:

@@ -23,6 +23,7 @@ from nats.js.errors import NotFoundError
 
 from postmesh.common.bus import fetch_batch
 from postmesh.common.errors import InvalidArgument, NotFound
+from postmesh.common.pull import Puller
 from postmesh.common.streams import ACCOUNT_EVENTS, account_events_filter, account_events_subject
 from postmesh.events.v1 import events_pb2 as ev
 from services.feedback.configsets import check_name
@@ -47,7 +48,7 @@ class Subscriptions:
         self._ack_wait = ack_wait
         self._inactive = inactive_days * 86400
 
-    async def open(self, account_id: str, opening: Opening) -> JetStreamContext.PullSubscription:
+    async def open(self, account_id: str, opening: Opening) -> Puller:
         """Creates (or resumes) the durable consumer; events published from now on are kept for it."""
         check_name(opening.name, "subscription_name")
         subjects = (
@@ -66,12 +67,12 @@ class Subscriptions:
             inactive_threshold=self._inactive,
         )
         await self._js.add_consumer(ACCOUNT_EVENTS.name, config)
-        return await self._js.pull_subscribe_bind(durable=durable, stream=ACCOUNT_EVENTS.name)
+        return await Puller.bind(self._js, stream=ACCOUNT_EVENTS.name, durable=durable)
 
     async def follow(
         self,
         account_id: str,
-        subscription: JetStreamContext.PullSubscription,
+        subscription: Puller,
         acks: AsyncIterator[Sequence[str]],
     ) -> AsyncIterator[ev.Event]:
         """The account's events, as they come; `acks` yields the event ids the client processed.
