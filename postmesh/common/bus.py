@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import BadRequestError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from postmesh.common import jspublish, tracing
 from postmesh.common.streams import ALL_STREAMS, EVENTS, StreamSpec, event_subject
@@ -269,6 +269,55 @@ async def consume_event_batches(
     await pull_forever(js, EVENTS.name, config, process, batch=batch, wait_seconds=1)
 
 
+async def _existing_config(js: JetStreamContext, durable: str) -> ConsumerConfig | None:
+    try:
+        return (await js.consumer_info(EVENTS.name, durable)).config
+    except NotFoundError:
+        return None
+
+
+async def _taking_over(
+    js: JetStreamContext, config: ConsumerConfig, replaces: Sequence[str]
+) -> ConsumerConfig:
+    """`config`, for a durable that takes over from the durables `replaces` (an earlier release's) on
+    the events stream: what pull_forever is to declare.
+
+    Created, the durable starts right after the lowest ack floor of the replaced durables that exist
+    (the whole stream when none does), so nothing any of them had yet to handle is missed; the events
+    between their floors are handled again, which is harmless because the handlers are idempotent by
+    event id. An existing durable keeps where it started (a deliver policy cannot be updated). The
+    replaced durables are deleted on every start: an earlier release's replica may declare them again
+    while a mesh is upgraded."""
+    existing = await _existing_config(js, str(config.durable_name))
+    if existing is None:
+        floors = []
+        for name in replaces:
+            try:
+                info = await js.consumer_info(EVENTS.name, name)
+            except NotFoundError:
+                continue
+            floors.append(info.ack_floor.stream_seq if info.ack_floor is not None else 0)
+        if floors:
+            config = dataclasses.replace(
+                config, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=min(floors) + 1
+            )
+        try:
+            await js.add_consumer(EVENTS.name, config)
+        except APIError:
+            # Another process (a worker, a replica) created it first, maybe from other floors: bind to it.
+            existing = await _existing_config(js, str(config.durable_name))
+            if existing is None:
+                raise
+    if existing is not None:
+        config = dataclasses.replace(
+            config, deliver_policy=existing.deliver_policy, opt_start_seq=existing.opt_start_seq
+        )
+    for name in replaces:
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(EVENTS.name, name)
+    return config
+
+
 async def consume_events_batched(
     js: JetStreamContext,
     *,
@@ -279,6 +328,7 @@ async def consume_events_batched(
     batch: int = 64,
     max_deliver: int = 10,
     retry_delay: float = 5.0,
+    replaces: Sequence[str] = (),
 ) -> None:
     """Feeds every event on `subjects` through `handle_batch` a fetched batch at a time (one statement,
     publishes in flight together), then, in order, through `handle_event` one at a time; at least once,
@@ -290,6 +340,9 @@ async def consume_events_batched(
     and dropped after `max_deliver` tries, while the others of its batch are acked. Both handlers must
     be idempotent by event id: after such an error, events the batch step had already done are done
     again.
+
+    `replaces` names durables of an earlier release whose work this one takes over: a new durable
+    starts where the least advanced of them stands, and they are deleted (see _taking_over).
     """
 
     async def one_at_a_time(message: Msg, event: events_pb2.Event, *, with_batch_step: bool) -> None:
@@ -328,4 +381,6 @@ async def consume_events_batched(
             await one_at_a_time(message, event, with_batch_step=False)
 
     config = _per_event_config(durable, subjects, max_deliver)
+    if replaces:
+        config = await _taking_over(js, config, replaces)
     await pull_forever(js, EVENTS.name, config, process, batch=batch)
