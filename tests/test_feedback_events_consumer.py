@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
@@ -22,7 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from postmesh.common import db
-from postmesh.common.bus import ensure_streams, new_event
+from postmesh.common.bus import consume_events, consume_events_batched, ensure_streams, new_event
 from postmesh.common.streams import ACCOUNT_EVENTS, EVENTS, EVENTS_SUBJECT_PREFIX, account_events_filter
 from postmesh.events.v1 import events_pb2 as ev
 from services.feedback.configsets import CONFIRMED, WEBHOOK, ConfigurationSets
@@ -37,6 +38,8 @@ from services.feedback.timeline.store import EventStore
 from tests.test_feedback_batches import START, Clock, consuming, sessions_on, settled
 
 MESSAGES = 8
+# How long an old durable is kept once nobody reads it (5 minutes in the service).
+IDLE_SECONDS = 1.0
 
 
 @pytest.fixture
@@ -140,7 +143,24 @@ async def old_durable(js: JetStreamContext, name: str, subject: str, *, events: 
 def consumer(
     js: JetStreamContext, steps: FeedbackEvents, durable: str, subject: str, old: tuple[str, ...]
 ) -> Coroutine[Any, Any, None]:
-    return consume_feedback_events(js, steps, durable=durable, subjects=[subject], replaces=old)
+    return consume_feedback_events(
+        js, steps, durable=durable, subjects=[subject], replaces=old, replaced_idle_seconds=IDLE_SECONDS
+    )
+
+
+async def gone(js: JetStreamContext, durable: str) -> bool:
+    try:
+        await js.consumer_info(EVENTS.name, durable)
+    except NotFoundError:
+        return True
+    return False
+
+
+async def until_gone(js: JetStreamContext, durables: tuple[str, ...]) -> None:
+    deadline = time.monotonic() + 30
+    while not all([await gone(js, name) for name in durables]):
+        assert time.monotonic() < deadline, "the old durables were never deleted"
+        await asyncio.sleep(0.2)
 
 
 async def test_the_consumer_takes_over_from_the_old_durables_where_the_least_advanced_stood(
@@ -187,9 +207,7 @@ async def test_the_consumer_takes_over_from_the_old_durables_where_the_least_adv
         DeliverPolicy.BY_START_SEQUENCE,
         sequences[4] + 1,
     )
-    for name in old:
-        with pytest.raises(NotFoundError):
-            await js.consumer_info(EVENTS.name, name)
+    await until_gone(js, old)
     # Every step has every event, once.
     async with sessions() as session:
         stored = await session.scalar(
@@ -232,3 +250,39 @@ async def test_without_old_durables_the_consumer_reads_the_whole_stream(nats: NA
     info = await js.consumer_info(EVENTS.name, durable)
     assert info.config.deliver_policy == DeliverPolicy.ALL
     await sessions.kw["bind"].dispose()
+
+
+async def test_an_old_durable_an_earlier_release_still_reads_is_kept_until_it_stops(nats: NATS) -> None:
+    """A rolling upgrade: the replica of the earlier release goes on reading its durable (deleted, its
+    loop would declare it again from the start of the stream and route every kept event again)."""
+    js = nats.jetstream()
+    tag = uuid.uuid4().hex[:8]
+    subject = f"{EVENTS_SUBJECT_PREFIX}.test.{uuid.uuid4().hex}"
+    old = f"old-router-{tag}"
+    durable = f"test-feedback-events-{tag}"
+    read: list[str] = []
+
+    async def old_route(event: ev.Event) -> None:
+        read.append(event.event_id)
+
+    events = email_events("acct")
+    await js.publish(subject, events[0].SerializeToString())
+    async with consuming(consume_events(js, durable=old, subjects=[subject], handle=old_route)):
+        await settled(js, old, lambda: len(read) == 1)
+        async with consuming(
+            consume_events_batched(
+                js,
+                durable=durable,
+                subjects=[subject],
+                handle_batch=lambda batch: asyncio.sleep(0),
+                replaces=(old,),
+                replaced_idle_seconds=IDLE_SECONDS,
+            )
+        ):
+            await settled(js, durable, lambda: True)
+            await asyncio.sleep(4 * IDLE_SECONDS)
+            assert not await gone(js, old)
+            await js.publish(subject, events[1].SerializeToString())
+            await settled(js, old, lambda: len(read) == 2)
+    await until_gone(js, (old,))
+    assert read == [e.event_id for e in events[:2]]

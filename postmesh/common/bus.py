@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from postmesh.common import jspublish, tracing
@@ -269,15 +269,27 @@ async def consume_event_batches(
     await pull_forever(js, EVENTS.name, config, process, batch=batch, wait_seconds=1)
 
 
-async def _existing_config(js: JetStreamContext, durable: str) -> ConsumerConfig | None:
+async def _consumer_info(js: JetStreamContext, durable: str) -> ConsumerInfo | None:
     try:
-        return (await js.consumer_info(EVENTS.name, durable)).config
+        return await js.consumer_info(EVENTS.name, durable)
     except NotFoundError:
         return None
 
 
+async def _retire(js: JetStreamContext, old: ConsumerInfo, idle_seconds: float) -> None:
+    """Has the server delete the durable `old` once nobody has read it for `idle_seconds` (its
+    inactive threshold, updated in place). Not deleted at once: a replica of the earlier release still
+    reading it (a rolling upgrade) would see it gone, restart its loop and declare it again from the
+    start of the stream, routing every kept event again (webhooks posted twice: an outbox row is
+    deleted once delivered)."""
+    if old.config.inactive_threshold == idle_seconds:
+        return
+    with contextlib.suppress(NotFoundError):
+        await js.add_consumer(EVENTS.name, dataclasses.replace(old.config, inactive_threshold=idle_seconds))
+
+
 async def _taking_over(
-    js: JetStreamContext, config: ConsumerConfig, replaces: Sequence[str]
+    js: JetStreamContext, config: ConsumerConfig, replaces: Sequence[str], idle_seconds: float
 ) -> ConsumerConfig:
     """`config`, for a durable that takes over from the durables `replaces` (an earlier release's) on
     the events stream: what pull_forever is to declare.
@@ -285,36 +297,30 @@ async def _taking_over(
     Created, the durable starts right after the lowest ack floor of the replaced durables that exist
     (the whole stream when none does), so nothing any of them had yet to handle is missed; the events
     between their floors are handled again, which is harmless because the handlers are idempotent by
-    event id. An existing durable keeps where it started (a deliver policy cannot be updated). The
-    replaced durables are deleted on every start: an earlier release's replica may declare them again
-    while a mesh is upgraded."""
-    existing = await _existing_config(js, str(config.durable_name))
+    event id. An existing durable keeps where it started (a deliver policy cannot be updated). On
+    every start, the replaced durables left are retired (see _retire)."""
+    old = [info for name in replaces if (info := await _consumer_info(js, name)) is not None]
+    existing = await _consumer_info(js, str(config.durable_name))
     if existing is None:
-        floors = []
-        for name in replaces:
-            try:
-                info = await js.consumer_info(EVENTS.name, name)
-            except NotFoundError:
-                continue
-            floors.append(info.ack_floor.stream_seq if info.ack_floor is not None else 0)
-        if floors:
+        if old:
             config = dataclasses.replace(
-                config, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=min(floors) + 1
+                config,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=min(info.ack_floor.stream_seq if info.ack_floor else 0 for info in old) + 1,
             )
         try:
             await js.add_consumer(EVENTS.name, config)
         except APIError:
             # Another process (a worker, a replica) created it first, maybe from other floors: bind to it.
-            existing = await _existing_config(js, str(config.durable_name))
+            existing = await _consumer_info(js, str(config.durable_name))
             if existing is None:
                 raise
     if existing is not None:
         config = dataclasses.replace(
-            config, deliver_policy=existing.deliver_policy, opt_start_seq=existing.opt_start_seq
+            config, deliver_policy=existing.config.deliver_policy, opt_start_seq=existing.config.opt_start_seq
         )
-    for name in replaces:
-        with contextlib.suppress(NotFoundError):
-            await js.delete_consumer(EVENTS.name, name)
+    for info in old:
+        await _retire(js, info, idle_seconds)
     return config
 
 
@@ -329,6 +335,7 @@ async def consume_events_batched(
     max_deliver: int = 10,
     retry_delay: float = 5.0,
     replaces: Sequence[str] = (),
+    replaced_idle_seconds: float = 300.0,
 ) -> None:
     """Feeds every event on `subjects` through `handle_batch` a fetched batch at a time (one statement,
     publishes in flight together), then, in order, through `handle_event` one at a time; at least once,
@@ -342,7 +349,8 @@ async def consume_events_batched(
     again.
 
     `replaces` names durables of an earlier release whose work this one takes over: a new durable
-    starts where the least advanced of them stands, and they are deleted (see _taking_over).
+    starts where the least advanced of them stands, and the server deletes them once they have been
+    read by nobody for `replaced_idle_seconds` (see _taking_over).
     """
 
     async def one_at_a_time(message: Msg, event: events_pb2.Event, *, with_batch_step: bool) -> None:
@@ -382,5 +390,5 @@ async def consume_events_batched(
 
     config = _per_event_config(durable, subjects, max_deliver)
     if replaces:
-        config = await _taking_over(js, config, replaces)
+        config = await _taking_over(js, config, replaces, replaced_idle_seconds)
     await pull_forever(js, EVENTS.name, config, process, batch=batch)

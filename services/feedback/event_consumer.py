@@ -26,8 +26,10 @@ from services.feedback.timeline.store import EventStore
 
 CONSUMER = "feedback-events"
 # The durables of earlier releases, one per step (timeline, sent index, router), that this one
-# replaces: on start it takes over from the least advanced of them and deletes them.
+# replaces: created, it starts where the least advanced of them stands, and the server deletes them
+# once no replica of an earlier release has read them for REPLACED_IDLE_SECONDS.
 REPLACED = ("feedback-events-store", "feedback-sent-index", "feedback-destinations")
+REPLACED_IDLE_SECONDS = 300.0
 # Events per fetch: with a worker process or two per machine, under the durable's max_ack_pending
 # (the server's default, 1000).
 BATCH = 256
@@ -64,6 +66,7 @@ async def consume_feedback_events(
     durable: str = CONSUMER,
     subjects: Sequence[str] = (EMAIL_EVENTS_SUBJECT,),
     replaces: Sequence[str] = REPLACED,
+    replaced_idle_seconds: float = REPLACED_IDLE_SECONDS,
     max_deliver: int = 10,
     retry_delay: float = 5.0,
 ) -> None:
@@ -80,4 +83,5 @@ async def consume_feedback_events(
         max_deliver=max_deliver,
         retry_delay=retry_delay,
         replaces=replaces,
+        replaced_idle_seconds=replaced_idle_seconds,
     )
