@@ -284,8 +284,11 @@ async def _retire(js: JetStreamContext, old: ConsumerInfo, idle_seconds: float) 
     deleted once delivered)."""
     if old.config.inactive_threshold == idle_seconds:
         return
+    # Without the metadata the server adds itself (_nats.*), which it may refuse to be sent.
+    metadata = {k: v for k, v in (old.config.metadata or {}).items() if not k.startswith("_nats.")}
+    config = dataclasses.replace(old.config, inactive_threshold=idle_seconds, metadata=metadata or None)
     with contextlib.suppress(NotFoundError):
-        await js.add_consumer(EVENTS.name, dataclasses.replace(old.config, inactive_threshold=idle_seconds))
+        await js.add_consumer(EVENTS.name, config)
 
 
 async def _taking_over(
