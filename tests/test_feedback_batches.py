@@ -177,7 +177,7 @@ async def test_a_failing_event_step_retries_that_event_alone(nats: NATS) -> None
 
 
 async def test_a_durable_of_the_one_event_at_a_time_consumer_is_taken_over_as_it_is(nats: NATS) -> None:
-    """The feedback-sent-index and feedback-destinations durables keep their configuration: one an
+    """A durable of consume_events keeps its configuration under consume_events_batched: one an
     earlier release declared, part way through its events, goes on where it was."""
     js = nats.jetstream()
     subject = f"{EVENTS_SUBJECT_PREFIX}.test.{uuid.uuid4().hex}"

@@ -16,8 +16,8 @@ from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import BadRequestError
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from postmesh.common import jspublish, tracing
 from postmesh.common.pull import Puller
@@ -270,6 +270,64 @@ async def consume_event_batches(
     await pull_forever(js, EVENTS.name, config, process, batch=batch, wait_seconds=1)
 
 
+async def _consumer_info(js: JetStreamContext, durable: str) -> ConsumerInfo | None:
+    try:
+        return await js.consumer_info(EVENTS.name, durable)
+    except NotFoundError:
+        return None
+
+
+async def _retire(js: JetStreamContext, old: ConsumerInfo, idle_seconds: float) -> None:
+    """Has the server delete the durable `old` once nobody has read it for `idle_seconds` (its
+    inactive threshold, updated in place). Not deleted at once: a replica of the earlier release still
+    reading it (a rolling upgrade) would see it gone, restart its loop and declare it again from the
+    start of the stream, routing every kept event again (webhooks posted twice: an outbox row is
+    deleted once delivered)."""
+    if old.config.inactive_threshold == idle_seconds:
+        return
+    # Without the metadata the server adds itself (_nats.*), which it may refuse to be sent.
+    metadata = {k: v for k, v in (old.config.metadata or {}).items() if not k.startswith("_nats.")}
+    config = dataclasses.replace(old.config, inactive_threshold=idle_seconds, metadata=metadata or None)
+    with contextlib.suppress(NotFoundError):
+        await js.add_consumer(EVENTS.name, config)
+
+
+async def _taking_over(
+    js: JetStreamContext, config: ConsumerConfig, replaces: Sequence[str], idle_seconds: float
+) -> ConsumerConfig:
+    """`config`, for a durable that takes over from the durables `replaces` (an earlier release's) on
+    the events stream: what pull_forever is to declare.
+
+    Created, the durable starts right after the lowest ack floor of the replaced durables that exist
+    (the whole stream when none does), so nothing any of them had yet to handle is missed; the events
+    between their floors are handled again, which is harmless because the handlers are idempotent by
+    event id. An existing durable keeps where it started (a deliver policy cannot be updated). On
+    every start, the replaced durables left are retired (see _retire)."""
+    old = [info for name in replaces if (info := await _consumer_info(js, name)) is not None]
+    existing = await _consumer_info(js, str(config.durable_name))
+    if existing is None:
+        if old:
+            config = dataclasses.replace(
+                config,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=min(info.ack_floor.stream_seq if info.ack_floor else 0 for info in old) + 1,
+            )
+        try:
+            await js.add_consumer(EVENTS.name, config)
+        except APIError:
+            # Another process (a worker, a replica) created it first, maybe from other floors: bind to it.
+            existing = await _consumer_info(js, str(config.durable_name))
+            if existing is None:
+                raise
+    if existing is not None:
+        config = dataclasses.replace(
+            config, deliver_policy=existing.config.deliver_policy, opt_start_seq=existing.config.opt_start_seq
+        )
+    for info in old:
+        await _retire(js, info, idle_seconds)
+    return config
+
+
 async def consume_events_batched(
     js: JetStreamContext,
     *,
@@ -280,6 +338,8 @@ async def consume_events_batched(
     batch: int = 64,
     max_deliver: int = 10,
     retry_delay: float = 5.0,
+    replaces: Sequence[str] = (),
+    replaced_idle_seconds: float = 300.0,
 ) -> None:
     """Feeds every event on `subjects` through `handle_batch` a fetched batch at a time (one statement,
     publishes in flight together), then, in order, through `handle_event` one at a time; at least once,
@@ -291,6 +351,10 @@ async def consume_events_batched(
     and dropped after `max_deliver` tries, while the others of its batch are acked. Both handlers must
     be idempotent by event id: after such an error, events the batch step had already done are done
     again.
+
+    `replaces` names durables of an earlier release whose work this one takes over: a new durable
+    starts where the least advanced of them stands, and the server deletes them once they have been
+    read by nobody for `replaced_idle_seconds` (see _taking_over).
     """
 
     async def one_at_a_time(message: Msg, event: events_pb2.Event, *, with_batch_step: bool) -> None:
@@ -329,4 +393,6 @@ async def consume_events_batched(
             await one_at_a_time(message, event, with_batch_step=False)
 
     config = _per_event_config(durable, subjects, max_deliver)
+    if replaces:
+        config = await _taking_over(js, config, replaces, replaced_idle_seconds)
     await pull_forever(js, EVENTS.name, config, process, batch=batch)

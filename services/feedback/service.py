@@ -14,13 +14,12 @@ from nats.aio.subscription import Subscription
 
 import services.feedback.settings  # noqa: F401 - registers the service's settings
 from postmesh.common.auth import Access
-from postmesh.common.bus import consume_events, consume_events_batched, new_event
+from postmesh.common.bus import consume_events, new_event
 from postmesh.common.clients import for_account
 from postmesh.common.config import Settings
 from postmesh.common.service import Service
 from postmesh.common.streams import (
     CONFIGURATION_SET_CHANGED_SUBJECT,
-    EMAIL_EVENTS_SUBJECT,
     IDENTITY_CHANGED_SUBJECT,
     email_event_subject,
 )
@@ -40,6 +39,7 @@ from services.feedback.destinations.sns_keys import load_or_create
 from services.feedback.destinations.sns_subscriptions import SNS, SnsSubscriptions
 from services.feedback.destinations.subscriptions import Subscriptions
 from services.feedback.destinations.webhooks import WebhookDispatcher, WebhookOutbox
+from services.feedback.event_consumer import FeedbackEvents, consume_feedback_events
 from services.feedback.forwarding import FeedbackForwarder, notice_sender
 from services.feedback.inbound.wiring import Inbound, feedback_loop_address
 from services.feedback.models import Base
@@ -51,7 +51,6 @@ from services.feedback.suppression_io.jobs import (
     ImportJobs,
     JobRunner,
 )
-from services.feedback.timeline.consumer import record_events
 from services.feedback.timeline.store import EventStore
 from services.feedback.tracking.http import TrackingServer
 from services.feedback.tracking.recorder import TrackingRecorder
@@ -100,7 +99,6 @@ class FeedbackService(Service):
         self.servicer.suppression = suppression
         events = EventStore(runtime.sessions, runtime.clock)
         self.servicer.events = events
-        runtime.spawn(lambda: record_events(runtime.jetstream, events), "events-store")
         if runtime.settings.event_retention_days < 1:
             raise ValueError("EVENT_RETENTION_DAYS must be at least 1.")
         retention = dt.timedelta(days=runtime.settings.event_retention_days)
@@ -161,9 +159,13 @@ class FeedbackService(Service):
             "housekeeping",
         )
         await self._start_sns()
-        await self._start_destinations()
+        router = await self._start_destinations()
         self.inbound = Inbound(runtime)
         self.servicer.inbound = self.inbound
+        # The timeline, the sent index (whether or not the inbound listener runs: the Classify and
+        # Retry RPCs use it too) and the router, fed by one durable consumer in every worker.
+        steps = FeedbackEvents(timeline=events, sent=self.inbound.messages, router=router)
+        runtime.spawn(lambda: consume_feedback_events(runtime.jetstream, steps), "feedback-events")
         await self.inbound.start()
         await self._start_tracking()
 
@@ -216,7 +218,7 @@ class FeedbackService(Service):
         if self.sns_endpoint is not None:
             await self.sns_endpoint.stop()
 
-    async def _start_destinations(self) -> None:
+    async def _start_destinations(self) -> EventRouter:
         runtime = self.runtime
         settings = runtime.settings
         servicer = self.servicer
@@ -319,19 +321,10 @@ class FeedbackService(Service):
             router.forget_routes()
 
         self._set_changes = await runtime.nats.subscribe(CONFIGURATION_SET_CHANGED_SUBJECT, cb=forget_routes)
-        runtime.spawn(
-            lambda: consume_events_batched(
-                runtime.jetstream,
-                durable="feedback-destinations",
-                subjects=[EMAIL_EVENTS_SUBJECT],
-                handle_batch=router.publish,
-                handle_event=router.route,
-            ),
-            "event-routing",
-        )
         # One dispatcher per machine: two would post a destination's rows twice. Rows queued by the
         # other workers wait for its poll (WEBHOOK_POLL_SECONDS) instead of its wake-up.
         runtime.spawn_once(dispatcher.run, "webhook-dispatcher")
+        return router
 
 
 def _own_endpoints(grpc_endpoints: Iterable[str], settings: Settings) -> list[str]:

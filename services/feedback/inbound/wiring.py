@@ -1,5 +1,6 @@
-"""The inbound side of one feedback replica: the index of sent messages fed from Send events, the
-SMTP listener, and the processor between them, built from the settings."""
+"""The inbound side of one feedback replica: the index of sent messages (fed from Send events by the
+service's event consumer, services/feedback/event_consumer.py), the SMTP listener, and the processor
+between them, built from the settings."""
 
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from postmesh.common.bus import consume_events_batched
 from postmesh.common.config import Settings
 from postmesh.common.service import Runtime
-from postmesh.common.streams import IDENTITY_CHANGED_SUBJECT, email_event_subject
+from postmesh.common.streams import IDENTITY_CHANGED_SUBJECT
 from postmesh.common.verp import VerpKey
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.identity.v1 import identity_pb2
@@ -26,9 +26,6 @@ from services.feedback.inbound.processing import InboundProcessor
 from services.feedback.inbound.storage import KeptReports, SentMessages
 
 log = logging.getLogger(__name__)
-
-# Send events indexed per statement. Under the durable's max_ack_pending (the server's default, 1000).
-SENT_INDEX_BATCH = 256
 
 
 def feedback_loop_address(settings: Settings) -> str:
@@ -98,9 +95,6 @@ class Inbound:
             raise
         return bool(reply.in_use)
 
-    async def _index(self, events: list[ev.Event]) -> None:
-        await self.messages.record_many(sent_mails(events))
-
     async def _prune(self) -> None:
         settings = self.runtime.settings
         while True:
@@ -111,17 +105,6 @@ class Inbound:
 
     async def start(self) -> None:
         runtime = self.runtime
-        runtime.spawn(
-            # A batch in one statement; an event it fails on is retried alone (see the helper).
-            lambda: consume_events_batched(
-                runtime.jetstream,
-                durable="feedback-sent-index",
-                subjects=[email_event_subject(ev.EMAIL_EVENT_TYPE_SEND)],
-                handle_batch=self._index,
-                batch=SENT_INDEX_BATCH,
-            ),
-            "sent-index",
-        )
         runtime.spawn_once(self._prune, "sent-index-prune")
         if self.listener is not None:
             assert runtime.nats is not None

@@ -10,22 +10,19 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import cast
 
-from sqlalchemy import and_, delete, or_, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Table, and_, delete, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from postmesh.common.addresses import address_key, normalize_address
-from postmesh.common.db import transaction
+from postmesh.common.db import insert_ignoring_duplicates, transaction
 from postmesh.common.errors import InvalidArgument, NotFound
 from postmesh.common.paging import decode_token, encode_token, page_size
 from postmesh.common.service import Clock
 from postmesh.events.v1 import events_pb2 as ev
 from services.feedback.timeline.models import EmailEventRecipient, StoredEmailEvent
 
-# Rows per multi-row INSERT, well under SQLite's limit on bound parameters.
-_ROWS_PER_STATEMENT = 200
 MAX_MESSAGE_EVENTS = 10_000
 _TYPE_PREFIX = "EMAIL_EVENT_TYPE_"
 
@@ -85,18 +82,23 @@ class MessageTimeline:
         return best
 
 
-def _insert(dialect: str) -> Any:
-    return postgresql.insert if dialect == "postgresql" else sqlite.insert
-
-
 class EventStore:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], clock: Clock) -> None:
         self._sessions = sessions
         self._clock = clock
-        self._insert = _insert(sessions.kw["bind"].dialect.name)
+        events = cast(Table, StoredEmailEvent.__table__)
+        self._add_events = insert_ignoring_duplicates(sessions, events, ["event_id"]).returning(
+            events.c.id, events.c.event_id
+        )
+        self._add_recipients = insert(cast(Table, EmailEventRecipient.__table__))
 
     async def record(self, events: Iterable[ev.Event]) -> int:
-        """Stores the events not stored before, in one transaction; returns how many were new."""
+        """Stores the events not stored before, in one transaction; returns how many were new.
+
+        Two statements built once, so SQLAlchemy compiles each once: the events' INSERT … ON CONFLICT
+        DO NOTHING … RETURNING, run as an executemany that SQLAlchemy sends as multi-row statements
+        (its insertmanyvalues; SQLite >= 3.35 and PostgreSQL), then the new events' recipients. Rows go
+        in the order given (the stream's): the row id orders events of the same time."""
         wanted = {e.event_id: e for e in events if storable(e)}
         if not wanted:
             return 0
@@ -111,34 +113,20 @@ class EventStore:
             }
             for e in wanted.values()
         ]
-        stored = 0
         async with transaction(self._sessions) as session:
-            for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-                inserted = (
-                    await session.execute(
-                        self._insert(StoredEmailEvent)
-                        .values(rows[start : start + _ROWS_PER_STATEMENT])
-                        .on_conflict_do_nothing(index_elements=["event_id"])
-                        .returning(StoredEmailEvent.id, StoredEmailEvent.event_id)
-                    )
-                ).all()
-                recipients = [
-                    {
-                        "event_row_id": row_id,
-                        "account_id": wanted[event_id].account_id,
-                        "address_key": key[:320],
-                    }
-                    for row_id, event_id in inserted
-                    for key in recipients_of(wanted[event_id].email)
-                ]
-                for chunk in range(0, len(recipients), _ROWS_PER_STATEMENT):
-                    await session.execute(
-                        self._insert(EmailEventRecipient).values(
-                            recipients[chunk : chunk + _ROWS_PER_STATEMENT]
-                        )
-                    )
-                stored += len(inserted)
-        return stored
+            inserted = (await session.execute(self._add_events, rows)).all()
+            recipients = [
+                {
+                    "event_row_id": row_id,
+                    "account_id": wanted[event_id].account_id,
+                    "address_key": key[:320],
+                }
+                for row_id, event_id in inserted
+                for key in recipients_of(wanted[event_id].email)
+            ]
+            if recipients:
+                await session.execute(self._add_recipients, recipients)
+        return len(inserted)
 
     async def timeline(self, account_id: str, message_id: str) -> MessageTimeline:
         """Every kept event of one of the account's messages, oldest first."""
