@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from postmesh.common import db
-from postmesh.common.bus import consume_events_batched, ensure_streams, new_event
+from postmesh.common.bus import consume_events, consume_events_batched, ensure_streams, new_event
 from postmesh.common.streams import ACCOUNT_EVENTS, EVENTS, EVENTS_SUBJECT_PREFIX, account_events_filter
 from postmesh.events.v1 import events_pb2 as ev
 from services.feedback.configsets import CONFIRMED, WEBHOOK, ConfigurationSets
@@ -176,6 +176,49 @@ async def test_a_failing_event_step_retries_that_event_alone(nats: NATS) -> None
     assert sorted(handled) == sorted([e.event_id for e in events] + [poison] * (MAX_DELIVER - 1))
 
 
+@pytest.mark.parametrize("batched", [True, False])
+async def test_events_wait_out_an_outage_longer_than_max_deliver_tries(nats: NATS, batched: bool) -> None:
+    """A step failing because a dependency is out (the database unreachable) is retried in place, not
+    counted as a try: after the outage every event is handled, none dropped."""
+    js = nats.jetstream()
+    subject = f"{EVENTS_SUBJECT_PREFIX}.test.{uuid.uuid4().hex}"
+    durable = f"test-outage-{uuid.uuid4().hex[:8]}"
+    events = [send_event("acct", f"m{i}") for i in range(5)]
+    failures_left = 20 * MAX_DELIVER  # more than every event's tries together
+    handled: list[str] = []
+
+    async def handle_batch(batch: list[ev.Event]) -> None:
+        nonlocal failures_left
+        if failures_left > 0:
+            failures_left -= 1
+            raise ConnectionRefusedError("the database is down")
+        handled.extend(e.event_id for e in batch)
+
+    async def handle(event: ev.Event) -> None:
+        await handle_batch([event])
+
+    consumer = (
+        consume_events_batched(
+            js,
+            durable=durable,
+            subjects=[subject],
+            handle_batch=handle_batch,
+            max_deliver=MAX_DELIVER,
+            retry_delay=0.05,
+        )
+        if batched
+        else consume_events(
+            js, durable=durable, subjects=[subject], handle=handle, max_deliver=MAX_DELIVER, retry_delay=0.05
+        )
+    )
+    await publish_all(js, subject, events)
+    async with consuming(consumer):
+        await settled(js, durable, lambda: len(handled) >= len(events))
+
+    assert failures_left == 0
+    assert sorted(handled) == sorted(e.event_id for e in events)
+
+
 async def test_a_durable_of_the_one_event_at_a_time_consumer_is_taken_over_as_it_is(nats: NATS) -> None:
     """A durable of consume_events keeps its configuration under consume_events_batched: one an
     earlier release declared, part way through its events, goes on where it was."""
@@ -303,7 +346,8 @@ async def test_routing_a_batch_publishes_each_event_once_and_retries_only_the_ba
     async def lookup(account_id: str, identity: str) -> NotificationSettings:
         lookups.append(identity)
         if identity == "broken.example.test":
-            raise ConnectionError("the identity service did not answer")
+            # An error of the event's own (an outage, say ConnectionError, is waited out instead).
+            raise ValueError("the identity service refused this identity")
         return NONE
 
     async def changed(account_id: str, name: str) -> None:

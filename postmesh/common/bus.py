@@ -6,12 +6,15 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
+import grpc
 import nats
+import nats.js.errors
 from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -19,7 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
-from postmesh.common import jspublish, tracing
+from postmesh.common import db, jspublish, tracing
 from postmesh.common.pull import Puller
 from postmesh.common.streams import ALL_STREAMS, EVENTS, StreamSpec, event_subject
 from postmesh.events.v1 import events_pb2
@@ -176,6 +179,57 @@ async def _decoded(messages: list[Msg]) -> list[tuple[Msg, events_pb2.Event]]:
     return decoded
 
 
+_GRPC_OUTAGE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# What NATS raises while it cannot be reached or answer; not what an event can cause (a payload too
+# large, a bad subject), which must count as a try or one event would hold its consumer forever.
+_NATS_OUTAGE = (
+    nats.errors.TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.NoRespondersError,
+    nats.errors.NoServersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.errors.UnexpectedEOF,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
+
+def _dependency_out(exc: BaseException) -> bool:
+    """Whether `exc` says a dependency (the database, NATS, another service) cannot answer now: no
+    fault of the event being handled."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code() in _GRPC_OUTAGE
+    return isinstance(exc, _NATS_OUTAGE) or db.unreachable(exc)
+
+
+async def _outlasting_outages(
+    step: Callable[[], Awaitable[None]], messages: Sequence[Msg], *, durable: str, retry_delay: float
+) -> None:
+    """Runs `step`, again every `retry_delay` seconds for as long as it fails because a dependency is
+    out, keeping `messages` from being sent to another worker meanwhile. Such a failure is not counted
+    as a try: max_deliver would otherwise drop every event that arrived during a long outage. Any other
+    failure is raised at once."""
+    while True:
+        try:
+            await step()
+            return
+        except Exception as exc:
+            if not _dependency_out(exc):
+                raise
+            log.warning(
+                "a dependency is out; the events wait for it",
+                exc_info=True,
+                extra={"consumer": durable, "events": len(messages)},
+            )
+        for message in messages:
+            with contextlib.suppress(Exception):  # NATS itself out: redelivered after ack_wait instead
+                await message.in_progress()
+        await asyncio.sleep(retry_delay)
+
+
 async def _failed(
     message: Msg, event: events_pb2.Event, *, durable: str, max_deliver: int, retry_delay: float
 ) -> None:
@@ -212,7 +266,9 @@ async def consume_events(
     async def process(messages: list[Msg]) -> None:
         for message, event in await _decoded(messages):
             try:
-                await handle(event)
+                await _outlasting_outages(
+                    functools.partial(handle, event), [message], durable=durable, retry_delay=retry_delay
+                )
             except Exception:
                 await _failed(
                     message, event, durable=durable, max_deliver=max_deliver, retry_delay=retry_delay
@@ -357,12 +413,20 @@ async def consume_events_batched(
     read by nobody for `replaced_idle_seconds` (see _taking_over).
     """
 
+    async def both_steps(event: events_pb2.Event, *, with_batch_step: bool) -> None:
+        if with_batch_step:
+            await handle_batch([event])
+        if handle_event is not None:
+            await handle_event(event)
+
     async def one_at_a_time(message: Msg, event: events_pb2.Event, *, with_batch_step: bool) -> None:
         try:
-            if with_batch_step:
-                await handle_batch([event])
-            if handle_event is not None:
-                await handle_event(event)
+            await _outlasting_outages(
+                lambda: both_steps(event, with_batch_step=with_batch_step),
+                [message],
+                durable=durable,
+                retry_delay=retry_delay,
+            )
         except Exception:
             await _failed(message, event, durable=durable, max_deliver=max_deliver, retry_delay=retry_delay)
             return
@@ -372,8 +436,14 @@ async def consume_events_batched(
         decoded = await _decoded(messages)
         if not decoded:
             return
+        events = [event for _, event in decoded]
         try:
-            await handle_batch([event for _, event in decoded])
+            await _outlasting_outages(
+                lambda: handle_batch(events),
+                [message for message, _ in decoded],
+                durable=durable,
+                retry_delay=retry_delay,
+            )
         except Exception:
             if len(decoded) == 1:
                 message, event = decoded[0]
