@@ -125,13 +125,16 @@ class SendEmailCalls:
         ]
         self.stubs = [sender_pb2_grpc.SenderServiceStub(c) for c in self.channels]
         self.metadata = (("authorization", f"Bearer {key}"),)
+        # Why calls were refused ("CODE: details"), said on stderr at close: a refusal is a finding.
+        self.refusals: collections.Counter[str] = collections.Counter()
 
     async def send(self, n: int) -> float | None:
         """Sends message `n`: its accept latency in seconds, None when it was refused."""
         started = time.perf_counter()
         try:
             await self.stubs[n % len(self.stubs)].SendEmail(_request(n), metadata=self.metadata, timeout=30)
-        except aio.AioRpcError:
+        except aio.AioRpcError as error:
+            self.refusals[f"{error.code().name}: {(error.details() or '')[:120]}"] += 1
             return None
         return time.perf_counter() - started
 
@@ -154,6 +157,8 @@ class SendEmailCalls:
     async def close(self) -> None:
         for channel in self.channels:
             await channel.close()
+        for reason, count in self.refusals.most_common():
+            print(f"bench: {count} SendEmail call(s) refused: {reason}", file=sys.stderr)
 
 
 @dataclass(frozen=True)
