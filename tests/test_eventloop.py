@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,37 @@ def test_serve_all_on_uvloop_sends_and_delivers(tmp_path: Path) -> None:
                 mesh.stop_all()
     finally:
         nats.stop()
+
+
+_STUCK_SERVER = """
+import asyncio, sys
+from postmesh.common import eventloop
+from postmesh.common.logging import configure_logging
+
+async def stubborn() -> None:
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass  # the bug being guarded against: a task that ignores its cancellation
+
+async def main() -> None:
+    asyncio.create_task(stubborn(), name="stubborn-task")
+    asyncio.create_task(asyncio.sleep(3600), name="polite-task")
+    await asyncio.sleep(0.1)
+
+configure_logging("INFO")
+eventloop.run_server(main(), sys.argv[1], wait_seconds=0.5)
+print("not reached", flush=True)
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_server_exits_past_a_task_that_ignores_its_cancellation_and_names_it(loop: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _STUCK_SERVER, loop], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout + done.stderr
+    assert "did not end when cancelled" in printed and "stubborn-task" in printed
+    assert "polite-task" not in printed and "not reached" not in printed

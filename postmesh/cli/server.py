@@ -86,9 +86,9 @@ def _serve(args: argparse.Namespace) -> int:
         if GATEWAY in names or "all" in names:
             from services.gateway.serve import serve as serve_with_gateway
 
-            eventloop.run(serve_with_gateway(settings, mesh_names, worker=worker), settings.event_loop)
+            eventloop.run_server(serve_with_gateway(settings, mesh_names, worker=worker), settings.event_loop)
         else:
-            eventloop.run(
+            eventloop.run_server(
                 MeshServer(settings, names, worker=worker).serve_until_signalled(), settings.event_loop
             )
     except ValueError as exc:  # a missing or malformed setting: say which, without a traceback

@@ -9,10 +9,19 @@ SSLProtocol over the loop's transport) all run on it.
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
+import os
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+# How long a server's tasks left over after its shutdown get to end once cancelled.
+LEFTOVER_TASKS_WAIT_SECONDS = 10.0
 
 # The values of the EVENT_LOOP setting (postmesh.common.config).
 EVENT_LOOPS = ("asyncio", "uvloop", "auto")
@@ -51,3 +60,45 @@ def run(main: Coroutine[Any, Any, T], name: str) -> T:
 def resolve(name: str) -> str:
     """The loop `name` runs on: "asyncio" or "uvloop" ("auto" is either)."""
     return "uvloop" if loop_factory(name).__module__.startswith("uvloop") else "asyncio"
+
+
+def run_server(
+    main: Coroutine[Any, Any, None], name: str, *, wait_seconds: float = LEFTOVER_TASKS_WAIT_SECONDS
+) -> None:
+    """`run(main)` for a server process whose `main` returns once it has shut down gracefully.
+
+    asyncio.run then cancels the tasks still left and waits for them without a limit: one that does not
+    end when cancelled would keep the stopped process alive until it is killed. Here they get
+    `wait_seconds`; any still running then is logged with its stack (a bug to fix) and the process
+    exits, since everything it held was already stopped."""
+
+    async def main_then_leftovers() -> None:
+        try:
+            await main
+        finally:
+            await _cancel_leftovers(wait_seconds)
+
+    run(main_then_leftovers(), name)
+
+
+async def _cancel_leftovers(wait_seconds: float) -> None:
+    current = asyncio.current_task()
+    leftovers = [task for task in asyncio.all_tasks() if task is not current]
+    for task in leftovers:
+        task.cancel()
+    if not leftovers:
+        return
+    _, stuck = await asyncio.wait(leftovers, timeout=wait_seconds)
+    if not stuck:
+        return
+    for task in stuck:
+        stack = io.StringIO()
+        task.print_stack(file=stack)
+        log.error(
+            "a task did not end when cancelled at shutdown; exiting without it",
+            extra={"task": task.get_name(), "stack": stack.getvalue()},
+        )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the shutdown itself was complete: only the stuck task is left behind
