@@ -7,14 +7,17 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import nats as nats_client
 import pytest
 import uvloop
+from nats.aio.client import Client as NATS
 
 from postmesh.client import Client
+from postmesh.common.bus import ensure_streams
 from postmesh.common.natsserver import NatsServerProcess, free_port
 from postmesh.testing import LOOPBACK_PROCESS_ENV, MeshThread
 
@@ -45,6 +48,15 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 @pytest.fixture(scope="session")
 def nats_url(nats_server: NatsServerProcess) -> str:
     return nats_server.url
+
+
+@pytest.fixture
+async def nats(nats_url: str) -> AsyncIterator[NATS]:
+    """A connection to the suite's nats-server, postmesh's streams declared."""
+    connection = await nats_client.connect(nats_url)
+    await ensure_streams(connection.jetstream())
+    yield connection
+    await connection.close()
 
 
 def _postgres_reachable() -> bool:

@@ -13,7 +13,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import nats as nats_client
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -41,14 +40,6 @@ START = dt.datetime(2026, 3, 2, 10, 0, tzinfo=dt.UTC)
 class Clock:
     def now(self) -> dt.datetime:
         return START
-
-
-@pytest.fixture
-async def nats(nats_url: str) -> AsyncIterator[NATS]:
-    connection = await nats_client.connect(nats_url)
-    await ensure_streams(connection.jetstream())
-    yield connection
-    await connection.close()
 
 
 async def sessions_on(url: str) -> async_sessionmaker[AsyncSession]:
@@ -315,13 +306,17 @@ async def test_the_sent_index_consumer_drops_a_bad_send_and_indexes_the_rest_onc
     await sessions.kw["bind"].dispose()
 
 
-async def test_routing_a_batch_publishes_each_event_once_and_retries_only_the_bad_one(
-    nats: NATS, tmp_path: Path
-) -> None:
-    js = nats.jetstream()
-    await ensure_streams(js, [ACCOUNT_EVENTS])
-    sessions = await sessions_on(f"sqlite+aiosqlite:///{tmp_path / 'feedback.db'}")
-    account = f"acct{uuid.uuid4().hex[:12]}"
+async def webhook_router(
+    js: JetStreamContext,
+    nats: NATS,
+    sessions: async_sessionmaker[AsyncSession],
+    account: str,
+    *,
+    event_types: str,
+    lookup: Callable[[str, str], Awaitable[NotificationSettings]],
+) -> EventRouter:
+    """An EventRouter over the database, with the account's configuration set "s" whose confirmed
+    webhook takes `event_types`; identity notification settings come from `lookup`."""
     async with db.transaction(sessions) as session:
         owner = ConfigurationSet(account_id=account, name="s", created_at=START)
         session.add(owner)
@@ -332,7 +327,7 @@ async def test_routing_a_batch_publishes_each_event_once_and_retries_only_the_ba
                 account_id=account,
                 name="hook",
                 enabled=True,
-                event_types="BOUNCE",
+                event_types=event_types,
                 kind=WEBHOOK,
                 target="http://hooks.example.test/ses",
                 format="JSON",
@@ -341,19 +336,11 @@ async def test_routing_a_batch_publishes_each_event_once_and_retries_only_the_ba
                 created_at=START,
             )
         )
-    lookups: list[str] = []
-
-    async def lookup(account_id: str, identity: str) -> NotificationSettings:
-        lookups.append(identity)
-        if identity == "broken.example.test":
-            # An error of the event's own (an outage, say ConnectionError, is waited out instead).
-            raise ValueError("the identity service refused this identity")
-        return NONE
 
     async def changed(account_id: str, name: str) -> None:
         pass
 
-    router = EventRouter(
+    return EventRouter(
         js=js,
         nats=nats,
         sets=ConfigurationSets(sessions, Clock(), changed=changed),
@@ -364,6 +351,25 @@ async def test_routing_a_batch_publishes_each_event_once_and_retries_only_the_ba
         queued=lambda: None,
         notifications=IdentityNotifications(lookup),
     )
+
+
+async def test_routing_a_batch_publishes_each_event_once_and_retries_only_the_bad_one(
+    nats: NATS, tmp_path: Path
+) -> None:
+    js = nats.jetstream()
+    await ensure_streams(js, [ACCOUNT_EVENTS])
+    sessions = await sessions_on(f"sqlite+aiosqlite:///{tmp_path / 'feedback.db'}")
+    account = f"acct{uuid.uuid4().hex[:12]}"
+    lookups: list[str] = []
+
+    async def lookup(account_id: str, identity: str) -> NotificationSettings:
+        lookups.append(identity)
+        if identity == "broken.example.test":
+            # An error of the event's own (an outage, say ConnectionError, is waited out instead).
+            raise ValueError("the identity service refused this identity")
+        return NONE
+
+    router = await webhook_router(js, nats, sessions, account, event_types="BOUNCE", lookup=lookup)
     events = []
     for i in range(10):
         mail = ev.Mail(

@@ -6,15 +6,12 @@ the same durable."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-import nats as nats_client
-import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -22,32 +19,21 @@ from nats.js.errors import NotFoundError
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from postmesh.common import db
 from postmesh.common.bus import consume_events, consume_events_batched, ensure_streams, new_event
 from postmesh.common.streams import ACCOUNT_EVENTS, EVENTS, EVENTS_SUBJECT_PREFIX, account_events_filter
 from postmesh.events.v1 import events_pb2 as ev
-from services.feedback.configsets import CONFIRMED, WEBHOOK, ConfigurationSets
-from services.feedback.destinations.notifications import NONE, IdentityNotifications, NotificationSettings
+from services.feedback.destinations.notifications import NONE, NotificationSettings
 from services.feedback.destinations.routing import EventRouter
-from services.feedback.destinations.webhooks import WebhookOutbox
 from services.feedback.event_consumer import FeedbackEvents, consume_feedback_events
 from services.feedback.inbound.storage import SentMessages
-from services.feedback.models import ConfigurationSet, EventDestination, SentMessage, WebhookDelivery
+from services.feedback.models import SentMessage, WebhookDelivery
 from services.feedback.timeline.models import StoredEmailEvent
 from services.feedback.timeline.store import EventStore
-from tests.test_feedback_batches import START, Clock, consuming, sessions_on, settled
+from tests.test_feedback_batches import START, Clock, consuming, sessions_on, settled, webhook_router
 
 MESSAGES = 8
 # How long an old durable is kept once nobody reads it (5 minutes in the service).
 IDLE_SECONDS = 1.0
-
-
-@pytest.fixture
-async def nats(nats_url: str) -> AsyncIterator[NATS]:
-    connection = await nats_client.connect(nats_url)
-    await ensure_streams(connection.jetstream())
-    yield connection
-    await connection.close()
 
 
 class Recording(FeedbackEvents):
@@ -66,43 +52,11 @@ async def feedback_parts(
     js: JetStreamContext, nats: NATS, sessions: async_sessionmaker[AsyncSession], account: str
 ) -> tuple[EventStore, SentMessages, EventRouter]:
     """The steps' own objects, with a configuration set whose webhook takes every Send and Delivery."""
-    async with db.transaction(sessions) as session:
-        owner = ConfigurationSet(account_id=account, name="s", created_at=START)
-        session.add(owner)
-        await session.flush()
-        session.add(
-            EventDestination(
-                configuration_set_id=owner.id,
-                account_id=account,
-                name="hook",
-                enabled=True,
-                event_types="SEND,DELIVERY",
-                kind=WEBHOOK,
-                target="http://hooks.example.test/ses",
-                format="JSON",
-                subscription_status=CONFIRMED,
-                sealed_secret=b"",
-                created_at=START,
-            )
-        )
 
     async def lookup(account_id: str, identity: str) -> NotificationSettings:
         return NONE
 
-    async def changed(account_id: str, name: str) -> None:
-        pass
-
-    router = EventRouter(
-        js=js,
-        nats=nats,
-        sets=ConfigurationSets(sessions, Clock(), changed=changed),
-        outbox=WebhookOutbox(
-            sessions, Clock(), retry_period=dt.timedelta(hours=1), backoff=1.0, backoff_max=1.0
-        ),
-        subject_prefix="user",
-        queued=lambda: None,
-        notifications=IdentityNotifications(lookup),
-    )
+    router = await webhook_router(js, nats, sessions, account, event_types="SEND,DELIVERY", lookup=lookup)
     return EventStore(sessions, Clock()), SentMessages(sessions, Clock()), router
 
 
