@@ -100,3 +100,47 @@ def test_a_server_exits_past_a_task_that_ignores_its_cancellation_and_names_it(l
     printed = done.stdout + done.stderr
     assert "did not end when cancelled" in printed and "stubborn-task" in printed
     assert "polite-task" not in printed and "not reached" not in printed
+
+
+_COLLECTOR_PROBE = """
+import asyncio, gc, sys, weakref
+from postmesh.common import eventloop
+
+class Node:
+    pass
+
+def cycle():
+    node = Node()
+    node.self = node
+    return weakref.ref(node)
+
+async def main() -> None:
+    assert gc.get_threshold()[0] == eventloop.SERVER_GC_THRESHOLD
+    made_while_starting = cycle()  # garbage already: the collection before the freeze takes it
+    kept = Node()
+    eventloop.server_ready()
+    assert made_while_starting() is None
+    frozen = gc.get_freeze_count()
+    assert frozen > 1000 and gc.is_tracked(kept)
+    eventloop.server_ready()  # said once per process: a second call freezes nothing more
+    assert gc.get_freeze_count() == frozen
+    later = cycle()
+    gc.collect()
+    assert later() is None  # what is made after the freeze is still collected
+    print("ok", flush=True)
+
+eventloop.server_ready()  # outside run_server: nothing frozen
+assert gc.get_freeze_count() == 0 and gc.get_threshold()[0] != eventloop.SERVER_GC_THRESHOLD
+eventloop.run_server(main(), sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_server_process_freezes_its_start_up_heap_once_serving(loop: str) -> None:
+    """run_server raises the young-generation threshold; server_ready (said by MeshServer once every
+    service serves) freezes what exists then, once; what comes later is still collected."""
+    done = subprocess.run(
+        [sys.executable, "-c", _COLLECTOR_PROBE, loop], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

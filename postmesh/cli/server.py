@@ -259,6 +259,7 @@ Stop with Ctrl-C.
         _start_tracing(settings, ["all"])
         from services.gateway.serve import serve as serve_with_gateway
 
+        eventloop.tune_collector_for_server()
         eventloop.run(serve_with_gateway(settings, ["all"]), settings.event_loop)
     finally:
         shutdown_tracing()

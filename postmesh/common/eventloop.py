@@ -9,6 +9,7 @@ SSLProtocol over the loop's transport) all run on it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import logging
 import os
@@ -22,6 +23,12 @@ log = logging.getLogger(__name__)
 
 # How long a server's tasks left over after its shutdown get to end once cancelled.
 LEFTOVER_TASKS_WAIT_SECONDS = 10.0
+
+# The cyclic garbage collector's youngest-generation threshold in a server process (CPython's default
+# is 700): a busy server allocates containers by the thousand per second, and each young collection
+# also pays for walking the survivors; fewer, larger ones cost less in all.
+SERVER_GC_THRESHOLD = 10_000
+_freeze_heap_when_ready = False
 
 # The values of the EVENT_LOOP setting (postmesh.common.config).
 EVENT_LOOPS = ("asyncio", "uvloop", "auto")
@@ -72,6 +79,8 @@ def run_server(
     `wait_seconds`; any still running then is logged with its stack (a bug to fix) and the process
     exits, since everything it held was already stopped."""
 
+    tune_collector_for_server()
+
     async def main_then_leftovers() -> None:
         try:
             await main
@@ -79,6 +88,27 @@ def run_server(
             await _cancel_leftovers(wait_seconds)
 
     run(main_then_leftovers(), name)
+
+
+def tune_collector_for_server() -> None:
+    """Garbage collection for a long-running server process: fewer young collections, and the heap
+    built while starting frozen once the process serves (server_ready)."""
+    global _freeze_heap_when_ready
+    gc.set_threshold(SERVER_GC_THRESHOLD, *gc.get_threshold()[1:])
+    _freeze_heap_when_ready = True
+
+
+def server_ready() -> None:
+    """Said once a server process serves (by MeshServer). In a process started by `run_server`, what
+    exists now (modules, ORM mappings, protobuf descriptors, settings, pools) lives as long as the
+    process: it is moved out of the garbage collector's reach (gc.freeze), so that full collections,
+    which otherwise walk every one of those objects (~170,000, 100+ ms each on a slow machine), walk
+    only what was made since. Elsewhere (tests starting many meshes in one process) it does nothing."""
+    global _freeze_heap_when_ready
+    if _freeze_heap_when_ready:
+        _freeze_heap_when_ready = False
+        gc.collect()
+        gc.freeze()
 
 
 async def _cancel_leftovers(wait_seconds: float) -> None:

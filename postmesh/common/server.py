@@ -32,7 +32,7 @@ from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from postmesh.client import error_details
-from postmesh.common import db, tracing
+from postmesh.common import db, eventloop, tracing
 from postmesh.common.auth import Access, Authenticator, Principal, PrincipalKind, principal_var
 from postmesh.common.bus import EventPublisher, connect_nats, ensure_streams
 from postmesh.common.clients import MeshClients, domain_error_from
@@ -589,6 +589,7 @@ class MeshServer:
         await asyncio.gather(*(self._bring_up_service(s, js, publisher) for s in self.services.values()))
         await self._refresh_health()
         self.worker.announce_ready()
+        eventloop.server_ready()
         log.info("all services serving", extra={"services": ",".join(self.names)})
 
     async def _bring_up_service(self, service: Service, js: Any, publisher: EventPublisher) -> None:
