@@ -42,6 +42,10 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # No record here prints where it was logged from (JsonFormatter names the logger, not the file or
+    # line): the logging module's stack walk for that, on every record, is skipped (its documented
+    # switch; see "Optimization" in the logging HOWTO).
+    logging._srcfile = None
     # Libraries that log every connection at INFO would drown ours.
     for noisy in ("aiosqlite", "nats", "mail.log", "grpc"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
