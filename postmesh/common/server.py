@@ -263,9 +263,7 @@ class MeshInterceptor(aio.ServerInterceptor):
         self._on_outage = on_outage
         # By method: the handler gRPC found and the one given in its place. gRPC asks for a handler on
         # every call, and finds the same one each time: its policy wrapper is made once, not per call.
-        self._wrapped: dict[
-            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any] | None]
-        ] = {}
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -280,12 +278,13 @@ class MeshInterceptor(aio.ServerInterceptor):
         if kept is not None and kept[0] is handler:
             return kept[1]
         wrapped = self._with_policy(handler, full_method)
-        self._wrapped[full_method] = (handler, wrapped)
+        if wrapped is not handler:  # only postmesh's policy is kept (not a bare handler: health...)
+            self._wrapped[full_method] = (handler, wrapped)
         return wrapped
 
     def _with_policy(
         self, handler: grpc.RpcMethodHandler[Any, Any], full_method: str
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         service_name, _, method = full_method.lstrip("/").rpartition("/")
         service = self._services.get(service_name)
         if service is None:
