@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from postmesh.common import db
 from postmesh.common.errors import InvalidArgument, Unavailable
+from services.sender.accept import _EVENT_IDS, _event_id
 from services.sender.idempotency import CLAIM_LEASE, KEY_RETENTION, IdempotencyKeys
 from services.sender.models import Base
 
@@ -102,3 +104,15 @@ async def test_a_released_claim_is_taken_over_at_once_with_the_same_ids(
     await store.finish("acct", retry, {"ok": True})
     await store.release("acct", retry)
     assert (await store.claim("acct", "unknown-outcome", "fp", 3, _new_id)).result == {"ok": True}
+
+
+def test_event_ids_are_the_uuid5_of_the_message_and_the_event() -> None:
+    """Computed without uuid.UUID, but the same ids as before: an accept retried across an upgrade
+    republishes its events under the ids JetStream and the consumers already took."""
+    for message_id, what in [
+        ("0000019abc0123ab-1f2e3d4c-5b6a-7980-a1b2-c3d4e5f60718-000000", "send"),
+        ("0000019abc0123ab-1f2e3d4c-5b6a-7980-a1b2-c3d4e5f60718-000000", "suppressed:user@example.test"),
+        ("x", "suppressed:ünïcode@exämple.test"),
+        ("", ""),
+    ]:
+        assert _event_id(message_id, what) == uuid.uuid5(_EVENT_IDS, f"{message_id}:{what}").hex

@@ -261,6 +261,9 @@ class MeshInterceptor(aio.ServerInterceptor):
         self._services = services  # by full gRPC service name
         self._authenticator = authenticator
         self._on_outage = on_outage
+        # By method: the handler gRPC found and the one given in its place. gRPC asks for a handler on
+        # every call, and finds the same one each time: its policy wrapper is made once, not per call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -268,10 +271,23 @@ class MeshInterceptor(aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
+        if handler is None:
+            return None  # an unknown method (not kept: its name is the caller's)
         full_method: str = handler_call_details.method
+        kept = self._wrapped.get(full_method)
+        if kept is not None and kept[0] is handler:
+            return kept[1]
+        wrapped = self._with_policy(handler, full_method)
+        if wrapped is not handler:  # only postmesh's policy is kept (not a bare handler: health...)
+            self._wrapped[full_method] = (handler, wrapped)
+        return wrapped
+
+    def _with_policy(
+        self, handler: grpc.RpcMethodHandler[Any, Any], full_method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         service_name, _, method = full_method.lstrip("/").rpartition("/")
         service = self._services.get(service_name)
-        if handler is None or service is None:
+        if service is None:
             return handler  # health, reflection: no postmesh policy applies
         if handler.stream_stream is not None:
             return self._stream_handler(service, handler, full_method, service.access_for(method))
@@ -280,6 +296,8 @@ class MeshInterceptor(aio.ServerInterceptor):
         access = service.access_for(method)
         internal = access is Access.INTERNAL
         behaviour = handler.unary_unary
+        seconds = RPC_SECONDS.labels(full_method)
+        counts: dict[grpc.StatusCode, Any] = {}  # RPC_COUNT's child by status, as calls end with it
 
         async def wrapped(request: Any, context: aio.ServicerContext) -> Any:
             metadata = {
@@ -335,8 +353,11 @@ class MeshInterceptor(aio.ServerInterceptor):
                     await context.abort(code, message, trailing_metadata=trailers)
             finally:
                 elapsed = time.perf_counter() - started
-                RPC_COUNT.labels(full_method, code.name).inc()
-                RPC_SECONDS.labels(full_method).observe(elapsed)
+                count = counts.get(code)
+                if count is None:
+                    count = counts[code] = RPC_COUNT.labels(full_method, code.name)
+                count.inc()
+                seconds.observe(elapsed)
                 # Calls between services (several per message sent) only at DEBUG unless they fail;
                 # the call that started them is logged at INFO.
                 level = logging.DEBUG if internal and code is grpc.StatusCode.OK else logging.INFO

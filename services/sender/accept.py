@@ -250,10 +250,26 @@ class Outgoing:
 _EVENT_IDS = uuid.UUID("8f0d3c51-6a43-4b5e-9a57-2f1c0e6b7d11")
 
 
+_EVENT_ID_PREFIX = _EVENT_IDS.bytes
+
+
 def _event_id(message_id: str, what: str) -> str:
     """The same event of the same message always has the same id: a send run again for its
-    request_id publishes events that JetStream and the consumers (by event id) take once."""
-    return uuid.uuid5(_EVENT_IDS, f"{message_id}:{what}").hex
+    request_id publishes events that JetStream and the consumers (by event id) take once.
+
+    uuid.uuid5(_EVENT_IDS, f"{message_id}:{what}").hex, computed without building the UUID object."""
+    digest = bytearray(hashlib.sha1(_EVENT_ID_PREFIX + f"{message_id}:{what}".encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return digest.hex()
+
+
+def _email_event(account_id: str, event_id: str, email: events_pb2.EmailEvent) -> events_pb2.Event:
+    """new_event(account_id, email=email) under the given id (new_event would draw a random id, only
+    for it to be replaced)."""
+    event = events_pb2.Event(event_id=event_id, account_id=account_id, email=email)
+    event.time.FromDatetime(dt.datetime.now(dt.UTC))
+    return event
 
 
 class QueueOutcomeUnknown(Unavailable):
@@ -426,6 +442,10 @@ class Acceptor:
         """Settles the claim once the call's work ends: finished with the result, given up on a
         refusal (nothing was queued), or released when the outcome is unknown (a retry takes it over
         with the same message ids)."""
+        if not claim.request_id:
+            # No request_id: nothing was claimed, so there is nothing to settle (every settling step
+            # of IdempotencyKeys returns at once), and no task is spent shielding it.
+            return await work()
         try:
             result = await work()
         except PostmeshError as error:
@@ -589,17 +609,19 @@ class Acceptor:
         options = await self._configuration_set_options(account_id, message.configuration_set)
         reservation = await self._reserve_quota(account_id, len(recipients))
         try:
-            # The checks only read, so they run together; the first refusal in this order wins.
-            checked = await asyncio.gather(
-                self._check_sender(account_id, message) if authorization is None else _done(authorization),
-                self._check_sandbox(account_id, recipients, reservation),
-                self._check_suppression(account_id, recipients, options.suppressed_reasons),
-                return_exceptions=True,
-            )
-            for outcome in checked:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            authorization, _, suppressed = checked  # type: ignore[assignment]
+            # The checks only read, so they run together; the first refusal in this order wins. A
+            # check with nothing to ask is left out (a bulk entry's sender, authorized once for the
+            # call; the sandbox of an account out of it): no task of its own.
+            checks: list[Awaitable[Any]] = []
+            if authorization is None:
+                checks.append(self._check_sender(account_id, message))
+            if not reservation.production_access:
+                checks.append(self._check_sandbox(account_id, recipients, reservation))
+            checks.append(self._check_suppression(account_id, recipients, options.suppressed_reasons))
+            checked = await _together(checks)
+            if authorization is None:
+                authorization = checked[0]
+            suppressed = checked[-1]
             assert authorization is not None and isinstance(suppressed, dict)
             if not message.configuration_set and authorization.configuration_set:
                 default = await self._default_set_options(account_id, authorization.configuration_set)
@@ -615,16 +637,21 @@ class Acceptor:
             # The message and its events are stored together, one round trip instead of two; both
             # are confirmed before the reply, so a Send event is never lost (a retry republishes it
             # under the same event id, which JetStream and the consumers take once).
-            queued, published = await asyncio.gather(
-                self._queue(account_id, message, authorization, deliverable, options)
-                if deliverable
-                else _nothing(),
-                self._publish_confirmed(events),
-                return_exceptions=True,
+            queueing = (
+                [self._queue(account_id, message, authorization, deliverable, options)] if deliverable else []
             )
+            first = await asyncio.gather(
+                *queueing, *(self._events.publish(e) for e in events), return_exceptions=True
+            )
+            queued = first[0] if deliverable else None
+            published: Exception | None = None
+            try:
+                await self._publish_confirmed(events, first[len(queueing) :])
+            except Exception as exc:
+                published = exc
             if isinstance(queued, BaseException):
                 raise queued
-            if isinstance(published, BaseException):
+            if published is not None:
                 raise QueueOutcomeUnknown(
                     "The message queue did not confirm the message's events; retry with the same request_id.",
                     reason="QUEUE_UNAVAILABLE",
@@ -809,8 +836,7 @@ class Acceptor:
             suppressed_recipients=suppressed,
             simulated_recipients=[r for r in message.recipients if self._simulator.handles(r)],
         )
-        events = [new_event(account_id, email=send)]
-        events[0].event_id = _event_id(message.message_id, "send")
+        events = [_email_event(account_id, _event_id(message.message_id, "send"), send)]
         for address in suppressed:
             bounce = events_pb2.Bounce(
                 bounce_type=events_pb2.BOUNCE_TYPE_PERMANENT,
@@ -828,23 +854,27 @@ class Acceptor:
                 reporting_mta="postmesh",
             )
             events.append(
-                new_event(
+                _email_event(
                     account_id,
-                    email=events_pb2.EmailEvent(
+                    _event_id(message.message_id, f"suppressed:{address_key(address)}"),
+                    events_pb2.EmailEvent(
                         event_type=events_pb2.EMAIL_EVENT_TYPE_BOUNCE, mail=mail, bounce=bounce
                     ),
                 )
             )
-            events[-1].event_id = _event_id(message.message_id, f"suppressed:{address_key(address)}")
         return events
 
-    async def _publish_confirmed(self, events: list[events_pb2.Event]) -> None:
-        """Publishes every event, retrying a failed publish a few times; raises if one stays unconfirmed."""
+    async def _publish_confirmed(
+        self, events: list[events_pb2.Event], results: Sequence[object] | None = None
+    ) -> None:
+        """Publishes every event, retrying a failed publish a few times; raises if one stays unconfirmed.
+        `results`: the outcomes of a first publish of `events` already made (its exceptions, failures)."""
         pending = events
         for pause in (*_EVENT_RETRY_PAUSES, None):
-            results = await asyncio.gather(
-                *(self._events.publish(e) for e in pending), return_exceptions=True
-            )
+            if results is None:
+                results = await asyncio.gather(
+                    *(self._events.publish(e) for e in pending), return_exceptions=True
+                )
             failed = [(e, r) for e, r in zip(pending, results, strict=True) if isinstance(r, BaseException)]
             if not failed:
                 return
@@ -855,6 +885,7 @@ class Acceptor:
             )
             await asyncio.sleep(pause)
             pending = [e for e, _ in failed]
+            results = None
 
     async def _publish_rendering_failure(
         self,
@@ -1057,12 +1088,16 @@ class Acceptor:
         return build_message(None, body, message_id=None, date=self._clock.now()), body
 
 
-async def _nothing() -> None:
-    return None
-
-
-async def _done(value: Authorization) -> Authorization:
-    return value
+async def _together(steps: list[Awaitable[Any]]) -> list[Any]:
+    """Runs the steps concurrently (one alone is simply awaited, no task) and returns their results in
+    order once all have ended; raises the first step's exception in that order, if any."""
+    if len(steps) == 1:
+        return [await steps[0]]
+    outcomes = await asyncio.gather(*steps, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return outcomes
 
 
 def _feedback(envelope: Envelope) -> Mailbox | None:

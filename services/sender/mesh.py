@@ -173,13 +173,20 @@ class MeshChecks:
                     pass
         await self._quota.close()
 
+    # reserve and release run for every message: their refusals are turned into domain errors inline,
+    # as _refusals_as_domain_errors does, without an async context manager's generator per call.
+
     async def reserve(self, account_id: str, messages: int) -> Reservation:
-        async with _refusals_as_domain_errors():
+        try:
             return await self._quota.reserve(account_id, messages)
+        except aio.AioRpcError as exc:
+            raise domain_error_from(exc) from None
 
     async def release(self, reservation: Reservation, messages: int) -> None:
-        async with _refusals_as_domain_errors():
+        try:
             await self._quota.release(reservation, messages)
+        except aio.AioRpcError as exc:
+            raise domain_error_from(exc) from None
 
     async def authorize_sender(self, account_id: str, address: str, identity: str) -> Authorization:
         key = (account_id, address.lower(), identity)
