@@ -128,6 +128,33 @@ async def test_publish_many_answers_each_message_as_its_publish_would(connection
     assert await jspublish.publish_many(js, []) == []
 
 
+async def test_publish_all_stores_every_message_or_raises_the_first_failure(connection: NATS) -> None:
+    js = connection.jetstream()
+    prefix = await _stream(js)
+    good: list[tuple[str, bytes, dict[str, str] | None]] = [
+        (f"{prefix}.{i}", str(i).encode(), {"Nats-Msg-Id": f"m{i}"}) for i in range(20)
+    ]
+    await jspublish.publish_all(js, good)
+    await jspublish.publish_all(js, good[:5])  # duplicates: stored already, no failure
+    assert (await js.stream_info(prefix)).state.messages == 20
+    assert (await js.get_msg(prefix, 20)).data == b"19"
+    # What publish_all reads a stored message's reply by, without parsing it.
+    reply = await jspublish.request(connection, f"{prefix}.x", b"x", wait_seconds=5)
+    assert reply.data.startswith(b'{"stream":') and b'"error"' not in reply.data
+
+    full = await _stream(js, max_msgs=1, discard=DiscardPolicy.NEW)
+    await jspublish.publish(js, f"{full}.a", b"fits")
+    nowhere = f"nostream.{uuid.uuid4().hex}"
+    refused = await _error_of(jspublish.publish_all(js, [good[0], (f"{full}.a", b"too many", None)]))
+    theirs = await _error_of(js.publish(f"{full}.a", b"too many"))
+    assert isinstance(refused, nats.js.errors.APIError) and type(refused) is type(theirs)
+    assert (refused.err_code, refused.description) == (theirs.err_code, theirs.description)
+    # The first failure in the batch's order.
+    both: list[tuple[str, bytes, dict[str, str] | None]] = [(nowhere, b"x", None), (f"{full}.a", b"no", None)]
+    first = await _error_of(jspublish.publish_all(js, both))
+    assert type(first) is nats.js.errors.NoStreamResponseError
+
+
 async def test_no_reply_in_time_is_a_nats_timeout_and_a_late_reply_is_ignored(connection: NATS) -> None:
     js = connection.jetstream()
     heard: asyncio.Queue[Msg] = asyncio.Queue()

@@ -192,21 +192,47 @@ async def publish_many(
     """`publish` of each (subject, payload, headers), all in flight at once and written in order: for
     each, its PubAck or the exception its `publish` would have raised. A batch costs one wait instead
     of a task and a timer per message (what asyncio.gather over `publish` costs)."""
+    return [_outcome(reply) for reply in await _requests(js, messages, wait_seconds)]
+
+
+async def publish_all(
+    js: JetStreamContext,
+    messages: Sequence[tuple[str, bytes, dict[str, str] | None]],
+    *,
+    wait_seconds: float | None = None,
+) -> None:
+    """`publish_many` for a caller that needs no PubAck: returns once every message is stored, else
+    raises the first failure once all are answered. A stored message's reply is recognized without
+    being parsed (the server's PubAck JSON starts with its stream and names no error)."""
+    for reply in await _requests(js, messages, wait_seconds):
+        if isinstance(reply, Msg) and reply.data.startswith(b'{"stream":') and b'"error"' not in reply.data:
+            continue
+        outcome = _outcome(reply)
+        if isinstance(outcome, Exception):
+            raise outcome
+
+
+async def _requests(
+    js: JetStreamContext,
+    messages: Sequence[tuple[str, bytes, dict[str, str] | None]],
+    wait_seconds: float | None,
+) -> list[Msg | Exception]:
     nc: NATS = js._nc
     if wait_seconds is None:
         wait_seconds = getattr(js, "_timeout", _DEFAULT_JS_TIMEOUT)
-    results: list[PubAck | Exception] = []
-    for reply in await _replies_of(nc).request_many(nc, messages, wait_seconds):
-        if isinstance(reply, nats.errors.NoRespondersError):
-            results.append(nats.js.errors.NoStreamResponseError())
-        elif isinstance(reply, Exception):
-            results.append(reply)
-        else:
-            try:
-                results.append(_pub_ack(reply))
-            except Exception as exc:
-                results.append(exc)
-    return results
+    return await _replies_of(nc).request_many(nc, messages, wait_seconds)
+
+
+def _outcome(reply: Msg | Exception) -> PubAck | Exception:
+    """What `publish` would return or raise for this reply."""
+    if isinstance(reply, nats.errors.NoRespondersError):
+        return nats.js.errors.NoStreamResponseError()
+    if isinstance(reply, Exception):
+        return reply
+    try:
+        return _pub_ack(reply)
+    except Exception as exc:
+        return exc
 
 
 def _pub_ack(msg: Msg) -> PubAck:

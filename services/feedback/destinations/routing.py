@@ -72,7 +72,7 @@ class EventRouter:
         once: a batch waits for the slowest acknowledgement instead of the sum of them. They are
         written in the batch's order. Raises the first failure once all are answered; the ones that
         went through are de-duplicated by event id when they are published again."""
-        results = await jspublish.publish_many(
+        await jspublish.publish_all(
             self._js,
             [
                 (
@@ -83,9 +83,6 @@ class EventRouter:
                 for event in _routed(events)
             ],
         )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
 
     async def route(self, event: ev.Event) -> None:
         """An event already on its account's stream, to its set's destinations and its identity's
