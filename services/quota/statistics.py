@@ -101,12 +101,13 @@ def _attempts(send: events_pb2.EmailEvent) -> tuple[str, int] | None:
     recipient on the suppression list is no delivery attempt (its quota was given back and its
     OnAccountSuppressionList bounce is no bounce), or sending to suppressed addresses would dilute
     the bounce rate for free; nor is a mailbox simulator address."""
-    if not send.mail.destination:
+    destination = send.mail.destination
+    if not destination:
         return "delivery_attempts", 1
+    if not send.suppressed_recipients and not send.simulated_recipients:
+        return "delivery_attempts", len(destination)
     skipped = {address_key(a) for a in [*send.suppressed_recipients, *send.simulated_recipients]}
-    if not skipped:
-        return "delivery_attempts", len(send.mail.destination)
-    attempts = sum(1 for a in send.mail.destination if address_key(a) not in skipped)
+    attempts = sum(1 for a in destination if address_key(a) not in skipped)
     return ("delivery_attempts", attempts) if attempts else None
 
 
