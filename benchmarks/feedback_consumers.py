@@ -316,10 +316,12 @@ def main() -> int:
         "--runs", type=int, default=3, help="runs of each path, each on a fresh stream and database"
     )
     parser.add_argument("--consumer", choices=[*PATHS, "all"], default="all")
+    parser.add_argument("--path", default="", help="only this path of the consumer (e.g. one-durable)")
     args = parser.parse_args()
     consumers = list(PATHS) if args.consumer == "all" else [args.consumer]
     for consumer in consumers:
-        results: dict[str, list[dict[str, float]]] = {path: [] for path in PATHS[consumer]}
+        paths = [p for p in PATHS[consumer] if not args.path or p == args.path]
+        results: dict[str, list[dict[str, float]]] = {path: [] for path in paths}
         for path in results:  # not counted: SQLAlchemy's mapper set-up and first compilations
             with tempfile.TemporaryDirectory(prefix="postmesh-fbbench-") as tmp:
                 asyncio.run(one_run(Path(tmp), 200, consumer, path))

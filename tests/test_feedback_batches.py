@@ -210,6 +210,78 @@ async def test_events_wait_out_an_outage_longer_than_max_deliver_tries(nats: NAT
     assert sorted(handled) == sorted(e.event_id for e in events)
 
 
+async def test_an_event_step_waiting_out_an_outage_lets_the_events_before_it_go(nats: NATS) -> None:
+    """The event step of one event fails while a dependency is out: it is retried in place (not
+    counted as a try) until the outage ends, and the events handled before it are acknowledged
+    meanwhile, not held back with it."""
+    js = nats.jetstream()
+    subject = f"{EVENTS_SUBJECT_PREFIX}.test.{uuid.uuid4().hex}"
+    durable = f"test-step-outage-{uuid.uuid4().hex[:8]}"
+    events = [send_event("acct", f"m{i}") for i in range(10)]
+    waiting = events[4].event_id
+    failures_left = 10 * MAX_DELIVER
+    handled: list[str] = []
+    ack_pending_during_outage: list[int] = []
+
+    async def handle_batch(batch: list[ev.Event]) -> None:
+        pass
+
+    async def handle_event(event: ev.Event) -> None:
+        nonlocal failures_left
+        if event.event_id == waiting and failures_left > 0:
+            failures_left -= 1
+            if failures_left == 5:
+                info = await js.consumer_info(EVENTS.name, durable)
+                ack_pending_during_outage.append(info.num_ack_pending)
+            raise ConnectionRefusedError("the identity service is down")
+        handled.append(event.event_id)
+
+    await publish_all(js, subject, events)
+    async with consuming(
+        consume_events_batched(
+            js,
+            durable=durable,
+            subjects=[subject],
+            handle_batch=handle_batch,
+            handle_event=handle_event,
+            max_deliver=MAX_DELIVER,
+            retry_delay=0.05,
+        )
+    ):
+        await settled(js, durable, lambda: len(handled) >= len(events))
+
+    assert failures_left == 0
+    assert handled == [e.event_id for e in events]
+    assert ack_pending_during_outage == [6]  # the waiting event and the five after it
+
+
+async def test_a_consumer_stopped_midway_through_a_batch_acks_the_events_it_handled(nats: NATS) -> None:
+    js = nats.jetstream()
+    subject = f"{EVENTS_SUBJECT_PREFIX}.test.{uuid.uuid4().hex}"
+    durable = f"test-stopped-{uuid.uuid4().hex[:8]}"
+    events = [send_event("acct", f"m{i}") for i in range(6)]
+    reached = asyncio.Event()
+
+    async def handle_batch(batch: list[ev.Event]) -> None:
+        pass
+
+    async def handle_event(event: ev.Event) -> None:
+        if event.event_id == events[2].event_id:
+            reached.set()
+            await asyncio.Event().wait()  # never done: the consumer is stopped here
+
+    await publish_all(js, subject, events)
+    async with consuming(
+        consume_events_batched(
+            js, durable=durable, subjects=[subject], handle_batch=handle_batch, handle_event=handle_event
+        )
+    ):
+        await asyncio.wait_for(reached.wait(), 30)
+    await nats.flush()
+    info = await js.consumer_info(EVENTS.name, durable)
+    assert (info.num_ack_pending, info.num_pending) == (4, 0)  # the two handled ones are acked
+
+
 async def test_a_durable_of_the_one_event_at_a_time_consumer_is_taken_over_as_it_is(nats: NATS) -> None:
     """A durable of consume_events keeps its configuration under consume_events_batched: one an
     earlier release declared, part way through its events, goes on where it was."""

@@ -88,6 +88,73 @@ async def test_no_stream_and_a_full_stream_fail_as_with_nats_py(connection: NATS
     assert (mine.code, mine.err_code, mine.description) == (theirs.code, theirs.err_code, theirs.description)
 
 
+async def test_publish_many_answers_each_message_as_its_publish_would(connection: NATS) -> None:
+    js = connection.jetstream()
+    prefix = await _stream(js)
+    full = await _stream(js, max_msgs=1, discard=DiscardPolicy.NEW)
+    await jspublish.publish(js, f"{full}.a", b"fits")
+    nowhere = f"nostream.{uuid.uuid4().hex}"
+    silent = f"silent.{uuid.uuid4().hex}"
+    heard: list[Msg] = []
+
+    async def hear(msg: Msg) -> None:
+        heard.append(msg)
+
+    await connection.subscribe(silent, cb=hear)  # heard, never answered
+    messages: list[tuple[str, bytes, dict[str, str] | None]] = [
+        (f"{prefix}.{i}", str(i).encode(), {"Nats-Msg-Id": f"m{i}"}) for i in range(50)
+    ]
+    messages += [
+        (f"{prefix}.again", b"0", {"Nats-Msg-Id": "m0"}),
+        (nowhere, b"x", None),
+        (f"{full}.a", b"too many", None),
+        (silent, b"x", None),
+    ]
+    results = await jspublish.publish_many(js, messages, wait_seconds=0.5)
+
+    assert len(results) == len(messages)
+    acks = results[:50]
+    # Written in order: the stream holds them in the batch's order.
+    assert [(a.stream, a.seq, a.duplicate) for a in acks] == [(prefix, i + 1, None) for i in range(50)]  # type: ignore[union-attr]
+    for i in (0, 49):
+        assert (await js.get_msg(prefix, i + 1)).data == str(i).encode()
+    duplicate, no_stream, refused, unanswered = results[50:]
+    assert isinstance(duplicate, PubAck) and (duplicate.seq, duplicate.duplicate) == (1, True)
+    assert type(no_stream) is nats.js.errors.NoStreamResponseError
+    theirs = await _error_of(js.publish(f"{full}.a", b"too many"))
+    assert isinstance(refused, nats.js.errors.APIError) and type(refused) is type(theirs)
+    assert (refused.err_code, refused.description) == (theirs.err_code, theirs.description)
+    assert type(unanswered) is nats.errors.TimeoutError and len(heard) == 1
+    assert await jspublish.publish_many(js, []) == []
+
+
+async def test_publish_all_stores_every_message_or_raises_the_first_failure(connection: NATS) -> None:
+    js = connection.jetstream()
+    prefix = await _stream(js)
+    good: list[tuple[str, bytes, dict[str, str] | None]] = [
+        (f"{prefix}.{i}", str(i).encode(), {"Nats-Msg-Id": f"m{i}"}) for i in range(20)
+    ]
+    await jspublish.publish_all(js, good)
+    await jspublish.publish_all(js, good[:5])  # duplicates: stored already, no failure
+    assert (await js.stream_info(prefix)).state.messages == 20
+    assert (await js.get_msg(prefix, 20)).data == b"19"
+    # What publish_all reads a stored message's reply by, without parsing it.
+    reply = await jspublish.request(connection, f"{prefix}.x", b"x", wait_seconds=5)
+    assert reply.data.startswith(b'{"stream":') and b'"error"' not in reply.data
+
+    full = await _stream(js, max_msgs=1, discard=DiscardPolicy.NEW)
+    await jspublish.publish(js, f"{full}.a", b"fits")
+    nowhere = f"nostream.{uuid.uuid4().hex}"
+    refused = await _error_of(jspublish.publish_all(js, [good[0], (f"{full}.a", b"too many", None)]))
+    theirs = await _error_of(js.publish(f"{full}.a", b"too many"))
+    assert isinstance(refused, nats.js.errors.APIError) and type(refused) is type(theirs)
+    assert (refused.err_code, refused.description) == (theirs.err_code, theirs.description)
+    # The first failure in the batch's order.
+    both: list[tuple[str, bytes, dict[str, str] | None]] = [(nowhere, b"x", None), (f"{full}.a", b"no", None)]
+    first = await _error_of(jspublish.publish_all(js, both))
+    assert type(first) is nats.js.errors.NoStreamResponseError
+
+
 async def test_no_reply_in_time_is_a_nats_timeout_and_a_late_reply_is_ignored(connection: NATS) -> None:
     js = connection.jetstream()
     heard: asyncio.Queue[Msg] = asyncio.Queue()

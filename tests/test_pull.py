@@ -14,13 +14,14 @@ from pathlib import Path
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.errors import ConnectionClosedError, MsgAlreadyAckdError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 from nats.js.errors import APIError
 
 from postmesh.common.bus import fetch_batch
 from postmesh.common.natsserver import NatsServerProcess
-from postmesh.common.pull import Puller
+from postmesh.common.pull import Puller, ack_all
 
 # Guards against a hang, not timing figures: every wait below is expected to end well before them.
 GUARD = 10.0
@@ -196,6 +197,38 @@ async def test_a_naked_message_comes_again_and_acks_work(nats_url: str) -> None:
         assert again.data == first.data and again.metadata.num_delivered == 2
         await again.ack_sync()
         assert await asyncio.wait_for(c.puller.fetch(5, timeout=0.5), GUARD) == []
+
+
+async def test_ack_all_acks_a_batch_as_each_ack_would(nats_url: str) -> None:
+    async with consumer(nats_url) as c:
+        sent = await c.publish(20)
+        got = await asyncio.wait_for(c.puller.fetch(20, timeout=LONG_WAIT), GUARD)
+        assert [m.data for m in got] == sent
+        await ack_all(got[:15])
+        await ack_all([])
+        with pytest.raises(MsgAlreadyAckdError):
+            await got[0].ack()
+        await c.nc.flush()
+        info = await c.js.consumer_info(c.stream, "worker")
+        assert (info.num_ack_pending, info.ack_floor.stream_seq) == (5, 15)
+        # Acked: not handed out again, even after the others were naked.
+        for message in got[15:]:
+            await message.nak()
+        again = await asyncio.wait_for(c.puller.fetch(20, timeout=LONG_WAIT), GUARD)
+        assert [m.data for m in again] == sent[15:]
+        await ack_all(again)
+        await c.nc.flush()
+        info = await c.js.consumer_info(c.stream, "worker")
+        assert (info.num_ack_pending, info.num_pending, info.ack_floor.stream_seq) == (0, 0, 20)
+
+
+async def test_ack_all_without_a_connection_fails_as_ack_does(nats_url: str) -> None:
+    async with consumer(nats_url) as c:
+        await c.publish(2)
+        got = await asyncio.wait_for(c.puller.fetch(2, timeout=LONG_WAIT), GUARD)
+        await c.nc.close()
+        with pytest.raises(ConnectionClosedError):
+            await ack_all(got)
 
 
 async def test_a_missing_consumer_is_an_error_not_a_busy_loop(nats_url: str) -> None:

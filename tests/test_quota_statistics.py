@@ -36,6 +36,7 @@ from services.quota.statistics import (
     EventConsumer,
     ReputationJudge,
     SendStatistics,
+    counted,
 )
 from tests.quota_helpers import ManualClock, email_event
 
@@ -272,3 +273,15 @@ async def test_a_durable_with_the_old_filter_is_updated_in_place(
         info = await js.consumer_info(EVENTS.name, CONSUMER)
         assert info.config.filter_subjects == list(COUNTED_SUBJECTS)
         assert (info.name, info.num_pending, info.num_ack_pending) == (CONSUMER, 0, 0)
+
+
+def test_a_send_counts_its_recipients_less_the_suppressed_and_simulated_ones() -> None:
+    send = email_event("acct-a", ev.EMAIL_EVENT_TYPE_SEND, START, recipients=4)
+    assert counted(send) == ("delivery_attempts", 4)
+    send.email.suppressed_recipients.append("R1@example.test")  # compared in any case
+    send.email.simulated_recipients.append("r2@example.test")
+    assert counted(send) == ("delivery_attempts", 2)
+    send.email.suppressed_recipients.extend(["r0@example.test", "r3@example.test"])
+    assert counted(send) is None  # nothing attempted
+    no_destination = email_event("acct-a", ev.EMAIL_EVENT_TYPE_SEND, START, recipients=0)
+    assert counted(no_destination) == ("delivery_attempts", 1)

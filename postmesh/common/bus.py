@@ -23,7 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from postmesh.common import db, jspublish, tracing
-from postmesh.common.pull import Puller
+from postmesh.common.pull import Puller, ack_all
 from postmesh.common.streams import ALL_STREAMS, EVENTS, StreamSpec, event_subject
 from postmesh.events.v1 import events_pb2
 
@@ -206,24 +206,32 @@ def _dependency_out(exc: BaseException) -> bool:
 
 
 async def _outlasting_outages(
-    step: Callable[[], Awaitable[None]], messages: Sequence[Msg], *, durable: str, retry_delay: float
+    step: Callable[[], Awaitable[None]],
+    messages: Sequence[Msg],
+    *,
+    durable: str,
+    retry_delay: float,
+    failed: Exception | None = None,
 ) -> None:
     """Runs `step`, again every `retry_delay` seconds for as long as it fails because a dependency is
     out, keeping `messages` from being sent to another worker meanwhile. Such a failure is not counted
     as a try: max_deliver would otherwise drop every event that arrived during a long outage. Any other
-    failure is raised at once."""
+    failure is raised at once. `failed`: the failure of a first run the caller made itself."""
     while True:
-        try:
-            await step()
-            return
-        except Exception as exc:
-            if not _dependency_out(exc):
-                raise
-            log.warning(
-                "a dependency is out; the events wait for it",
-                exc_info=True,
-                extra={"consumer": durable, "events": len(messages)},
-            )
+        if failed is None:
+            try:
+                await step()
+                return
+            except Exception as exc:
+                failed = exc
+        if not _dependency_out(failed):
+            raise failed
+        log.warning(
+            "a dependency is out; the events wait for it",
+            exc_info=failed,
+            extra={"consumer": durable, "events": len(messages)},
+        )
+        failed = None
         for message in messages:
             with contextlib.suppress(Exception):  # NATS itself out: redelivered after ack_wait instead
                 await message.in_progress()
@@ -312,8 +320,7 @@ async def consume_event_batches(
             for message in parsed:
                 await message.nak(delay=1)
             raise
-        for message in parsed:
-            await message.ack()
+        await ack_all(parsed)
 
     config = ConsumerConfig(
         durable_name=durable,
@@ -419,13 +426,16 @@ async def consume_events_batched(
         if handle_event is not None:
             await handle_event(event)
 
-    async def one_at_a_time(message: Msg, event: events_pb2.Event, *, with_batch_step: bool) -> None:
+    async def one_at_a_time(
+        message: Msg, event: events_pb2.Event, *, with_batch_step: bool, failed: Exception | None = None
+    ) -> None:
         try:
             await _outlasting_outages(
                 lambda: both_steps(event, with_batch_step=with_batch_step),
                 [message],
                 durable=durable,
                 retry_delay=retry_delay,
+                failed=failed,
             )
         except Exception:
             await _failed(message, event, durable=durable, max_deliver=max_deliver, retry_delay=retry_delay)
@@ -459,8 +469,23 @@ async def consume_events_batched(
             for message, event in decoded:
                 await one_at_a_time(message, event, with_batch_step=True)
             return
-        for message, event in decoded:
-            await one_at_a_time(message, event, with_batch_step=False)
+        # The events handle_event is done with are acked together: at the end, before a failure
+        # (whose retries may wait out an outage), and when the loop is stopped midway (or a stopped
+        # worker's events would be routed again by another).
+        done: list[Msg] = []
+        try:
+            for message, event in decoded:
+                if handle_event is not None:
+                    try:
+                        await handle_event(event)
+                    except Exception as exc:
+                        handled, done = done, []
+                        await ack_all(handled)
+                        await one_at_a_time(message, event, with_batch_step=False, failed=exc)
+                        continue
+                done.append(message)
+        finally:
+            await ack_all(done)
 
     config = _per_event_config(durable, subjects, max_deliver)
     if replaces:

@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import json
 import weakref
+from collections.abc import Sequence
 
 import nats.errors
 import nats.js.errors
@@ -64,6 +65,39 @@ class _Replies:
             raise nats.errors.NoRespondersError
         return msg
 
+    async def request_many(
+        self,
+        nc: NATS,
+        requests: Sequence[tuple[str, bytes, dict[str, str] | None]],
+        wait_seconds: float,
+    ) -> list[Msg | Exception]:
+        """The requests written in order, then their replies waited for together (one wait, one
+        timer, no task per request): each request's reply, or what its `request` would have raised."""
+        if not self._subscribed:
+            await self._subscribe(nc)
+        loop = asyncio.get_running_loop()
+        replies: list[str] = []
+        answers: list[asyncio.Future[Msg] | Exception] = []
+        try:
+            for subject, payload, headers in requests:
+                reply = self._prefix + str(next(self._tokens))
+                future: asyncio.Future[Msg] = loop.create_future()
+                self._waiting[reply] = future
+                replies.append(reply)
+                try:
+                    await nc.publish(subject, payload, reply=reply, headers=headers)
+                except Exception as exc:
+                    answers.append(exc)
+                    continue
+                answers.append(future)
+            waiting = [a for a in answers if isinstance(a, asyncio.Future) and not a.done()]
+            if waiting:
+                await asyncio.wait(waiting, timeout=wait_seconds)
+        finally:
+            for reply in replies:
+                self._waiting.pop(reply, None)
+        return [_reply_of(answer) for answer in answers]
+
     async def _subscribe(self, nc: NATS) -> None:
         async with self._lock:
             if self._subscribed:
@@ -87,6 +121,20 @@ class _Replies:
         for future in waiting.values():
             if not future.done():
                 future.set_exception(nats.errors.ConnectionClosedError())
+
+
+def _reply_of(answer: asyncio.Future[Msg] | Exception) -> Msg | Exception:
+    if isinstance(answer, Exception):
+        return answer
+    if not answer.done():
+        return nats.errors.TimeoutError()
+    failure = answer.exception()
+    if failure is not None:
+        return failure if isinstance(failure, Exception) else nats.errors.ConnectionClosedError()
+    msg = answer.result()
+    if msg.headers and msg.headers.get(Header.STATUS) == _NO_RESPONDERS_STATUS:
+        return nats.errors.NoRespondersError()
+    return msg
 
 
 _replies: weakref.WeakKeyDictionary[NATS, _Replies] = weakref.WeakKeyDictionary()
@@ -132,6 +180,62 @@ async def publish(
         msg = await _replies_of(nc).request(nc, subject, payload, headers, wait_seconds)
     except nats.errors.NoRespondersError:
         raise nats.js.errors.NoStreamResponseError from None
+    return _pub_ack(msg)
+
+
+async def publish_many(
+    js: JetStreamContext,
+    messages: Sequence[tuple[str, bytes, dict[str, str] | None]],
+    *,
+    wait_seconds: float | None = None,
+) -> list[PubAck | Exception]:
+    """`publish` of each (subject, payload, headers), all in flight at once and written in order: for
+    each, its PubAck or the exception its `publish` would have raised. A batch costs one wait instead
+    of a task and a timer per message (what asyncio.gather over `publish` costs)."""
+    return [_outcome(reply) for reply in await _requests(js, messages, wait_seconds)]
+
+
+async def publish_all(
+    js: JetStreamContext,
+    messages: Sequence[tuple[str, bytes, dict[str, str] | None]],
+    *,
+    wait_seconds: float | None = None,
+) -> None:
+    """`publish_many` for a caller that needs no PubAck: returns once every message is stored, else
+    raises the first failure once all are answered. A stored message's reply is recognized without
+    being parsed (the server's PubAck JSON starts with its stream and names no error)."""
+    for reply in await _requests(js, messages, wait_seconds):
+        if isinstance(reply, Msg) and reply.data.startswith(b'{"stream":') and b'"error"' not in reply.data:
+            continue
+        outcome = _outcome(reply)
+        if isinstance(outcome, Exception):
+            raise outcome
+
+
+async def _requests(
+    js: JetStreamContext,
+    messages: Sequence[tuple[str, bytes, dict[str, str] | None]],
+    wait_seconds: float | None,
+) -> list[Msg | Exception]:
+    nc: NATS = js._nc
+    if wait_seconds is None:
+        wait_seconds = getattr(js, "_timeout", _DEFAULT_JS_TIMEOUT)
+    return await _replies_of(nc).request_many(nc, messages, wait_seconds)
+
+
+def _outcome(reply: Msg | Exception) -> PubAck | Exception:
+    """What `publish` would return or raise for this reply."""
+    if isinstance(reply, nats.errors.NoRespondersError):
+        return nats.js.errors.NoStreamResponseError()
+    if isinstance(reply, Exception):
+        return reply
+    try:
+        return _pub_ack(reply)
+    except Exception as exc:
+        return exc
+
+
+def _pub_ack(msg: Msg) -> PubAck:
     response = json.loads(msg.data)
     if "error" in response:
         raise nats.js.errors.APIError.from_error(response["error"])

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js import JetStreamContext
 from sqlalchemy import Table, bindparam, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -24,6 +25,7 @@ from postmesh.common.addresses import address_key
 from postmesh.common.bus import consume_event_batches
 from postmesh.common.config import Settings
 from postmesh.common.db import transaction
+from postmesh.common.protoutil import utc_datetime
 from postmesh.common.service import Clock
 from postmesh.common.streams import email_event_subject
 from postmesh.events.v1 import events_pb2
@@ -34,6 +36,7 @@ from services.quota.notify import SYSTEM_ACCOUNT_ID
 log = logging.getLogger(__name__)
 
 SLOT = dt.timedelta(minutes=15)
+_SLOT_SECONDS = int(SLOT.total_seconds())
 HISTORY = dt.timedelta(days=14)
 CONSUMER = "quota-statistics"
 
@@ -98,10 +101,13 @@ def _attempts(send: events_pb2.EmailEvent) -> tuple[str, int] | None:
     recipient on the suppression list is no delivery attempt (its quota was given back and its
     OnAccountSuppressionList bounce is no bounce), or sending to suppressed addresses would dilute
     the bounce rate for free; nor is a mailbox simulator address."""
-    if not send.mail.destination:
+    destination = send.mail.destination
+    if not destination:
         return "delivery_attempts", 1
+    if not send.suppressed_recipients and not send.simulated_recipients:
+        return "delivery_attempts", len(destination)
     skipped = {address_key(a) for a in [*send.suppressed_recipients, *send.simulated_recipients]}
-    attempts = sum(1 for a in send.mail.destination if address_key(a) not in skipped)
+    attempts = sum(1 for a in destination if address_key(a) not in skipped)
     return ("delivery_attempts", attempts) if attempts else None
 
 
@@ -163,8 +169,20 @@ SlotKey = tuple[str, dt.datetime]
 def _slot_counts(events: Iterable[tuple[events_pb2.Event, str, int]]) -> dict[SlotKey, dict[str, int]]:
     """What counted events add to each (account, 15-minute interval)."""
     counts: dict[SlotKey, dict[str, int]] = {}
+    # The events of a batch fall in an interval or two: each is converted once.
+    slots: dict[int, dt.datetime] = {}
+
+    def slot_of(ts: Timestamp) -> dt.datetime:
+        # UTC intervals of 15 minutes start on whole multiples of 900 seconds since the epoch (as do
+        # the bounds of a Timestamp's range). Nanos out of range raise, as they did.
+        interval = ts.seconds - ts.seconds % _SLOT_SECONDS
+        start = slots.get(interval)
+        if start is None or not 0 <= ts.nanos < 1_000_000_000:
+            start = slots[interval] = slot_start(utc_datetime(ts))
+        return start
+
     for event, column, messages in events:
-        key = (event.account_id, slot_start(event.time.ToDatetime(tzinfo=dt.UTC)))
+        key = (event.account_id, slot_of(event.time))
         slot = counts.get(key)
         if slot is None:
             slot = counts[key] = dict.fromkeys(COLUMNS, 0)
@@ -173,7 +191,7 @@ def _slot_counts(events: Iterable[tuple[events_pb2.Event, str, int]]) -> dict[Sl
             # Counted as a delivery attempt by its Send event when accepted; SES never tried to
             # deliver a rejected message, so it leaves the attempts (and the bounce rate's
             # denominator) of the interval it was sent in.
-            sent = (event.account_id, slot_start(event.email.mail.timestamp.ToDatetime(tzinfo=dt.UTC)))
+            sent = (event.account_id, slot_of(event.email.mail.timestamp))
             counts.setdefault(sent, dict.fromkeys(COLUMNS, 0))["delivery_attempts"] -= messages
     return counts
 

@@ -9,7 +9,6 @@ subject destination is plain NATS (at most once for its subscribers, as core NAT
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 
@@ -71,24 +70,19 @@ class EventRouter:
     async def publish(self, events: list[ev.Event]) -> None:
         """Puts each email event on its account's stream (SubscribeEvents), every publish in flight at
         once: a batch waits for the slowest acknowledgement instead of the sum of them. They are
-        written in the batch's order (each task writes its publish before its first wait). Raises the
-        first failure once all are answered; the ones that went through are de-duplicated by event id
-        when they are published again."""
-        results = await asyncio.gather(
-            *(
-                jspublish.publish(
-                    self._js,
+        written in the batch's order. Raises the first failure once all are answered; the ones that
+        went through are de-duplicated by event id when they are published again."""
+        await jspublish.publish_all(
+            self._js,
+            [
+                (
                     account_events_subject(event.account_id, event.email.event_type),
                     event.SerializeToString(),
-                    headers={"Nats-Msg-Id": event.event_id},
+                    {"Nats-Msg-Id": event.event_id},
                 )
                 for event in _routed(events)
-            ),
-            return_exceptions=True,
+            ],
         )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
 
     async def route(self, event: ev.Event) -> None:
         """An event already on its account's stream, to its set's destinations and its identity's

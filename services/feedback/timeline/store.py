@@ -8,6 +8,7 @@ scoped to one account.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -19,6 +20,7 @@ from postmesh.common.addresses import address_key, normalize_address
 from postmesh.common.db import insert_ignoring_duplicates, transaction
 from postmesh.common.errors import InvalidArgument, NotFound
 from postmesh.common.paging import decode_token, encode_token, page_size
+from postmesh.common.protoutil import utc_datetime
 from postmesh.common.service import Clock
 from postmesh.events.v1 import events_pb2 as ev
 from services.feedback.timeline.models import EmailEventRecipient, StoredEmailEvent
@@ -28,7 +30,13 @@ _TYPE_PREFIX = "EMAIL_EVENT_TYPE_"
 
 
 def type_name(value: ev.EmailEventType.ValueType) -> str:
-    return ev.EmailEventType.Name(value).removeprefix(_TYPE_PREFIX)
+    name = _TYPE_NAMES.get(value)
+    return ev.EmailEventType.Name(value).removeprefix(_TYPE_PREFIX) if name is None else name
+
+
+_TYPE_NAMES = {
+    value: ev.EmailEventType.Name(value).removeprefix(_TYPE_PREFIX) for value in ev.EmailEventType.values()
+}
 
 
 def recipients_of(email: ev.EmailEvent) -> list[str]:
@@ -47,6 +55,8 @@ def recipients_of(email: ev.EmailEvent) -> list[str]:
     return list(dict.fromkeys(_key(a) for a in (named or email.mail.destination) if a))
 
 
+# An event names the addresses its message's earlier events named (Send, then Delivery, Open...).
+@functools.lru_cache(maxsize=4096)
 def _key(address: str) -> str:
     try:
         return address_key(normalize_address(address))
@@ -108,7 +118,7 @@ class EventStore:
                 "account_id": e.account_id,
                 "message_id": e.email.mail.message_id[:128],
                 "event_type": type_name(e.email.event_type),
-                "event_time": e.time.ToDatetime(tzinfo=dt.UTC) if e.HasField("time") else self._clock.now(),
+                "event_time": utc_datetime(e.time) if e.HasField("time") else self._clock.now(),
                 "payload": e.SerializeToString(),
             }
             for e in wanted.values()

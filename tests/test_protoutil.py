@@ -1,0 +1,44 @@
+"""Conversions between protobuf's well-known types and Python values: utc_datetime is protobuf's
+ToDatetime(tzinfo=UTC) (same value, same time zone, same error), only cheaper."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from postmesh.common.protoutil import from_timestamp, utc_datetime
+
+EDGES = [
+    (0, 0),
+    (0, 1),
+    (1, 999),
+    (1, 1000),
+    (-1, 999_999_999),
+    (1_764_600_123, 456_789_012),
+    (-62135596800, 0),  # 0001-01-01T00:00:00Z, the first instant a Timestamp may hold
+    (253402300799, 999_999_999),  # 9999-12-31T23:59:59.999999999Z, the last
+]
+
+
+@pytest.mark.parametrize(("seconds", "nanos"), EDGES)
+def test_utc_datetime_is_protobufs_conversion(seconds: int, nanos: int) -> None:
+    ts = Timestamp(seconds=seconds, nanos=nanos)
+    converted = utc_datetime(ts)
+    assert converted == ts.ToDatetime(tzinfo=dt.UTC)
+    assert converted.tzinfo is dt.UTC
+    assert converted.microsecond == nanos // 1000  # truncated, never rounded up
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos"), [(-62135596801, 0), (253402300800, 0), (0, -1), (0, 1_000_000_000)]
+)
+def test_a_timestamp_out_of_range_raises_as_protobuf_does(seconds: int, nanos: int) -> None:
+    with pytest.raises(ValueError):
+        utc_datetime(Timestamp(seconds=seconds, nanos=nanos))
+
+
+def test_an_unset_timestamp_is_none() -> None:
+    assert from_timestamp(Timestamp()) is None
+    assert from_timestamp(Timestamp(nanos=1)) == dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
