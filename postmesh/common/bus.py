@@ -86,9 +86,12 @@ async def ensure_streams(
             await js.update_stream(config)
 
 
-def new_event(account_id: str, *, time: dt.datetime | None = None, **payload: object) -> events_pb2.Event:
-    """An Event with a fresh id and timestamp; pass exactly one payload (email=..., account_changed=...)."""
-    event = events_pb2.Event(event_id=uuid.uuid4().hex, account_id=account_id, **payload)  # type: ignore[arg-type]
+def new_event(
+    account_id: str, *, time: dt.datetime | None = None, event_id: str = "", **payload: object
+) -> events_pb2.Event:
+    """An Event stamped now (or at `time`), under `event_id` or a fresh random one; pass exactly one
+    payload (email=..., account_changed=...)."""
+    event = events_pb2.Event(event_id=event_id or uuid.uuid4().hex, account_id=account_id, **payload)  # type: ignore[arg-type]
     event.time.FromDatetime(time or dt.datetime.now(dt.UTC))
     return event
 

@@ -264,14 +264,6 @@ def _event_id(message_id: str, what: str) -> str:
     return digest.hex()
 
 
-def _email_event(account_id: str, event_id: str, email: events_pb2.EmailEvent) -> events_pb2.Event:
-    """new_event(account_id, email=email) under the given id (new_event would draw a random id, only
-    for it to be replaced)."""
-    event = events_pb2.Event(event_id=event_id, account_id=account_id, email=email)
-    event.time.FromDatetime(dt.datetime.now(dt.UTC))
-    return event
-
-
 class QueueOutcomeUnknown(Unavailable):
     """JetStream did not confirm a publish: the message may or may not be stored."""
 
@@ -836,7 +828,7 @@ class Acceptor:
             suppressed_recipients=suppressed,
             simulated_recipients=[r for r in message.recipients if self._simulator.handles(r)],
         )
-        events = [_email_event(account_id, _event_id(message.message_id, "send"), send)]
+        events = [new_event(account_id, event_id=_event_id(message.message_id, "send"), email=send)]
         for address in suppressed:
             bounce = events_pb2.Bounce(
                 bounce_type=events_pb2.BOUNCE_TYPE_PERMANENT,
@@ -854,10 +846,10 @@ class Acceptor:
                 reporting_mta="postmesh",
             )
             events.append(
-                _email_event(
+                new_event(
                     account_id,
-                    _event_id(message.message_id, f"suppressed:{address_key(address)}"),
-                    events_pb2.EmailEvent(
+                    event_id=_event_id(message.message_id, f"suppressed:{address_key(address)}"),
+                    email=events_pb2.EmailEvent(
                         event_type=events_pb2.EMAIL_EVENT_TYPE_BOUNCE, mail=mail, bounce=bounce
                     ),
                 )
