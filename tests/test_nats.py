@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import nats
 import pytest
+from nats.js.errors import InvalidKeyError
 
 from postmesh.common.bus import ensure_streams, fetch_batch
 from postmesh.common.natsserver import NatsServerProcess, free_port
@@ -153,5 +154,23 @@ async def test_the_queued_ledger_keeps_the_first_copy_of_a_message_id(nats_url: 
         assert await first_copy(ledger, message_id, 17)  # redelivered after a worker died
         assert not await first_copy(ledger, message_id, 42)  # a second copy
         assert await first_copy(await queued_ledger(connection.jetstream()), f"{message_id}-2", 42)
+    finally:
+        await connection.close()
+
+
+async def test_the_queued_ledger_takes_a_deleted_key_again_and_refuses_an_invalid_one(nats_url: str) -> None:
+    """As nats-py's KeyValue.create: a key deleted (a tombstone left) is created again, and a message id
+    that cannot be a key is refused before anything is published."""
+    connection = await nats.connect(nats_url)
+    try:
+        ledger = await queued_ledger(connection.jetstream())
+        message_id = f"ledger-deleted-{time.monotonic_ns()}"
+        assert await first_copy(ledger, message_id, 17)
+        await ledger.delete(message_id)
+        assert await first_copy(ledger, message_id, 42)
+        assert (await ledger.get(message_id)).value == b"42"
+        assert not await first_copy(ledger, message_id, 17)
+        with pytest.raises(InvalidKeyError):
+            await first_copy(ledger, "not a key*", 1)
     finally:
         await connection.close()

@@ -3,7 +3,7 @@
 nats-py (2.16) sends both through `Client.request`, which per call reads os.urandom (secrets.token_hex),
 decodes the token twice, adds a done-callback and waits with asyncio.wait_for (a task on Python 3.11).
 Here each connection gets one wildcard reply subscription (`<inbox>.*`); a request's reply subject ends
-in a counter, its future waits in a dict under that subject, and asyncio.timeout bounds the wait.
+in a counter, its future waits in a dict under that subject, and a timer (loop.call_later) bounds the wait.
 
 What callers see is nats-py's: the same PubAck, the same exceptions (nats.errors.TimeoutError when no
 reply comes, NoStreamResponseError when no stream takes the subject, APIError.from_error for a stream's
@@ -32,6 +32,11 @@ _DEFAULT_JS_TIMEOUT = 5.0
 _NO_RESPONDERS_STATUS = "503"
 
 
+def _time_out(future: asyncio.Future[Msg]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
 class _Replies:
     """The reply subscription of one connection and the requests waiting on it."""
 
@@ -50,15 +55,19 @@ class _Replies:
             await self._subscribe(nc)
         # A counter, never reused: a late reply to a request that timed out finds no future.
         reply = self._prefix + str(next(self._tokens))
-        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg] = loop.create_future()
         self._waiting[reply] = future
         try:
             await nc.publish(subject, payload, reply=reply, headers=headers)
+            # The wait bounded by a timer of its own: asyncio.timeout costs several times more.
+            timer = loop.call_later(wait_seconds, _time_out, future)
             try:
-                async with asyncio.timeout(wait_seconds):
-                    msg = await future
+                msg = await future
             except TimeoutError:
                 raise nats.errors.TimeoutError from None
+            finally:
+                timer.cancel()
         finally:
             self._waiting.pop(reply, None)
         if msg.headers and msg.headers.get(Header.STATUS) == _NO_RESPONDERS_STATUS:

@@ -7,9 +7,9 @@ takes the same path: DKIM signing, retries, bounce and delivery events.
 from __future__ import annotations
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
+from nats.js.api import Header, KeyValueConfig, ObjectStoreConfig, StorageType
+from nats.js.errors import APIError, BucketNotFoundError, InvalidKeyError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue, _is_key_valid
 from nats.js.object_store import ObjectStore
 
 from postmesh.common import jspublish, tracing
@@ -58,11 +58,29 @@ async def first_copy(ledger: KeyValue, message_id: str, stream_sequence: int) ->
     """
     mine = str(stream_sequence).encode()
     try:
-        await ledger.create(message_id, mine)
+        await _create(ledger, message_id, mine)
         return True
     except KeyWrongLastSequenceError:
         entry = await ledger.get(message_id)
         return entry.value == mine
+
+
+async def _create(ledger: KeyValue, key: str, value: bytes) -> None:
+    """`ledger.create(key, value)`, its usual case (a key never written) through the lean confirmed
+    publish: the same subject, header and errors as nats-py's (InvalidKeyError, and
+    KeyWrongLastSequenceError once the key has a value). A key that exists goes to nats-py's create
+    itself, which also re-creates a deleted key as nats-py does."""
+    if not _is_key_valid(key):
+        raise InvalidKeyError(key)
+    try:
+        await jspublish.publish(
+            ledger._js, f"{ledger._pre}{key}", value, headers={Header.EXPECTED_LAST_SUBJECT_SEQUENCE: "0"}
+        )
+    except APIError as exc:
+        # nats-py's KeyValue._update: JSStreamWrongLastSequenceErrF, JSStreamWrongLastSequenceConstantErr
+        if exc.err_code not in (10071, 10164):
+            raise
+        await ledger.create(key, value)
 
 
 async def enqueue(js: JetStreamContext, message: queue_pb2.QueuedMessage) -> None:

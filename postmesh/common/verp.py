@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 from dataclasses import dataclass
 
@@ -67,8 +66,8 @@ class VerpKey:
         return cls(secret.encode("utf-8"))
 
     def tag(self, message_id: str, tail: str) -> str:
-        digest = hmac.new(self.secret, f"{message_id}-{tail}".lower().encode("utf-8"), hashlib.sha256)
-        return base64.b32encode(digest.digest()[:_TAG_BYTES]).decode("ascii").lower()
+        digest = hmac.digest(self.secret, f"{message_id}-{tail}".lower().encode("utf-8"), "sha256")
+        return base64.b32encode(digest[:_TAG_BYTES]).decode("ascii").lower()
 
 
 def _encode(recipient: str) -> str:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import dkim
+from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -40,13 +41,12 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 from opentelemetry.trace import SpanKind
 
-from postmesh.common import jspublish, tracing
+from postmesh.common import jspublish, protoutil, tracing
 from postmesh.common.bounces import classify
 from postmesh.common.bus import EventPublisher, fetch_batch, new_event
 from postmesh.common.mailformat import to_crlf
 from postmesh.common.metrics import DELIVERY_OUTCOMES, DELIVERY_RETRIES, DKIM_SIGNING_FAILURES
 from postmesh.common.outbound import enqueue, first_copy, forget_mime, load_mime, queued_ledger
-from postmesh.common.protoutil import from_timestamp, timestamp
 from postmesh.common.pull import Puller
 from postmesh.common.service import Clock
 from postmesh.common.streams import OUTBOUND, OUTBOUND_SUBJECT_PREFIX
@@ -69,6 +69,33 @@ _ATTEMPTED_MEMORY = 100_000
 # How long a message whose DKIM keys cannot be fetched (the identity service starting, or its database
 # out) waits before a worker tries again: no delivery attempt is made or counted meanwhile.
 _SIGNING_KEYS_WAIT_SECONDS = 5.0
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+# protobuf's Timestamp range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_LAST_SECOND = 253_402_300_799
+
+
+def from_timestamp(ts: Timestamp) -> dt.datetime | None:
+    """protoutil.from_timestamp, by datetime arithmetic in the usual case: protobuf's Timestamp
+    conversions are pure Python (range checks, then the same timedelta sum and an astimezone)."""
+    seconds, nanos = ts.seconds, ts.nanos
+    if 0 < seconds <= _LAST_SECOND and 0 <= nanos < 1_000_000_000:
+        return _EPOCH + dt.timedelta(seconds=seconds, microseconds=nanos // 1000)
+    return protoutil.from_timestamp(ts)  # unset (None), before 1970, or invalid (ValueError)
+
+
+def timestamp(value: dt.datetime) -> Timestamp:
+    """protoutil.timestamp for a UTC datetime (what clocks give), without protobuf's timegm of a
+    utctimetuple; any other datetime goes through protoutil itself."""
+    if value.tzinfo is dt.UTC:
+        delta = value - _EPOCH
+        seconds = delta.days * 86_400 + delta.seconds
+        if 0 <= seconds <= _LAST_SECOND:
+            return Timestamp(seconds=seconds, nanos=value.microsecond * 1000)
+    ts = protoutil.timestamp(value)
+    assert ts is not None
+    return ts
 
 
 def mail_object(queued: queue_pb2.QueuedMessage) -> ev.Mail:
@@ -172,6 +199,42 @@ class Undeliverable(Exception):
 _UNSIGNABLE = (dkim.MessageFormatError, dkim.ParameterError, ValueError, IndexError, UnicodeError)
 
 
+class _Heartbeat:
+    """Reports a delivery in progress every `interval` seconds until stopped, as a task sleeping and
+    calling msg.in_progress() in turn would (the next report once the last is done, none after one
+    fails), on a timer: no task per message."""
+
+    def __init__(self, msg: Msg, interval: float) -> None:
+        self._msg = msg
+        self._interval = interval
+        self._loop = asyncio.get_running_loop()
+        self._report: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(interval, self._send)
+
+    def _send(self) -> None:
+        self._timer = None
+        self._report = self._loop.create_task(self._msg.in_progress())
+        self._report.add_done_callback(self._sent)
+
+    def _sent(self, report: asyncio.Task[None]) -> None:
+        self._report = None
+        if self._stopped or report.cancelled():
+            return
+        if report.exception() is not None:
+            log.debug("delivery progress not reported", exc_info=report.exception())
+            return
+        self._timer = self._loop.call_later(self._interval, self._send)
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._report is not None:
+            self._report.cancel()
+
+
 class DeliveryWorker:
     def __init__(
         self,
@@ -273,7 +336,7 @@ class DeliveryWorker:
                 await msg.ack()
                 return
         sequence = msg.metadata.sequence.stream
-        heartbeat = asyncio.create_task(self._keep_alive(msg))
+        heartbeat = _Heartbeat(msg, self.config.ack_wait_seconds / 3)
         try:
             with tracing.span(
                 "deliver",
@@ -299,17 +362,17 @@ class DeliveryWorker:
                 extra={"id": queued.message_id, "error": str(unavailable)},
             )
             DKIM_SIGNING_FAILURES.labels("keys_unavailable").inc()
-            heartbeat.cancel()
+            heartbeat.stop()
             await msg.nak(delay=min(self.config.ack_wait_seconds, _SIGNING_KEYS_WAIT_SECONDS))
             return
         except Exception:
             # Unexpected (a bug, or NATS gone): leave it to JetStream to hand out again, a little later.
             log.exception("delivery failed; the message will be redelivered", extra={"id": queued.message_id})
-            heartbeat.cancel()
+            heartbeat.stop()
             await msg.nak(delay=min(self.config.ack_wait_seconds, 30.0))
             return
         finally:
-            heartbeat.cancel()
+            heartbeat.stop()
         try:
             await jspublish.ack_sync(msg, wait_seconds=5.0)
         except Exception:
@@ -324,11 +387,6 @@ class DeliveryWorker:
         self._attempted[sequence] = outcomes
         while len(self._attempted) > _ATTEMPTED_MEMORY:
             self._attempted.popitem(last=False)
-
-    async def _keep_alive(self, msg: Msg) -> None:
-        while True:
-            await asyncio.sleep(self.config.ack_wait_seconds / 3)
-            await msg.in_progress()
 
     # ---- one message ------------------------------------------------------------------------
 
@@ -540,7 +598,11 @@ class DeliveryWorker:
             )
             return await self.transport.deliver(envelope, signed)
 
-        results = await asyncio.gather(*(one(domain, group) for domain, group in groups.items()))
+        if len(groups) == 1:  # the usual case: no task for gather to wrap the one transaction in
+            ((domain, group),) = groups.items()
+            results = [await one(domain, group)]
+        else:
+            results = await asyncio.gather(*(one(domain, group) for domain, group in groups.items()))
         outcomes: dict[str, Outcome] = {}
         for result in results:
             outcomes.update(result)

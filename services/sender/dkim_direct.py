@@ -195,21 +195,24 @@ def direct_signature(
         else:
             hashed.append(name + b":" + value + b"\r\n")
 
-    fields = [
-        (b"v", b"1"),
-        (b"a", algorithm),
-        (b"c", header_canon + b"/" + body_canon),
-        (b"d", domain),
-        (b"i", b"@" + domain),
-        (b"q", b"dns/txt"),
-        (b"s", selector),
-        (b"t", str(int(time.time()) if timestamp is None else timestamp).encode("ascii")),
-        (b"h", b" : ".join(included)),
-        (b"bh", _body_hash(body, body_canon)),
-        (b"b", _PLACEHOLDER),
-    ]
+    # The tags up to b=, joined once: the field before signing (b= a placeholder) and after share them.
+    tags = b"; ".join(
+        (
+            b"v=1",
+            b"a=" + algorithm,
+            b"c=" + header_canon + b"/" + body_canon,
+            b"d=" + domain,
+            b"i=@" + domain,
+            b"q=dns/txt",
+            b"s=" + selector,
+            b"t=" + str(int(time.time()) if timestamp is None else timestamp).encode("ascii"),
+            b"h=" + b" : ".join(included),
+            b"bh=" + _body_hash(body, body_canon),
+            b"b=",
+        )
+    )
     namelen = len(_HEADER_NAME)
-    unsigned = dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=namelen, linesep=b"\r\n")
+    unsigned = dkim.fold(tags + _PLACEHOLDER, namelen=namelen, linesep=b"\r\n")
     # dkimpy blanks b= with RE_BTAG; the placeholder is the only b= value and ends the field, unfolded.
     if unsigned.endswith(b"b=" + _PLACEHOLDER):
         unsigned = b" " + unsigned[: -len(_PLACEHOLDER)]
@@ -227,6 +230,5 @@ def direct_signature(
             return None  # a modulus too small for the digest: dkimpy says so
     else:
         signature = key.sign(digest)  # RFC 8463: Ed25519 over the SHA-256 of the header data
-    fields[-1] = (b"b", base64.b64encode(signature))
-    value = b"; ".join(b"=".join(f) for f in fields) + b"\r\n"
+    value = tags + base64.b64encode(signature) + b"\r\n"
     return _HEADER_NAME + b": " + dkim.fold(value, namelen=namelen, linesep=b"\r\n")
