@@ -19,9 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.x509.oid import NameOID
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from postmesh.common import protoutil
 from postmesh.common.config import load_settings
 from postmesh.common.natsserver import free_port
 from postmesh.common.server import load_all_service_settings
@@ -29,8 +27,6 @@ from postmesh.common.verp import VerpKey, bounce_address, parse_bounce_address
 from postmesh.testing_mail import Behaviour, LoopbackDns, SmtpServer
 from services.sender.backoff import RetryPolicy
 from services.sender.delivery import _Heartbeat
-from services.sender.delivery import from_timestamp as delivery_from_timestamp
-from services.sender.delivery import timestamp as delivery_timestamp
 from services.sender.delivery_wiring import build_transport
 from services.sender.dkim_signing import (
     ED25519_SHA256,
@@ -364,34 +360,3 @@ async def test_a_delivery_reports_progress_until_stopped_and_not_after_a_failed_
     await asyncio.sleep(0.2)
     assert failing.reports == 2
     heartbeat.stop()
-
-
-@pytest.mark.parametrize(
-    "when",
-    [
-        dt.datetime(2026, 12, 1, 16, 55, 3, 123456, tzinfo=dt.UTC),
-        dt.datetime(1970, 1, 1, 0, 0, 1, tzinfo=dt.UTC),
-        dt.datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC),
-        dt.datetime(1, 1, 1, tzinfo=dt.UTC),
-        dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC),
-        dt.datetime(2026, 12, 1, 18, 0, tzinfo=dt.timezone(dt.timedelta(hours=2))),
-    ],
-)
-def test_the_delivery_timestamps_convert_as_protoutil_does(when: dt.datetime) -> None:
-    stamp = delivery_timestamp(when)
-    assert stamp == protoutil.timestamp(when)
-    back = delivery_from_timestamp(stamp)
-    assert back == protoutil.from_timestamp(stamp)
-    assert back is not None and back.tzinfo is dt.UTC
-
-
-@pytest.mark.parametrize("seconds,nanos", [(0, 0), (0, 5), (1, -1), (1, 1_000_000_000), (-1, 0)])
-def test_unset_and_invalid_timestamps_read_as_protoutil_reads_them(seconds: int, nanos: int) -> None:
-    stamp = Timestamp(seconds=seconds, nanos=nanos)
-    try:
-        expected: object = protoutil.from_timestamp(stamp)
-    except ValueError:
-        with pytest.raises(ValueError):
-            delivery_from_timestamp(stamp)
-        return
-    assert delivery_from_timestamp(stamp) == expected

@@ -1,5 +1,6 @@
 """Conversions between protobuf's well-known types and Python values: utc_datetime is protobuf's
-ToDatetime(tzinfo=UTC) (same value, same time zone, same error), only cheaper."""
+ToDatetime(tzinfo=UTC) (same value, same time zone, same error), set_timestamp its FromDatetime, only
+cheaper."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import datetime as dt
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from hypothesis import given
+from hypothesis import strategies as st
 
-from postmesh.common.protoutil import from_timestamp, utc_datetime
+from postmesh.common.protoutil import from_timestamp, set_timestamp, timestamp, utc_datetime
 
 EDGES = [
     (0, 0),
@@ -42,3 +45,40 @@ def test_a_timestamp_out_of_range_raises_as_protobuf_does(seconds: int, nanos: i
 def test_an_unset_timestamp_is_none() -> None:
     assert from_timestamp(Timestamp()) is None
     assert from_timestamp(Timestamp(nanos=1)) == dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+@given(
+    st.datetimes(
+        min_value=dt.datetime(1, 1, 2),
+        max_value=dt.datetime(9999, 12, 30),
+        timezones=st.one_of(st.just(dt.UTC), st.timezones(), st.none()),
+    )
+)
+def test_set_timestamp_is_protobufs_from_datetime(value: dt.datetime) -> None:
+    """Any datetime, aware in any zone or naive (read as UTC): the same seconds and nanos as
+    protobuf's FromDatetime, and timestamp() keeps converting aware and naive values as before."""
+    ours, theirs = Timestamp(), Timestamp()
+    set_timestamp(ours, value)
+    theirs.FromDatetime(value)
+    assert ours == theirs
+    if value.tzinfo is not None:
+        expected = Timestamp()
+        expected.FromDatetime(value.astimezone(dt.UTC))
+        assert timestamp(value) == expected
+        assert utc_datetime(ours) == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        dt.datetime(1, 1, 1, tzinfo=dt.UTC),  # the first instant a Timestamp may hold
+        dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC),  # the last microsecond
+        dt.datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC),
+        dt.datetime(1970, 1, 1, tzinfo=dt.UTC),
+    ],
+)
+def test_set_timestamp_at_the_edges(value: dt.datetime) -> None:
+    ours, theirs = Timestamp(), Timestamp()
+    set_timestamp(ours, value)
+    theirs.FromDatetime(value)
+    assert ours == theirs and utc_datetime(ours) == value

@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
-from postmesh.common import db, jspublish, tracing
+from postmesh.common import db, jspublish, protoutil, tracing
 from postmesh.common.pull import Puller, ack_all
 from postmesh.common.streams import ALL_STREAMS, EVENTS, StreamSpec, event_subject
 from postmesh.events.v1 import events_pb2
@@ -92,7 +92,7 @@ def new_event(
     """An Event stamped now (or at `time`), under `event_id` or a fresh random one; pass exactly one
     payload (email=..., account_changed=...)."""
     event = events_pb2.Event(event_id=event_id or uuid.uuid4().hex, account_id=account_id, **payload)  # type: ignore[arg-type]
-    event.time.FromDatetime(time or dt.datetime.now(dt.UTC))
+    protoutil.set_timestamp(event.time, time or dt.datetime.now(dt.UTC))
     return event
 
 

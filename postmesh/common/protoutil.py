@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import overload
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -12,12 +13,30 @@ _MIN_SECONDS = -62135596800
 _MAX_SECONDS = 253402300799
 
 
+@overload
+def timestamp(value: dt.datetime) -> Timestamp: ...
+@overload
+def timestamp(value: None) -> None: ...
 def timestamp(value: dt.datetime | None) -> Timestamp | None:
     if value is None:
         return None
     ts = Timestamp()
-    ts.FromDatetime(value.astimezone(dt.UTC))
+    set_timestamp(ts, value.astimezone(dt.UTC))
     return ts
+
+
+def set_timestamp(ts: Timestamp, value: dt.datetime) -> None:
+    """`ts.FromDatetime(value)` (a naive datetime read as UTC, as there) at a fifth of its CPU for a
+    UTC datetime in range (protobuf's is pure Python: a timegm of a utctimetuple); protobuf's own
+    conversion for anything else."""
+    if value.tzinfo is dt.UTC:
+        delta = value - _EPOCH
+        seconds = delta.days * 86_400 + delta.seconds
+        if _MIN_SECONDS <= seconds <= _MAX_SECONDS:
+            ts.seconds = seconds
+            ts.nanos = delta.microseconds * 1000
+            return
+    ts.FromDatetime(value)
 
 
 def utc_datetime(ts: Timestamp) -> dt.datetime:

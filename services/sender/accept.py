@@ -43,7 +43,7 @@ from postmesh.common.errors import (
 )
 from postmesh.common.mailheaders import top_headers
 from postmesh.common.outbound import enqueue
-from postmesh.common.protoutil import timestamp
+from postmesh.common.protoutil import set_timestamp, timestamp
 from postmesh.common.sendquota import Reservation
 from postmesh.common.service import Clock
 from postmesh.events.v1 import events_pb2
@@ -757,7 +757,7 @@ class Acceptor:
                 )
             )
         if options.max_delivery_seconds:
-            queued.expire_time.FromDatetime(accepted + dt.timedelta(seconds=options.max_delivery_seconds))
+            set_timestamp(queued.expire_time, accepted + dt.timedelta(seconds=options.max_delivery_seconds))
         if not self._queue_connected():
             # Known before anything is sent: the outage is answered at once, and nothing was queued.
             raise Unavailable(

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import dkim
-from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -69,33 +68,6 @@ _ATTEMPTED_MEMORY = 100_000
 # How long a message whose DKIM keys cannot be fetched (the identity service starting, or its database
 # out) waits before a worker tries again: no delivery attempt is made or counted meanwhile.
 _SIGNING_KEYS_WAIT_SECONDS = 5.0
-
-
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-# protobuf's Timestamp range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
-_LAST_SECOND = 253_402_300_799
-
-
-def from_timestamp(ts: Timestamp) -> dt.datetime | None:
-    """protoutil.from_timestamp, by datetime arithmetic in the usual case: protobuf's Timestamp
-    conversions are pure Python (range checks, then the same timedelta sum and an astimezone)."""
-    seconds, nanos = ts.seconds, ts.nanos
-    if 0 < seconds <= _LAST_SECOND and 0 <= nanos < 1_000_000_000:
-        return _EPOCH + dt.timedelta(seconds=seconds, microseconds=nanos // 1000)
-    return protoutil.from_timestamp(ts)  # unset (None), before 1970, or invalid (ValueError)
-
-
-def timestamp(value: dt.datetime) -> Timestamp:
-    """protoutil.timestamp for a UTC datetime (what clocks give), without protobuf's timegm of a
-    utctimetuple; any other datetime goes through protoutil itself."""
-    if value.tzinfo is dt.UTC:
-        delta = value - _EPOCH
-        seconds = delta.days * 86_400 + delta.seconds
-        if 0 <= seconds <= _LAST_SECOND:
-            return Timestamp(seconds=seconds, nanos=value.microsecond * 1000)
-    ts = protoutil.timestamp(value)
-    assert ts is not None
-    return ts
 
 
 def mail_object(queued: queue_pb2.QueuedMessage) -> ev.Mail:
@@ -316,7 +288,7 @@ class DeliveryWorker:
             log.error("unreadable queued message dropped", extra={"subject": msg.subject})
             await msg.term()
             return
-        not_before = from_timestamp(queued.not_before)
+        not_before = protoutil.from_timestamp(queued.not_before)
         now = self.clock.now()
         if not_before is not None and not_before > now:
             await msg.nak(delay=(not_before - now).total_seconds())
@@ -391,10 +363,10 @@ class DeliveryWorker:
     # ---- one message ------------------------------------------------------------------------
 
     def _expire_time(self, queued: queue_pb2.QueuedMessage, now: dt.datetime) -> dt.datetime:
-        expire = from_timestamp(queued.expire_time)
+        expire = protoutil.from_timestamp(queued.expire_time)
         if expire is not None:
             return expire
-        return (from_timestamp(queued.accepted_time) or now) + self.config.policy.max_age
+        return (protoutil.from_timestamp(queued.accepted_time) or now) + self.config.policy.max_age
 
     async def deliver(
         self,
@@ -469,9 +441,9 @@ class DeliveryWorker:
                 del again.recipients[:]
                 again.recipients.extend(retry)
                 again.attempt = queued.attempt + 1
-                again.not_before.FromDatetime(next_time)
+                protoutil.set_timestamp(again.not_before, next_time)
                 if not again.HasField("expire_time"):
-                    again.expire_time.FromDatetime(expire)
+                    protoutil.set_timestamp(again.expire_time, expire)
                 await enqueue(self.js, again)
                 DELIVERY_RETRIES.inc()
                 for recipient in retry:
@@ -522,9 +494,9 @@ class DeliveryWorker:
         again = queue_pb2.QueuedMessage()
         again.CopyFrom(queued)
         again.scan_attempt = queued.scan_attempt + 1
-        again.not_before.FromDatetime(next_time)
+        protoutil.set_timestamp(again.not_before, next_time)
         if not again.HasField("expire_time"):
-            again.expire_time.FromDatetime(expire)
+            protoutil.set_timestamp(again.expire_time, expire)
         await enqueue(self.js, again)
         for recipient in recipients:
             await self._publish_delay(queued, recipient, outcome, expire, next_time, now)
@@ -663,9 +635,9 @@ class DeliveryWorker:
         *,
         simulated: bool = False,
     ) -> None:
-        accepted = from_timestamp(queued.accepted_time) or now
+        accepted = protoutil.from_timestamp(queued.accepted_time) or now
         delivery = ev.Delivery(
-            timestamp=timestamp(now),
+            timestamp=protoutil.timestamp(now),
             processing_time_millis=max(0, int((now - accepted).total_seconds() * 1000)),
             recipients=[recipient],
             smtp_response=outcome.response,
@@ -693,7 +665,7 @@ class DeliveryWorker:
                     diagnostic_code=simulated.diagnostic_code,
                 )
             ],
-            timestamp=timestamp(now),
+            timestamp=protoutil.timestamp(now),
             feedback_id=uuid.uuid4().hex,
             reporting_mta=f"dns; {self.config.reporting_mta}",
         )
@@ -705,11 +677,11 @@ class DeliveryWorker:
     ) -> None:
         complaint = ev.Complaint(
             complained_recipients=[ev.ComplainedRecipient(email_address=recipient)],
-            timestamp=timestamp(now),
+            timestamp=protoutil.timestamp(now),
             feedback_id=uuid.uuid4().hex,
             complaint_feedback_type="abuse",
             user_agent="postmesh mailbox simulator",
-            arrival_date=timestamp(now),
+            arrival_date=protoutil.timestamp(now),
         )
         email = ev.EmailEvent(event_type=ev.EMAIL_EVENT_TYPE_COMPLAINT, complaint=complaint)
         await self._publish(queued, email, now, simulated=True)
@@ -740,7 +712,7 @@ class DeliveryWorker:
                     diagnostic_code=f"smtp; {outcome.response}",
                 )
             ],
-            timestamp=timestamp(now),
+            timestamp=protoutil.timestamp(now),
             feedback_id=uuid.uuid4().hex,
             reporting_mta=f"dns; {self.config.reporting_mta}",
             remote_mta_ip=outcome.remote_ip,
@@ -780,11 +752,11 @@ class DeliveryWorker:
                     diagnostic_code=f"smtp; {outcome.response}",
                 )
             ],
-            expiration_time=timestamp(expire),
+            expiration_time=protoutil.timestamp(expire),
             reporting_mta=f"dns; {self.config.reporting_mta}",
-            timestamp=timestamp(now),
+            timestamp=protoutil.timestamp(now),
             attempt=queued.attempt + 1,
-            next_attempt_time=timestamp(next_time),
+            next_attempt_time=protoutil.timestamp(next_time),
         )
         await self._publish(
             queued, ev.EmailEvent(event_type=ev.EMAIL_EVENT_TYPE_DELIVERY_DELAY, delivery_delay=delay), now
