@@ -21,14 +21,14 @@ import asyncio
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent.parent
+import alternated
+
 BODY = ("Benchmark message body line, plain text. " * 2 + "\n") * 60  # about 5 KB
 
 
@@ -162,23 +162,6 @@ def _one_run(messages: int, concurrency: int) -> float:
             nats_server.stop()
 
 
-def _run_tree(tree: Path, messages: int, concurrency: int) -> float:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    with tempfile.TemporaryFile() as logs:
-        done = subprocess.run(
-            [sys.executable, __file__, "--one", str(messages), str(concurrency)],
-            stdout=subprocess.PIPE,
-            stderr=logs,
-            env=env,
-            cwd=tree,
-        )
-        if done.returncode != 0:
-            logs.seek(0)
-            sys.stderr.write(logs.read().decode(errors="replace")[-5000:])
-            raise RuntimeError(f"the run on {tree} failed")
-    return float(json.loads(done.stdout.decode().splitlines()[-1])["cpu_per_message"])
-
-
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         address, key, first, count, concurrency = sys.argv[2:7]
@@ -195,21 +178,15 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--baseline", type=Path, help="a copy of the tree before the change")
     args = parser.parse_args()
-    trees = {"this tree": HERE}
-    if args.baseline is not None:
-        trees = {"baseline": args.baseline.resolve(), "this tree": HERE}
-    results: dict[str, list[float]] = {name: [] for name in trees}
-    for run in range(args.runs):
-        order = list(trees.items()) if run % 2 == 0 else list(reversed(trees.items()))
-        for name, tree in order:
-            per_message = _run_tree(tree, args.messages, args.concurrency)
-            results[name].append(per_message)
-            print(f"run {run + 1} {name}: {per_message * 1e3:.3f} ms CPU/message", flush=True)
-    for name, values in results.items():
-        low, middle, high = min(values), statistics.median(values), max(values)
-        print(
-            f"{name}: {low * 1e3:.3f} / {middle * 1e3:.3f} / {high * 1e3:.3f} ms CPU/message (min/median/max)"
-        )
+    alternated.compare(
+        __file__,
+        [args.messages, args.concurrency],
+        "cpu_per_message",
+        runs=args.runs,
+        baseline=args.baseline,
+        unit="ms CPU/message",
+        scale=1e3,
+    )
     return 0
 
 

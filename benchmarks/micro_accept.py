@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent.parent
+import alternated
+
 BODY = ("Benchmark message body line, plain text. " * 2 + "\n") * 60  # about 5 KB
 ACCOUNT = "111111111111"
 
@@ -103,18 +101,6 @@ async def _measure(messages: int, concurrency: int) -> float:
             server.stop()
 
 
-def _run_tree(tree: Path, messages: int, concurrency: int) -> float:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    done = subprocess.run(
-        [sys.executable, __file__, "--one", str(messages), str(concurrency)],
-        check=True,
-        stdout=subprocess.PIPE,
-        env=env,
-        cwd=tree,
-    )
-    return float(json.loads(done.stdout.decode().splitlines()[-1])["cpu_per_message"])
-
-
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
         from postmesh.common.eventloop import new_event_loop
@@ -131,21 +117,15 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--baseline", type=Path, help="a copy of the tree before the change")
     args = parser.parse_args()
-    trees = {"this tree": HERE}
-    if args.baseline is not None:
-        trees = {"baseline": args.baseline.resolve(), "this tree": HERE}
-    results: dict[str, list[float]] = {name: [] for name in trees}
-    for run in range(args.runs):
-        order = list(trees.items()) if run % 2 == 0 else list(reversed(trees.items()))
-        for name, tree in order:
-            per_message = _run_tree(tree, args.messages, args.concurrency)
-            results[name].append(per_message)
-            print(f"run {run + 1} {name}: {per_message * 1e6:.0f} µs CPU/message", flush=True)
-    for name, values in results.items():
-        low, middle, high = min(values), statistics.median(values), max(values)
-        print(
-            f"{name}: {low * 1e6:.0f} / {middle * 1e6:.0f} / {high * 1e6:.0f} µs CPU/message (min/median/max)"
-        )
+    alternated.compare(
+        __file__,
+        [args.messages, args.concurrency],
+        "cpu_per_message",
+        runs=args.runs,
+        baseline=args.baseline,
+        unit="µs CPU/message",
+        scale=1e6,
+    )
     return 0
 
 

@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-HERE = Path(__file__).resolve().parent.parent
+import alternated
+
 METHOD = "/postmesh.sender.v1.SenderService/SendEmail"
 
 
@@ -88,14 +86,6 @@ async def _measure(calls: int) -> float:
     return (time.process_time() - started) / calls
 
 
-def _run_tree(tree: Path, calls: int) -> float:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    done = subprocess.run(
-        [sys.executable, __file__, "--one", str(calls)], check=True, stdout=subprocess.PIPE, env=env, cwd=tree
-    )
-    return float(json.loads(done.stdout.decode().splitlines()[-1])["cpu_per_call"])
-
-
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
         from postmesh.common.eventloop import new_event_loop
@@ -110,19 +100,15 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--baseline", type=Path, help="a copy of the tree before the change")
     args = parser.parse_args()
-    trees = {"this tree": HERE}
-    if args.baseline is not None:
-        trees = {"baseline": args.baseline.resolve(), "this tree": HERE}
-    results: dict[str, list[float]] = {name: [] for name in trees}
-    for run in range(args.runs):
-        order = list(trees.items()) if run % 2 == 0 else list(reversed(trees.items()))
-        for name, tree in order:
-            per_call = _run_tree(tree, args.calls)
-            results[name].append(per_call)
-            print(f"run {run + 1} {name}: {per_call * 1e6:.1f} µs CPU/call", flush=True)
-    for name, values in results.items():
-        low, middle, high = min(values), statistics.median(values), max(values)
-        print(f"{name}: {low * 1e6:.1f} / {middle * 1e6:.1f} / {high * 1e6:.1f} µs CPU/call (min/median/max)")
+    alternated.compare(
+        __file__,
+        [args.calls],
+        "cpu_per_call",
+        runs=args.runs,
+        baseline=args.baseline,
+        unit="µs CPU/call",
+        scale=1e6,
+    )
     return 0
 
 
