@@ -69,10 +69,39 @@ def wait_serving(address: str, deadline: float) -> None:
             raise TimeoutError("postmesh did not become SERVING")
 
 
+def listens_on(pid: int, port: int) -> bool:
+    """Whether the process holds a TCP socket listening on `port` (IPv4 or IPv6, any address)."""
+    listening: set[str] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local address "ADDR:PORT" in hex, state 0A = LISTEN, the socket's inode
+            if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                listening.add(fields[9])
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for descriptor in descriptors:
+        try:
+            target = os.readlink(descriptor)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in listening:
+            return True
+    return False
+
+
 def wait_workers(pid: int, processes: int, address: str, deadline: float) -> None:
-    """Every worker of `serve all` started and SERVING: health asked on fresh connections, which the
-    kernel spreads over the workers."""
-    while len(workers_of(pid)) < processes:
+    """Every worker of `serve all` started, listening on the shared port, and SERVING: health asked
+    on fresh connections, which the kernel spreads over the workers listening. (Workers after the
+    first start once the first is serving: one that does not listen yet gets no probe.)"""
+    port = int(address.rpartition(":")[2])
+    while len(workers := workers_of(pid)) < processes or not all(listens_on(w, port) for w in workers):
         if time.monotonic() > deadline:
             raise TimeoutError("postmesh serve all did not start its workers")
         time.sleep(0.2)

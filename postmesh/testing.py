@@ -87,6 +87,13 @@ class MeshThread:
         self._thread = threading.Thread(target=self.loop.run_forever, name="mesh", daemon=True)
         self.server: MeshServer | None = None
 
+    @property
+    def loop_thread_id(self) -> int:
+        """The operating system's id of the thread running the mesh's event loop (once started)."""
+        if self._thread.native_id is None:
+            raise RuntimeError("the mesh is not started")
+        return self._thread.native_id
+
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
         """Runs a coroutine on the mesh's loop and waits for it."""
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)

@@ -1,11 +1,17 @@
-"""The arithmetic and parsing of `make bench` (postmesh.bench_report); no timing here."""
+"""The arithmetic and parsing of `make bench` (postmesh.bench_report), and how it tells that a
+process listens on a port (postmesh.bench_proc); no timing here."""
 
 from __future__ import annotations
 
 import math
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
+from postmesh.bench_proc import listens_on
 from postmesh.bench_report import markdown_table, parse_counts, per_message_ms, percentile, ratio
 
 
@@ -41,3 +47,34 @@ def test_the_table_is_markdown_with_aligned_columns() -> None:
     assert lines[1] == "| --------------- | --------: |"
     assert lines[3] == "| CPU per message |    3.1 ms |"
     assert len({len(line) for line in lines}) == 1
+
+
+def test_a_process_listens_on_a_port_once_it_called_listen() -> None:
+    """The bench waits for every worker of `serve all` to listen on the shared port: a socket bound
+    but not listening does not count, nor a port another process listens on."""
+    with socket.socket() as ours:
+        ours.bind(("127.0.0.1", 0))
+        port = ours.getsockname()[1]
+        assert not listens_on(os.getpid(), port)
+        ours.listen()
+        assert listens_on(os.getpid(), port)
+        assert not listens_on(os.getpid(), port + 1 if port < 65535 else port - 1)
+        other = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import socket, sys; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen();"
+                " print(s.getsockname()[1], flush=True); sys.stdin.read()",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert other.stdout is not None
+            their_port = int(other.stdout.readline())
+            assert listens_on(other.pid, their_port)
+            assert not listens_on(os.getpid(), their_port)
+            assert not listens_on(other.pid, port)
+        finally:
+            other.kill()
+            other.wait()
