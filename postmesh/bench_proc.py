@@ -99,7 +99,8 @@ def listens_on(pid: int, port: int) -> bool:
 def wait_workers(pid: int, processes: int, address: str, deadline: float) -> None:
     """Every worker of `serve all` started, listening on the shared port, and SERVING: health asked
     on fresh connections, which the kernel spreads over the workers listening. (Workers after the
-    first start once the first is serving: one that does not listen yet gets no probe.)"""
+    first start once the first serves, and listen only once they serve themselves: one that does not
+    listen yet gets no probe.)"""
     port = int(address.rpartition(":")[2])
     while len(workers := workers_of(pid)) < processes or not all(listens_on(w, port) for w in workers):
         if time.monotonic() > deadline:

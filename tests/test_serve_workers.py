@@ -1,15 +1,17 @@
 """`postmesh serve all` with two worker processes (SERVE_PROCESSES=2) on one set of ports: both
 workers answer calls on the one gRPC port and deliver mail; SIGKILL of a worker in the middle of a
-burst loses nothing accepted (the supervisor starts it again); the 24-hour quota holds exactly across
-the workers."""
+burst loses nothing accepted (the supervisor starts it again), and a worker started again takes no
+connection before it serves; the 24-hour quota holds exactly across the workers."""
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from postmesh.client import Client
 from postmesh.common.natsserver import NatsServerProcess, free_port
@@ -201,6 +204,44 @@ def test_two_workers_share_the_port_deliver_and_lose_nothing_to_a_kill(tmp_path:
         workers = mesh.workers()
         mesh.kill("all")
         wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 30, "workers gone")
+
+
+def test_a_restarted_worker_takes_no_connection_before_it_serves(tmp_path: Path, nats_url: str) -> None:
+    """A worker started while another serves binds the shared gRPC port once every service of its
+    own is SERVING: while the supervisor starts a killed worker again, every new connection the
+    kernel hands out lands on a worker that answers SERVING (before, some landed on the starting
+    worker, which answered NOT_SERVING, or UNAVAILABLE to calls)."""
+    with running_workers(tmp_path, nats_url) as mesh:
+        _, second = mesh.workers()
+        os.kill(second, signal.SIGKILL)
+        wait_for(lambda: second not in mesh.workers(), 30, "the second worker gone")
+
+        def restarted() -> bool:
+            return len(mesh.workers()) == WORKERS and _serving(mesh.metrics_port + 1)
+
+        answers: collections.Counter[str] = collections.Counter()
+        deadline = time.monotonic() + 90
+        while not restarted():
+            assert time.monotonic() < deadline, "the killed worker did not serve again"
+            # A connection of its own each time: the kernel picks a listening worker per connection.
+            own = [("grpc.use_local_subchannel_pool", 1)]
+            channel = grpc.insecure_channel(mesh.address("all"), options=own)
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                answers[health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)] += 1
+            except grpc.RpcError as error:
+                answers[error.code().name] += 1
+            finally:
+                channel.close()
+        assert set(answers) == {"SERVING"}, answers
+        assert answers["SERVING"] >= 5, answers  # asked throughout the restart, not once at its end
+        # The restarted worker answers calls on the shared port (its own metrics count them).
+        spread = Spread(mesh.address("all"), mesh.sending_account())
+        try:
+            spread.send(range(0, 40))
+        finally:
+            spread.close()
+        assert _send_email_calls(mesh.metrics_port + 1) > 0
 
 
 def test_a_worker_that_cannot_start_stops_serve_all_with_an_error(tmp_path: Path, nats_url: str) -> None:

@@ -27,5 +27,10 @@ def test_roles_and_process_counts() -> None:
     assert WorkerRole().primary and not WorkerRole().shares_ports
     second = WorkerRole.from_environment({"POSTMESH_WORKER_INDEX": "1", "POSTMESH_WORKER_COUNT": "2"})
     assert not second.primary and second.shares_ports
+    assert not second.listen_when_ready and not WorkerRole().listen_when_ready
+    restarted = WorkerRole.from_environment(
+        {"POSTMESH_WORKER_INDEX": "0", "POSTMESH_WORKER_COUNT": "2", "POSTMESH_WORKER_LISTEN_WHEN_READY": "1"}
+    )
+    assert restarted.primary and restarted.listen_when_ready
     assert process_count(3) == 3
     assert process_count(0) >= 1

@@ -504,12 +504,11 @@ class MeshServer:
             options=options,
         )
         tls = self._server_tls()
-        if tls is None:
-            self.port = self.server.add_insecure_port(self.settings.grpc_listen)
+        if self.worker.listen_when_ready:
+            # The port is shared and fixed (the supervisor chose it): known before it is bound.
+            self.port = int(self.settings.grpc_listen.rpartition(":")[2])
         else:
-            self.port = self.server.add_secure_port(self.settings.grpc_listen, tls.credentials())
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.settings.grpc_listen}")
+            self._add_port(tls)
         self.clients = MeshClients(self._endpoints(), self.service_key, **self._client_tls(tls))
 
         for name in self.names:
@@ -541,14 +540,26 @@ class MeshServer:
                 self.settings.metrics_port + self.worker.index,
                 addr=self.settings.grpc_listen.rpartition(":")[0] or "",
             )
+        if not self.worker.listen_when_ready:
+            await self._listen(tls)
+        self._startup = asyncio.create_task(self._bring_up(tls), name="startup")
+        return self.port
+
+    def _add_port(self, tls: ServerTlsFiles | None) -> None:
+        if tls is None:
+            self.port = self.server.add_insecure_port(self.settings.grpc_listen)
+        else:
+            self.port = self.server.add_secure_port(self.settings.grpc_listen, tls.credentials())
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.grpc_listen}")
+
+    async def _listen(self, tls: ServerTlsFiles | None) -> None:
         await self.server.start()
         await self._start_health_port()
         log.info(
             "listening",
             extra={"address": self.address, "services": ",".join(self.names), "tls": tls is not None},
         )
-        self._startup = asyncio.create_task(self._bring_up(), name="startup")
-        return self.port
 
     def _server_tls(self) -> ServerTlsFiles | None:
         cert, key = self.settings.grpc_tls_cert_file, self.settings.grpc_tls_key_file
@@ -579,7 +590,7 @@ class MeshServer:
             raise OSError(f"cannot listen on {listen}")
         await self.health_server.start()
 
-    async def _bring_up(self) -> None:
+    async def _bring_up(self, tls: ServerTlsFiles | None) -> None:
         max_delay = self.settings.startup_retry_max_seconds
         nats_url = self.settings.nats_url
         if not nats_url:
@@ -608,6 +619,9 @@ class MeshServer:
         if self.settings.metrics_port:
             self._collector = asyncio.create_task(collect_jetstream_forever(js), name="jetstream-metrics")
         await asyncio.gather(*(self._bring_up_service(s, js, publisher) for s in self.services.values()))
+        if self.worker.listen_when_ready:
+            self._add_port(tls)
+            await self._listen(tls)
         await self._refresh_health()
         self.worker.announce_ready()
         eventloop.server_ready()

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 WORKER_INDEX_ENV = "POSTMESH_WORKER_INDEX"
 WORKER_COUNT_ENV = "POSTMESH_WORKER_COUNT"
 WORKER_READY_FILE_ENV = "POSTMESH_WORKER_READY_FILE"
+WORKER_LISTEN_WHEN_READY_ENV = "POSTMESH_WORKER_LISTEN_WHEN_READY"
 
 # Listeners every worker shares. Port 0 ("any free port") would give each worker a port of its own,
 # so the supervisor picks one port first. SNS_HTTPS_LISTEN is not shared: the SNS endpoint answers
@@ -64,6 +65,10 @@ class WorkerRole:
     # Made once every service of the worker is SERVING: the supervisor starts the other workers only
     # then, so that files made on first start (keys in DATA_DIR) and migrations are made once.
     ready_file: str = ""
+    # Started while a sibling serves (every start but the first worker's first): the gRPC port is
+    # bound once every service is SERVING, so the kernel hands this worker no connection before it
+    # can answer (a worker listening while it starts would answer "starting" to some new clients).
+    listen_when_ready: bool = False
 
     @property
     def primary(self) -> bool:
@@ -84,6 +89,7 @@ class WorkerRole:
             int(environ[WORKER_INDEX_ENV]),
             int(environ[WORKER_COUNT_ENV]),
             environ.get(WORKER_READY_FILE_ENV, ""),
+            environ.get(WORKER_LISTEN_WHEN_READY_ENV) == "1",
         )
 
     def announce_ready(self) -> None:
@@ -143,6 +149,8 @@ class Supervisor:
         env = {**self.env, WORKER_INDEX_ENV: str(index), WORKER_COUNT_ENV: str(self.count)}
         if ready_file is not None:
             env[WORKER_READY_FILE_ENV] = str(ready_file)
+        else:  # the first worker serves already (or another does, when this one is started again)
+            env[WORKER_LISTEN_WHEN_READY_ENV] = "1"
         self.workers[index] = subprocess.Popen(
             [sys.executable, "-m", "postmesh.cli.main", *self.argv],
             env=env,
