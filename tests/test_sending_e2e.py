@@ -4,6 +4,7 @@ arrived at a real SMTP server found through MX and DKIM-verified against the pub
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -14,13 +15,16 @@ from pathlib import Path
 import dkim
 import grpc
 import pytest
+from grpc import aio
 
+from postmesh.client import error_details
 from postmesh.common.natsserver import free_port
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.feedback.v1 import configuration_sets_pb2, feedback_pb2
 from postmesh.identity.v1 import identity_pb2
 from postmesh.quota.v1 import quota_pb2
 from postmesh.sender.v1 import sender_pb2 as pb
+from postmesh.sender.v1 import sender_pb2_grpc
 from postmesh.testing import MeshThread
 from postmesh.testing_mail import LoopbackDns, SmtpServer
 from tests.conftest import MeshFactory
@@ -640,3 +644,51 @@ def test_a_deleted_identity_stops_sending_at_once(accept_mesh: MeshThread, zone:
                 break
             assert time.monotonic() < deadline, "still sending from a deleted identity"
             time.sleep(0.2)
+
+
+def test_sends_past_the_in_flight_limit_are_refused_at_once_and_a_retry_sends_once(
+    start_mesh: MeshFactory, zone: LoopbackDns
+) -> None:
+    """SEND_MAX_IN_FLIGHT: 40 SendEmail calls at once against a limit of 3: the excess is refused
+    with UNAVAILABLE SERVER_BUSY and a retry delay, before anything is claimed or queued; retried with
+    their request_id, every message ends up queued exactly once."""
+    mesh = start_mesh(**_settings(zone, delivery_workers=0, send_max_in_flight=3))
+    account_id, key = mesh.create_account()
+    with mesh.client(key) as client:
+        create_verified_domain(client, zone, "example.test")
+    requests = [
+        _simple("news@example.test", [f"rcpt{n}@example.test"], request_id=f"busy-{n}") for n in range(40)
+    ]
+    metadata = (("authorization", f"Bearer {key}"),)
+
+    async def send(indexes: list[int]) -> dict[int, object]:
+        async with aio.insecure_channel(mesh.address) as channel:
+            stub = sender_pb2_grpc.SenderServiceStub(channel)
+            answers = await asyncio.gather(
+                *(stub.SendEmail(requests[i], metadata=metadata, timeout=30) for i in indexes),
+                return_exceptions=True,
+            )
+        return dict(zip(indexes, answers, strict=True))
+
+    first = mesh.run(send(list(range(40))))
+    refused = [i for i, answer in first.items() if isinstance(answer, aio.AioRpcError)]
+    accepted = {i: a.message_id for i, a in first.items() if isinstance(a, pb.SendEmailResponse)}
+    assert refused and accepted, first
+    for i in refused:
+        error = first[i]
+        assert isinstance(error, aio.AioRpcError)
+        details = error_details(error)
+        assert (details.code, details.reason) == (grpc.StatusCode.UNAVAILABLE, "SERVER_BUSY"), details
+        assert "SEND_MAX_IN_FLIGHT=3" in details.message
+        assert details.retry_after_seconds == 1.0
+    # Nothing of a refused call was claimed or queued: its retry (one at a time here) sends it.
+    for i in refused:
+        again = mesh.run(send([i]))[i]
+        assert isinstance(again, pb.SendEmailResponse), again
+        accepted[i] = again.message_id
+    # A retry of an accepted one gives its message id back, not a second message.
+    some = min(accepted)
+    again = mesh.run(send([some]))[some]
+    assert isinstance(again, pb.SendEmailResponse) and again.message_id == accepted[some]
+    queued = queued_messages(mesh.settings.nats_url, account_id, wait_for=40, timeout=15)
+    assert sorted(q.message_id for q in queued) == sorted(accepted.values())

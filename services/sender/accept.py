@@ -78,6 +78,8 @@ _TAG_VALUE = re.compile(r"^[A-Za-z0-9_.@-]{0,256}$")
 _CONFIGURATION_SET = re.compile(r"^[A-Za-z0-9_-]{0,64}$")
 # Pauses before publishing an unconfirmed email event again, within the call that accepted it.
 _EVENT_RETRY_PAUSES = (0.1, 0.5)
+# What a send refused for SEND_MAX_IN_FLIGHT is told to wait before trying again.
+_BUSY_RETRY_SECONDS = 1.0
 T = TypeVar("T")
 
 
@@ -276,12 +278,47 @@ async def _quietly(step: Awaitable[None], what: str) -> None:
         log.warning("could not settle a request_id claim", extra={"step": what, "error": repr(exc)})
 
 
-async def _to_the_end(call: Awaitable[T]) -> T:
+async def _to_the_end(call: Awaitable[T], ended: Callable[[], None]) -> T:
     """Runs a send to its end even when the caller goes away (a client deadline or cancellation):
-    the claim on its request_id must be settled for the retry that follows, never left half-done."""
+    the claim on its request_id must be settled for the retry that follows, never left half-done.
+    `ended` is called once the send has ended, whether its caller waited or not."""
     task = asyncio.ensure_future(call)
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def done(finished: asyncio.Future[T]) -> None:
+        ended()
+        if not finished.cancelled():
+            finished.exception()  # retrieved: no "never retrieved" warning for a caller gone
+
+    task.add_done_callback(done)
     return await asyncio.shield(task)
+
+
+class InFlightLimit:
+    """At most `limit` messages being accepted at once (0: no limit). Past it a send is refused at
+    once with UNAVAILABLE and a retry delay, before it claims anything, instead of waiting behind
+    the others: a flood far above what the process accepts meets a clear, retryable refusal rather
+    than seconds of queueing and then gRPC's own overload cancellations. One call larger than the
+    limit (a bulk send) still goes through when nothing else is in flight."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise ValueError(f"SEND_MAX_IN_FLIGHT must be 0 (no limit) or more, not {limit}")
+        self.limit = limit
+        self.in_flight = 0
+
+    def enter(self, messages: int) -> None:
+        if self.limit and self.in_flight and self.in_flight + messages > self.limit:
+            raise Unavailable(
+                f"This server is accepting {self.in_flight} messages already, its limit "
+                f"(SEND_MAX_IN_FLIGHT={self.limit}); retry shortly (a send retried with the same "
+                "request_id is never sent twice).",
+                reason="SERVER_BUSY",
+                retry_after_seconds=_BUSY_RETRY_SECONDS,
+            )
+        self.in_flight += messages
+
+    def leave(self, messages: int) -> None:
+        self.in_flight -= messages
 
 
 class RenderFailure(Exception):
@@ -376,7 +413,10 @@ class Acceptor:
         clock: Clock,
         message_id_domain: str = "",
         simulator: MailboxSimulator | None = None,
+        max_in_flight: int = 0,
     ) -> None:
+        self._in_flight = InFlightLimit(max_in_flight)
+        self._one_ended = functools.partial(self._in_flight.leave, 1)
         self._js = js
         self._events = events
         self._checks = checks
@@ -406,7 +446,8 @@ class Acceptor:
     # --- SendEmail
 
     async def send_email(self, account_id: str, request: SendRequest) -> str:
-        return await _to_the_end(self._send_email(account_id, request))
+        self._in_flight.enter(1)
+        return await _to_the_end(self._send_email(account_id, request), self._one_ended)
 
     async def _send_email(self, account_id: str, request: SendRequest) -> str:
         envelope = request.envelope
@@ -920,7 +961,10 @@ class Acceptor:
     # --- SendBulkEmail
 
     async def send_bulk(self, account_id: str, request: BulkRequest) -> list[BulkResult]:
-        return await _to_the_end(self._send_bulk(account_id, request))
+        messages = max(1, len(request.entries))
+        self._in_flight.enter(messages)
+        ended = functools.partial(self._in_flight.leave, messages)
+        return await _to_the_end(self._send_bulk(account_id, request), ended)
 
     async def _send_bulk(self, account_id: str, request: BulkRequest) -> list[BulkResult]:
         envelope = request.envelope

@@ -66,6 +66,7 @@ class SenderService(Service):
             clock=runtime.clock,
             message_id_domain=runtime.settings.message_id_domain,
             simulator=MailboxSimulator(runtime.settings.simulator_domain),
+            max_in_flight=runtime.settings.send_max_in_flight,
         )
         runtime.spawn_once(lambda: _purge_keys(keys), "purge-request-ids")
         self.servicer.held = HeldStore(

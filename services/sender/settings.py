@@ -16,6 +16,13 @@ register(
         "Domain of the mailbox simulator (success@, bounce@, ooto@, complaint@...); empty: no simulator.",
     ),
     Setting(
+        "SEND_MAX_IN_FLIGHT",
+        int,
+        500,
+        "Messages SendEmail and SendBulkEmail may be accepting at once in one process; past it a send "
+        "is refused at once with UNAVAILABLE (SERVER_BUSY) and a retry delay (0: no limit).",
+    ),
+    Setting(
         "SEND_REQUEST_CLAIM_SECONDS",
         float,
         60.0,
