@@ -53,7 +53,8 @@ def _serve() -> None:
 
 
 def _queued(account_id: str, n: int) -> queue_pb2.QueuedMessage:
-    """As the accept path queues a SendEmail: one recipient, tags, headers, a configuration set."""
+    """As the accept path queues a SendEmail without a request_id (as `make bench` sends): one
+    recipient, tags, headers, a configuration set, no first-copy check needed."""
     message_id = uuid.uuid4().hex
     mime = EmailMessage()
     mime["From"] = "News <news@example.test>"
@@ -75,6 +76,7 @@ def _queued(account_id: str, n: int) -> queue_pb2.QueuedMessage:
         tags=[events_pb2.EmailTag(name="campaign", value="bench"), events_pb2.EmailTag(name="n", value="1")],
         headers=[events_pb2.Header(name=k, value=str(v)) for k, v in mime.items()],
         accepted_time=_now_ts(),
+        queued_once=True,
     )
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import dkim
 import nats
 import pytest
+from nats.js.errors import KeyNotFoundError
 
 from postmesh.common.natsserver import free_port
-from postmesh.common.outbound import enqueue
+from postmesh.common.outbound import enqueue, queued_ledger
 from postmesh.common.verp import VerpKey, parse_bounce_address
 from postmesh.events.v1 import events_pb2 as ev
 from postmesh.identity.v1 import identity_pb2
@@ -313,3 +314,33 @@ async def test_messages_arrive_signed_with_the_domains_keys_from_identity(
         await enqueue(nc.jetstream(), unsigned)
         await nc.close()
         await wait_until(delivered_unsigned, within=60, what="the unsigned message")
+
+
+async def test_a_message_queued_once_skips_the_first_copy_ledger(
+    start_mesh: MeshFactory, nats_url: str, world: World
+) -> None:
+    """A message accepted without a request_id (`queued_once`) cannot have a second queued copy, so
+    the worker delivers it without recording it in the first-copy ledger; one that may (accepted with
+    a request_id) is recorded under its stream sequence first. Both are delivered once."""
+    start_mesh(("sender",), **_mx_settings(world))
+    account = new_account_id()
+    once = queued_message(account, ["once@ok.test"])
+    once.queued_once = True
+    keyed = queued_message(account, ["keyed@ok.test"])
+    async with EmailEvents(nats_url, account) as events:
+        nc = await nats.connect(nats_url)
+        try:
+            for message in (once, keyed):
+                await enqueue(nc.jetstream(), message)
+            await events.wait_for(
+                lambda es: sum(1 for e in es if e.email.event_type == DELIVERY) >= 2, within=60
+            )
+            ledger = await queued_ledger(nc.jetstream())
+            with pytest.raises(KeyNotFoundError):
+                await ledger.get(once.message_id)
+            recorded = await ledger.get(keyed.message_id)
+            assert recorded.value is not None and int(recorded.value) > 0  # its stream sequence
+        finally:
+            await nc.close()
+    assert len(events.of(once.message_id, DELIVERY)) == 1 and len(events.of(keyed.message_id, DELIVERY)) == 1
+    assert sorted(r.recipients[0] for r in world.ok.received) == ["keyed@ok.test", "once@ok.test"]

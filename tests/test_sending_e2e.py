@@ -692,3 +692,41 @@ def test_sends_past_the_in_flight_limit_are_refused_at_once_and_a_retry_sends_on
     assert isinstance(again, pb.SendEmailResponse) and again.message_id == accepted[some]
     queued = queued_messages(mesh.settings.nats_url, account_id, wait_for=40, timeout=15)
     assert sorted(q.message_id for q in queued) == sorted(accepted.values())
+
+
+def test_only_sends_without_a_request_id_are_queued_once(accept_mesh: MeshThread, zone: LoopbackDns) -> None:
+    """`queued_once` (the delivery worker then skips the first-copy ledger) marks exactly the messages
+    of calls without a request_id: a retry of such a call makes a new message, while a call with one
+    may queue its message id again after JetStream's duplicate window."""
+    account_id, key = accept_mesh.create_account()
+    with accept_mesh.client(key) as client:
+        create_verified_domain(client, zone, "example.test")
+        plain = client.sender.SendEmail(_simple("a@example.test", ["r1@example.test"])).message_id
+        keyed = client.sender.SendEmail(
+            _simple("a@example.test", ["r2@example.test"], request_id="k-1")
+        ).message_id
+        client.sender.CreateEmailTemplate(
+            pb.CreateEmailTemplateRequest(
+                template_name="hello", template_content=pb.EmailTemplateContent(subject="Hi", text="Hello")
+            )
+        )
+        bulk = pb.SendBulkEmailRequest(
+            from_email_address="a@example.test",
+            default_content=pb.BulkEmailContent(
+                template=pb.Template(template_name="hello", template_data="{}")
+            ),
+            bulk_email_entries=[
+                pb.BulkEmailEntry(destination=pb.Destination(to_addresses=["r3@example.test"]))
+            ],
+        )
+        [bulk_plain] = client.sender.SendBulkEmail(bulk).bulk_email_entry_results
+        bulk.request_id = "k-2"
+        bulk.bulk_email_entries[0].destination.to_addresses[0] = "r4@example.test"
+        [bulk_keyed] = client.sender.SendBulkEmail(bulk).bulk_email_entry_results
+    queued = queued_messages(accept_mesh.settings.nats_url, account_id, wait_for=4)
+    assert {q.message_id: q.queued_once for q in queued} == {
+        plain: True,
+        keyed: False,
+        bulk_plain.message_id: True,
+        bulk_keyed.message_id: False,
+    }

@@ -459,7 +459,7 @@ class Acceptor:
 
         async def accept() -> dict[str, Any]:
             message = await self._compose(account_id, request, claim.message_ids[0])
-            await self._accept(account_id, message)
+            await self._accept(account_id, message, queued_once=not claim.request_id)
             return {"message_id": message.message_id}
 
         result = await self._claimed(account_id, claim, accept)
@@ -636,8 +636,15 @@ class Acceptor:
     # --- The checks
 
     async def _accept(
-        self, account_id: str, message: Outgoing, authorization: Authorization | None = None
+        self,
+        account_id: str,
+        message: Outgoing,
+        authorization: Authorization | None = None,
+        *,
+        queued_once: bool,
     ) -> None:
+        """Checks, queues and reports one message. `queued_once`: the call has no request_id, so no
+        retry can queue this message id again (the delivery worker then needs no first-copy check)."""
         recipients = message.recipients
         options = await self._configuration_set_options(account_id, message.configuration_set)
         reservation = await self._reserve_quota(account_id, len(recipients))
@@ -671,7 +678,9 @@ class Acceptor:
             # are confirmed before the reply, so a Send event is never lost (a retry republishes it
             # under the same event id, which JetStream and the consumers take once).
             queueing = (
-                [self._queue(account_id, message, authorization, deliverable, options)] if deliverable else []
+                [self._queue(account_id, message, authorization, deliverable, options, queued_once)]
+                if deliverable
+                else []
             )
             first = await asyncio.gather(
                 *queueing, *(self._events.publish(e) for e in events), return_exceptions=True
@@ -767,6 +776,7 @@ class Acceptor:
         authorization: Authorization,
         recipients: list[str],
         options: SetOptions,
+        queued_once: bool,
     ) -> None:
         accepted = self._clock.now()
         queued = queue_pb2.QueuedMessage(
@@ -786,6 +796,7 @@ class Acceptor:
             headers=message.headers[0],
             headers_truncated=message.headers[1],
             tls_policy=options.tls_policy,
+            queued_once=queued_once,
         )
         if options.spam_policy.mode:
             queued.set_spam_policy.CopyFrom(options.spam_policy)
@@ -1099,7 +1110,7 @@ class Acceptor:
                 feedback,
                 envelope.feedback_identity,
             )
-            await self._accept(account_id, message, authorization)
+            await self._accept(account_id, message, authorization, queued_once=not claim.request_id)
         except QueueOutcomeUnknown:
             raise  # the whole call is retried with the same message ids, not this entry alone
         except PostmeshError as error:

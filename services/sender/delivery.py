@@ -18,7 +18,8 @@ A worker that sent a message but could not publish its events or have its ack co
 away) remembers the SMTP outcomes by stream sequence, and finishes the copy JetStream hands back
 without sending it again. A second queued copy of a message id (a SendEmail retry that could not tell
 whether its first try was stored) is dropped: the first copy a worker takes is recorded in a
-key-value bucket (postmesh.common.outbound.first_copy).
+key-value bucket (postmesh.common.outbound.first_copy); a message accepted without a request_id
+(`queued_once`: a retry of that call makes a new message id) needs no such record.
 """
 
 from __future__ import annotations
@@ -293,7 +294,7 @@ class DeliveryWorker:
         if not_before is not None and not_before > now:
             await msg.nak(delay=(not_before - now).total_seconds())
             return
-        if _queued_by_accept(queued):
+        if _queued_by_accept(queued) and not queued.queued_once:
             try:
                 if self._ledger is None:
                     self._ledger = await queued_ledger(self.js)
