@@ -111,6 +111,18 @@ def server_ready() -> None:
         gc.freeze()
 
 
+def _time_out(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+def time_out_after(seconds: float, future: asyncio.Future[Any]) -> asyncio.TimerHandle:
+    """A timer failing `future` with TimeoutError after `seconds` unless it is done by then: the bound
+    of one wait without the task and callbacks asyncio.wait_for / asyncio.timeout cost on a hot path.
+    Cancel it once the wait is over."""
+    return future.get_loop().call_later(seconds, _time_out, future)
+
+
 async def _cancel_leftovers(wait_seconds: float) -> None:
     current = asyncio.current_task()
     leftovers = [task for task in asyncio.all_tasks() if task is not current]

@@ -3,7 +3,8 @@
 nats-py (2.16) sends both through `Client.request`, which per call reads os.urandom (secrets.token_hex),
 decodes the token twice, adds a done-callback and waits with asyncio.wait_for (a task on Python 3.11).
 Here each connection gets one wildcard reply subscription (`<inbox>.*`); a request's reply subject ends
-in a counter, its future waits in a dict under that subject, and a timer (loop.call_later) bounds the wait.
+in a counter, its future waits in a dict under that subject, and a timer (eventloop.time_out_after)
+bounds the wait.
 
 What callers see is nats-py's: the same PubAck, the same exceptions (nats.errors.TimeoutError when no
 reply comes, NoStreamResponseError when no stream takes the subject, APIError.from_error for a stream's
@@ -26,15 +27,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import Header, PubAck
 
+from postmesh.common import eventloop
+
 # What nats-py's JetStreamContext waits for a PubAck unless told otherwise.
 _DEFAULT_JS_TIMEOUT = 5.0
 # The status of the server's reply when nothing subscribes to the subject (nats-py's constant).
 _NO_RESPONDERS_STATUS = "503"
-
-
-def _time_out(future: asyncio.Future[Msg]) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError())
 
 
 class _Replies:
@@ -53,15 +51,10 @@ class _Replies:
     ) -> Msg:
         if not self._subscribed:
             await self._subscribe(nc)
-        # A counter, never reused: a late reply to a request that timed out finds no future.
-        reply = self._prefix + str(next(self._tokens))
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Msg] = loop.create_future()
-        self._waiting[reply] = future
+        reply, future = self._expect(asyncio.get_running_loop())
         try:
             await nc.publish(subject, payload, reply=reply, headers=headers)
-            # The wait bounded by a timer of its own: asyncio.timeout costs several times more.
-            timer = loop.call_later(wait_seconds, _time_out, future)
+            timer = eventloop.time_out_after(wait_seconds, future)
             try:
                 msg = await future
             except TimeoutError:
@@ -89,9 +82,7 @@ class _Replies:
         answers: list[asyncio.Future[Msg] | Exception] = []
         try:
             for subject, payload, headers in requests:
-                reply = self._prefix + str(next(self._tokens))
-                future: asyncio.Future[Msg] = loop.create_future()
-                self._waiting[reply] = future
+                reply, future = self._expect(loop)
                 replies.append(reply)
                 try:
                     await nc.publish(subject, payload, reply=reply, headers=headers)
@@ -106,6 +97,14 @@ class _Replies:
             for reply in replies:
                 self._waiting.pop(reply, None)
         return [_reply_of(answer) for answer in answers]
+
+    def _expect(self, loop: asyncio.AbstractEventLoop) -> tuple[str, asyncio.Future[Msg]]:
+        """A new reply subject and the future its reply will be set on. A counter, never reused: a
+        late reply to a request that timed out finds no future."""
+        reply = self._prefix + str(next(self._tokens))
+        future: asyncio.Future[Msg] = loop.create_future()
+        self._waiting[reply] = future
+        return reply, future
 
     async def _subscribe(self, nc: NATS) -> None:
         async with self._lock:

@@ -20,6 +20,7 @@ from typing import Protocol, cast
 
 import aiosmtplib
 
+from postmesh.common import eventloop
 from postmesh.common.metrics import SMTP_CONNECTIONS, destination_label
 from services.sender.mx import MxResolver, RouteError
 
@@ -368,11 +369,6 @@ def data_payload(data: bytes) -> bytes:
     return b"".join((head, stuffed, tail))
 
 
-def _time_out(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
-
-
 class _ReplyReader(asyncio.Protocol):
     """The replies to several pipelined commands, in order. aiosmtplib's protocol reads one reply
     per command sent and drops bytes arriving while no command waits, so a second reply arriving
@@ -431,12 +427,10 @@ class _ReplyReader(asyncio.Protocol):
         while not self._replies:
             if self._error is not None:
                 raise self._error
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
-            # asyncio.wait_for's bound on a timer of our own: wait_for costs several times more.
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
             timer = None
             if self.seconds_per_reply is not None:
-                timer = loop.call_later(self.seconds_per_reply, _time_out, waiter)
+                timer = eventloop.time_out_after(self.seconds_per_reply, waiter)
             try:
                 await waiter
             except TimeoutError as exc:
