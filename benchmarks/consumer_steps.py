@@ -35,6 +35,7 @@ from postmesh.events.v1 import events_pb2 as ev
 from services.feedback.configsets import ConfigurationSets
 from services.feedback.destinations.notifications import NONE, IdentityNotifications, NotificationSettings
 from services.feedback.destinations.routing import EventRouter
+from services.feedback.destinations.subscribers import SubscribedAccounts
 from services.feedback.destinations.webhooks import WebhookOutbox
 from services.feedback.inbound.storage import SentMessages
 from services.feedback.inbound.wiring import sent_mails
@@ -105,6 +106,9 @@ async def one_run(workdir: Path, messages: int) -> dict[str, float]:
         async def changed(account_id: str, name: str) -> None:
             pass
 
+        subscribers = SubscribedAccounts(js)
+        for i in range(10):  # every account subscribed: the router copies every event, as it used to
+            await subscribers.mark(f"acct{i}")
         router = EventRouter(
             js=js,
             nats=connection,
@@ -115,6 +119,7 @@ async def one_run(workdir: Path, messages: int) -> dict[str, float]:
             subject_prefix="user",
             queued=lambda: None,
             notifications=IdentityNotifications(lookup),
+            subscribers=subscribers,
         )
         quota_sessions = db.session_factory(quota)
         settings = load_settings({})

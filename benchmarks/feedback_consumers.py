@@ -6,15 +6,17 @@ executemany; and the three durables (timeline, sent index, router) against the o
 
     .venv/bin/python benchmarks/feedback_consumers.py [--messages 3000] [--runs 3] [--consumer feedback]
 
-Each run starts a private nats-server and a fresh SQLite database, fills the events stream with what
-the bench's messages publish (a Send and a Delivery each, from a verified identity, no configuration
-set), then lets the consumers drain it. CPU is this process's (event loop, nats-py, aiosqlite's thread;
-not nats-server's), from the consumers' start until every durable has nothing pending or
-unacknowledged, divided by the events in the stream's subjects they read (Send events for the index,
-every email event for the others). Each path runs once uncounted first (SQLAlchemy's one-time set-up);
-then the two paths alternate, so that the machine's noise falls on both. The earlier paths are the
-code before each change, kept here: SentMessages.record's get-then-add transaction, EventRouter.handle's
-awaited publish before the routing, EventStore.record's multi-row INSERT built per batch.
+Each run starts a private nats-server and a fresh SQLite database, fills the events stream with what the
+bench's messages publish (a Send and a Delivery each, from a verified identity, no configuration set),
+then lets the consumers drain it; `one-durable-unsubscribed` is the one consumer when none of the
+events' accounts has a SubscribeEvents subscription (no account-stream copies). CPU is this process's
+(event loop, nats-py, aiosqlite's thread; not nats-server's), from the consumers' start until every
+durable has nothing pending or unacknowledged, divided by the events in the stream's subjects they read
+(Send events for the index, every email event for the others). Each path runs once uncounted first
+(SQLAlchemy's one-time set-up); then the two paths alternate, so that the machine's noise falls on both.
+The earlier paths are the code before each change, kept here: SentMessages.record's get-then-add
+transaction, EventRouter.handle's awaited publish before the routing, EventStore.record's multi-row
+INSERT built per batch.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from postmesh.events.v1 import events_pb2 as ev
 from services.feedback.configsets import ConfigurationSets
 from services.feedback.destinations.notifications import NONE, IdentityNotifications, NotificationSettings
 from services.feedback.destinations.routing import EventRouter
+from services.feedback.destinations.subscribers import SubscribedAccounts
 from services.feedback.destinations.webhooks import WebhookOutbox
 from services.feedback.event_consumer import FeedbackEvents, consume_feedback_events
 from services.feedback.inbound.storage import SentMessages, header_message_id
@@ -67,7 +70,9 @@ PATHS = {
     "routing": ("per-event", "batch"),
     "timeline": ("multi-values", "executemany"),
     # The middle one: the three durables with the timeline's executemany (what the one consumer saves).
-    "feedback": ("three-durables", "three-durables-executemany", "one-durable"),
+    # The last: the one durable when no account has a SubscribeEvents subscription (no account-stream
+    # copies); every other path has all the events' accounts subscribed, as every account was before.
+    "feedback": ("three-durables", "three-durables-executemany", "one-durable", "one-durable-unsubscribed"),
 }
 
 
@@ -185,6 +190,10 @@ async def one_run(workdir: Path, messages: int, consumer: str, path: str) -> dic
         async def changed(account_id: str, name: str) -> None:
             pass
 
+        subscribers = SubscribedAccounts(js)
+        if path != "one-durable-unsubscribed":
+            for account_id in {e.account_id for e in events}:
+                await subscribers.mark(account_id)
         router = EventRouter(
             js=js,
             nats=connection,
@@ -195,6 +204,7 @@ async def one_run(workdir: Path, messages: int, consumer: str, path: str) -> dic
             subject_prefix="user",
             queued=lambda: None,
             notifications=IdentityNotifications(lookup),
+            subscribers=subscribers,
         )
 
         async def old_route(event: ev.Event) -> None:
@@ -238,6 +248,10 @@ async def one_run(workdir: Path, messages: int, consumer: str, path: str) -> dic
                 ),
             }
 
+        def one_durable() -> Coroutine[Any, Any, None]:
+            steps = FeedbackEvents(timeline=timeline, sent=index, router=router)
+            return consume_feedback_events(js, steps, durable=durable, replaces=())
+
         runs: dict[tuple[str, str], dict[str, Run]] = {
             ("sent-index", "per-event"): {
                 durable: lambda: consume_events(js, durable=durable, subjects=send_subject, handle=old_record)
@@ -272,14 +286,8 @@ async def one_run(workdir: Path, messages: int, consumer: str, path: str) -> dic
             # As integ had them before the one consumer: three durables, each its own fetches and acks.
             ("feedback", "three-durables"): three_durables(old_timeline),
             ("feedback", "three-durables-executemany"): three_durables(new_timeline),
-            ("feedback", "one-durable"): {
-                durable: lambda: consume_feedback_events(
-                    js,
-                    FeedbackEvents(timeline=timeline, sent=index, router=router),
-                    durable=durable,
-                    replaces=(),
-                )
-            },
+            ("feedback", "one-durable"): {durable: one_durable},
+            ("feedback", "one-durable-unsubscribed"): {durable: one_durable},
         }
         handed = messages if consumer == "sent-index" else len(events)
         consumers = runs[consumer, path]

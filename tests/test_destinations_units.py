@@ -514,13 +514,14 @@ async def test_a_subscription_reopened_with_other_event_types_follows_the_new_on
 
     from postmesh.common.bus import ensure_streams
     from postmesh.common.streams import ACCOUNT_EVENTS
+    from services.feedback.destinations.subscribers import SubscribedAccounts
     from services.feedback.destinations.subscriptions import Opening, Subscriptions, consumer_name
 
     connection = await nats_client.connect(nats_url)
     try:
         js = connection.jetstream()
         await ensure_streams(js, [ACCOUNT_EVENTS])
-        subscriptions = Subscriptions(js, max_unacked=10, ack_wait=30)
+        subscriptions = Subscriptions(js, subscribers=SubscribedAccounts(js), max_unacked=10, ack_wait=30)
         first = await subscriptions.open("acct-reopen", Opening("s", [ev.EMAIL_EVENT_TYPE_BOUNCE]))
         await first.unsubscribe()
         again = await subscriptions.open(

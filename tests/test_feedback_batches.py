@@ -27,6 +27,7 @@ from postmesh.events.v1 import events_pb2 as ev
 from services.feedback.configsets import CONFIRMED, WEBHOOK, ConfigurationSets
 from services.feedback.destinations.notifications import NONE, IdentityNotifications, NotificationSettings
 from services.feedback.destinations.routing import EventRouter
+from services.feedback.destinations.subscribers import SubscribedAccounts
 from services.feedback.destinations.webhooks import WebhookOutbox
 from services.feedback.inbound.storage import SentMessages
 from services.feedback.inbound.wiring import sent_mails
@@ -388,7 +389,10 @@ async def webhook_router(
     lookup: Callable[[str, str], Awaitable[NotificationSettings]],
 ) -> EventRouter:
     """An EventRouter over the database, with the account's configuration set "s" whose confirmed
-    webhook takes `event_types`; identity notification settings come from `lookup`."""
+    webhook takes `event_types`; identity notification settings come from `lookup`. The account is
+    marked as subscribed, so its events are copied onto the account stream."""
+    subscribers = SubscribedAccounts(js)
+    await subscribers.mark(account)
     async with db.transaction(sessions) as session:
         owner = ConfigurationSet(account_id=account, name="s", created_at=START)
         session.add(owner)
@@ -422,6 +426,7 @@ async def webhook_router(
         subject_prefix="user",
         queued=lambda: None,
         notifications=IdentityNotifications(lookup),
+        subscribers=subscribers,
     )
 
 

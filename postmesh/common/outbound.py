@@ -13,7 +13,13 @@ from nats.js.kv import KeyValue, _is_key_valid
 from nats.js.object_store import ObjectStore
 
 from postmesh.common import jspublish, tracing
-from postmesh.common.streams import DAY, MESSAGE_STORE_BUCKET, QUEUED_LEDGER_BUCKET, outbound_subject
+from postmesh.common.streams import (
+    DAY,
+    MESSAGE_STORE_BUCKET,
+    QUEUED_LEDGER_BUCKET,
+    open_key_value,
+    outbound_subject,
+)
 from postmesh.sender.v1 import queue_pb2
 
 # A NATS message is at most 1 MiB by default; larger bodies go to the object store.
@@ -35,18 +41,16 @@ async def message_store(js: JetStreamContext) -> ObjectStore:
 
 
 async def queued_ledger(js: JetStreamContext) -> KeyValue:
-    try:
-        return await js.key_value(QUEUED_LEDGER_BUCKET)
-    except BucketNotFoundError:
-        return await js.create_key_value(
-            KeyValueConfig(
-                bucket=QUEUED_LEDGER_BUCKET,
-                description="the queue copy of each message id that a delivery worker took first",
-                storage=StorageType.FILE,
-                # Longer than a queued message lives (7 days) plus the request_id retention (1 day).
-                ttl=9 * DAY,
-            )
-        )
+    return await open_key_value(
+        js,
+        KeyValueConfig(
+            bucket=QUEUED_LEDGER_BUCKET,
+            description="the queue copy of each message id that a delivery worker took first",
+            storage=StorageType.FILE,
+            # Longer than a queued message lives (7 days) plus the request_id retention (1 day).
+            ttl=9 * DAY,
+        ),
+    )
 
 
 async def first_copy(ledger: KeyValue, message_id: str, stream_sequence: int) -> bool:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
 
 from postmesh.events.v1 import events_pb2
 
@@ -74,6 +77,15 @@ MESSAGE_STORE_BUCKET = "POSTMESH_MESSAGES"
 TRACKING_BUCKET = "POSTMESH_TRACKING"
 # JetStream key-value bucket: message id -> the outbound stream sequence of its first queued copy.
 QUEUED_LEDGER_BUCKET = "POSTMESH_QUEUED"
+
+
+async def open_key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """The bucket `config` names, created with `config` when it does not exist yet (one that exists
+    keeps its own configuration)."""
+    try:
+        return await js.key_value(config.bucket)
+    except BucketNotFoundError:
+        return await js.create_key_value(config)
 
 
 def outbound_subject(account_id: str) -> str:

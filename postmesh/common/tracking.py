@@ -19,11 +19,11 @@ from urllib.parse import urlsplit
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from postmesh.common.config import Setting, register
-from postmesh.common.streams import DAY, TRACKING_BUCKET
+from postmesh.common.streams import DAY, TRACKING_BUCKET, open_key_value
 from postmesh.events.v1 import events_pb2
 from postmesh.sender.v1 import tracking_pb2
 
@@ -129,17 +129,15 @@ class TrackedMail:
 
     async def _kv(self) -> KeyValue:
         if self._bucket is None:
-            try:
-                self._bucket = await self._js.key_value(TRACKING_BUCKET)
-            except BucketNotFoundError:
-                self._bucket = await self._js.create_key_value(
-                    KeyValueConfig(
-                        bucket=TRACKING_BUCKET,
-                        description="the mail object of each tracked message, for its open and click events",
-                        ttl=self._retention_days * DAY,
-                        storage=StorageType.FILE,
-                    )
-                )
+            self._bucket = await open_key_value(
+                self._js,
+                KeyValueConfig(
+                    bucket=TRACKING_BUCKET,
+                    description="the mail object of each tracked message, for its open and click events",
+                    ttl=self._retention_days * DAY,
+                    storage=StorageType.FILE,
+                ),
+            )
         return self._bucket
 
     @staticmethod

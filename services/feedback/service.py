@@ -37,6 +37,7 @@ from services.feedback.destinations.sns import SnsFormat, SnsSigner
 from services.feedback.destinations.sns_http import SnsEndpoint
 from services.feedback.destinations.sns_keys import load_or_create
 from services.feedback.destinations.sns_subscriptions import SNS, SnsSubscriptions
+from services.feedback.destinations.subscribers import MARK_EXISTING_SECONDS, SubscribedAccounts
 from services.feedback.destinations.subscriptions import Subscriptions
 from services.feedback.destinations.webhooks import WebhookDispatcher, WebhookOutbox
 from services.feedback.event_consumer import FeedbackEvents, consume_feedback_events
@@ -268,8 +269,10 @@ class FeedbackService(Service):
         servicer.configuration_sets = sets
         servicer.secret_box = box
         servicer.outbox = outbox
+        subscribers = SubscribedAccounts(runtime.jetstream)
         servicer.subscriptions = Subscriptions(
             runtime.jetstream,
+            subscribers=subscribers,
             max_unacked=settings.event_subscription_max_unacked,
             ack_wait=settings.event_subscription_ack_wait_seconds,
         )
@@ -315,6 +318,7 @@ class FeedbackService(Service):
             subject_prefix=settings.user_nats_subject_prefix,
             queued=dispatcher.wake,
             notifications=notifications,
+            subscribers=subscribers,
         )
 
         async def forget_routes(_: Any) -> None:
@@ -324,6 +328,10 @@ class FeedbackService(Service):
         # One dispatcher per machine: two would post a destination's rows twice. Rows queued by the
         # other workers wait for its poll (WEBHOOK_POLL_SECONDS) instead of its wake-up.
         runtime.spawn_once(dispatcher.run, "webhook-dispatcher")
+        # Subscriptions opened by a release that did not mark their accounts (during an upgrade).
+        runtime.spawn_once(
+            lambda: every(MARK_EXISTING_SECONDS, subscribers.mark_existing), "event-subscribers"
+        )
         return router
 
 

@@ -1,10 +1,11 @@
-"""Every email event, routed: to the account's own event stream (SubscribeEvents), and to the enabled
-destinations of its configuration set that match its type (webhook outbox rows, NATS subjects).
+"""Every email event, routed: to the account's own event stream when the account has a SubscribeEvents
+subscription, and to the enabled destinations of its configuration set that match its type (webhook
+outbox rows, NATS subjects).
 
 Events reach here at least once, a batch at a time (a durable JetStream consumer): `publish` puts the
-whole batch on the account stream, then `route` takes each event on. Each step is idempotent: the
-account stream de-duplicates by event id, the outbox keeps one row per destination and event. A NATS
-subject destination is plain NATS (at most once for its subscribers, as core NATS is).
+batch's events of subscribed accounts on the account stream, then `route` takes each event on. Each step
+is idempotent: the account stream de-duplicates by event id, the outbox keeps one row per destination
+and event. A NATS subject destination is plain NATS (at most once for its subscribers, as core NATS is).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from services.feedback.configsets import CONFIRMED, WEBHOOK, ConfigurationSets
 from services.feedback.configsets import NATS as NATS_KIND
 from services.feedback.destinations import sesjson
 from services.feedback.destinations.notifications import IdentityNotifications
+from services.feedback.destinations.subscribers import SubscribedAccounts
 from services.feedback.destinations.targets import full_subject
 from services.feedback.destinations.webhooks import NOTIFICATION, NOTIFICATION_WITH_HEADERS, WebhookOutbox
 from services.feedback.models import EventDestination
@@ -42,8 +44,10 @@ class EventRouter:
         subject_prefix: str,
         queued: Callable[[], None],
         notifications: IdentityNotifications,
+        subscribers: SubscribedAccounts,
     ) -> None:
         self._js = js
+        self._subscribers = subscribers
         self._nats = nats
         self._sets = sets
         self._outbox = outbox
@@ -68,21 +72,27 @@ class EventRouter:
         return routes
 
     async def publish(self, events: list[ev.Event]) -> None:
-        """Puts each email event on its account's stream (SubscribeEvents), every publish in flight at
-        once: a batch waits for the slowest acknowledgement instead of the sum of them. They are
-        written in the batch's order. Raises the first failure once all are answered; the ones that
-        went through are de-duplicated by event id when they are published again."""
-        await jspublish.publish_all(
-            self._js,
-            [
-                (
-                    account_events_subject(event.account_id, event.email.event_type),
-                    event.SerializeToString(),
-                    {"Nats-Msg-Id": event.event_id},
-                )
-                for event in _routed(events)
-            ],
-        )
+        """Puts each email event of a subscribed account on its account's stream (SubscribeEvents),
+        every publish in flight at once: a batch waits for the slowest acknowledgement instead of the
+        sum of them. They are written in the batch's order. Raises the first failure once all are
+        answered; the ones that went through are de-duplicated by event id when they are published
+        again. The subscribed accounts are read for every batch: a subscription opened before an
+        event was published gets it."""
+        routed = _routed(events)
+        if not routed:
+            return
+        subscribed = await self._subscribers.current()
+        copies = [
+            (
+                account_events_subject(event.account_id, event.email.event_type),
+                event.SerializeToString(),
+                {"Nats-Msg-Id": event.event_id},
+            )
+            for event in routed
+            if event.account_id in subscribed
+        ]
+        if copies:
+            await jspublish.publish_all(self._js, copies)
 
     async def route(self, event: ev.Event) -> None:
         """An event already on its account's stream, to its set's destinations and its identity's

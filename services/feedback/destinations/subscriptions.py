@@ -5,13 +5,16 @@ the account and the client's subscription name, so a client that reconnects unde
 resumes after what it acknowledged (at least once). JetStream stops sending once `max_unacked` events
 wait for an acknowledgement, and sends again what is not acknowledged within `ack_wait`: a client that
 never acknowledges costs a bounded amount of memory, here and on the server. A subscription nobody
-opens for `inactive_days` is removed by JetStream.
+opens for `inactive_days` is removed by JetStream. Only the events of accounts marked as subscribed
+are put on the account streams (see subscribers.py): a subscription marks its account before its
+consumer exists, and again while it is followed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +30,7 @@ from postmesh.common.pull import Puller
 from postmesh.common.streams import ACCOUNT_EVENTS, account_events_filter, account_events_subject
 from postmesh.events.v1 import events_pb2 as ev
 from services.feedback.configsets import check_name
+from services.feedback.destinations.subscribers import INACTIVE_DAYS, REMARK_SECONDS, SubscribedAccounts
 
 
 @dataclass(frozen=True)
@@ -41,15 +45,23 @@ def consumer_name(account_id: str, name: str) -> str:
 
 class Subscriptions:
     def __init__(
-        self, js: JetStreamContext, *, max_unacked: int, ack_wait: float, inactive_days: float = 7.0
+        self,
+        js: JetStreamContext,
+        *,
+        subscribers: SubscribedAccounts,
+        max_unacked: int,
+        ack_wait: float,
+        inactive_days: float = INACTIVE_DAYS,
     ) -> None:
         self._js = js
+        self._subscribers = subscribers
         self._max_unacked = max_unacked
         self._ack_wait = ack_wait
         self._inactive = inactive_days * 86400
 
     async def open(self, account_id: str, opening: Opening) -> Puller:
-        """Creates (or resumes) the durable consumer; events published from now on are kept for it."""
+        """Creates (or resumes) the durable consumer; events published once this returns are kept for
+        it (it returns about a second and a quarter after the account's mark: see subscribers.py)."""
         check_name(opening.name, "subscription_name")
         subjects = (
             [account_events_subject(account_id, t) for t in opening.event_types]  # type: ignore[arg-type]
@@ -57,6 +69,9 @@ class Subscriptions:
             else [account_events_filter(account_id)]
         )
         durable = consumer_name(account_id, opening.name)
+        # Marked first; the caller hears the subscription exists once every router has seen the mark.
+        await self._subscribers.mark(account_id)
+        settled = time.monotonic() + self._subscribers.settle_seconds
         config = ConsumerConfig(
             durable_name=durable,
             filter_subjects=subjects,
@@ -67,7 +82,9 @@ class Subscriptions:
             inactive_threshold=self._inactive,
         )
         await self._js.add_consumer(ACCOUNT_EVENTS.name, config)
-        return await Puller.bind(self._js, stream=ACCOUNT_EVENTS.name, durable=durable)
+        subscription = await Puller.bind(self._js, stream=ACCOUNT_EVENTS.name, durable=durable)
+        await asyncio.sleep(max(0.0, settled - time.monotonic()))
+        return subscription
 
     async def follow(
         self,
@@ -90,8 +107,13 @@ class Subscriptions:
                 room.set()
 
         acking = asyncio.create_task(acknowledge())
+        marked_at = time.monotonic()
         try:
             while True:
+                if time.monotonic() - marked_at > REMARK_SECONDS:
+                    # A subscription followed longer than the marks live keeps its account's mark.
+                    await self._subscribers.mark(account_id)
+                    marked_at = time.monotonic()
                 if acking.done():
                     acking.result()  # the client's errors surface here
                     return  # the client closed its side
