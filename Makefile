@@ -16,7 +16,9 @@ all: gen
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	# A newer pip is welcome, not needed: a failed download of it (seen once: a hash mismatch through the
+	# package proxy) must not fail the install.
+	$(PY) -m pip install --quiet --upgrade pip || echo "pip could not upgrade itself; going on with the venv's pip" >&2
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -14,7 +14,7 @@ import io
 import logging
 import os
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -109,6 +109,24 @@ def server_ready() -> None:
         _freeze_heap_when_ready = False
         gc.collect()
         gc.freeze()
+
+
+async def run_to_the_end(call: Awaitable[T], ended: Callable[[], None] | None = None) -> T:
+    """Awaits `call` in a task of its own that goes on when the caller is cancelled (a gRPC client
+    gone away or past its deadline): work is never stopped in the middle of a database transaction
+    or a publish. Cancelling an SQLAlchemy operation midway makes it terminate its connection, and
+    with aiosqlite that can wait forever, leaving SQLite's write lock held and the task with it.
+    `ended` is called once the call has ended, whether its caller waited or not."""
+    task = asyncio.ensure_future(call)
+
+    def done(finished: asyncio.Future[T]) -> None:
+        if ended is not None:
+            ended()
+        if not finished.cancelled():
+            finished.exception()  # retrieved: no "never retrieved" warning for a caller gone
+
+    task.add_done_callback(done)
+    return await asyncio.shield(task)
 
 
 def _time_out(future: asyncio.Future[Any]) -> None:

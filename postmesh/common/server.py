@@ -327,7 +327,8 @@ class MeshInterceptor(aio.ServerInterceptor):
                 principal_var.set(principal)
                 if isinstance(request, _Undecodable):
                     raise request.error
-                return await behaviour(request, context)  # type: ignore[arg-type]
+                # Not cancelled midway when the caller goes away (see run_to_the_end).
+                return await eventloop.run_to_the_end(behaviour(request, context))  # type: ignore[arg-type]
             except PostmeshError as exc:
                 REFUSALS.labels(full_method, exc.reason).inc()
                 code, message, trailers = _status_for(exc)

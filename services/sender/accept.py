@@ -41,6 +41,7 @@ from postmesh.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from postmesh.common.eventloop import run_to_the_end
 from postmesh.common.mailheaders import top_headers
 from postmesh.common.outbound import enqueue
 from postmesh.common.protoutil import set_timestamp, timestamp
@@ -278,21 +279,6 @@ async def _quietly(step: Awaitable[None], what: str) -> None:
         log.warning("could not settle a request_id claim", extra={"step": what, "error": repr(exc)})
 
 
-async def _to_the_end(call: Awaitable[T], ended: Callable[[], None]) -> T:
-    """Runs a send to its end even when the caller goes away (a client deadline or cancellation):
-    the claim on its request_id must be settled for the retry that follows, never left half-done.
-    `ended` is called once the send has ended, whether its caller waited or not."""
-    task = asyncio.ensure_future(call)
-
-    def done(finished: asyncio.Future[T]) -> None:
-        ended()
-        if not finished.cancelled():
-            finished.exception()  # retrieved: no "never retrieved" warning for a caller gone
-
-    task.add_done_callback(done)
-    return await asyncio.shield(task)
-
-
 class InFlightLimit:
     """At most `limit` messages being accepted at once (0: no limit). Past it a send is refused at
     once with UNAVAILABLE and a retry delay, before it claims anything, instead of waiting behind
@@ -447,7 +433,9 @@ class Acceptor:
 
     async def send_email(self, account_id: str, request: SendRequest) -> str:
         self._in_flight.enter(1)
-        return await _to_the_end(self._send_email(account_id, request), self._one_ended)
+        # To its end even when the caller goes away: the claim on its request_id must be settled for
+        # the retry that follows, never left half-done.
+        return await run_to_the_end(self._send_email(account_id, request), self._one_ended)
 
     async def _send_email(self, account_id: str, request: SendRequest) -> str:
         envelope = request.envelope
@@ -975,7 +963,7 @@ class Acceptor:
         messages = max(1, len(request.entries))
         self._in_flight.enter(messages)
         ended = functools.partial(self._in_flight.leave, messages)
-        return await _to_the_end(self._send_bulk(account_id, request), ended)
+        return await run_to_the_end(self._send_bulk(account_id, request), ended)
 
     async def _send_bulk(self, account_id: str, request: BulkRequest) -> list[BulkResult]:
         envelope = request.envelope
