@@ -76,8 +76,8 @@ class EventRouter:
         every publish in flight at once: a batch waits for the slowest acknowledgement instead of the
         sum of them. They are written in the batch's order. Raises the first failure once all are
         answered; the ones that went through are de-duplicated by event id when they are published
-        again. The subscribed accounts are read for every batch: a subscription opened before an
-        event was published gets it."""
+        again. The subscribed accounts are as the bucket held them at most a second before (see
+        subscribers.py): a subscription opened before an event was published gets it."""
         routed = _routed(events)
         if not routed:
             return

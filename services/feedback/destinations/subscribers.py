@@ -49,18 +49,6 @@ _SETTLE_MARGIN_SECONDS = 0.25
 _KEPT_SECONDS = 60.0
 
 
-async def subscribers_bucket(js: JetStreamContext, *, inactive_days: float) -> KeyValue:
-    return await open_key_value(
-        js,
-        KeyValueConfig(
-            bucket=BUCKET,
-            description="accounts with SubscribeEvents subscriptions (their events are copied)",
-            storage=StorageType.FILE,
-            ttl=(inactive_days + 1) * DAY,
-        ),
-    )
-
-
 class SubscribedAccounts:
     def __init__(
         self,
@@ -70,7 +58,8 @@ class SubscribedAccounts:
         fresh_seconds: float = FRESH_SECONDS,
     ) -> None:
         self._js = js
-        self._inactive_days = inactive_days
+        # How long JetStream keeps a subscription nobody opens (Subscriptions reads it from here).
+        self.inactive_days = inactive_days
         self._fresh = fresh_seconds
         self._bucket: KeyValue | None = None
         # (last sequence, messages) of the bucket's stream when `_accounts` was read; when the request
@@ -89,7 +78,16 @@ class SubscribedAccounts:
 
     async def _kv(self) -> KeyValue:
         if self._bucket is None:
-            self._bucket = await subscribers_bucket(self._js, inactive_days=self._inactive_days)
+            self._bucket = await open_key_value(
+                self._js,
+                KeyValueConfig(
+                    bucket=BUCKET,
+                    description="accounts with SubscribeEvents subscriptions (their events are copied)",
+                    storage=StorageType.FILE,
+                    # A day longer than the subscriptions the marks stand for.
+                    ttl=(self.inactive_days + 1) * DAY,
+                ),
+            )
         return self._bucket
 
     async def mark(self, account_id: str) -> None:

@@ -1,13 +1,13 @@
 """SubscribeEvents: an account's email events for a client that follows them over gRPC.
 
-Each subscription is a durable JetStream consumer on the account's own event subjects, named after
-the account and the client's subscription name, so a client that reconnects under the same name
-resumes after what it acknowledged (at least once). JetStream stops sending once `max_unacked` events
-wait for an acknowledgement, and sends again what is not acknowledged within `ack_wait`: a client that
-never acknowledges costs a bounded amount of memory, here and on the server. A subscription nobody
-opens for `inactive_days` is removed by JetStream. Only the events of accounts marked as subscribed
-are put on the account streams (see subscribers.py): a subscription marks its account before its
-consumer exists, and again while it is followed.
+Each subscription is a durable JetStream consumer on the account's own event subjects, named after the
+account and the client's subscription name, so a client that reconnects under the same name resumes
+after what it acknowledged (at least once). JetStream stops sending once `max_unacked` events wait for
+an acknowledgement, and sends again what is not acknowledged within `ack_wait`: a client that never
+acknowledges costs a bounded amount of memory, here and on the server. A subscription nobody opens for
+`SubscribedAccounts.inactive_days` is removed by JetStream. Only the events of accounts marked as
+subscribed are put on the account streams (see subscribers.py): a subscription marks its account before
+its consumer exists, and again while it is followed.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from nats.js.errors import NotFoundError
 from postmesh.common.bus import fetch_batch
 from postmesh.common.errors import InvalidArgument, NotFound
 from postmesh.common.pull import Puller
-from postmesh.common.streams import ACCOUNT_EVENTS, account_events_filter, account_events_subject
+from postmesh.common.streams import ACCOUNT_EVENTS, DAY, account_events_filter, account_events_subject
 from postmesh.events.v1 import events_pb2 as ev
 from services.feedback.configsets import check_name
-from services.feedback.destinations.subscribers import INACTIVE_DAYS, REMARK_SECONDS, SubscribedAccounts
+from services.feedback.destinations.subscribers import REMARK_SECONDS, SubscribedAccounts
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,12 @@ class Subscriptions:
         subscribers: SubscribedAccounts,
         max_unacked: int,
         ack_wait: float,
-        inactive_days: float = INACTIVE_DAYS,
     ) -> None:
         self._js = js
         self._subscribers = subscribers
         self._max_unacked = max_unacked
         self._ack_wait = ack_wait
-        self._inactive = inactive_days * 86400
+        self._inactive = subscribers.inactive_days * DAY
 
     async def open(self, account_id: str, opening: Opening) -> Puller:
         """Creates (or resumes) the durable consumer; events published once this returns are kept for
